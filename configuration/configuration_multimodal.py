@@ -1,0 +1,188 @@
+"""MultimodalConfig: one causal LM plus optional vision (images and video) and audio towers.
+
+Like `LlavaConfig` / `Qwen2AudioConfig`, it is a composite config whose sub-configs are resolved
+through `AutoConfig`, so any causal LM, any CLIP/SigLIP/ViT/DINOv2 vision tower and any
+Whisper-style audio encoder that transformers knows can be plugged in. Every modality is optional;
+invalid combinations raise a `ValueError` at construction rather than deep inside `forward`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .media_tokens import MediaTokenLayout
+
+SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "vit", "dinov2")
+SUPPORTED_AUDIO_TOWERS = ("whisper", "qwen2_audio_encoder")
+# Composite configs whose vision or audio half we take when a user passes the whole thing.
+_VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
+PROJECTOR_TYPES = ("linear", "mlp")
+AUXILIARY_TASKS = ("audio_ctc",)
+
+
+class MultimodalConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MultimodalForConditionalGeneration`].
+
+    Args:
+        text_config: config of the causal LM (any `AutoModelForCausalLM` type).
+        vision_config: config of the vision tower (CLIP/SigLIP vision, ViT, DINOv2); it also encodes video frames.
+        audio_config: config of the audio encoder (Whisper or Qwen2-Audio encoder).
+        image_token_id / audio_token_id / video_token_id: ids of the placeholder tokens in the tokenizer.
+        vision_feature_layer: hidden-state index of the vision tower used as features (LLaVA uses -2).
+        vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
+        audio_feature_layer: hidden-state index of the audio encoder (-1: the final, layer-normed output).
+        image_projector / audio_projector / video_projector: "linear" or "mlp" (two layers).
+        image_pool_stride: average-pool the image patch grid by this factor per side (token compression).
+        audio_pool_stride: average-pool audio encoder positions in time by this factor.
+        video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
+        video_temporal_pool_stride / video_spatial_pool_stride: pooling of video frame features.
+        other_loss_weight: λ, the weight of the auxiliary tasks' losses (`L_other`, e.g. audio CTC).
+        cross_loss_weight: α, the weight of the contrastive media-text alignment loss (`L_cross`).
+        auxiliary_tasks: auxiliary heads to build, from `AUXILIARY_TASKS`; those whose modality is absent are skipped.
+        contrastive_dim: size of the shared retrieval space (defaults to the LM hidden size).
+        contrastive_init_temperature: initial temperature of the InfoNCE loss (learnable).
+        freeze_vision_tower / freeze_audio_tower / freeze_language_model: set `requires_grad=False` at init.
+    """
+
+    model_type = "modeling_multimodal"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", optional=True),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    image_token_id: int | None = None
+    audio_token_id: int | None = None
+    video_token_id: int | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    audio_feature_layer: int = -1
+    image_projector: str = "mlp"
+    audio_projector: str = "mlp"
+    video_projector: str = "mlp"
+    projector_hidden_act: str = "gelu"
+    image_pool_stride: int = 1
+    audio_pool_stride: int = 2
+    video_num_frames: int = 8
+    video_temporal_pool_stride: int = 1
+    video_spatial_pool_stride: int = 2
+    other_loss_weight: float | int = 0.0
+    cross_loss_weight: float | int = 0.0
+    auxiliary_tasks: list[str] | tuple[str, ...] = ("audio_ctc",)
+    contrastive_dim: int | None = None
+    contrastive_init_temperature: float = 0.07
+    freeze_vision_tower: bool = True
+    freeze_audio_tower: bool = True
+    freeze_language_model: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        # Accept a whole CLIPConfig / SiglipConfig and keep its vision half.
+        if isinstance(self.vision_config, PreTrainedConfig) and self.vision_config.model_type in _VISION_HALF_OF:
+            self.vision_config = getattr(self.vision_config, _VISION_HALF_OF[self.vision_config.model_type])
+        super().__post_init__(**kwargs)
+        if self.text_config.tie_word_embeddings and not self.tie_word_embeddings:
+            self.tie_word_embeddings = True
+        self.auxiliary_tasks = list(self.auxiliary_tasks)
+        self._check()
+
+    # ---------------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        """Reject combinations that cannot work, with a message that says what to change."""
+        errors = []
+        if self.vision_config is not None:
+            vision_type = self.vision_config.model_type
+            if vision_type not in SUPPORTED_VISION_TOWERS:
+                errors.append(f"vision_config.model_type={vision_type!r}; supported: {SUPPORTED_VISION_TOWERS}")
+            else:
+                grid = self.vision_config.image_size // self.vision_config.patch_size
+                if grid % self.image_pool_stride:
+                    errors.append(f"image_pool_stride={self.image_pool_stride} must divide the patch grid ({grid})")
+                if grid % self.video_spatial_pool_stride:
+                    errors.append(
+                        f"video_spatial_pool_stride={self.video_spatial_pool_stride} must divide the patch grid ({grid})"
+                    )
+                if self.vision_feature_select_strategy == "full" and self.image_pool_stride != 1:
+                    errors.append("vision_feature_select_strategy='full' keeps CLS and cannot be pooled; use 'default'")
+                n_hidden = self.vision_config.num_hidden_layers + 1
+                if not -n_hidden <= self.vision_feature_layer < n_hidden:
+                    errors.append(f"vision_feature_layer={self.vision_feature_layer} is outside [-{n_hidden}, {n_hidden})")
+            if self.image_token_id is None:
+                errors.append("a vision tower is configured but image_token_id is None")
+        for name in ("image_token_id", "video_token_id"):
+            if getattr(self, name) is not None and self.vision_config is None:
+                errors.append(f"{name} is set but there is no vision_config (images and video use the vision tower)")
+        if self.video_token_id is not None:
+            if self.video_num_frames < 1 or self.video_num_frames % self.video_temporal_pool_stride:
+                errors.append(
+                    f"video_temporal_pool_stride={self.video_temporal_pool_stride} must divide "
+                    f"video_num_frames={self.video_num_frames} (>= 1)"
+                )
+        if self.audio_config is not None:
+            audio_type = self.audio_config.model_type
+            if audio_type not in SUPPORTED_AUDIO_TOWERS:
+                errors.append(f"audio_config.model_type={audio_type!r}; supported: {SUPPORTED_AUDIO_TOWERS}")
+            else:
+                n_hidden = self.audio_config.encoder_layers + 1
+                if not -n_hidden <= self.audio_feature_layer < n_hidden:
+                    errors.append(f"audio_feature_layer={self.audio_feature_layer} is outside [-{n_hidden}, {n_hidden})")
+            if self.audio_token_id is None:
+                errors.append("an audio tower is configured but audio_token_id is None")
+        elif self.audio_token_id is not None:
+            errors.append("audio_token_id is set but there is no audio_config")
+        ids = [i for i in (self.image_token_id, self.audio_token_id, self.video_token_id) if i is not None]
+        if len(ids) != len(set(ids)):
+            errors.append(f"image/audio/video token ids must differ, got {ids}")
+        for token_id in ids:
+            if not 0 <= token_id < self.text_config.vocab_size:
+                errors.append(f"media token id {token_id} is outside the LM vocabulary ({self.text_config.vocab_size})")
+        for name in ("image_projector", "audio_projector", "video_projector"):
+            if getattr(self, name) not in PROJECTOR_TYPES:
+                errors.append(f"{name}={getattr(self, name)!r}; expected one of {PROJECTOR_TYPES}")
+        for name in ("image_pool_stride", "audio_pool_stride", "video_temporal_pool_stride", "video_spatial_pool_stride"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.other_loss_weight < 0 or self.cross_loss_weight < 0:
+            errors.append("other_loss_weight (λ) and cross_loss_weight (α) must be >= 0")
+        unknown = [task for task in self.auxiliary_tasks if task not in AUXILIARY_TASKS]
+        if unknown:
+            errors.append(f"unknown auxiliary_tasks {unknown}; known: {AUXILIARY_TASKS}")
+        if self.other_loss_weight > 0 and not self.active_auxiliary_tasks:
+            errors.append("other_loss_weight (λ) > 0 but no auxiliary task applies (audio_ctc needs an audio_config)")
+        if self.cross_loss_weight > 0 and self.vision_config is None and self.audio_config is None:
+            errors.append("cross_loss_weight (α) > 0 needs at least one media tower to align with text")
+        if self.contrastive_init_temperature <= 0:
+            errors.append("contrastive_init_temperature must be > 0")
+        if errors:
+            raise ValueError("Invalid MultimodalConfig:\n  - " + "\n  - ".join(errors))
+
+    @property
+    def active_auxiliary_tasks(self) -> list[str]:
+        """Auxiliary tasks whose modality this model has."""
+        return [task for task in self.auxiliary_tasks if task == "audio_ctc" and self.audio_config is not None]
+
+    @property
+    def token_layout(self) -> MediaTokenLayout:
+        """The numbers that decide each media item's token count (shared with the processor)."""
+        return MediaTokenLayout.from_config(self)
+
+    @property
+    def modalities(self) -> list[str]:
+        found = []
+        if self.image_token_id is not None:
+            found.append("image")
+        if self.video_token_id is not None:
+            found.append("video")
+        if self.audio_token_id is not None:
+            found.append("audio")
+        return found
+
+
+__all__ = ["MultimodalConfig"]

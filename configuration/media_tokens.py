@@ -1,0 +1,101 @@
+"""How many LM tokens one media item becomes: the single source of truth.
+
+The processor expands each `<image>`/`<audio>`/`<video>` placeholder with these counts and the model
+checks the placeholders it receives against the features it produces with the very same functions,
+so the two can never drift apart (the LLaVA / Qwen2-Audio "tokens: X, features: Y" class of bugs).
+
+`MediaTokenLayout` holds only plain numbers, so it is saved inside the processor config as a dict
+and rebuilt from the model config with `MediaTokenLayout.from_config(config)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# Vision towers whose sequence starts with a CLS token (SigLIP has none).
+VISION_TOWERS_WITH_CLS = {"clip_vision_model", "vit", "dinov2"}
+# Whisper-style audio encoders: conv(stride 1) -> conv(stride 2) -> transformer over `max_source_positions`.
+AUDIO_CONV_STRIDE = 2
+
+
+def _ceil_div(numerator, denominator):
+    """Ceiling division that works on ints and integer tensors alike."""
+    return (numerator + denominator - 1) // denominator
+
+
+@dataclass(frozen=True)
+class MediaTokenLayout:
+    """Plain numbers that decide the token count of each media item."""
+
+    image_grid: int | None = None  # patches per side of the vision tower
+    image_has_cls: bool = False
+    image_keep_cls: bool = False  # vision_feature_select_strategy == "full"
+    image_pool_stride: int = 1
+    audio_max_positions: int | None = None  # encoder positions after the conv stem (Whisper: 1500)
+    audio_pool_stride: int = 1
+    video_num_frames: int = 0
+    video_temporal_pool_stride: int = 1
+    video_spatial_pool_stride: int = 1
+
+    @classmethod
+    def from_config(cls, config) -> "MediaTokenLayout":
+        layout = {}
+        if config.vision_config is not None:
+            vision = config.vision_config
+            has_cls = vision.model_type in VISION_TOWERS_WITH_CLS
+            layout.update(
+                image_grid=vision.image_size // vision.patch_size,
+                image_has_cls=has_cls,
+                image_keep_cls=has_cls and config.vision_feature_select_strategy == "full",
+                image_pool_stride=config.image_pool_stride,
+                video_num_frames=config.video_num_frames if config.video_token_id is not None else 0,
+                video_temporal_pool_stride=config.video_temporal_pool_stride,
+                video_spatial_pool_stride=config.video_spatial_pool_stride,
+            )
+        if config.audio_config is not None:
+            layout.update(
+                audio_max_positions=config.audio_config.max_source_positions,
+                audio_pool_stride=config.audio_pool_stride,
+            )
+        return cls(**layout)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MediaTokenLayout":
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # --- the counts -------------------------------------------------------------------------------
+    def image_tokens(self) -> int:
+        """Tokens for one image: the pooled patch grid, plus CLS when the "full" strategy keeps it."""
+        if self.image_grid is None:
+            raise ValueError("This model has no vision tower, so it takes no images.")
+        side = self.image_grid // self.image_pool_stride
+        return side * side + int(self.image_keep_cls)
+
+    def max_audio_mel_frames(self) -> int:
+        """Longest clip, in mel frames, the audio encoder accepts (Whisper: 3000 = 30 s)."""
+        if self.audio_max_positions is None:
+            raise ValueError("This model has no audio tower, so it takes no audio.")
+        return self.audio_max_positions * AUDIO_CONV_STRIDE
+
+    def audio_encoder_positions(self, num_mel_frames):
+        """Encoder positions for a clip of `num_mel_frames` (int or integer tensor), before pooling."""
+        if self.audio_max_positions is None:
+            raise ValueError("This model has no audio tower, so it takes no audio.")
+        positions = _ceil_div(num_mel_frames, AUDIO_CONV_STRIDE)
+        if hasattr(positions, "clamp"):
+            return positions.clamp(max=self.audio_max_positions)
+        return min(positions, self.audio_max_positions)
+
+    def audio_tokens(self, num_mel_frames):
+        """Tokens for one clip: its length follows the clip (never padded to 30 s), capped by the encoder."""
+        return _ceil_div(self.audio_encoder_positions(num_mel_frames), self.audio_pool_stride)
+
+    def video_tokens(self) -> int:
+        """Tokens for one video of `video_num_frames` frames after temporal and spatial pooling."""
+        if self.image_grid is None or self.video_num_frames == 0:
+            raise ValueError("This model takes no video (it needs a vision tower and a video token).")
+        side = self.image_grid // self.video_spatial_pool_stride
+        return (self.video_num_frames // self.video_temporal_pool_stride) * side * side

@@ -1,0 +1,1 @@
+"""Processors (installed as `modeling_multimodal.processing`)."""

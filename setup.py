@@ -1,0 +1,50 @@
+"""modeling-multimodal: vision, audio and video encoders projected into any causal LM.
+
+`configuration/` and `processing/` live at the repository root (the layout the design card fixes) but
+install as subpackages of the single import root `modeling_multimodal`.
+"""
+
+from setuptools import setup
+
+setup(
+    name="modeling-multimodal",
+    version="0.1.0",
+    description="A Transformers-style multimodal LLM: image, audio and video encoders projected into any causal LM.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "modeling_multimodal",
+        "modeling_multimodal.configuration",
+        "modeling_multimodal.processing",
+    ],
+    package_dir={
+        "modeling_multimodal": "modeling_multimodal",
+        "modeling_multimodal.configuration": "configuration",
+        "modeling_multimodal.processing": "processing",
+    },
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.20,<6",
+        "accelerate>=1.10",
+        "peft>=0.18",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "numpy",
+        "pillow",
+        "av>=12",
+        "soundfile>=0.12",
+        "jiwer>=3.0",
+        "sacrebleu>=2.4",
+        "pyyaml",
+        "tokenizers",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={"console_scripts": ["modeling-multimodal=modeling_multimodal.cli:main"]},
+)
