@@ -1,5 +1,22 @@
-"""modeling-multimodal: vision, audio and video encoders projected into any causal LM."""
+"""modeling-multimodal: vision, audio and video encoders projected into any causal LM.
+
+Importing the package registers the classes with transformers' Auto classes, so
+`AutoConfig` / `AutoModel` / `AutoModelForImageTextToText` resolve our checkpoints.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration import MediaTokenLayout, MultimodalConfig
+from .modeling_multimodal import MultimodalForConditionalGeneration, MultimodalModel, MultimodalPreTrainedModel
 
-__all__ = ["MultimodalConfig", "MediaTokenLayout"]
+AutoConfig.register(MultimodalConfig.model_type, MultimodalConfig, exist_ok=True)
+AutoModel.register(MultimodalConfig, MultimodalModel, exist_ok=True)
+AutoModelForImageTextToText.register(MultimodalConfig, MultimodalForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "MediaTokenLayout",
+    "MultimodalConfig",
+    "MultimodalForConditionalGeneration",
+    "MultimodalModel",
+    "MultimodalPreTrainedModel",
+]

@@ -1,0 +1,80 @@
+"""Encoder passes that differ from the towers' own `forward`.
+
+Audio: `WhisperEncoder.forward` only takes 30 s of mel frames (3000) and ignores its attention mask,
+so a 2 s clip costs as much as a 30 s one and padding leaks into other clips' features. `encode_audio`
+runs the same weights (conv stem, the first rows of the position table, the layers) on the batch's
+real length, with the padded frames masked out of the attention: a clip's features do not depend on
+what it is batched with.
+
+Vision: features from a chosen hidden layer, with or without the CLS token (as LLaVA does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from .configuration.media_tokens import AUDIO_CONV_STRIDE
+
+
+def build_audio_tower(audio_config) -> nn.Module:
+    """The encoder half of Whisper (or a Qwen2-Audio encoder, which has the same layout)."""
+    if audio_config.model_type == "whisper":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder(audio_config)
+    return AutoModel.from_config(audio_config)
+
+
+def encode_audio(
+    tower: nn.Module, input_features: torch.Tensor, mel_lengths: torch.Tensor, feature_layer: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a Whisper-style encoder on clips of different lengths.
+
+    input_features (n, n_mels, T) right-padded; mel_lengths (n,) real frames per clip.
+    Returns hidden states (n, L, d) with L = the longest clip's positions, and positions per clip.
+    """
+    max_positions = tower.embed_positions.num_embeddings
+    frames = input_features.shape[-1]
+    frame_mask = torch.arange(frames, device=input_features.device)[None, :] < mel_lengths[:, None]
+    features = input_features * frame_mask[:, None, :].to(input_features.dtype)
+    hidden = F.gelu(tower.conv1(features))
+    # Zero the stem's output past each clip's end, as the conv's own zero padding would be for a clip alone.
+    hidden = hidden * frame_mask[:, None, :].to(hidden.dtype)
+    hidden = F.gelu(tower.conv2(hidden)).transpose(1, 2)  # (n, ceil(T/2), d)
+    hidden = hidden[:, :max_positions]
+    positions = ((mel_lengths + AUDIO_CONV_STRIDE - 1) // AUDIO_CONV_STRIDE).clamp(max=max_positions)
+    length = hidden.shape[1]
+    hidden = hidden + tower.embed_positions.weight[:length].to(hidden.dtype)
+    hidden = F.dropout(hidden, p=tower.config.dropout, training=tower.training)
+
+    padding_mask = torch.arange(length, device=hidden.device)[None, :] < positions[:, None]  # (n, L)
+    attention_mask = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=padding_mask)
+    num_layers = len(tower.layers)
+    target = feature_layer % (num_layers + 1)  # index into [embeddings, layer 1, ..., layer N]
+    for layer in tower.layers[:target]:
+        hidden = layer(hidden, attention_mask)
+    if target == num_layers:  # the encoder's final output is layer-normed
+        hidden = tower.layer_norm(hidden)
+    return hidden, positions
+
+
+def select_vision_features(hidden_states: tuple[torch.Tensor, ...], layer: int, drop_cls: bool) -> torch.Tensor:
+    """(n, 1 + patches, d) hidden state of `layer`, without the CLS token when `drop_cls`."""
+    selected = hidden_states[layer]
+    return selected[:, 1:] if drop_cls else selected
+
+
+def run_frozen_aware(tower: nn.Module, fn, *args, **kwargs):
+    """Call `fn` without building an autograd graph when no parameter of `tower` is trained.
+
+    A frozen encoder then keeps no activations (the `align` stage's memory win); with LoRA or full
+    training on the tower, gradients flow as usual.
+    """
+    if torch.is_grad_enabled() and not any(p.requires_grad for p in tower.parameters()):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)

@@ -1,0 +1,110 @@
+"""The three loss terms of `L = L_text + λ·L_other + α·L_cross`.
+
+- `labelled_lm_loss`: next-token cross-entropy computed only at labelled positions, in chunks, so the
+  (sequence × vocabulary) logits of prompt and media positions are never materialised.
+- `AUXILIARY_HEADS`: a small registry of the other modalities' own tasks (`L_other`); each head
+  declares its modality and computes its loss from that modality's encoder output.
+- `RetrievalHead`: the shared retrieval space and the symmetric InfoNCE (`L_cross`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100
+
+
+def labelled_lm_loss(
+    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose (shifted) label is not -100.
+
+    Equal to transformers' `ForCausalLMLoss` on full logits, but the LM head runs only on the
+    labelled positions, `chunk_size` rows at a time.
+    """
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    hidden = hidden_states[:, :-1][keep]  # (n_labelled, d)
+    targets = shift_labels[keep]
+    if targets.numel() == 0:
+        return hidden_states.sum() * 0.0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        logits = lm_head(hidden[start : start + chunk_size]).float()
+        total = total + F.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
+    return total / targets.numel()
+
+
+class AudioCTCHead(nn.Module):
+    """CTC over the audio encoder's positions predicting the transcript's token ids (blank = last class)."""
+
+    modality = "audio"
+    labels_key = "ctc_labels"
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.blank_id = vocab_size
+        self.classifier = nn.Linear(hidden_size, vocab_size + 1)
+
+    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        return self.classifier(encoder_states)
+
+    def loss(self, encoder_states: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """encoder_states (n, L, d), lengths (n,) real positions, labels (n, S) padded with -100."""
+        log_probs = self(encoder_states).float().log_softmax(-1).transpose(0, 1)  # (L, n, V+1)
+        target_lengths = (labels != IGNORE_INDEX).sum(-1)
+        targets = labels[labels != IGNORE_INDEX]
+        return F.ctc_loss(
+            log_probs, targets, lengths, target_lengths, blank=self.blank_id, reduction="mean", zero_infinity=True
+        )
+
+    @torch.no_grad()
+    def greedy_decode(self, encoder_states: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """Best-path decoding: argmax, merge repeats, drop blanks."""
+        best = self(encoder_states).argmax(-1)
+        sequences = []
+        for row, length in zip(best.tolist(), lengths.tolist()):
+            tokens, previous = [], None
+            for token in row[:length]:
+                if token != previous and token != self.blank_id:
+                    tokens.append(token)
+                previous = token
+            sequences.append(tokens)
+        return sequences
+
+
+AUXILIARY_HEADS = {"audio_ctc": AudioCTCHead}
+
+
+class RetrievalHead(nn.Module):
+    """Projects pooled media and pooled text into one normalised space; symmetric InfoNCE between them."""
+
+    def __init__(self, hidden_size: int, embed_dim: int, init_temperature: float):
+        super().__init__()
+        self.media_projection = nn.Linear(hidden_size, embed_dim, bias=False)
+        self.text_projection = nn.Linear(hidden_size, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.init_temperature = init_temperature
+
+    def embed_media(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.media_projection(pooled).float(), dim=-1)
+
+    def embed_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_projection(pooled).float(), dim=-1)
+
+    def contrastive_loss(self, media_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE: row i of each side is the positive pair of the other side's row i."""
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        logits = scale * media_embeds @ text_embeds.T  # (n, n)
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where mask is true: (n, L, d), (n, L) -> (n, d)."""
+    mask = mask.to(hidden_states.dtype)[..., None]
+    return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)

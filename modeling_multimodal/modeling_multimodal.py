@@ -1,0 +1,418 @@
+"""MultimodalModel / MultimodalForConditionalGeneration: images, video and audio into any causal LM.
+
+The merge follows LLaVA in three steps per modality: `encode_<modality>` (tower → pool → projector),
+`check_placeholder_counts` (per sample, raising a `ValueError` that names the sample and both counts),
+then `masked_scatter` into the token embeddings. What is unusual here:
+- audio runs at the clip's own length (see `encoders.encode_audio`), so its cost follows the clip;
+- video frames go through the vision tower, then temporal and spatial pooling;
+- the loss is `L_text + λ·L_other + α·L_cross`, each term returned on its own, and `L_text` computes
+  logits only at labelled positions (`return_logits=False` skips the full logits entirely);
+- `get_{text,image,audio,video}_features` return L2-normalised embeddings of the shared retrieval space
+  (as CLIP does), not the per-token features the LM receives (those are `encode_*`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .configuration import MultimodalConfig
+from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
+from .losses import AUXILIARY_HEADS, IGNORE_INDEX, RetrievalHead, labelled_lm_loss, masked_mean
+from .projectors import MultiModalProjector, pool_patch_grid, pool_time
+
+
+@dataclass
+class MultimodalModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    media_mask: torch.Tensor | None = None  # (batch, seq) True at every media placeholder
+    inputs_embeds: torch.Tensor | None = None  # (batch, seq, d) the LM's input, media features merged in
+    audio_encoder_states: torch.Tensor | None = None  # (n_audios, positions, d) before pooling
+    audio_positions: torch.Tensor | None = None  # (n_audios,)
+
+
+@dataclass
+class MultimodalCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loss_text: torch.Tensor | None = None
+    loss_other: torch.Tensor | None = None
+    loss_cross: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], tokens_per_item: list[int]) -> None:
+    """Media items are consumed in order, sample by sample; each sample's placeholders must match exactly."""
+    item = 0
+    for sample, expected in enumerate(placeholders_per_sample):
+        got = 0
+        while got < expected and item < len(tokens_per_item):
+            got += tokens_per_item[item]
+            item += 1
+        if got != expected:
+            raise ValueError(
+                f"Sample {sample}: {expected} <{modality}> placeholder tokens in input_ids, but the {modality} "
+                f"items given for it produce {got} feature tokens. Expand placeholders with the processor "
+                f"(MultimodalProcessor), which uses the model's own token counts."
+            )
+    if item != len(tokens_per_item):
+        leftover = sum(tokens_per_item[item:])
+        raise ValueError(
+            f"{len(tokens_per_item) - item} {modality} item(s) ({leftover} feature tokens) were given but no sample "
+            f"has <{modality}> placeholders left for them (placeholders per sample: {placeholders_per_sample})."
+        )
+
+
+class MultimodalPreTrainedModel(PreTrainedModel):
+    config_class = MultimodalConfig
+    config: MultimodalConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "audio", "text")
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["cache"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RetrievalHead):
+            with torch.no_grad():
+                module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
+
+
+class MultimodalModel(MultimodalPreTrainedModel):
+    """Towers, projectors and the LM backbone; `forward` merges media into the embeddings and runs the LM."""
+
+    def __init__(self, config: MultimodalConfig):
+        super().__init__(config)
+        text_hidden = config.text_config.hidden_size
+        self.layout = config.token_layout
+        self.vision_tower = self.audio_tower = None
+        projectors = {}
+        if config.vision_config is not None:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
+            vision_hidden = config.vision_config.hidden_size
+            projectors["image"] = MultiModalProjector(
+                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act
+            )
+            if config.video_token_id is not None:
+                projectors["video"] = MultiModalProjector(
+                    vision_hidden, text_hidden, config.video_projector, config.projector_hidden_act
+                )
+        if config.audio_config is not None:
+            self.audio_tower = build_audio_tower(config.audio_config)
+            projectors["audio"] = MultiModalProjector(
+                config.audio_config.d_model, text_hidden, config.audio_projector, config.projector_hidden_act
+            )
+        self.multi_modal_projector = nn.ModuleDict(projectors)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Set requires_grad from the config's freeze_* flags (towers are frozen by default)."""
+        for tower, frozen in (
+            (self.vision_tower, self.config.freeze_vision_tower),
+            (self.audio_tower, self.config.freeze_audio_tower),
+            (self.language_model, self.config.freeze_language_model),
+        ):
+            if tower is not None:
+                tower.requires_grad_(not frozen)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # --- encoders: media -> per-token LM features ---------------------------------------------------
+    def _vision_features(self, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
+        def run(pixels):
+            outputs = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
+            return select_vision_features(outputs.hidden_states, self.config.vision_feature_layer, drop_cls)
+
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        return run_frozen_aware(self.vision_tower, run, pixel_values)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> (n, image_tokens, text_hidden)."""
+        features = self._vision_features(pixel_values, drop_cls=self.layout.image_has_cls and not self.layout.image_keep_cls)
+        features = pool_patch_grid(features, self.config.image_pool_stride)
+        return self.multi_modal_projector["image"](features)
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """(n, frames, 3, H, W) -> (n, video_tokens, text_hidden): frames through the vision tower, then pooled."""
+        n, frames = pixel_values_videos.shape[:2]
+        if frames != self.config.video_num_frames:
+            raise ValueError(
+                f"pixel_values_videos has {frames} frames per video; this model takes video_num_frames="
+                f"{self.config.video_num_frames} (the processor samples exactly that many)."
+            )
+        features = self._vision_features(pixel_values_videos.flatten(0, 1), drop_cls=self.layout.image_has_cls)
+        features = pool_patch_grid(features, self.config.video_spatial_pool_stride)  # (n*frames, patches, d)
+        stride = self.config.video_temporal_pool_stride
+        features = features.view(n, frames // stride, stride, *features.shape[1:]).mean(2)  # (n, frames/s, patches, d)
+        return self.multi_modal_projector["video"](features.flatten(1, 2))
+
+    def encode_audio(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(n, n_mels, T) -> per-clip features [(tokens_i, text_hidden)], encoder states and positions.
+
+        The number of tokens of clip i is `layout.audio_tokens(mel frames of clip i)`.
+        """
+        if input_features_mask is None:
+            mel_lengths = torch.full(input_features.shape[:1], input_features.shape[-1], device=input_features.device)
+        else:
+            mel_lengths = input_features_mask.sum(-1)
+        input_features = input_features.to(self.audio_tower.dtype)
+        states, positions = run_frozen_aware(
+            self.audio_tower, encode_audio, self.audio_tower, input_features, mel_lengths, self.config.audio_feature_layer
+        )
+        pooled, token_counts = pool_time(states, positions, self.config.audio_pool_stride)
+        projected = self.multi_modal_projector["audio"](pooled)
+        return [projected[i, :count] for i, count in enumerate(token_counts.tolist())], states, positions
+
+    # --- merge ------------------------------------------------------------------------------------
+    def _merge(self, input_ids, inputs_embeds, modality, token_id, item_features, is_prefill):
+        """Write each item's features at its sample's placeholders, after checking the counts."""
+        mask = input_ids == token_id  # (batch, seq)
+        if item_features is None:
+            if is_prefill and mask.any():
+                raise ValueError(
+                    f"input_ids contain <{modality}> placeholders (samples "
+                    f"{mask.any(-1).nonzero().flatten().tolist()}) but no {modality} inputs were given."
+                )
+            return inputs_embeds
+        check_placeholder_counts(modality, mask.sum(-1).tolist(), [f.shape[0] for f in item_features])
+        features = torch.cat(list(item_features)).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask[..., None], features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MultimodalModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        has_media = pixel_values is not None or pixel_values_videos is not None or input_features is not None
+        if has_media and input_ids is None:
+            raise ValueError("Media inputs need input_ids, whose placeholders say where the media go.")
+        for name, value, tower in (
+            ("pixel_values", pixel_values, self.vision_tower),
+            ("pixel_values_videos", pixel_values_videos, self.multi_modal_projector["video"] if "video" in self.multi_modal_projector else None),
+            ("input_features", input_features, self.audio_tower),
+        ):
+            if value is not None and tower is None:
+                raise ValueError(f"{name} was given but this model has no tower for it (config.modalities={self.config.modalities}).")
+
+        is_prefill = cache is None or cache.get_seq_length() == 0
+        media_mask = None
+        audio_states = audio_positions = None
+        if input_ids is not None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            media = {}
+            if pixel_values is not None:
+                media["image"] = list(self.encode_images(pixel_values))
+            if pixel_values_videos is not None:
+                media["video"] = list(self.encode_videos(pixel_values_videos))
+            if input_features is not None:
+                media["audio"], audio_states, audio_positions = self.encode_audio(input_features, input_features_mask)
+            media_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for modality in self.config.modalities:
+                token_id = getattr(self.config, f"{modality}_token_id")
+                inputs_embeds = self._merge(input_ids, inputs_embeds, modality, token_id, media.get(modality), is_prefill)
+                media_mask |= input_ids == token_id
+
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            # Left padding: positions count real tokens only, so a sample's output does not depend on its batch.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return MultimodalModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            media_mask=media_mask,
+            inputs_embeds=inputs_embeds,
+            audio_encoder_states=audio_states,
+            audio_positions=audio_positions,
+        )
+
+
+class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMixin):
+    """The generating model: `MultimodalModel` + LM head + auxiliary heads + retrieval head."""
+
+    def __init__(self, config: MultimodalConfig):
+        super().__init__(config)
+        self.model = MultimodalModel(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        heads = {}
+        for task in config.active_auxiliary_tasks:
+            if task == "audio_ctc":
+                heads[task] = AUXILIARY_HEADS[task](config.audio_config.d_model, text.vocab_size)
+        self.auxiliary_heads = nn.ModuleDict(heads)
+        self.retrieval_head = RetrievalHead(
+            text.hidden_size, config.contrastive_dim or text.hidden_size, config.contrastive_init_temperature
+        )
+        if config.tie_word_embeddings:
+            embeddings = self.model.language_model.get_input_embeddings()
+            name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
+            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}.weight"}
+        self.post_init()
+        self.model.apply_freezing()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    # --- retrieval embeddings -----------------------------------------------------------------------
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-only LM pass, mean-pooled over real tokens, projected and L2-normalised: (n, contrastive_dim)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> (n, contrastive_dim), L2-normalised."""
+        return self.retrieval_head.embed_media(self.model.encode_images(pixel_values).mean(1))
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """(n, frames, 3, H, W) -> (n, contrastive_dim), L2-normalised."""
+        return self.retrieval_head.embed_media(self.model.encode_videos(pixel_values_videos).mean(1))
+
+    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None):
+        """(n, n_mels, T) -> (n, contrastive_dim), L2-normalised."""
+        clips, _, _ = self.model.encode_audio(input_features, input_features_mask)
+        return self.retrieval_head.embed_media(torch.stack([clip.mean(0) for clip in clips]))
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        ctc_labels: torch.LongTensor | None = None,
+        pair_input_ids: torch.LongTensor | None = None,
+        pair_attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> MultimodalCausalLMOutput:
+        r"""
+        labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media).
+        ctc_labels: (n_audios, max_len) transcript token ids of each clip, -100 padded (`L_other`).
+        pair_input_ids / pair_attention_mask: (batch, pair_len) the text paired with each sample's media
+            (caption, transcript) for `L_cross`; all-padding rows take no part.
+        return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = None
+        if return_logits:
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        loss_text = loss_other = loss_cross = None
+        if labels is not None:
+            loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head)
+        if self.config.other_loss_weight > 0 and ctc_labels is not None and outputs.audio_encoder_states is not None:
+            loss_other = self.auxiliary_heads["audio_ctc"].loss(
+                outputs.audio_encoder_states, outputs.audio_positions, ctc_labels
+            )
+        if self.config.cross_loss_weight > 0 and pair_input_ids is not None and outputs.media_mask is not None:
+            loss_cross = self._contrastive_loss(outputs, pair_input_ids, pair_attention_mask)
+
+        loss = None
+        if loss_text is not None or loss_other is not None or loss_cross is not None:
+            loss = loss_text if loss_text is not None else hidden_states.new_zeros((), dtype=torch.float32)
+            if loss_other is not None:
+                loss = loss + self.config.other_loss_weight * loss_other
+            if loss_cross is not None:
+                loss = loss + self.config.cross_loss_weight * loss_cross
+        return MultimodalCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            loss_text=loss_text,
+            loss_other=loss_other,
+            loss_cross=loss_cross,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _contrastive_loss(self, outputs, pair_input_ids, pair_attention_mask) -> torch.Tensor | None:
+        """InfoNCE between each sample's pooled media tokens and its paired text, embedded in a text-only pass."""
+        if pair_attention_mask is None:
+            pair_attention_mask = torch.ones_like(pair_input_ids)
+        media_mask = outputs.media_mask
+        paired = media_mask.any(-1) & pair_attention_mask.bool().any(-1)  # (batch,)
+        if paired.sum() < 2:
+            return None
+        # Pool the merged media features (the LM's input), not hidden states: the text side must not see the media.
+        media_pooled = masked_mean(outputs.inputs_embeds[paired], media_mask[paired])
+        media_embeds = self.retrieval_head.embed_media(media_pooled)
+        text_embeds = self.get_text_features(pair_input_ids[paired], pair_attention_mask[paired])
+        return self.retrieval_head.contrastive_loss(media_embeds, text_embeds)
+
+
+__all__ = ["MultimodalForConditionalGeneration", "MultimodalModel", "MultimodalPreTrainedModel"]

@@ -1,0 +1,60 @@
+"""Projectors from encoder space into the LM's embedding space, and the token-compressing pools.
+
+Pooling happens before projection (cheaper: encoder width is usually smaller than the LM's), and the
+pooled sizes are exactly those `MediaTokenLayout` counts, which the processor uses to expand the
+placeholders.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+
+
+class MultiModalProjector(nn.Module):
+    """`linear`: one Linear; `mlp`: Linear → activation → Linear (LLaVA-1.5's projector)."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu"):
+        super().__init__()
+        self.kind = kind
+        self.linear_1 = nn.Linear(in_features, out_features)
+        if kind == "mlp":
+            self.act = ACT2FN[act]
+            self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(features)
+        if self.kind == "mlp":
+            hidden = self.linear_2(self.act(hidden))
+        return hidden
+
+
+def pool_patch_grid(features: torch.Tensor, stride: int) -> torch.Tensor:
+    """Average-pool a square patch grid by `stride` per side: (n, g*g, d) -> (n, (g/stride)^2, d)."""
+    if stride == 1:
+        return features
+    n, num_patches, dim = features.shape
+    side = int(round(num_patches**0.5))
+    grid = features.transpose(1, 2).reshape(n, dim, side, side)  # (n, d, g, g)
+    pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride)  # (n, d, g/s, g/s)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def pool_time(features: torch.Tensor, lengths: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool each sequence in time by `stride`, using only its first `lengths[i]` positions.
+
+    (n, L, d) -> (n, ceil(L/stride), d) and the pooled lengths ceil(lengths/stride). The last window
+    of a sequence averages only its real positions, so a padded sequence pools exactly as it would alone.
+    """
+    n, length, dim = features.shape
+    valid = (torch.arange(length, device=features.device)[None, :] < lengths[:, None]).to(features.dtype)
+    if stride == 1:
+        return features * valid[..., None], lengths
+    padded_length = -(-length // stride) * stride
+    features = F.pad(features * valid[..., None], (0, 0, 0, padded_length - length))
+    valid = F.pad(valid, (0, padded_length - length))
+    sums = features.view(n, padded_length // stride, stride, dim).sum(2)  # (n, L/s, d)
+    counts = valid.view(n, padded_length // stride, stride).sum(2).clamp(min=1)  # (n, L/s)
+    return sums / counts[..., None], (lengths + stride - 1) // stride

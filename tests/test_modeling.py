@@ -1,0 +1,382 @@
+"""MultimodalForConditionalGeneration: forward per modality, losses, gradients, generation, save/load."""
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from modeling_multimodal import MultimodalConfig, MultimodalForConditionalGeneration, MultimodalModel
+from modeling_multimodal.encoders import encode_audio
+from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
+
+TOKENIZER = tiny_tokenizer()
+PAD = TOKENIZER.pad_token_id
+TEXT = TOKENIZER("a small red circle in the top left", add_special_tokens=False)["input_ids"]
+
+
+def build_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(TOKENIZER, **overrides)
+    return MultimodalForConditionalGeneration(config).eval()
+
+
+def sample(model, images=0, audios=(), videos=0, text=TEXT):
+    """One sample's ids with expanded placeholders, and its media tensors (deterministic per content)."""
+    config, layout = model.config, model.config.token_layout
+    ids = [TOKENIZER.bos_token_id]
+    media = {"pixel_values": [], "input_features": [], "pixel_values_videos": []}
+    for i in range(images):
+        ids += [config.image_token_id] * layout.image_tokens()
+        media["pixel_values"].append(torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(10 + i)))
+    for i in range(videos):
+        ids += [config.video_token_id] * layout.video_tokens()
+        media["pixel_values_videos"].append(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(20 + i)))
+    for i, frames in enumerate(audios):
+        ids += [config.audio_token_id] * layout.audio_tokens(frames)
+        media["input_features"].append(torch.randn(80, frames, generator=torch.Generator().manual_seed(30 + i)))
+    return ids + list(text), media
+
+
+def collate(samples, padding_side="left"):
+    """Pad ids (left by default) and stack media in sample order; audio right-padded with a frame mask."""
+    longest = max(len(ids) for ids, _ in samples)
+    input_ids, attention_mask = [], []
+    for ids, _ in samples:
+        pad = [PAD] * (longest - len(ids))
+        input_ids.append(pad + ids if padding_side == "left" else ids + pad)
+        mask = [0] * len(pad) + [1] * len(ids)
+        attention_mask.append(mask if padding_side == "left" else mask[::-1])
+    batch = {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(attention_mask)}
+    images = [x for _, m in samples for x in m["pixel_values"]]
+    videos = [x for _, m in samples for x in m["pixel_values_videos"]]
+    audios = [x for _, m in samples for x in m["input_features"]]
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    if audios:
+        frames = max(a.shape[-1] for a in audios)
+        batch["input_features"] = torch.stack([torch.nn.functional.pad(a, (0, frames - a.shape[-1])) for a in audios])
+        batch["input_features_mask"] = torch.stack(
+            [(torch.arange(frames) < a.shape[-1]).long() for a in audios]
+        )
+    return batch
+
+
+def text_labels(batch, model):
+    labels = batch["input_ids"].clone()
+    media_ids = [model.config.image_token_id, model.config.audio_token_id, model.config.video_token_id]
+    labels[torch.isin(labels, torch.tensor(media_ids))] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    return labels
+
+
+FORWARD_CASES = [
+    ("text_only", dict()),
+    ("image", dict(images=1)),
+    ("two_images", dict(images=2)),
+    ("audio", dict(audios=(200,))),
+    ("video", dict(videos=1)),
+    ("all_together", dict(images=1, audios=(120, 200), videos=1)),
+]
+
+
+@pytest.mark.parametrize("name,content", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_each_modality(name, content):
+    model = build_model()
+    batch = collate([sample(model, **content)])
+    out = model(**batch, labels=text_labels(batch, model))
+    assert out.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+    assert torch.isfinite(out.loss) and out.loss_text is not None
+    assert torch.equal(out.loss, out.loss_text)  # λ = α = 0
+
+
+def test_mixed_batch_of_text_only_and_media_samples():
+    model = build_model()
+    batch = collate([sample(model), sample(model, images=1), sample(model, audios=(90,)), sample(model, videos=1)])
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_audio_tokens_follow_clip_length_not_30_seconds():
+    model = build_model()
+    layout = model.config.token_layout
+    assert layout.audio_tokens(200) == 50  # 2 s of mel frames -> 100 encoder positions -> pooled by 2
+    assert layout.audio_tokens(3000) == 750 and layout.audio_tokens(6000) == 750  # capped by the encoder
+    clips, states, positions = model.model.encode_audio(torch.randn(1, 80, 200))
+    assert clips[0].shape == (50, 32) and states.shape[1] == 100 and positions.tolist() == [100]
+
+
+def test_padded_audio_clip_does_not_change_another_clip():
+    model = build_model()
+    short, long = torch.randn(1, 80, 77), torch.randn(1, 80, 300)
+    alone, _, _ = model.model.encode_audio(short)
+    batch = torch.cat([torch.nn.functional.pad(short, (0, 223)), long])
+    mask = torch.stack([torch.arange(300) < 77, torch.ones(300, dtype=torch.bool)]).long()
+    together, _, _ = model.model.encode_audio(batch, mask)
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_length_following_audio_pass_equals_whisper_forward_at_30_seconds():
+    model = build_model()
+    features = torch.randn(2, 80, 3000)
+    tower = model.model.audio_tower
+    reference = tower(features).last_hidden_state
+    states, positions = encode_audio(tower, features, torch.tensor([3000, 3000]), feature_layer=-1)
+    torch.testing.assert_close(states, reference, rtol=1e-5, atol=1e-5)
+    assert positions.tolist() == [1500, 1500]
+
+
+LOSS_CASES = [
+    # (name, λ, α, expect_other, expect_cross)
+    ("text_only_loss", 0.0, 0.0, False, False),
+    ("lambda_only", 0.5, 0.0, True, False),
+    ("alpha_only", 0.0, 0.3, False, True),
+    ("both", 0.5, 0.3, True, True),
+]
+
+
+@pytest.mark.parametrize("name,lam,alpha,expect_other,expect_cross", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
+def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, monkeypatch):
+    model = build_model(other_loss_weight=lam, cross_loss_weight=alpha)
+    batch = collate([sample(model, audios=(200,)), sample(model, images=1), sample(model, audios=(160,))])
+    calls = {"ctc": 0, "text_pass": 0}
+    model.auxiliary_heads["audio_ctc"].register_forward_hook(lambda *a: calls.__setitem__("ctc", calls["ctc"] + 1))
+    original = model.get_text_features
+
+    def counting(*args, **kwargs):
+        calls["text_pass"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "get_text_features", counting)
+    pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
+    out = model(
+        **batch,
+        labels=text_labels(batch, model),
+        ctc_labels=torch.tensor([TEXT[:4], TEXT[:3] + [-100]]),
+        pair_input_ids=pair["input_ids"],
+        pair_attention_mask=pair["attention_mask"],
+    )
+    assert (out.loss_other is not None) == expect_other and calls["ctc"] == int(expect_other)
+    assert (out.loss_cross is not None) == expect_cross and calls["text_pass"] == int(expect_cross)
+    expected = out.loss_text + lam * (out.loss_other if expect_other else 0) + alpha * (out.loss_cross if expect_cross else 0)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_labelled_loss_matches_full_logits_cross_entropy():
+    model = build_model()
+    batch = collate([sample(model, images=1), sample(model, audios=(100,))])
+    labels = text_labels(batch, model)
+    out = model(**batch, labels=labels)
+    shift_logits, shift_labels = out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    reference = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    torch.testing.assert_close(out.loss_text, reference, rtol=1e-5, atol=1e-6)
+    lean = model(**batch, labels=labels, return_logits=False)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, out.loss)
+
+
+def test_ctc_loss_matches_torch_reference():
+    model = build_model(other_loss_weight=1.0)
+    batch = collate([sample(model, audios=(200,))])
+    ctc_labels = torch.tensor([TEXT[:5]])
+    out = model(**batch, ctc_labels=ctc_labels)
+    _, states, positions = model.model.encode_audio(batch["input_features"], batch["input_features_mask"])
+    log_probs = model.auxiliary_heads["audio_ctc"](states).log_softmax(-1).transpose(0, 1)
+    reference = torch.nn.functional.ctc_loss(
+        log_probs, ctc_labels, positions, torch.tensor([5]), blank=model.config.text_config.vocab_size
+    )
+    torch.testing.assert_close(out.loss_other, reference)
+
+
+def test_gradients_reach_exactly_the_unfrozen_modules():
+    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_language_model=True).train()
+    batch = collate([sample(model, images=1, audios=(160,), videos=1), sample(model, images=1, audios=(100,), videos=1)])
+    pair = TOKENIZER(["a small red circle", "a big blue square"], padding=True, return_tensors="pt")
+    out = model(
+        **batch, labels=text_labels(batch, model), ctc_labels=torch.tensor([TEXT[:3], TEXT[:3]]),
+        pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"],
+    )
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        frozen = name.startswith(("model.vision_tower", "model.audio_tower", "model.language_model"))
+        if frozen:
+            assert not param.requires_grad and param.grad is None, name
+        elif param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    trained = {n.split(".")[1] if n.startswith("model.") else n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"multi_modal_projector", "lm_head", "auxiliary_heads", "retrieval_head"}
+
+
+def test_frozen_towers_keep_no_activations():
+    model = build_model().train()
+    features = model.model.encode_images(torch.randn(2, 3, 32, 32))
+    # The projector trains, so its output has a graph; the frozen tower below it has none.
+    assert features.requires_grad
+    tower_out = model.model._vision_features(torch.randn(1, 3, 32, 32), drop_cls=True)
+    assert tower_out.grad_fn is None
+
+
+def greedy_reference(model, batch, steps):
+    """Greedy decoding by hand with the KV cache: prefill once (media encoded once), then one token per step."""
+    out = model(**batch, use_cache=True)
+    cache, mask = out.cache, batch["attention_mask"]
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(steps - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, cache=cache, use_cache=True)
+        cache = out.cache
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+def test_generate_equals_manual_greedy_loop_with_cache():
+    model = build_model()
+    batch = collate([sample(model, images=1, audios=(120,))])
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    prompt_length = batch["input_ids"].shape[1]
+    torch.testing.assert_close(generated[:, prompt_length:], greedy_reference(model, batch, 6))
+
+
+def test_media_encoded_only_at_prefill():
+    model = build_model()
+    batch = collate([sample(model, images=1, videos=1)])
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert len(calls) == 2  # one image pass + one video pass, both at prefill
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    model = build_model()
+    samples = [
+        sample(model, images=1, text=TEXT[:2]),
+        sample(model, audios=(200,), text=TEXT),
+        sample(model, text=TEXT[:5]),
+        sample(model, videos=1, audios=(90,), text=TEXT[:3]),
+    ]
+    batch = collate(samples)
+    together = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    together = together[:, batch["input_ids"].shape[1] :]
+    batch_logits = model(**batch).logits
+    for i, one in enumerate(samples):
+        single = collate([one])
+        alone = model.generate(**single, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert together[i].tolist() == alone[0, single["input_ids"].shape[1] :].tolist(), f"sample {i}"
+        torch.testing.assert_close(batch_logits[i, -1], model(**single).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_save_and_load_gives_identical_logits(tmp_path):
+    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.2)
+    batch = collate([sample(model, images=1, audios=(150,), videos=1)])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.token_layout == model.config.token_layout
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    for name, param in loaded.named_parameters():
+        torch.testing.assert_close(param, model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_auto_classes_resolve(tmp_path):
+    model = build_model()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MultimodalConfig)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), MultimodalForConditionalGeneration)
+    assert isinstance(AutoModel.from_config(model.config), MultimodalModel)
+
+
+MISMATCH_CASES = [
+    # (name, build the batch from a correct one, expected message fragments)
+    ("one_token_short", lambda b, m: _drop_placeholder(b, m.config.image_token_id, sample_index=1), ["Sample 1", "<image>", "15", "16"]),
+    ("no_media_given", lambda b, m: {k: v for k, v in b.items() if k != "pixel_values"}, ["<image> placeholders", "samples [1]"]),
+    ("extra_image", lambda b, m: {**b, "pixel_values": torch.cat([b["pixel_values"], b["pixel_values"]])}, ["1 image item(s)", "no sample"]),
+]
+
+
+def _drop_placeholder(batch, token_id, sample_index):
+    ids = batch["input_ids"].clone()
+    position = (ids[sample_index] == token_id).nonzero()[0, 0]
+    ids[sample_index, position] = TEXT[0]
+    return {**batch, "input_ids": ids}
+
+
+@pytest.mark.parametrize("name,corrupt,fragments", MISMATCH_CASES, ids=[c[0] for c in MISMATCH_CASES])
+def test_placeholder_count_mismatch_names_sample_and_counts(name, corrupt, fragments):
+    model = build_model()
+    batch = collate([sample(model), sample(model, images=1)])
+    with pytest.raises(ValueError) as error:
+        model(**corrupt(batch, model))
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    batch = None
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(freeze_vision_tower=False, freeze_audio_tower=False).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            layers = [m for m in model.modules() if type(m).__name__.endswith(("EncoderLayer", "DecoderLayer"))]
+            assert {type(m).__name__ for m in layers} == {"CLIPEncoderLayer", "WhisperEncoderLayer", "LlamaDecoderLayer"}
+            assert all(m.gradient_checkpointing for m in layers)
+        batch = batch or collate([sample(model, images=1, audios=(100,))])
+        model(**batch, labels=text_labels(batch, model)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_forward_and_sdpa_default():
+    model = build_model().to(torch.bfloat16)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    batch = collate([sample(model, images=1, audios=(100,))])
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    out = model(**batch, labels=text_labels(batch, model))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_no_split_modules_cover_every_tower():
+    model = build_model()
+    assert {"CLIPEncoderLayer", "LlamaDecoderLayer"} <= set(model._no_split_modules)
+    assert any(name.startswith("Whisper") for name in model._no_split_modules)
+
+
+def test_retrieval_embeddings_are_normalised_and_consistent():
+    model = build_model()
+    pixels = torch.randn(3, 3, 32, 32)
+    image = model.get_image_features(pixels)
+    text = model.get_text_features(**TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt"))
+    audio = model.get_audio_features(torch.randn(2, 80, 100))
+    video = model.get_video_features(torch.randn(2, 4, 3, 32, 32))
+    for embeds, n in ((image, 3), (text, 2), (audio, 2), (video, 2)):
+        assert embeds.shape == (n, 32)
+        torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(n))
+    # An image's embedding does not depend on the other images of the batch.
+    torch.testing.assert_close(model.get_image_features(pixels[:1]), image[:1], rtol=1e-5, atol=1e-5)
+
+
+BACKBONE_CASES = [
+    # (name, config overrides): any causal LM and vision tower transformers knows plugs in
+    ("siglip_vision", lambda: dict(vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8))),
+    ("vit_vision", lambda: dict(vision_config=transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8))),
+    ("dinov2_vision", lambda: dict(vision_config=transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8))),
+    ("qwen2_lm", lambda: dict(text_config=transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(TOKENIZER)))),
+    ("gpt2_lm", lambda: dict(text_config=transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(TOKENIZER), tie_word_embeddings=True))),
+    ("qwen2_audio_encoder", lambda: dict(audio_config=transformers.Qwen2AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=80))),
+]
+
+
+@pytest.mark.parametrize("name,overrides", BACKBONE_CASES, ids=[c[0] for c in BACKBONE_CASES])
+def test_backbones_plug_in_and_batch_invariance_holds(name, overrides, tmp_path):
+    model = build_model(**overrides())
+    samples = [sample(model, images=1, audios=(80,), text=TEXT[:2]), sample(model, videos=1, text=TEXT)]
+    batch = collate(samples)
+    logits = model(**batch).logits
+    for i, one in enumerate(samples):
+        torch.testing.assert_close(logits[i, -1], model(**collate([one])).logits[0, -1], rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    reloaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
