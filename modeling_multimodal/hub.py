@@ -1,0 +1,375 @@
+"""Share checkpoints on the Hugging Face Hub: model cards, merged LoRA weights and one-commit pushes.
+
+What is unusual here: we do not call `model.push_to_hub`. transformers' push rewrites README.md with
+its own auto-generated card; `push_checkpoint` instead uploads the checkpoint folder in a single
+`create_commit` whose README.md is our card (`model_cards/multimodal_model_card.md`, rendered with
+`huggingface_hub.ModelCard.from_template`). The commit mirrors the folder: files from an earlier push
+that the folder no longer has are deleted, so a revision never mixes two checkpoints' shards.
+
+A checkpoint folder carries what its card needs in `model_card_inputs.json`: the keyword arguments of
+`render_model_card` (the trainer writes it with `write_model_card_inputs`). Without it the card is
+rendered from what `config.json` / `adapter_config.json` tell.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard
+from huggingface_hub import ModelCardData
+
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "multimodal_model_card.md"
+CARD_INPUTS_FILENAME = "model_card_inputs.json"
+DEFAULT_COMMIT_MESSAGE = "Upload checkpoint with modeling-multimodal"
+# Trainer state and other files a checkpoint folder may hold that do not belong in a model repo.
+IGNORE_PATTERNS = (
+    "README.md", ".*", "*/.*", "__pycache__/*", "*.pyc", "optimizer.*", "scheduler.*", "rng_state*",
+    "scaler.pt", "training_args.bin", "trainer_state.json", "checkpoint-*/*", "runs/*",
+)  # fmt: skip
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+REPO_ID_PATTERN = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+# Per modality: (placeholder, accepted input, processor output, retrieval feature method).
+MODALITY_ROWS = {
+    "image": ("`<image>`", "PIL image, numpy array, path or bytes", "`pixel_values`", "get_image_features"),
+    "audio": ("`<audio>`", "16 kHz waveform (numpy), path or bytes", "`input_features`", "get_audio_features"),
+    "video": ("`<video>`", "video file path or frames", "`pixel_values_videos`", "get_video_features"),
+}
+MODALITY_TAGS = {"image": "vision", "audio": "audio", "video": "video"}
+# Hub task ids for the metrics modeling_multimodal.evaluation computes, used when a result names no task.
+DEFAULT_TASK_BY_METRIC = {
+    "wer": "automatic-speech-recognition",
+    "cer": "automatic-speech-recognition",
+    "bleu": "image-text-to-text",
+    "exact_match": "visual-question-answering",
+    "recall": "feature-extraction",  # text_to_media_recall@k, media_to_text_recall@k
+}
+
+
+def template_path() -> Path:
+    """The card template: installed with the package if setup.py ships it, else the repository's `model_cards/`."""
+    try:
+        from importlib.resources import files
+
+        packaged = Path(str(files("modeling_multimodal.model_cards") / TEMPLATE_NAME))
+        if packaged.is_file():
+            return packaged
+    except ModuleNotFoundError:
+        pass
+    in_repository = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+    if not in_repository.is_file():
+        raise FileNotFoundError(
+            f"Model card template {TEMPLATE_NAME} is neither installed in modeling_multimodal.model_cards nor at"
+            f" {in_repository}"
+        )
+    return in_repository
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------
+def _eval_rows(eval_results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Normalize results to one row per metric: {task, dataset, dataset_name, split, metric, value}.
+
+    A result is either one metric (`metric`, `value`) or a group (`metrics`: {name: value}); both need
+    `dataset` (a Hub dataset id) and may give `split`, `dataset_name` and `task` (else guessed from the metric).
+    """
+    rows = []
+    for index, result in enumerate(eval_results):
+        if "dataset" not in result:
+            raise ValueError(f"eval_results[{index}] has no 'dataset' (a Hub dataset id): {dict(result)}")
+        if "metrics" in result:
+            metrics = dict(result["metrics"])
+        elif "metric" in result and "value" in result:
+            metrics = {result["metric"]: result["value"]}
+        else:
+            raise ValueError(f"eval_results[{index}] needs 'metric' and 'value', or 'metrics': {dict(result)}")
+        for metric, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"eval_results[{index}]: metric {metric!r} has a non-numeric value {value!r}")
+            family = "recall" if "recall" in metric else metric
+            task = result.get("task") or DEFAULT_TASK_BY_METRIC.get(family)
+            if task is None:
+                raise ValueError(f"eval_results[{index}]: no 'task' given and none known for metric {metric!r}")
+            rows.append(
+                {
+                    "task": task,
+                    "dataset": result["dataset"],
+                    "dataset_name": result.get("dataset_name") or result["dataset"],
+                    "split": result.get("split") or "",
+                    "metric": metric,
+                    "value": round(float(value), 4),
+                }
+            )
+    return rows
+
+
+def _usage_snippet(repo_id: str, modalities: Sequence[str], adapter_base_model: str | None) -> str:
+    media = [m for m in modalities if m in MODALITY_ROWS]
+    prompt = "".join(f"<{m}>" for m in media) + "Describe this."
+    media_kwargs = {"image": 'images=[Image.open("example.jpg")]', "audio": "audio=[waveform]", "video": 'videos=["example.mp4"]'}
+    call = ", ".join([f'text="{prompt}"', *(media_kwargs[m] for m in media), 'return_tensors="pt"'])
+    lines = ["from transformers import AutoModelForImageTextToText, AutoProcessor"]
+    if adapter_base_model:
+        lines += [
+            "from peft import PeftModel",
+            "",
+            f'base = AutoModelForImageTextToText.from_pretrained("{adapter_base_model}", trust_remote_code=True)',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            f'processor = AutoProcessor.from_pretrained("{adapter_base_model}", trust_remote_code=True)',
+        ]
+    else:
+        lines += [
+            "",
+            f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)',
+            f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
+        ]
+    if "image" in media:
+        lines.insert(0, "from PIL import Image")
+    lines += [
+        "",
+        f"inputs = processor({call})",
+        "generated = model.generate(**inputs, max_new_tokens=64)",
+        'print(processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])',
+    ]
+    return "\n".join(lines)
+
+
+def render_model_card(
+    repo_id: str,
+    component_models: Mapping[str, str],
+    modalities: Sequence[str],
+    *,
+    training_recipe: Mapping[str, Any] | None = None,
+    eval_results: Sequence[Mapping[str, Any]] = (),
+    datasets: Sequence[str] = (),
+    license: str = "apache-2.0",
+    language: str | Sequence[str] | None = None,
+    tags: Sequence[str] = (),
+    summary: str | None = None,
+    adapter_base_model: str | None = None,
+) -> ModelCard:
+    """Render our card template into a `huggingface_hub.ModelCard` whose metadata the Hub accepts.
+
+    Args:
+        repo_id: where the checkpoint lives on the Hub (used for the title and the usage snippet).
+        component_models: role -> Hub model id, e.g. {"language model": "HuggingFaceTB/SmolLM2-135M",
+            "vision encoder": "google/siglip-base-patch16-224"}; becomes the `base_model` list.
+        modalities: the media the model takes besides text: any of "image", "audio", "video".
+        training_recipe: the recipe the run used (rendered as YAML).
+        eval_results: one dict per result: `dataset` (Hub id), `metric` + `value` or `metrics` {name: value},
+            optional `split`, `dataset_name`, `task`; becomes `model-index` and a results table.
+        datasets: Hub ids of the training datasets.
+        adapter_base_model: for a LoRA adapter repo, the model the adapter applies to (its `base_model`).
+    """
+    unknown = [m for m in modalities if m not in MODALITY_ROWS]
+    if unknown:
+        raise ValueError(f"Unknown modalities {unknown}; expected some of {sorted(MODALITY_ROWS)}")
+    base_models = [adapter_base_model] if adapter_base_model else list(component_models.values())
+    bad_ids = [m for m in [*base_models, *datasets] if not REPO_ID_PATTERN.match(m)]
+    if bad_ids:
+        raise ValueError(f"Not Hub repo ids (owner/name): {bad_ids}; the card's base_model and datasets need Hub ids")
+    rows = _eval_rows(eval_results)
+    model_name = repo_id.split("/")[-1]
+    card_tags = ["modeling-multimodal", "multimodal", *(MODALITY_TAGS[m] for m in modalities), *tags]
+    if adapter_base_model:
+        card_tags += ["lora", "peft"]
+    card_data = ModelCardData(
+        language=language,
+        license=license,
+        library_name="peft" if adapter_base_model else "transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_models or None,
+        datasets=list(datasets) or None,
+        tags=card_tags,
+        model_name=model_name if rows else None,
+        eval_results=[
+            EvalResult(
+                task_type=row["task"],
+                dataset_type=row["dataset"],
+                dataset_name=row["dataset_name"],
+                dataset_split=row["split"] or None,
+                metric_type=row["metric"],
+                metric_value=row["value"],
+            )
+            for row in rows
+        ]
+        or None,
+    )
+    inputs = [
+        {"modality": "text", "placeholder": "(none)", "given_as": "string or chat messages", "tensor": "`input_ids`", "features": None}
+    ]
+    for modality in modalities:
+        placeholder, given_as, tensor, features = MODALITY_ROWS[modality]
+        inputs.append({"modality": modality, "placeholder": placeholder, "given_as": given_as, "tensor": tensor, "features": features})
+    default_summary = (
+        f"A multimodal model built with modeling-multimodal: "
+        f"{', '.join(['text', *modalities])} in, text out."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=model_name,
+        summary=summary or default_summary,
+        components=list(component_models.items()),
+        inputs=inputs,
+        usage_snippet=_usage_snippet(repo_id, modalities, adapter_base_model),
+        training_recipe_yaml=yaml.safe_dump(dict(training_recipe), sort_keys=False) if training_recipe else "",
+        datasets=list(datasets),
+        eval_rows=rows,
+        license=license,
+        adapter_base_model=adapter_base_model,
+    )
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # optional template blocks leave blank-line runs
+
+
+def write_model_card_inputs(checkpoint_dir: str | Path, **card_kwargs: Any) -> Path:
+    """Save `render_model_card`'s keyword arguments (minus `repo_id`) with a checkpoint, checked by rendering them once."""
+    render_model_card(repo_id="owner/checkpoint", **card_kwargs)  # fail at save time, not at push time
+    path = Path(checkpoint_dir) / CARD_INPUTS_FILENAME
+    path.write_text(json.dumps(card_kwargs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def model_card_for_checkpoint(checkpoint_dir: str | Path, repo_id: str) -> ModelCard:
+    """The card for a checkpoint folder: from its `model_card_inputs.json`, else from its config files."""
+    checkpoint_dir = Path(checkpoint_dir)
+    inputs_path = checkpoint_dir / CARD_INPUTS_FILENAME
+    if inputs_path.is_file():
+        card_kwargs = json.loads(inputs_path.read_text(encoding="utf-8"))
+        return render_model_card(repo_id, **card_kwargs)
+    logger.warning(f"{inputs_path} not found: the model card will lack components, training recipe and results")
+    adapter_base_model = None
+    if (checkpoint_dir / "adapter_config.json").is_file():
+        adapter_config = json.loads((checkpoint_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        base = adapter_config.get("base_model_name_or_path") or ""
+        adapter_base_model = base if REPO_ID_PATTERN.match(base) else None
+    modalities = []
+    if (checkpoint_dir / "config.json").is_file():
+        config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
+        modalities = [m for m, key in (("image", "vision_config"), ("audio", "audio_config")) if config.get(key)]
+        modalities += ["video"] if config.get("vision_config") and config.get("video_token_id") is not None else []
+    return render_model_card(repo_id, {}, modalities, adapter_base_model=adapter_base_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Merged weights
+# ---------------------------------------------------------------------------------------------------
+def merge_adapter_checkpoint(
+    adapter_dir: str | Path, output_dir: str | Path, base_model: str | None = None, token: str | None = None
+) -> Path:
+    """Fold a LoRA adapter into its base model and save full safetensors weights (plus the adapter folder's other files).
+
+    `base_model` defaults to the adapter's `base_model_name_or_path`; the base loads with the first auto class
+    that knows its config (image-text-to-text, then causal LM, then plain).
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{adapter_dir} is not a LoRA adapter checkpoint: it has no adapter_config.json")
+    base_model = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base_config = AutoConfig.from_pretrained(base_model, token=token)
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel):
+        if type(base_config) in auto_class._model_mapping:
+            break
+    else:
+        raise ValueError(f"No auto class knows the config of {base_model} ({type(base_config).__name__})")
+    base = auto_class.from_pretrained(base_model, dtype="auto", token=token)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    for path in adapter_dir.rglob("*"):  # tokenizer, processor, card inputs ...: everything but the adapter itself
+        relative = path.relative_to(adapter_dir).as_posix()
+        if path.is_file() and not relative.startswith("adapter_") and not (output_dir / relative).exists():
+            if not any(fnmatch.fnmatch(relative, pattern) for pattern in IGNORE_PATTERNS):
+                (output_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, output_dir / relative)
+    inputs_path = output_dir / CARD_INPUTS_FILENAME
+    if inputs_path.is_file():  # the merged checkpoint is a full model: its card is no adapter card
+        card_kwargs = json.loads(inputs_path.read_text(encoding="utf-8"))
+        if card_kwargs.pop("adapter_base_model", None):
+            card_kwargs["tags"] = [*card_kwargs.get("tags", []), "lora-merged"]
+        inputs_path.write_text(json.dumps(card_kwargs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Push
+# ---------------------------------------------------------------------------------------------------
+def checkpoint_files(checkpoint_dir: str | Path) -> list[str]:
+    """Repo paths of the files a push uploads; raises if a weight file is a pickle (safetensors only)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = sorted(
+        path.relative_to(checkpoint_dir).as_posix()
+        for path in checkpoint_dir.rglob("*")
+        if path.is_file()
+        and not any(fnmatch.fnmatch(path.relative_to(checkpoint_dir).as_posix(), p) for p in IGNORE_PATTERNS)
+    )
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"{checkpoint_dir} holds pickled weights {pickles}; save with safetensors before pushing")
+    if "config.json" not in files and "adapter_config.json" not in files:
+        raise ValueError(f"{checkpoint_dir} is not a checkpoint: it has neither config.json nor adapter_config.json")
+    return files
+
+
+def push_checkpoint(
+    checkpoint_dir: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    *,
+    card: ModelCard | str | None = None,
+    merge_adapter: bool = False,
+    base_model: str | None = None,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Push a saved checkpoint (model, processor, or LoRA adapter) to `repo_id` as one commit, with our model card.
+
+    Creates the repo (and the `revision` branch, from `main`) if needed. The revision then holds exactly the
+    folder's files (stale ones from earlier pushes are deleted) and README.md is `card`, or the card rendered
+    from the folder (see `model_card_for_checkpoint`). With `merge_adapter=True` an adapter checkpoint is
+    folded into `base_model` (default: the adapter's own base) and the full weights are pushed instead.
+    Returns the `CommitInfo`; its `oid` is the new revision's commit sha.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise ValueError(f"Checkpoint folder {checkpoint_dir} does not exist")
+    if merge_adapter:
+        with tempfile.TemporaryDirectory(prefix="merged-") as merged_dir:
+            merge_adapter_checkpoint(checkpoint_dir, merged_dir, base_model=base_model, token=token)
+            return push_checkpoint(
+                merged_dir, repo_id, revision, private, token, commit_message, card=card, endpoint=endpoint
+            )
+
+    files = checkpoint_files(checkpoint_dir)
+    if card is None:
+        card = model_card_for_checkpoint(checkpoint_dir, repo_id)
+    readme = str(card) if isinstance(card, ModelCard) else card
+
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    branch = revision or "main"
+    if branch != "main":
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    keep = {*files, "README.md", ".gitattributes"}
+    stale = [path for path in api.list_repo_files(repo_id, revision=branch) if path not in keep]
+    operations = [CommitOperationDelete(path) for path in stale]
+    operations += [CommitOperationAdd(path, str(checkpoint_dir / path)) for path in files]
+    operations.append(CommitOperationAdd("README.md", readme.encode("utf-8")))
+    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=branch)
