@@ -1,0 +1,28 @@
+"""Offline demo data: shapes (images), moving shapes (videos) and espeak-ng speech, made on this machine.
+
+Small enough to generate in seconds and for a tiny model to learn on CPU in minutes, with a test split
+of held-out attribute combinations and voices (see `grammar.py`).
+
+    >>> from modeling_multimodal.demo_data import make_demo_data, read_manifest
+    >>> make_demo_data("demo_output/data", seed=0)
+    >>> read_manifest("demo_output/data", "image", "train")[0]
+    {'attributes': {...}, 'caption': 'a small red circle in the top left', 'id': 'image-train-000000', 'image': 'images/train/000000.png'}
+"""
+
+from .build import DEFAULT_SIZES, MEDIA_KEY, TASKS, make_demo_data, manifest_path, read_manifest
+from .grammar import HELD_OUT_PAIRS, SPLITS, TEST_VOICES, TRAIN_VOICES
+from .speech import SAMPLE_RATE
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "HELD_OUT_PAIRS",
+    "MEDIA_KEY",
+    "SAMPLE_RATE",
+    "SPLITS",
+    "TASKS",
+    "TEST_VOICES",
+    "TRAIN_VOICES",
+    "make_demo_data",
+    "manifest_path",
+    "read_manifest",
+]
