@@ -305,6 +305,28 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def freeze_unused_parameters(self) -> list[str]:
+        """Freeze trainable parameters that no forward pass can reach, and return their names.
+
+        Taking features from an inner layer (LLaVA's `vision_feature_layer=-2`) leaves the tower's last
+        layers and pooling heads without gradients; DDP then fails ("parameters that were not used in
+        producing loss") and FSDP / ZeRO-3 can hang. One tiny forward/backward through every module
+        finds them, so the trainer can freeze them before wrapping the model.
+        """
+        was_training = self.training
+        self.train()
+        self.zero_grad(set_to_none=True)
+        ids = torch.tensor([[0, 0]], device=self.device)
+        loss = self(input_ids=ids, labels=ids, touch_all_modules=True, return_logits=False, use_cache=False).loss
+        loss.backward()
+        unused = [name for name, param in self.named_parameters() if param.requires_grad and param.grad is None]
+        for name, param in self.named_parameters():
+            if name in unused:
+                param.requires_grad_(False)
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
+        return unused
+
     # --- retrieval embeddings -----------------------------------------------------------------------
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text-only LM pass, mean-pooled over real tokens, projected and L2-normalised: (n, contrastive_dim)."""
@@ -342,17 +364,23 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         ctc_labels: torch.LongTensor | None = None,
         pair_input_ids: torch.LongTensor | None = None,
         pair_attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
+        touch_all_modules: bool = False,
         **kwargs,
     ) -> MultimodalCausalLMOutput:
         r"""
         labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media).
         ctc_labels: (n_audios, max_len) transcript token ids of each clip, -100 padded (`L_other`).
-        pair_input_ids / pair_attention_mask: (batch, pair_len) the text paired with each sample's media
+        pair_input_ids / pair_attention_mask: (n_samples, pair_len) the text paired with each sample's media
             (caption, transcript) for `L_cross`; all-padding rows take no part.
+        segment_ids: (batch, seq) index of the sample each position belongs to, -1 on padding; needed when
+            several samples are packed into one row (default: one sample per row).
         return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
+        touch_all_modules: add 0 × a tiny pass through every module this batch did not use, so that every
+            rank of a DDP / FSDP / ZeRO-3 job runs every module it owns whatever mix of modalities it drew.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -380,7 +408,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
                 outputs.audio_encoder_states, outputs.audio_positions, ctc_labels
             )
         if self.config.cross_loss_weight > 0 and pair_input_ids is not None and outputs.media_mask is not None:
-            loss_cross = self._contrastive_loss(outputs, pair_input_ids, pair_attention_mask)
+            loss_cross = self._contrastive_loss(outputs, pair_input_ids, pair_attention_mask, segment_ids)
 
         loss = None
         if loss_text is not None or loss_other is not None or loss_cross is not None:
@@ -389,6 +417,15 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
                 loss = loss + self.config.other_loss_weight * loss_other
             if loss_cross is not None:
                 loss = loss + self.config.cross_loss_weight * loss_cross
+        if touch_all_modules and loss is not None:
+            used = {
+                "image": pixel_values is not None,
+                "video": pixel_values_videos is not None,
+                "audio": input_features is not None,
+                "audio_ctc": loss_other is not None,
+                "retrieval": loss_cross is not None,
+            }
+            loss = loss + 0.0 * self._touch_unused_modules(used, hidden_states)
         return MultimodalCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -400,19 +437,46 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             attentions=outputs.attentions,
         )
 
-    def _contrastive_loss(self, outputs, pair_input_ids, pair_attention_mask) -> torch.Tensor | None:
+    def _contrastive_loss(self, outputs, pair_input_ids, pair_attention_mask, segment_ids) -> torch.Tensor | None:
         """InfoNCE between each sample's pooled media tokens and its paired text, embedded in a text-only pass."""
         if pair_attention_mask is None:
             pair_attention_mask = torch.ones_like(pair_input_ids)
-        media_mask = outputs.media_mask
-        paired = media_mask.any(-1) & pair_attention_mask.bool().any(-1)  # (batch,)
+        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask
+        if segment_ids is None:  # one sample per row
+            segment_ids = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand(media_mask.shape)
+        num_samples = pair_input_ids.shape[0]
+        # Pool the merged media features (the LM's input), not hidden states: the text side must not see the media.
+        membership = (segment_ids[..., None] == torch.arange(num_samples, device=embeds.device)) & media_mask[..., None]
+        counts = membership.sum((0, 1))  # (n_samples,)
+        sums = torch.einsum("bsn,bsd->nd", membership.to(embeds.dtype), embeds)
+        paired = (counts > 0) & pair_attention_mask.bool().any(-1)
         if paired.sum() < 2:
             return None
-        # Pool the merged media features (the LM's input), not hidden states: the text side must not see the media.
-        media_pooled = masked_mean(outputs.inputs_embeds[paired], media_mask[paired])
-        media_embeds = self.retrieval_head.embed_media(media_pooled)
+        media_embeds = self.retrieval_head.embed_media(sums[paired] / counts[paired, None].to(sums.dtype))
         text_embeds = self.get_text_features(pair_input_ids[paired], pair_attention_mask[paired])
         return self.retrieval_head.contrastive_loss(media_embeds, text_embeds)
 
+    def _touch_unused_modules(self, used: dict[str, bool], like: torch.Tensor) -> torch.Tensor:
+        """Sum of a tiny pass through each module this batch left unused (to be multiplied by 0)."""
+        model, total = self.model, like.new_zeros((), dtype=torch.float32)
+        if model.vision_tower is not None:
+            vision = self.config.vision_config
+            if not used["image"]:
+                total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
+            if "video" in model.multi_modal_projector and not used["video"]:
+                total = total + model.multi_modal_projector["video"](like.new_zeros(1, 1, vision.hidden_size)).sum()
+        if model.audio_tower is not None:
+            states = None
+            if not used["audio"]:
+                mels = like.new_zeros(1, self.config.audio_config.num_mel_bins, 2)
+                clips, states, _ = model.encode_audio(mels)
+                total = total + clips[0].sum()
+            if "audio_ctc" in self.auxiliary_heads and not used["audio_ctc"]:
+                states = states if states is not None else like.new_zeros(1, 1, self.config.audio_config.d_model)
+                total = total + self.auxiliary_heads["audio_ctc"](states).sum()
+        if not used["retrieval"]:
+            head, zeros = self.retrieval_head, like.new_zeros(1, self.config.text_config.hidden_size)
+            total = total + head.media_projection(zeros).sum() + head.text_projection(zeros).sum() + head.logit_scale
+        return total
 
 __all__ = ["MultimodalForConditionalGeneration", "MultimodalModel", "MultimodalPreTrainedModel"]

@@ -380,3 +380,36 @@ def test_backbones_plug_in_and_batch_invariance_holds(name, overrides, tmp_path)
     model.save_pretrained(tmp_path)
     reloaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
+
+
+def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
+    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
+    unused = model.freeze_unused_parameters()
+    # vision_feature_layer=-2: the tower's last layer and post-layernorm can never receive a gradient.
+    assert unused and all(n.startswith("model.vision_tower.") and ("layers.1." in n or "post_layernorm" in n) for n in unused), unused
+    batch = collate([sample(model), sample(model)])  # text only: no tower, projector or aux head is used
+    labels = text_labels(batch, model)
+    plain = model(**batch, labels=labels)
+    touched = model(**batch, labels=labels, touch_all_modules=True)
+    torch.testing.assert_close(touched.loss, plain.loss)
+    touched.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == [], missing
+
+
+def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():
+    model = build_model(cross_loss_weight=1.0)
+    samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, images=1, text=TEXT[:1])]
+    pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
+    rows = collate(samples, padding_side="right")
+    per_row = model(**rows, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_cross
+    # The same three samples packed into one row, positions restarting per sample.
+    ids = torch.cat([torch.tensor(s[0]) for s in samples])[None]
+    segment_ids = torch.cat([torch.full((len(s[0]),), i) for i, s in enumerate(samples)])[None]
+    position_ids = torch.cat([torch.arange(len(s[0])) for s in samples])[None]
+    packed = model(
+        input_ids=ids, position_ids=position_ids, segment_ids=segment_ids, use_cache=False,
+        pixel_values=rows["pixel_values"], input_features=rows["input_features"], input_features_mask=rows["input_features_mask"],
+        pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"],
+    ).loss_cross
+    torch.testing.assert_close(packed, per_row, rtol=1e-5, atol=1e-5)
