@@ -27,6 +27,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 from http import HTTPStatus
@@ -69,9 +71,10 @@ def now_iso() -> str:
 class HubError(Exception):
     """An error answer: HTTP status, the Hub's `X-Error-Code` (if any) and a message."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, error_code: str | None = None, headers: dict | None = None, **body):
         super().__init__(message)
         self.status, self.message, self.error_code, self.headers = status, message, error_code, headers or {}
+        self.body = body  # extra JSON fields, e.g. the existing repo's `url` on a 409 from create
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +124,7 @@ class Repo:
 
 
 class HubState:
-    """Repos, their revisions and the blob store; every public method takes the lock."""
+    """Repos, their revisions and the blob store; every method that changes them takes the lock."""
 
     def __init__(self, root: str, token: str):
         self.root, self.token = root, token
@@ -167,10 +170,10 @@ class HubState:
             raise HubError(404 if repo is None else 401, f"Repository not found: {repo_id}", "RepoNotFound")
         return repo
 
-    def create_repo(self, repo_type: str, repo_id: str, private: bool) -> Repo:
+    def create_repo(self, repo_type: str, repo_id: str, private: bool, url: str = "") -> Repo:
         with self.lock:
-            if (repo_type, repo_id) in self.repos:
-                raise HubError(409, "You already created this model repo", headers={"X-Error-Code": "RepoExists"})
+            if (repo_type, repo_id) in self.repos:  # the client reads `url` from this answer when exist_ok=True
+                raise HubError(409, f"You already created this {repo_type} repo", url=url)
             repo = Repo(repo_type, repo_id, private, now_iso())
             self.repos[(repo_type, repo_id)] = repo
             gitattributes = self.store_regular(".gitattributes", GITATTRIBUTES.encode())
@@ -396,7 +399,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": error.message.splitlines()[0][:200], **error.headers}
         if error.error_code:
             headers["X-Error-Code"] = error.error_code
-        self.send_json({"error": error.message}, error.status, headers)
+        self.send_json({"error": error.message, **error.body}, error.status, headers)
 
     def authorized(self) -> bool:
         return self.headers.get("Authorization", "") == f"Bearer {self.state.token}"
@@ -425,7 +428,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if repo_type not in URL_PREFIXES:
             raise HubError(400, f"Invalid repo type: {repo_type}")
         private = payload.get("visibility", "public") == "private" or bool(payload.get("private"))
-        repo = self.state.create_repo(repo_type, f"{organization}/{name}", private)
+        repo_id = f"{organization}/{name}"
+        repo = self.state.create_repo(repo_type, repo_id, private, url=f"{self.base_url}/{URL_PREFIXES[repo_type]}{repo_id}")
         return self.send_json({"url": self.repo_url(repo), "name": repo.repo_id, "id": repo.repo_id})
 
     def route_delete_repo(self):
@@ -703,6 +707,20 @@ class HubServer:
         for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "HF_HUB_CACHE"):
             env.pop(key, None)
         return env
+
+    def run_client(self, code: str, args: dict, hf_home: str, timeout: float = 120) -> dict:
+        """Run `code` in a fresh Python process pointed at this Hub; it gets `args` as JSON in sys.argv[1]
+        and answers with one JSON object on its last stdout line, which is returned."""
+        result = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(args)],
+            env=self.client_env(hf_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"Hub client process failed ({result.returncode}):\n{result.stderr[-6000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
