@@ -4,9 +4,10 @@ Small enough to generate in seconds and for a tiny model to learn on CPU in minu
 of held-out attribute combinations and voices (see `grammar.py`).
 
     >>> from modeling_multimodal.demo_data import make_demo_data, read_manifest
-    >>> make_demo_data("demo_output/data", seed=0)
-    >>> read_manifest("demo_output/data", "image", "train")[0]
-    {'attributes': {...}, 'caption': 'a small red circle in the top left', 'id': 'image-train-000000', 'image': 'images/train/000000.png'}
+    >>> meta = make_demo_data("demo_output/data", seed=0)  # returns what it writes to meta.json
+    >>> row = read_manifest("demo_output/data", "image", "train")[0]
+    >>> row["image"], row["caption"]
+    ('images/train/000000.png', 'a large green triangle in the bottom centre')
 """
 
 from .build import DEFAULT_SIZES, MEDIA_KEY, TASKS, make_demo_data, manifest_path, read_manifest

@@ -78,9 +78,10 @@ def _plan(combinations: list[tuple], count: int, rng: np.random.Generator) -> li
 
 def _image_rows(out_dir: Path, split: str, count: int, rng, image_size: int) -> list[dict]:
     positions = list(itertools.product(grammar.ROWS, grammar.COLUMNS))
+    pairs = grammar.pairs_for_split(split)
     combinations = [
         (colour, shape, size, row, column)
-        for (colour, shape), size, (row, column) in itertools.product(grammar.pairs_for_split(split), grammar.SIZES, positions)
+        for (colour, shape), size, (row, column) in itertools.product(pairs, grammar.SIZES, positions)
     ]
     rows = []
     for index, (colour, shape, size, row, column) in enumerate(_plan(combinations, count, rng)):
@@ -88,14 +89,17 @@ def _image_rows(out_dir: Path, split: str, count: int, rng, image_size: int) -> 
         relative = f"{MEDIA_DIR['image']}/{split}/{index:06d}.png"
         image.save(out_dir / relative)
         caption = grammar.image_caption(size, colour, shape, attributes["position"])
-        rows.append({"id": f"image-{split}-{index:06d}", "image": relative, "caption": caption, "attributes": attributes})
+        rows.append(
+            {"id": f"image-{split}-{index:06d}", "image": relative, "caption": caption, "attributes": attributes}
+        )
     return rows
 
 
 def _video_rows(out_dir: Path, split: str, count: int, rng, video_size: int, num_frames: int, fps: int, codec: str):
+    pairs = grammar.pairs_for_split(split)
     combinations = [
         (colour, shape, size, direction)
-        for (colour, shape), size, direction in itertools.product(grammar.pairs_for_split(split), grammar.SIZES, grammar.DIRECTIONS)
+        for (colour, shape), size, direction in itertools.product(pairs, grammar.SIZES, grammar.DIRECTIONS)
     ]
     rows = []
     for index, (colour, shape, size, direction) in enumerate(_plan(combinations, count, rng)):
@@ -104,12 +108,15 @@ def _video_rows(out_dir: Path, split: str, count: int, rng, video_size: int, num
         write_video(out_dir / relative, frames, fps, codec)
         attributes.update(num_frames=num_frames, fps=fps)
         caption = grammar.video_caption(size, colour, shape, direction)
-        rows.append({"id": f"video-{split}-{index:06d}", "video": relative, "caption": caption, "attributes": attributes})
+        rows.append(
+            {"id": f"video-{split}-{index:06d}", "video": relative, "caption": caption, "attributes": attributes}
+        )
     return rows
 
 
 def _speech_rows(out_dir: Path, split: str, count: int, rng, espeak: str) -> list[dict]:
-    combinations = list(itertools.product(grammar.sentences_for_split(split), grammar.voices_for_split(split), grammar.SPEEDS))
+    sentences, voices = grammar.sentences_for_split(split), grammar.voices_for_split(split)
+    combinations = list(itertools.product(sentences, voices, grammar.SPEEDS))
     rows = []
     for index, (sentence, voice, speed) in enumerate(_plan(combinations, count, rng)):
         relative = f"{MEDIA_DIR['speech']}/{split}/{index:06d}.wav"
