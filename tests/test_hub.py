@@ -1,0 +1,295 @@
+"""Sharing on the Hub: model cards, and push -> from_pretrained through the test Hub (tests/hub_server.py).
+
+Pushing and loading run in fresh Python processes pointed at the test Hub (HF_ENDPOINT is read at
+import time and this process is offline): one process pushes every checkpoint of `PUSHES`, another
+loads every case of `LOADS` and saves its logits, which must equal the logits of the local checkpoint.
+Until MultimodalForConditionalGeneration ships its flattened code, the checkpoints are a tiny Llama and
+a LoRA adapter on it.
+"""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from hub_server import HubServer
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_multimodal.hub import (
+    checkpoint_files,
+    render_model_card,
+    template_path,
+    write_model_card_inputs,
+)
+
+
+INPUT_IDS = [[1, 5, 9, 3, 7, 2]]
+COMPONENTS = {"language model": "HuggingFaceTB/SmolLM2-135M", "vision encoder": "google/siglip-base-patch16-224"}
+RECIPE = {"learning_rate": 1e-4, "loss": {"lambda_other": 0.1, "alpha_cross": 0.05}, "max_steps": 10}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------
+def card_metadata(card: ModelCard) -> dict:
+    """The card's YAML as the Hub would read it back; ModelCardData raises on invalid metadata."""
+    parsed = ModelCard(str(card)).data.to_dict()
+    ModelCardData(**parsed, ignore_metadata_errors=False)
+    return parsed
+
+
+CARD_CASES = [
+    # (name, render_model_card kwargs, expected metadata subset, text the body must contain)
+    ("full model", dict(component_models=COMPONENTS, modalities=["image"], training_recipe=RECIPE,
+                        eval_results=[{"dataset": "nlphuji/flickr30k", "split": "test", "metric": "bleu", "value": 0.31}],
+                        datasets=["nlphuji/flickr30k"]),
+     {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "license": "apache-2.0",
+      "base_model": list(COMPONENTS.values()), "datasets": ["nlphuji/flickr30k"]},
+     ["## Usage", "trust_remote_code=True", "lambda_other: 0.1", "| bleu | 0.31 |", "`<image>`"]),
+    ("grouped metrics, task guessed", dict(component_models=COMPONENTS, modalities=["audio"],
+                                           eval_results=[{"dataset": "openslr/librispeech_asr", "metrics": {"wer": 0.2, "cer": 0.1}}]),
+     {"tags": ["modeling-multimodal", "multimodal", "audio"]},
+     ["| automatic-speech-recognition | openslr/librispeech_asr |  | wer | 0.2 |", "get_audio_features"]),
+    ("adapter", dict(component_models=COMPONENTS, modalities=["image", "video"], adapter_base_model="org/base", license="mit"),
+     {"library_name": "peft", "base_model": ["org/base"], "license": "mit"},
+     ["PeftModel.from_pretrained(base", "LoRA adapter", "No evaluation results were recorded"]),
+    ("bare", dict(component_models={}, modalities=[]),
+     {"library_name": "transformers"}, ["No training recipe was recorded", "component models were not recorded"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, kwargs, metadata, body", CARD_CASES, ids=[case[0] for case in CARD_CASES])
+def test_render_model_card(name, kwargs, metadata, body):
+    card = render_model_card("org/demo", **kwargs)
+    parsed = card_metadata(card)
+    assert {key: parsed.get(key) for key in metadata} == metadata
+    for text in body:
+        assert text in card.text, f"{name}: {text!r} missing"
+    if kwargs.get("eval_results"):
+        results = ModelCard(str(card)).data.eval_results
+        assert {(r.metric_type, r.metric_value) for r in results} >= {
+            (m, v) for result in kwargs["eval_results"] for m, v in result.get("metrics", {result.get("metric"): result.get("value")}).items()
+        }
+
+
+BAD_CARD_CASES = [
+    ("unknown modality", dict(component_models={}, modalities=["smell"]), "Unknown modalities"),
+    ("local path as base model", dict(component_models={"language model": "/tmp/lm"}, modalities=[]), "Not Hub repo ids"),
+    ("result without dataset", dict(component_models={}, modalities=[], eval_results=[{"metric": "wer", "value": 1.0}]), "eval_results[0] has no 'dataset'"),
+    ("result without value", dict(component_models={}, modalities=[], eval_results=[{"dataset": "a/b", "metric": "wer"}]), "needs 'metric' and 'value'"),
+    ("non-numeric value", dict(component_models={}, modalities=[], eval_results=[{"dataset": "a/b", "metric": "wer", "value": "low"}]), "non-numeric"),
+    ("unknown metric, no task", dict(component_models={}, modalities=[], eval_results=[{"dataset": "a/b", "metric": "vibes", "value": 1}]), "no 'task' given"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, kwargs, message", BAD_CARD_CASES, ids=[case[0] for case in BAD_CARD_CASES])
+def test_render_model_card_rejects(name, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        render_model_card("org/demo", **kwargs)
+
+
+def test_template_is_the_repository_one():
+    assert template_path().name == "multimodal_model_card.md"
+    assert template_path().parent.name == "model_cards"
+
+
+CHECKPOINT_FILE_CASES = [
+    # (name, files in the folder, expected pushed files or the ValueError message)
+    ("trainer state is left out", ["config.json", "model.safetensors", "optimizer.pt", "trainer_state.json", "README.md", ".cache/x"],
+     ["config.json", "model.safetensors"]),
+    ("adapter", ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"],
+     ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]),
+    ("pickled weights", ["config.json", "pytorch_model.bin"], "pickled weights"),
+    ("not a checkpoint", ["model.safetensors"], "neither config.json nor adapter_config.json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, files, expected", CHECKPOINT_FILE_CASES, ids=[case[0] for case in CHECKPOINT_FILE_CASES])
+def test_checkpoint_files(tmp_path, name, files, expected):
+    for file in files:
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_bytes(b"x")
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            checkpoint_files(tmp_path)
+    else:
+        assert checkpoint_files(tmp_path) == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Push and load through the test Hub
+# ---------------------------------------------------------------------------------------------------
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(INPUT_IDS)).logits
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny Llama checkpoints, a LoRA adapter on the first, and the logits each must reproduce."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    references = {}
+    for version, seed in (("v1", 0), ("v2", 1)):
+        model = tiny_llama(seed)
+        model.save_pretrained(root / version)
+        references[version] = logits_of(model)
+        results = [{"dataset": "nlphuji/flickr30k", "metric": "bleu", "value": 0.1 * seed + 0.2}]
+        write_model_card_inputs(
+            root / version, component_models=COMPONENTS, modalities=["image"], training_recipe=RECIPE, eval_results=results
+        )
+        (root / version / "README.md").write_text("---\nlibrary_name: transformers\n---\n# transformers' auto card\n")
+        (root / version / "optimizer.pt").write_bytes(b"trainer state, never pushed")
+    base = tiny_llama(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = get_peft_model(base, lora).eval()
+    adapter.save_pretrained(root / "adapter")
+    adapter_config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = "org/tiny-llama"  # the Hub id the adapter loads on
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    write_model_card_inputs(root / "adapter", component_models=COMPONENTS, modalities=["image"], adapter_base_model="org/tiny-llama")
+    references["adapter"] = logits_of(adapter)
+    references["merged"] = logits_of(adapter.merge_and_unload())
+    assert not torch.allclose(references["adapter"], references["v1"]), "the adapter must change the logits"
+    return root, references
+
+
+PUSHES = [
+    # (name, checkpoint, repo id, push_checkpoint keyword arguments); run in this order
+    ("v1", "v1", "org/tiny-llama", {}),
+    ("adapter", "adapter", "org/tiny-llama-lora", {}),
+    ("merged", "adapter", "org/tiny-llama-merged", {"merge_adapter": True}),  # merges onto org/tiny-llama@main = v1
+    ("v2", "v2", "org/tiny-llama", {"commit_message": "Second run"}),
+    ("v1 on a branch", "v1", "org/tiny-llama", {"revision": "v1-branch"}),
+    ("private", "v1", "org/tiny-llama-private", {"private": True}),
+]
+PUSH_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from modeling_multimodal.hub import push_checkpoint
+    args = json.loads(sys.argv[1])
+    oids = {name: push_checkpoint(f"{args['root']}/{folder}", repo, **kwargs).oid for name, folder, repo, kwargs in args["pushes"]}
+    print(json.dumps(oids))
+    """
+)
+
+LOADS = [
+    # (name, repo id, revision: a PUSHES name (its commit sha), a branch, or None for main, reference logits)
+    ("main is the second push", "org/tiny-llama", None, "v2"),
+    ("older revision by sha", "org/tiny-llama", "v1", "v1"),
+    ("branch", "org/tiny-llama", "v1-branch", "v1"),
+    ("adapter on its base", "org/tiny-llama-lora", None, "adapter"),
+    ("merged weights", "org/tiny-llama-merged", None, "merged"),
+    ("private repo with token", "org/tiny-llama-private", None, "v1"),
+]
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from huggingface_hub import HfApi, hf_hub_download, metadata_load
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(2)
+    args = json.loads(sys.argv[1])
+    logits, report = {}, {"files": {}, "cards": {}}
+    for name, repo, revision in args["loads"]:
+        if repo.endswith("-lora"):
+            base = AutoModelForCausalLM.from_pretrained("org/tiny-llama", revision=args["v1_sha"])
+            model = PeftModel.from_pretrained(base, repo, revision=revision)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(repo, revision=revision)
+        with torch.no_grad():
+            logits[name] = model.eval()(torch.tensor(args["input_ids"])).logits.contiguous()
+        report["files"][name] = sorted(HfApi().list_repo_files(repo, revision=revision))
+        readme = hf_hub_download(repo, "README.md", revision=revision)
+        report["cards"][name] = {"metadata": metadata_load(readme), "text": open(readme).read()}
+    report["private"] = HfApi().model_info("org/tiny-llama-private").private
+    save_file(logits, args["out"])
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, checkpoints, tmp_path_factory):
+    root, _ = checkpoints
+    pushes = [[name, folder, repo, kwargs] for name, folder, repo, kwargs in PUSHES]
+    return hub.run_client(PUSH_SCRIPT, {"root": str(root), "pushes": pushes}, str(tmp_path_factory.mktemp("hf_home_push")))
+
+
+@pytest.fixture(scope="module")
+def loaded(hub, pushed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loaded") / "logits.safetensors"
+    loads = [[name, repo, pushed.get(revision, revision)] for name, repo, revision, _ in LOADS]
+    args = {"loads": loads, "v1_sha": pushed["v1"], "input_ids": INPUT_IDS, "out": str(out)}
+    report = hub.run_client(LOAD_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_load")))
+    return load_file(out), report
+
+
+@pytest.mark.parametrize("name, repo, revision, reference", LOADS, ids=[case[0] for case in LOADS])
+def test_from_pretrained_in_a_fresh_process_reproduces_logits(checkpoints, loaded, name, repo, revision, reference):
+    _, references = checkpoints
+    logits, _ = loaded
+    atol = 1e-5 if reference == "merged" else 1e-6  # merging reorders the LoRA arithmetic
+    torch.testing.assert_close(logits[name], references[reference], rtol=0, atol=atol)
+
+
+def test_every_push_is_a_new_revision(pushed):
+    assert len(set(pushed.values())) == len(PUSHES)
+    assert all(len(oid) == 40 for oid in pushed.values())
+
+
+@pytest.mark.parametrize("name", [case[0] for case in LOADS])
+def test_our_card_lands_and_parses(loaded, name):
+    _, report = loaded
+    card, files = report["cards"][name], report["files"][name]
+    assert "modeling-multimodal model card" in card["text"] and "transformers' auto card" not in card["text"]
+    ModelCardData(**card["metadata"], ignore_metadata_errors=False)
+    assert "optimizer.pt" not in files and "README.md" in files
+    if name == "adapter on its base":
+        assert card["metadata"]["library_name"] == "peft" and card["metadata"]["base_model"] == ["org/tiny-llama"]
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    else:
+        assert card["metadata"]["library_name"] == "transformers" and "model.safetensors" in files
+        assert not any(f.startswith("adapter_") for f in files)
+
+
+def test_cards_carry_each_runs_results(loaded):
+    _, report = loaded
+
+    def bleu(name):
+        (result,) = report["cards"][name]["metadata"]["model-index"][0]["results"]
+        return result["metrics"][0]["value"]
+
+    assert bleu("older revision by sha") == pytest.approx(0.2)
+    assert bleu("main is the second push") == pytest.approx(0.3)
+    assert "lora-merged" in report["cards"]["merged weights"]["metadata"]["tags"]
+
+
+def test_private_push(loaded):
+    _, report = loaded
+    assert report["private"] is True
+
+
+def test_card_inputs_file_round_trips(checkpoints):
+    root, _ = checkpoints
+    saved = json.loads((root / "v1" / "model_card_inputs.json").read_text())
+    assert saved["component_models"] == COMPONENTS and saved["training_recipe"] == RECIPE
