@@ -4,7 +4,12 @@
 install as subpackages of the single import root `modeling_multimodal`.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Every package under modeling_multimodal/ (training, evaluation metrics, demo data, ...), plus the two root folders.
+PACKAGES = ["modeling_multimodal"] + [f"modeling_multimodal.{p}" for p in find_packages("modeling_multimodal")]
+# The `evaluate` metric scripts are folders without __init__.py (evaluate loads them by path): ship them as data.
+PACKAGE_DATA = {"modeling_multimodal.evaluation": ["metrics/*/*.py"]}
 
 setup(
     name="modeling-multimodal",
@@ -14,17 +19,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=[
-        "modeling_multimodal",
-        "modeling_multimodal.configuration",
-        "modeling_multimodal.processing",
-    ],
+    packages=PACKAGES + ["modeling_multimodal.configuration", "modeling_multimodal.processing"],
     package_dir={
         "modeling_multimodal": "modeling_multimodal",
         "modeling_multimodal.configuration": "configuration",
         "modeling_multimodal.processing": "processing",
     },
-    include_package_data=True,
+    package_data=PACKAGE_DATA,
     install_requires=[
         "torch>=2.4",
         "transformers>=5.20,<6",

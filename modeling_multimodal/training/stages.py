@@ -1,0 +1,95 @@
+"""Training stages as LLaVA / LLaMA-Factory users know them, and the optimizer's parameter groups.
+
+- `align`: only the projectors (and the auxiliary and retrieval heads) train; towers and LM are frozen.
+- `finetune`: LoRA on the LM through PEFT, with projectors and heads trained fully and saved with the
+  adapter (`modules_to_save`), optionally LoRA on the towers too.
+- `full`: everything trains except the towers the model config freezes.
+
+PEFT pitfalls handled here: a plain list in `target_modules` matches by suffix and would also hit the
+towers' same-named layers, so targets are one regex anchored at `model.language_model.`; and
+`modules_to_save` matches by string suffix, so it names each projector by its full attribute path.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from ..modeling_multimodal import MultimodalForConditionalGeneration
+
+HEAD_PREFIXES = ("model.multi_modal_projector.", "auxiliary_heads.", "retrieval_head.")
+
+
+def linear_leaf_names(module: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)})
+
+
+def default_lora_targets(model: MultimodalForConditionalGeneration, encoders: bool) -> str:
+    """A regex matching every Linear of the LM (and of the towers when `encoders`), nothing else."""
+    scopes = {"model.language_model": model.model.language_model}
+    if encoders:
+        scopes.update({"model.vision_tower": model.model.vision_tower, "model.audio_tower": model.model.audio_tower})
+    patterns = []
+    for prefix, module in scopes.items():
+        if module is not None:
+            names = "|".join(map(re.escape, linear_leaf_names(module)))
+            patterns.append(rf"{re.escape(prefix)}\..*\.({names})")
+    return "^(" + "|".join(patterns) + ")$"
+
+
+def modules_to_save(model: MultimodalForConditionalGeneration) -> list[str]:
+    """Full attribute paths of the projectors and heads (PEFT matches them by suffix)."""
+    names = [f"model.multi_modal_projector.{key}" for key in model.model.multi_modal_projector]
+    names += [f"auxiliary_heads.{key}" for key in model.auxiliary_heads]
+    return names + ["retrieval_head"]
+
+
+def apply_stage(model: MultimodalForConditionalGeneration, recipe) -> nn.Module:
+    """Set what trains for `recipe.stage`; returns the model to train (a PeftModel for `finetune`)."""
+    model.requires_grad_(False)
+    if recipe.stage == "align":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(HEAD_PREFIXES))
+        return model
+    if recipe.stage == "full":
+        model.requires_grad_(True)
+        model.model.apply_freezing()
+        return model
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or default_lora_targets(model, lora.encoders),
+        modules_to_save=modules_to_save(model),
+    )
+    return get_peft_model(model, config)
+
+
+def parameter_groups(model: nn.Module, optim) -> list[dict]:
+    """One optimizer group per learning rate: projectors/heads, LoRA, towers, LM (empty groups dropped)."""
+    groups = {"projector": [], "lora": [], "encoder": [], "lm": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_" in name:
+            groups["lora"].append(param)
+        elif any(prefix.rstrip(".") in name for prefix in HEAD_PREFIXES):
+            groups["projector"].append(param)
+        elif ".vision_tower." in f".{name}" or ".audio_tower." in f".{name}":
+            groups["encoder"].append(param)
+        else:
+            groups["lm"].append(param)
+    rates = {"projector": optim.lr_projector, "lora": optim.lr_lora, "encoder": optim.lr_encoder, "lm": optim.lr_lm}
+    return [
+        {"params": params, "lr": rates[key], "name": key, "weight_decay": optim.weight_decay}
+        for key, params in groups.items()
+        if params
+    ]
+
+
+def base_model(model: nn.Module) -> MultimodalForConditionalGeneration:
+    """The MultimodalForConditionalGeneration inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
