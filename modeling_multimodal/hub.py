@@ -13,7 +13,10 @@ rendered from what `config.json` / `adapter_config.json` tell.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import importlib
+import importlib.util
 import json
 import logging
 import re
@@ -265,6 +268,93 @@ def model_card_for_checkpoint(checkpoint_dir: str | Path, repo_id: str) -> Model
 
 
 # ---------------------------------------------------------------------------------------------------
+# Custom code that travels with a checkpoint
+# ---------------------------------------------------------------------------------------------------
+AUTO_MAP = {
+    "AutoConfig": "configuration_multimodal.MultimodalConfig",
+    "AutoModel": "modeling_multimodal.MultimodalModel",
+    "AutoModelForImageTextToText": "modeling_multimodal.MultimodalForConditionalGeneration",
+}
+
+
+def _flat_source(module_name: str) -> tuple[str, list[str]]:
+    """A module's source with every package-relative import rewritten to `from .<sibling file> import name`.
+
+    transformers copies a remote-code file's `from .sibling import X` siblings and nothing else, so each
+    name is imported from the module that defines it. Returns the source and the modules it imports.
+    """
+    module = importlib.import_module(module_name)
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    lines, needed = source.splitlines(keepends=True), []
+    imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    for node in sorted(imports, key=lambda n: n.lineno, reverse=True):  # bottom-up keeps line numbers valid
+        target = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+        by_module: dict[str, list[str]] = {}
+        for alias in node.names:
+            value = getattr(importlib.import_module(target), alias.name)
+            defining = getattr(value, "__module__", None) if isinstance(value, type) or callable(value) else None
+            if defining is None or not defining.startswith("modeling_multimodal"):
+                defining = target  # constants: the module we import them from
+            if Path(importlib.import_module(defining).__file__).name == "__init__.py":
+                raise ValueError(f"{module_name} imports {alias.name} from package {defining}; import it from its module")
+            by_module.setdefault(defining, []).append(alias.name + (f" as {alias.asname}" if alias.asname else ""))
+        needed.extend(by_module)
+        rewritten = [f"from .{m.rsplit('.', 1)[-1]} import {', '.join(names)}\n" for m, names in by_module.items()]
+        indent = lines[node.lineno - 1][: node.col_offset]
+        lines[node.lineno - 1 : node.end_lineno] = [indent + line for line in rewritten]
+    return "".join(lines), needed
+
+
+def custom_code_files() -> dict[str, str]:
+    """File name -> flattened source of the configuration and modeling code and all they import from the package."""
+    roots = dict.fromkeys(path.split(".")[0] for path in AUTO_MAP.values())
+    package_modules = {
+        "configuration_multimodal": "modeling_multimodal.configuration.configuration_multimodal",
+        "modeling_multimodal": "modeling_multimodal.modeling_multimodal",
+    }
+    pending, written = [package_modules[root] for root in roots], {}
+    while pending:  # the closure of relative imports, each module once
+        module_name = pending.pop()
+        file_name = module_name.rsplit(".", 1)[-1] + ".py"
+        if file_name in written:
+            if written[file_name][0] != module_name:
+                raise ValueError(f"Two modules flatten to {file_name}: {written[file_name][0]} and {module_name}")
+            continue
+        source, needed = _flat_source(module_name)
+        written[file_name] = (module_name, source)
+        pending.extend(needed)
+    return {file_name: source for file_name, (_, source) in sorted(written.items())}
+
+
+def config_with_auto_map(config: dict) -> dict:
+    return {**config, "auto_map": {**config.get("auto_map", {}), **AUTO_MAP}}
+
+
+def carries_our_model(checkpoint_dir: str | Path) -> bool:
+    """Whether a checkpoint folder holds a MultimodalConfig model (whose code must travel with it)."""
+    from .configuration import MultimodalConfig
+
+    config_path = Path(checkpoint_dir) / "config.json"
+    if not config_path.is_file():
+        return False
+    return json.loads(config_path.read_text(encoding="utf-8")).get("model_type") == MultimodalConfig.model_type
+
+
+def save_custom_code(save_directory: str | Path) -> list[str]:
+    """Write the model's code into a saved checkpoint as flat sibling files and point `auto_map` at it, so
+    `from_pretrained(..., trust_remote_code=True)` works where modeling-multimodal is not installed.
+    (`push_checkpoint` does this by itself, without touching the folder.) Returns the files written."""
+    save_directory = Path(save_directory)
+    files = custom_code_files()
+    for file_name, source in files.items():
+        (save_directory / file_name).write_text(source, encoding="utf-8")
+    config_path = save_directory / "config.json"
+    config = config_with_auto_map(json.loads(config_path.read_text(encoding="utf-8")))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return sorted(files)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Merged weights
 # ---------------------------------------------------------------------------------------------------
 def merge_adapter_checkpoint(
@@ -367,9 +457,14 @@ def push_checkpoint(
     branch = revision or "main"
     if branch != "main":
         api.create_branch(repo_id, branch=branch, exist_ok=True)
-    keep = {*files, "README.md", ".gitattributes"}
+    generated = {"README.md": readme.encode("utf-8")}
+    if carries_our_model(checkpoint_dir):  # code and auto_map travel with the weights
+        generated |= {name: source.encode("utf-8") for name, source in custom_code_files().items()}
+        config = config_with_auto_map(json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8")))
+        generated["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    keep = {*files, *generated, ".gitattributes"}
     stale = [path for path in api.list_repo_files(repo_id, revision=branch) if path not in keep]
     operations = [CommitOperationDelete(path) for path in stale]
-    operations += [CommitOperationAdd(path, str(checkpoint_dir / path)) for path in files]
-    operations.append(CommitOperationAdd("README.md", readme.encode("utf-8")))
+    operations += [CommitOperationAdd(path, str(checkpoint_dir / path)) for path in files if path not in generated]
+    operations += [CommitOperationAdd(path, content) for path, content in generated.items()]
     return api.create_commit(repo_id, operations, commit_message=commit_message, revision=branch)

@@ -708,12 +708,13 @@ class HubServer:
             env.pop(key, None)
         return env
 
-    def run_client(self, code: str, args: dict, hf_home: str, timeout: float = 120) -> dict:
+    def run_client(self, code: str, args: dict, hf_home: str, timeout: float = 120, cwd: str | None = None) -> dict:
         """Run `code` in a fresh Python process pointed at this Hub; it gets `args` as JSON in sys.argv[1]
         and answers with one JSON object on its last stdout line, which is returned."""
         result = subprocess.run(
             [sys.executable, "-c", code, json.dumps(args)],
             env=self.client_env(hf_home),
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout,

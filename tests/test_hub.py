@@ -18,7 +18,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from modeling_multimodal.testing_utils import tiny_config
+
+from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.hub import (
+    AUTO_MAP,
     checkpoint_files,
     render_model_card,
     template_path,
@@ -26,7 +30,7 @@ from modeling_multimodal.hub import (
 )
 
 
-INPUT_IDS = [[1, 5, 9, 3, 7, 2]]
+INPUT_IDS = [[10, 11, 12, 13, 14, 15]]  # no media placeholder ids (4, 5, 6 in tiny_config)
 COMPONENTS = {"language model": "HuggingFaceTB/SmolLM2-135M", "vision encoder": "google/siglip-base-patch16-224"}
 RECIPE = {"learning_rate": 1e-4, "loss": {"lambda_other": 0.1, "alpha_cross": 0.05}, "max_steps": 10}
 
@@ -162,6 +166,11 @@ def checkpoints(tmp_path_factory):
     references["adapter"] = logits_of(adapter)
     references["merged"] = logits_of(adapter.merge_and_unload())
     assert not torch.allclose(references["adapter"], references["v1"]), "the adapter must change the logits"
+    torch.manual_seed(0)
+    multimodal = MultimodalForConditionalGeneration(tiny_config()).eval()
+    multimodal.save_pretrained(root / "multimodal")
+    write_model_card_inputs(root / "multimodal", component_models=COMPONENTS, modalities=["image", "audio", "video"])
+    references["multimodal"] = logits_of(multimodal)
     return root, references
 
 
@@ -173,6 +182,7 @@ PUSHES = [
     ("v2", "v2", "org/tiny-llama", {"commit_message": "Second run"}),
     ("v1 on a branch", "v1", "org/tiny-llama", {"revision": "v1-branch"}),
     ("private", "v1", "org/tiny-llama-private", {"private": True}),
+    ("multimodal", "multimodal", "org/tiny-multimodal", {}),
 ]
 PUSH_SCRIPT = textwrap.dedent(
     """
@@ -192,15 +202,25 @@ LOADS = [
     ("adapter on its base", "org/tiny-llama-lora", None, "adapter"),
     ("merged weights", "org/tiny-llama-merged", None, "merged"),
     ("private repo with token", "org/tiny-llama-private", None, "v1"),
+    ("multimodal from its own code", "org/tiny-multimodal", None, "multimodal"),
 ]
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    # A user without modeling-multimodal: hide its editable install (and run outside the repository).
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h)]
+    sys.path_importer_cache.clear()
+    try:
+        import modeling_multimodal
+        package_hidden = False
+    except ImportError:
+        package_hidden = True
     import torch
     from huggingface_hub import HfApi, hf_hub_download, metadata_load
     from peft import PeftModel
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     torch.set_num_threads(2)
     args = json.loads(sys.argv[1])
     logits, report = {}, {"files": {}, "cards": {}}
@@ -208,6 +228,9 @@ LOAD_SCRIPT = textwrap.dedent(
         if repo.endswith("-lora"):
             base = AutoModelForCausalLM.from_pretrained("org/tiny-llama", revision=args["v1_sha"])
             model = PeftModel.from_pretrained(base, repo, revision=revision)
+        elif repo.endswith("-multimodal"):
+            model = AutoModelForImageTextToText.from_pretrained(repo, revision=revision, trust_remote_code=True)
+            report["multimodal_class_module"] = type(model).__module__
         else:
             model = AutoModelForCausalLM.from_pretrained(repo, revision=revision)
         with torch.no_grad():
@@ -216,6 +239,8 @@ LOAD_SCRIPT = textwrap.dedent(
         readme = hf_hub_download(repo, "README.md", revision=revision)
         report["cards"][name] = {"metadata": metadata_load(readme), "text": open(readme).read()}
     report["private"] = HfApi().model_info("org/tiny-llama-private").private
+    report["package_hidden"] = package_hidden
+    report["multimodal_config"] = json.load(open(hf_hub_download("org/tiny-multimodal", "config.json")))
     save_file(logits, args["out"])
     print(json.dumps(report))
     """
@@ -240,7 +265,8 @@ def loaded(hub, pushed, tmp_path_factory):
     out = tmp_path_factory.mktemp("loaded") / "logits.safetensors"
     loads = [[name, repo, pushed.get(revision, revision)] for name, repo, revision, _ in LOADS]
     args = {"loads": loads, "v1_sha": pushed["v1"], "input_ids": INPUT_IDS, "out": str(out)}
-    report = hub.run_client(LOAD_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_load")))
+    cwd = tmp_path_factory.mktemp("elsewhere")  # not the repository root, where the package is importable
+    report = hub.run_client(LOAD_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_load")), cwd=str(cwd))
     return load_file(out), report
 
 
@@ -293,3 +319,12 @@ def test_card_inputs_file_round_trips(checkpoints):
     root, _ = checkpoints
     saved = json.loads((root / "v1" / "model_card_inputs.json").read_text())
     assert saved["component_models"] == COMPONENTS and saved["training_recipe"] == RECIPE
+
+
+def test_custom_code_travels_with_the_checkpoint(loaded):
+    _, report = loaded
+    assert report["package_hidden"], "the loading process must not see modeling_multimodal"
+    assert report["multimodal_class_module"].startswith("transformers_modules.")
+    assert report["multimodal_config"]["auto_map"] == AUTO_MAP
+    files = set(report["files"]["multimodal from its own code"])
+    assert {"configuration_multimodal.py", "modeling_multimodal.py", "media_tokens.py"} <= files
