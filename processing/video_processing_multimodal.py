@@ -1,0 +1,313 @@
+"""MultimodalVideoProcessor: PyAV decoding, frame sampling, then the image pipeline on the frames.
+
+transformers v5's video processors all need torchvision; this one needs PyAV only. What is unusual:
+
+- The model takes a FIXED number of frames per video (`num_frames`, from `MediaTokenLayout`), so a
+  video's token count never depends on its length. Every video comes back with exactly `num_frames`
+  frames: uniform sampling takes the middle frame of `num_frames` equal segments (a video shorter
+  than that repeats frames); `fps` sampling takes a grid at that rate and then picks `num_frames`
+  frames uniformly from the grid (a cap for long videos, repetition for short ones).
+- Only what is needed is decoded. One demux pass (packets only, nothing decoded) gives every
+  frame's timestamp and every keyframe; then, for each wanted frame, the decoder seeks to the
+  keyframe before it unless it is already decoding forward from a point at or after that keyframe.
+- The sampled frames' real timestamps (from the stream, not `index / fps`) and indices are returned
+  as `SampledVideoMetadata`, with the number of frames actually decoded.
+
+Inputs: a path or bytes of any container ffmpeg reads (mp4, webm, mkv, avi, ...); a 4-D frame array
+(numpy (T, H, W, C), torch (T, C, H, W) or (T, H, W, C)); or `{"frames": array_or_list_of_images,
+"fps": float}` when the frame rate of an array is known (needed for `fps` sampling and timestamps).
+A plain Python list is never one video: it is a list of videos.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import os
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+from huggingface_hub.dataclasses import validate_typed_dict
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.processing_utils import VideosKwargs
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoMetadata
+
+from .image_processing_multimodal import MediaInputError, describe, load_image, preprocess_rgb_arrays
+
+
+@dataclass
+class SampledVideoMetadata(VideoMetadata):
+    """transformers' `VideoMetadata` plus the real timestamps of the sampled frames and the decode cost."""
+
+    frames_timestamps: list[float] | None = None
+    num_decoded_frames: int | None = None
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Timestamps (seconds from the first frame) of the sampled frames."""
+        if self.frames_timestamps is not None:
+            return self.frames_timestamps
+        return super().timestamps
+
+
+# --- which frames ---------------------------------------------------------------------------------
+def spread(count: int, num_frames: int) -> list[int]:
+    """`num_frames` positions in range(count): the middle of `num_frames` equal segments (repeats when count < num_frames)."""
+    return [min(count - 1, int((i + 0.5) * count / num_frames)) for i in range(num_frames)]
+
+
+def sample_indices(times: list[float], num_frames: int, fps: float | None) -> list[int]:
+    """Indices of the frames to keep, given every frame's time (seconds, sorted). Always `num_frames` of them.
+
+    fps=None: uniform over the frames. fps=f: the grid 0, 1/f, 2/f, ... up to the last frame, each point
+    snapped to the first frame at or after it (half a frame of tolerance), then `spread` over the grid.
+    """
+    if fps is None:
+        return spread(len(times), num_frames)
+    step = 1.0 / fps
+    tolerance = 0.5 * (times[-1] - times[0]) / max(len(times) - 1, 1)
+    grid, index, target = [], 0, times[0]
+    while target <= times[-1] + tolerance:
+        index = bisect.bisect_left(times, target - tolerance, lo=index)
+        grid.append(min(index, len(times) - 1))
+        target += step
+    return [grid[i] for i in spread(len(grid), num_frames)]
+
+
+# --- decoding -------------------------------------------------------------------------------------
+def _demux_index(container, stream) -> tuple[list[int], list[int]]:
+    """Sorted presentation timestamps of every frame and of every keyframe, from packets alone (no decoding)."""
+    frame_pts, key_pts = [], []
+    for packet in container.demux(stream):
+        if packet.pts is None or packet.size == 0:
+            continue
+        frame_pts.append(packet.pts)
+        if packet.is_keyframe:
+            key_pts.append(packet.pts)
+    return sorted(frame_pts), sorted(key_pts)
+
+
+def _decoded_frames(container, stream):
+    """Frames decoded from the current position on, skipping packets the decoder rejects (corrupt data)."""
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
+
+
+def _decode_at(container, stream, wanted_pts: list[int], key_pts: list[int]) -> tuple[dict, int]:
+    """Decode the frames at `wanted_pts` (sorted, unique), seeking only when it saves decoding.
+
+    The decoder seeks to the keyframe before a wanted frame unless it already decodes forward from a point
+    at or after that keyframe. Returns ({wanted pts: av.VideoFrame}, frames decoded). A wanted frame the
+    decoder skips (a corrupt packet) is replaced by the next decodable one; past the end, by the last one.
+    """
+    found, decoded = {}, 0
+    frames, position, last = None, None, None  # decoder iterator, pts of the last decoded frame, that frame
+    for pts in wanted_pts:
+        keyframe = key_pts[bisect.bisect_right(key_pts, pts) - 1] if key_pts and key_pts[0] <= pts else None
+        if frames is None or (keyframe is not None and position is not None and keyframe > position):
+            container.seek(keyframe if keyframe is not None else pts, stream=stream, backward=True, any_frame=False)
+            frames = _decoded_frames(container, stream)
+        while position is None or position < pts:
+            frame = next(frames, None)
+            if frame is None:  # end of stream
+                break
+            decoded, last = decoded + 1, frame
+            position = frame.pts if frame.pts is not None else position
+        if last is not None:
+            found[pts] = last
+    return found, decoded
+
+
+def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float | None):
+    """Decode `num_frames` sampled frames of a video file: ((num_frames, H, W, 3) uint8, metadata)."""
+    if isinstance(source, str) and not os.path.exists(source):
+        raise ValueError(f"{name} does not exist")
+    try:
+        with av.open(source if isinstance(source, str) else io.BytesIO(source)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frame_pts, key_pts = _demux_index(container, stream)
+            if not frame_pts:
+                raise ValueError(f"{name} has zero decodable video frames")
+            times = [float((pts - frame_pts[0]) * stream.time_base) for pts in frame_pts]
+            indices = sample_indices(times, num_frames, fps)
+            found, decoded = _decode_at(container, stream, sorted({frame_pts[i] for i in indices}), key_pts)
+            if not found:
+                raise ValueError(f"{name} has zero decodable video frames")
+            arrays, kept = {}, []
+            for index in indices:
+                frame = found[frame_pts[index]]
+                if id(frame) not in arrays:
+                    arrays[id(frame)] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+                # the frame actually kept: the wanted one, or its stand-in when that one did not decode
+                kept.append((bisect.bisect_left(frame_pts, frame.pts) if frame.pts is not None else index, id(frame)))
+            average_rate = float(stream.average_rate) if stream.average_rate else None
+    except av.error.FFmpegError as err:
+        raise ValueError(f"cannot decode {name} as video: {err}") from err
+    frames = np.stack([arrays[key] for _, key in kept])  # (num_frames, H, W, 3)
+    metadata = SampledVideoMetadata(
+        total_num_frames=len(frame_pts),
+        fps=average_rate,
+        width=frames.shape[2],
+        height=frames.shape[1],
+        duration=times[-1] + (1.0 / average_rate if average_rate else 0.0),
+        video_backend="pyav",
+        frames_indices=[index for index, _ in kept],
+        frames_timestamps=[round(times[min(index, len(times) - 1)], 6) for index, _ in kept],
+        num_decoded_frames=decoded,
+    )
+    return frames, metadata
+
+
+def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: float | None):
+    """Sample an in-memory video (4-D array/tensor or list of images): ((num_frames, H, W, 3) uint8, metadata)."""
+    if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim != 4:
+        raise ValueError(f"a video array must be 4-D (frames, H, W, C) or (frames, C, H, W), got shape {tuple(frames.shape)}")
+    count = len(frames)
+    if count == 0:
+        raise ValueError("the video has zero frames")
+    if fps is not None and video_fps is None:
+        raise ValueError('fps sampling of a frame array needs its frame rate: pass {"frames": ..., "fps": ...}')
+    step = 1.0 / video_fps if video_fps else 1.0
+    indices = sample_indices([i * step for i in range(count)], num_frames, fps)
+    loaded = {index: load_image(frames[index], max_pixels=None) for index in sorted(set(indices))}
+    if len({image.shape for image in loaded.values()}) > 1:
+        raise ValueError("the video's frames have different sizes")
+    first = next(iter(loaded.values()))
+    metadata = SampledVideoMetadata(
+        total_num_frames=count,
+        fps=video_fps,
+        width=first.shape[1],
+        height=first.shape[0],
+        duration=count / video_fps if video_fps else None,
+        video_backend="array",
+        frames_indices=indices,
+        frames_timestamps=[round(i * step, 6) for i in indices] if video_fps else None,
+        num_decoded_frames=len(loaded),
+    )
+    return np.stack([loaded[i] for i in indices]), metadata
+
+
+def load_video(video, num_frames: int, fps: float | None = None):
+    """Any supported video form -> ((num_frames, H, W, 3) uint8, SampledVideoMetadata). Raises `ValueError`."""
+    if isinstance(video, (str, os.PathLike)):
+        return _read_video_file(os.fspath(video), describe(video), num_frames, fps)
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return _read_video_file(bytes(video), f"video bytes ({len(video)} bytes)", num_frames, fps)
+    if isinstance(video, dict):
+        if "frames" not in video:
+            raise ValueError(f"a video dict needs a 'frames' key (and optionally 'fps'), got keys {sorted(video)}")
+        return _sample_frame_array(video["frames"], video.get("fps"), num_frames, fps)
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        return _sample_frame_array(video, None, num_frames, fps)
+    raise ValueError(
+        f"unsupported video type {type(video).__name__}; expected a path, bytes, a 4-D frame array/tensor "
+        'or {"frames": ..., "fps": ...}'
+    )
+
+
+def flatten_videos(videos) -> list:
+    """One video, a list of videos, or a per-sample list of lists -> flat list of videos."""
+    if not isinstance(videos, (list, tuple)):
+        return [videos]
+    flat = []
+    for item in videos:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+# --- the processor --------------------------------------------------------------------------------
+class MultimodalVideosKwargs(VideosKwargs, total=False):
+    """`VideosKwargs` as transformers defines them (`num_frames`, `fps`, `return_metadata`, image options)."""
+
+
+class MultimodalVideoProcessor(VideoProcessorMixin):
+    r"""
+    Video processor without torchvision: PyAV decoding with seeking, fixed-count frame sampling, CLIP-style frames.
+
+    Returns `pixel_values_videos` float32 `(n_videos, num_frames, 3, crop_height, crop_width)` and, with
+    `return_metadata=True`, `video_metadata`: one `SampledVideoMetadata` per video (`frames_indices`,
+    `timestamps`, `fps`, `total_num_frames`, `num_decoded_frames`). Frames go through exactly the image
+    processor's pipeline (`preprocess_rgb_arrays`), so a frame equals that frame given as an image.
+
+    Args:
+        num_frames (`int`, defaults to 8): frames per video, always returned exactly (the model's fixed count).
+        fps (`float`, *optional*): sample at this rate (then fit to `num_frames`); `None` samples uniformly.
+        Image options as `MultimodalImageProcessor` (`size`, `crop_size`, `resample`, `image_mean`, ...).
+    Saves and loads `video_preprocessor_config.json`.
+    """
+
+    valid_kwargs = MultimodalVideosKwargs
+    model_input_names = ["pixel_values_videos"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"shortest_edge": 224}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    do_sample_frames = True
+    num_frames = 8
+    fps = None
+    return_metadata = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._set_attributes(**kwargs)
+
+    def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
+        """No network: paths and bytes are decoded in `load_video`."""
+        return video_url_or_urls
+
+    def preprocess(self, videos, **kwargs) -> BatchFeature:
+        """Decode, sample and transform `videos` (one, a list, or per-sample lists; see the module docstring)."""
+        validate_typed_dict(self.valid_kwargs, kwargs)
+        for name in self._valid_kwargs_names:
+            kwargs.setdefault(name, getattr(self, name, None))
+        kwargs = self._standardize_kwargs(**kwargs)
+        self._validate_preprocess_kwargs(**kwargs)
+        num_frames, fps = kwargs["num_frames"], kwargs["fps"]
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive number or None, got {fps!r}")
+
+        clips, metadata = [], []
+        for index, video in enumerate(flatten_videos(videos)):
+            try:
+                frames, video_metadata = load_video(video, num_frames, fps)
+            except ValueError as err:
+                raise MediaInputError("video", index, str(err)) from err
+            clips.append(frames)
+            metadata.append(video_metadata)
+        if not clips:
+            raise ValueError("no videos were given")
+
+        names = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor")
+        names += ("do_normalize", "image_mean", "image_std")
+        frames = [frame for clip in clips for frame in clip]
+        pixel_values = preprocess_rgb_arrays(frames, **{name: kwargs[name] for name in names})
+        pixel_values = pixel_values.view(len(clips), num_frames, *pixel_values.shape[1:])  # (videos, frames, 3, H, W)
+        if kwargs.get("return_tensors") == "np":
+            pixel_values = pixel_values.numpy()
+        data = {"pixel_values_videos": pixel_values}
+        if kwargs["return_metadata"]:
+            data["video_metadata"] = metadata
+        return BatchFeature(data=data)
+
+
+__all__ = ["MultimodalVideoProcessor", "SampledVideoMetadata", "load_video", "sample_indices"]
