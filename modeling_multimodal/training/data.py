@@ -1,0 +1,406 @@
+"""Training data: manifests → rows → examples → tensors, cheap length estimates for batching.
+
+Three steps, each its own small piece:
+- `load_manifest`: a JSONL / CSV / Parquet file (or an in-memory `datasets.Dataset`) as a `datasets.Dataset`,
+  every row given an `id` and every media path resolved against the data root. A path that leaves the root
+  (absolute elsewhere, or `..`) is refused with a `ValueError` naming the row and the path. The check is
+  lexical (`os.path.normpath`): symlinks inside the root are trusted, as the root's owner put them there.
+- `build_example`: a row → one training example (plain Python, no media decoded). A row is either chat
+  `messages` (the last assistant turn is the trained response) or simple fields mapped by a `TaskSpec`
+  ("task template"): `image_caption`, `video_caption`, `speech_transcription`, `image_text_pair`.
+- `ExampleEncoder`: an example → tensors through the processor. The prompt goes through the chat template
+  with `add_generation_prompt=True` and the processor (placeholders expanded, media preprocessed); the
+  response is tokenized on its own and its ids (+ EOS) are appended, so the prompt is an exact prefix and
+  only response tokens are trained (`labels` = -100 on the prompt, which holds every media placeholder).
+
+`ExampleEncoder.estimate_length` gives an example's token count without decoding media (audio length from
+the file header), for `LengthGroupedBatchSampler` and packing; it uses the same `MediaTokenLayout` counts
+as the processor, so the estimate is exact.
+
+What the encoder needs from the processor (the `MultimodalProcessor` public API): `.tokenizer`,
+`.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`, and
+`processor(text=[prompt], images=..., audio=..., videos=..., return_tensors="pt")` returning `input_ids`
+and the model's media inputs. For length estimates it also reads the processor's `MediaTokenLayout`
+(`.layout`, or pass `layout=`) and its feature extractor's `sampling_rate` / `hop_length` / `n_fft`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import datasets
+import soundfile
+import torch
+
+from ..losses import IGNORE_INDEX
+from ..tokenization import MEDIA_TOKENS
+
+MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
+MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
+_MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
+
+
+# --- task templates --------------------------------------------------------------------------------
+@dataclass
+class TaskSpec:
+    """How a row of simple fields becomes a chat example.
+
+    prompt: the user turn; `<image>` / `<audio>` / `<video>` mark where each media item goes, `{field}`
+        is filled from the row (e.g. "<image> {question}").
+    response_field: the column holding the trained response (None: no LM target, e.g. retrieval only).
+    media_fields: modality -> column holding one path (or a list of paths, one per placeholder).
+    pair_field: column with the text paired with the media for the contrastive loss (`L_cross`).
+    ctc_field: column with the transcript for the audio CTC loss (`L_other`).
+    """
+
+    name: str
+    prompt: str
+    response_field: str | None
+    media_fields: dict[str, str] = field(default_factory=dict)
+    pair_field: str | None = None
+    ctc_field: str | None = None
+
+    def __post_init__(self):
+        unknown = set(self.media_fields) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"TaskSpec {self.name!r}: unknown media modalities {sorted(unknown)}; expected {MODALITIES}.")
+
+
+TASKS = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("image_caption", "<image> describe the image.", "caption", {"image": "image"}, pair_field="caption"),
+        TaskSpec("video_caption", "<video> what happens in the video?", "caption", {"video": "video"}, pair_field="caption"),
+        TaskSpec(
+            "speech_transcription", "<audio> what is said in the audio?", "transcript", {"audio": "audio"},
+            pair_field="transcript", ctc_field="transcript",
+        ),
+        # Retrieval only: the image alone, no LM target; the row trains `L_cross` (and nothing else).
+        TaskSpec("image_text_pair", "<image>", None, {"image": "image"}, pair_field="caption"),
+    )
+}
+
+
+def get_task(task: str | TaskSpec | None) -> TaskSpec | None:
+    """A built-in task by name (a `TaskSpec` passes through; None means rows carry chat `messages`)."""
+    if task is None or isinstance(task, TaskSpec):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; built-in tasks are {sorted(TASKS)} (or pass a TaskSpec).")
+    return TASKS[task]
+
+
+# --- manifests -------------------------------------------------------------------------------------
+def resolve_media_path(path: str, root: str | os.PathLike, row_id: str) -> str:
+    """`path` joined to `root`, normalised; a path that leaves `root` raises a `ValueError` naming the row."""
+    root = os.path.normpath(os.path.abspath(root))
+    resolved = os.path.normpath(os.path.join(root, os.fspath(path)))
+    if os.path.commonpath([root, resolved]) != root:
+        raise ValueError(f"Row {row_id!r}: media path {path!r} leaves the data root {root!r}; refusing to read it.")
+    return resolved
+
+
+def _media_item_key(item: Mapping) -> str | None:
+    """The key of a chat content item that holds its media (transformers accepts "image"/"path"/"url"...)."""
+    for key in (item.get("type"), "path", "url"):
+        if key in item and item[key] is not None:
+            return key
+    return None
+
+
+def _resolve_row(row: dict, root, media_columns: list[str]) -> dict:
+    row_id = row["id"]
+
+    def resolve(value):
+        if isinstance(value, str):
+            return resolve_media_path(value, root, row_id)
+        if isinstance(value, (list, tuple)):
+            return [resolve(v) for v in value]
+        return value  # bytes, arrays, decoded images: nothing to resolve
+
+    for column in media_columns:
+        row[column] = resolve(row[column])
+    if row.get("messages") is not None:
+        messages = json.loads(row["messages"]) if isinstance(row["messages"], str) else row["messages"]
+        for message in messages:
+            if isinstance(message.get("content"), list):
+                for item in message["content"]:
+                    key = _media_item_key(item) if item.get("type") in MODALITIES else None
+                    if key is not None:
+                        item[key] = resolve(item[key])
+        row["messages"] = json.dumps(messages)  # one Arrow type, whatever mix of string and list contents rows have
+    return row
+
+
+def load_manifest(
+    source: str | os.PathLike | list | datasets.Dataset,
+    root: str | os.PathLike | None = None,
+    *,
+    task: str | TaskSpec | None = None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """A manifest as a `datasets.Dataset` with an `id` per row and media paths resolved against `root`.
+
+    source: a `.jsonl`/`.json`/`.csv`/`.parquet` file (or a list of files of one format), or a `Dataset`.
+    root: the data root media paths are relative to (default: the manifest's folder; required for a Dataset
+        whose rows hold paths). Media columns are the task's `media_fields` (or every column named
+        image/audio/video) and the media items inside chat `messages`. `messages` may be a list or a JSON
+        string (CSV); it comes back as a JSON string, since Arrow cannot hold rows whose contents mix strings and
+        lists in one column (`build_example` parses it).
+    """
+    if isinstance(source, datasets.Dataset):
+        dataset = source
+    else:
+        files = [os.fspath(f) for f in (source if isinstance(source, (list, tuple)) else [source])]
+        suffixes = {Path(f).suffix.lower() for f in files}
+        if len(suffixes) != 1 or next(iter(suffixes)) not in MANIFEST_BUILDERS:
+            raise ValueError(f"Manifest files {files}: expected one format among {sorted(MANIFEST_BUILDERS)}.")
+        for f in files:
+            if not os.path.isfile(f):
+                raise ValueError(f"Manifest {f!r} does not exist.")
+        builder = MANIFEST_BUILDERS[suffixes.pop()]
+        dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        root = root if root is not None else os.path.dirname(os.path.abspath(files[0]))
+    if "id" not in dataset.column_names:
+        dataset = dataset.add_column("id", [str(i) for i in range(len(dataset))])
+    elif dataset.features["id"].dtype != "string":
+        dataset = dataset.cast_column("id", datasets.Value("string"))
+
+    spec = get_task(task)
+    media_columns = list(spec.media_fields.values()) if spec else [m for m in MODALITIES if m in dataset.column_names]
+    missing = [c for c in media_columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Manifest has no column(s) {missing} that task {spec.name!r} reads; columns: {dataset.column_names}.")
+    has_paths = media_columns or "messages" in dataset.column_names
+    if has_paths and root is None:
+        raise ValueError("load_manifest: pass root= (the folder media paths are relative to) for an in-memory Dataset.")
+    if has_paths:
+        dataset = dataset.map(_resolve_row, fn_kwargs={"root": root, "media_columns": media_columns}, desc="Resolving media paths")
+    return dataset
+
+
+# --- rows -> examples ------------------------------------------------------------------------------
+def _text_of(content) -> str:
+    """A message's text: a string, or the text items of a content list joined by spaces."""
+    if isinstance(content, str):
+        return content
+    return " ".join(item["text"] for item in content if item.get("type") == "text")
+
+
+def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: str) -> list[dict]:
+    """"<image> describe {x}." -> [{"type": "image", "image": path}, {"type": "text", "text": "describe ..."}]."""
+    content, used = [], dict.fromkeys(MODALITIES, 0)
+    for piece in _PLACEHOLDER.split(prompt):
+        if piece in _MODALITY_OF_TOKEN:
+            modality = _MODALITY_OF_TOKEN[piece]
+            if used[modality] >= len(media[modality]):
+                raise ValueError(f"Row {row_id!r}: the prompt has more {piece} than the row has {modality} items.")
+            content.append({"type": modality, modality: media[modality][used[modality]]})
+            used[modality] += 1
+        elif piece.strip():
+            try:
+                content.append({"type": "text", "text": piece.strip().format_map(row)})
+            except KeyError as err:
+                raise ValueError(f"Row {row_id!r}: the prompt template needs column {err} the row does not have.") from None
+    for modality, count in used.items():
+        if count != len(media[modality]):
+            raise ValueError(f"Row {row_id!r}: {len(media[modality])} {modality} items but {count} placeholders in the prompt.")
+    return content
+
+
+def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
+    """One row -> {"id", "prompt" (chat messages), "response" (str or None), "media" {modality: [items]},
+    "pair_text", "ctc_text"}. Media are collected in placeholder order, which is the order the model consumes them.
+    """
+    spec, row_id = get_task(task), str(row.get("id"))
+    if spec is None:
+        if row.get("messages") is None:
+            raise ValueError(f"Row {row_id!r} has no 'messages'; pass task= to map its fields (tasks: {sorted(TASKS)}).")
+        messages = json.loads(row["messages"]) if isinstance(row["messages"], str) else list(row["messages"])
+        response = None
+        if messages and messages[-1].get("role") == "assistant":
+            response = _text_of(messages[-1]["content"])
+            messages = messages[:-1]
+        pair_text, ctc_text = row.get("pair_text"), row.get("ctc_text")
+    else:
+        media = {}
+        for modality in MODALITIES:
+            value = row.get(spec.media_fields[modality]) if modality in spec.media_fields else None
+            media[modality] = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+        messages = [{"role": "user", "content": _template_content(spec.prompt, row, media, row_id)}]
+        response = row[spec.response_field] if spec.response_field else None
+        pair_text = row.get(spec.pair_field) if spec.pair_field else None
+        ctc_text = row.get(spec.ctc_field) if spec.ctc_field else None
+    if not messages:
+        raise ValueError(f"Row {row_id!r}: no prompt turns before the response.")
+    media = {modality: [] for modality in MODALITIES}
+    for message in messages:
+        if isinstance(message.get("content"), list):
+            for item in message["content"]:
+                if item.get("type") in MODALITIES:
+                    key = _media_item_key(item)
+                    if key is None:
+                        raise ValueError(f"Row {row_id!r}: a {item['type']} content item has no path/data: {item}.")
+                    media[item["type"]].append(item[key])
+    return {"id": row_id, "prompt": messages, "response": response, "media": media, "pair_text": pair_text, "ctc_text": ctc_text}
+
+
+# --- examples -> tensors ---------------------------------------------------------------------------
+def audio_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 160, n_fft: int = 400) -> int:
+    """Mel frames the processor makes of an audio file, from its header only (no decoding).
+
+    The processor resamples to `sampling_rate` (exactly round(n * target / source) samples), pads clips shorter
+    than one FFT window to `n_fft`, and makes `samples // hop_length` frames (Whisper: 100 per second).
+    """
+    try:
+        info = soundfile.info(path)
+        samples = round(info.frames * sampling_rate / info.samplerate)
+    except Exception:  # noqa: BLE001 - not a libsndfile format: ask ffmpeg for the duration
+        with av.open(path) as container:
+            stream = container.streams.audio[0]
+            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
+        samples = round(seconds * sampling_rate)
+    return max(samples, n_fft) // hop_length
+
+
+class ExampleEncoder:
+    """Row -> tensors for `MultimodalCollator` / `PackingCollator`; picklable, runs in DataLoader workers.
+
+    Returns {"id", "input_ids" (L,), "labels" (L,)} plus, when present, "pixel_values" (n, 3, H, W),
+    "pixel_values_videos" (n, F, 3, H, W), "input_features" (n, mels, T) + "input_features_mask" (n, T),
+    "ctc_labels" (n_audios, S) and "pair_input_ids" (P,).
+    """
+
+    def __init__(self, processor, task: str | TaskSpec | None = None, max_length: int | None = None, layout=None):
+        self.processor = processor
+        self.task = get_task(task)
+        self.max_length = max_length
+        self.layout = layout if layout is not None else getattr(processor, "layout", None)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _prompt_text(self, example: dict) -> str:
+        return self.processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+
+    def _response_ids(self, example: dict, prompt_text: str) -> list[int]:
+        """The response's ids as the chat template writes them (e.g. its leading space), ending with EOS.
+
+        The whole conversation is rendered and the text after the rendered prompt is tokenized on its own; what
+        follows the template's EOS (a newline) is dropped, since generation stops at EOS.
+        """
+        if example["response"] is None:
+            return []
+        assistant = {"role": "assistant", "content": example["response"]}
+        full = self.processor.apply_chat_template(example["prompt"] + [assistant], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError(f"Row {example['id']!r}: the chat template does not render the prompt as a prefix of the conversation.")
+        response = full[len(prompt_text) :]
+        eos = self.tokenizer.eos_token
+        if eos in response:
+            response = response[: response.rindex(eos)]
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        media_ids = set(self.tokenizer.convert_tokens_to_ids(list(MEDIA_TOKENS.values())))
+        if media_ids.intersection(ids):
+            raise ValueError(f"Row {example['id']!r}: the response contains a media placeholder; only prompts may hold media.")
+        return ids + [self.tokenizer.eos_token_id]
+
+    def _process_prompt(self, example: dict, prompt_text: str) -> dict:
+        media = example["media"]
+        for modality, items in media.items():
+            for item in items:
+                if isinstance(item, str) and not os.path.isfile(item):
+                    raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} does not exist.")
+        try:
+            return self.processor(
+                text=[prompt_text], images=media["image"] or None, audio=media["audio"] or None,
+                videos=media["video"] or None, return_tensors="pt",
+            )
+        except ValueError as err:  # the processor names the item and its file ("sample 0, image 0 (file '...')")
+            raise ValueError(f"Row {example['id']!r}: {err}") from err
+
+    def __call__(self, row: dict) -> dict:
+        example = build_example(row, self.task)
+        prompt_text = self._prompt_text(example)
+        processed = self._process_prompt(example, prompt_text)
+        prompt_ids = processed["input_ids"][0].tolist()
+        response_ids = self._response_ids(example, prompt_text)
+        input_ids = prompt_ids + response_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            if len(prompt_ids) >= self.max_length:
+                raise ValueError(
+                    f"Row {example['id']!r}: its prompt is {len(prompt_ids)} tokens (media included), over max_length="
+                    f"{self.max_length}; filter such rows out with estimate_length."
+                )
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]  # truncate the response only
+        encoded = {"id": example["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        for key in ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask"):
+            if processed.get(key) is not None:
+                encoded[key] = processed[key]
+        n_audios = len(example["media"]["audio"])
+        if example["ctc_text"]:
+            if n_audios != 1:
+                raise ValueError(f"Row {example['id']!r}: a CTC transcript needs exactly one audio clip, the row has {n_audios}.")
+            encoded["ctc_labels"] = torch.tensor([self.tokenizer(example["ctc_text"], add_special_tokens=False)["input_ids"]])
+        if example["pair_text"]:
+            encoded["pair_input_ids"] = torch.tensor(self.tokenizer(example["pair_text"], add_special_tokens=False)["input_ids"])
+        return encoded
+
+    # --- cheap lengths --------------------------------------------------------------------------
+    def estimate_length(self, row: dict) -> int:
+        """Tokens of the encoded row (prompt with expanded media + response + EOS) without decoding any media."""
+        if self.layout is None:
+            raise ValueError("estimate_length needs the MediaTokenLayout: pass layout= or a processor with .layout.")
+        example = build_example(row, self.task)
+        prompt_text = self._prompt_text(example)
+        length = len(self.tokenizer(prompt_text)["input_ids"])
+        media = example["media"]
+        length += len(media["image"]) * (self.layout.image_tokens() - 1)
+        length += len(media["video"]) * (self.layout.video_tokens() - 1)
+        extractor = getattr(self.processor, "feature_extractor", None)
+        audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
+        for item in media["audio"]:
+            if not isinstance(item, str):
+                raise ValueError(f"Row {example['id']!r}: estimate_length reads audio lengths from files, got {type(item).__name__}.")
+            length += self.layout.audio_tokens(audio_mel_frames(item, **audio_args)) - 1
+        length += len(self._response_ids(example, prompt_text))
+        return length if self.max_length is None else min(length, self.max_length)
+
+    def estimate_lengths(self, dataset) -> list[int]:
+        """`estimate_length` of every row, in order."""
+        return [self.estimate_length(row) for row in dataset]
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` (or any indexable of rows) encoded on access by an `ExampleEncoder`."""
+
+    def __init__(self, rows, encoder: ExampleEncoder):
+        self.rows, self.encoder = rows, encoder
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.encoder(self.rows[int(index)])
+
+
+__all__ = [
+    "TASKS",
+    "EncodedDataset",
+    "ExampleEncoder",
+    "TaskSpec",
+    "audio_mel_frames",
+    "build_example",
+    "get_task",
+    "load_manifest",
+    "resolve_media_path",
+]

@@ -1,0 +1,148 @@
+"""Packing: several encoded examples in one row of at most `max_length` tokens, attention kept per sample.
+
+No attention mask is built here. Each sample's `position_ids` restart at 0 and the batch carries no
+`attention_mask`; transformers v5 then finds the sample boundaries from the position ids
+(`masking_utils.find_packed_sequence_indices`: a new sample starts wherever the position does not grow by
+one) and builds a block-diagonal causal mask for eager / sdpa (flash-attention reads the same position
+ids). Two conditions, both the trainer's to meet:
+- call the model with `use_cache=False`: with a cache, transformers skips the packed-sequence detection and
+  the samples attend to each other;
+- leave `attention_mask` out (the packed batch has none).
+
+Labels: the first token of every sample is -100, so the last token of sample k never learns to predict the
+first token of sample k+1 (alone, a sample's first token is never a target either). Trailing padding is a
+segment of its own (positions from 0, labels -100, `segment_ids` -1). With these, each sample's summed
+token loss equals its loss when run alone (tests/test_packing.py checks it with media in the row).
+
+For the contrastive loss every packed sample keeps its own pair text: `pair_input_ids` is (n_samples, L),
+one row per packed sample in flat order, and `segment_ids` (rows, seq) gives each token's sample index in
+that flat order (-1 on padding), from which the model can pool each sample's media tokens.
+NOTE: until the model's forward accepts `segment_ids`, it pairs `pair_input_ids` with batch ROWS, so a
+packed batch must be run with α = 0 (or without the pair_* keys).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from ..losses import IGNORE_INDEX
+from .collator import collate_media, pad_sequences
+
+
+def first_fit_decreasing(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Bins of indices whose lengths sum to at most `max_length`: longest first, each into the first bin it fits.
+
+    Within a bin, indices keep the decreasing-length order they were placed in. Raises if one item is too long.
+    """
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            raise ValueError(f"Item {index} is {length} tokens, longer than max_length={max_length}; it cannot be packed.")
+    bins, space = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(space):
+            if lengths[index] <= free:
+                bins[b].append(index)
+                space[b] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            space.append(max_length - lengths[index])
+    return bins
+
+
+class PackingCollator:
+    """Encoded examples -> packed rows (first-fit-decreasing into rows of at most `max_length` tokens).
+
+    Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask — and the media,
+    CTC and pair inputs of the samples in row order (pair_input_ids: one row per sample). The number of rows
+    is what the examples need; rows are padded to the longest row, or to `max_length` with `pad_to_max_length`.
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int, pad_to_max_length: bool = False):
+        self.pad_token_id, self.max_length, self.pad_to_max_length = pad_token_id, max_length, pad_to_max_length
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("PackingCollator got an empty list of examples.")
+        for example in examples:
+            if len(example["input_ids"]) > self.max_length:
+                raise ValueError(
+                    f"Example {example.get('id')!r} is {len(example['input_ids'])} tokens, over max_length={self.max_length}."
+                )
+        bins = first_fit_decreasing([len(e["input_ids"]) for e in examples], self.max_length)
+        ordered = [examples[i] for row in bins for i in row]  # flat sample order = row order
+        width = self.max_length if self.pad_to_max_length else max(sum(len(examples[i]["input_ids"]) for i in row) for row in bins)
+        rows = {key: [] for key in ("input_ids", "labels", "position_ids", "segment_ids")}
+        sample = 0
+        for row in bins:
+            ids, labels, positions, segments = [], [], [], []
+            for i in row:
+                example = examples[i]
+                length = len(example["input_ids"])
+                sample_labels = example["labels"].clone()
+                sample_labels[0] = IGNORE_INDEX  # the previous sample must not predict this sample's first token
+                ids.append(example["input_ids"])
+                labels.append(sample_labels)
+                positions.append(torch.arange(length))
+                segments.append(torch.full((length,), sample))
+                sample += 1
+            padding = width - sum(len(t) for t in ids)
+            ids.append(torch.full((padding,), self.pad_token_id))
+            labels.append(torch.full((padding,), IGNORE_INDEX))
+            positions.append(torch.arange(padding))  # its own segment: positions restart at 0
+            segments.append(torch.full((padding,), -1))
+            for key, parts in zip(rows, (ids, labels, positions, segments)):
+                rows[key].append(torch.cat([p.long() for p in parts]))
+        batch = {key: torch.stack(values) for key, values in rows.items()}
+        batch.update(collate_media(ordered, self.pad_token_id))
+        return batch
+
+
+class PackedBatchSampler(Sampler[list[int]]):
+    """Batches of indices that fill `rows_per_batch` packed rows of `max_length` tokens, from precomputed lengths.
+
+    Each epoch: a seeded shuffle, then windows of `window` examples are packed first-fit-decreasing and the
+    resulting rows are grouped `rows_per_batch` at a time (the last, partial group is kept unless `drop_last`).
+    Give the same lengths the encoder produces (`ExampleEncoder.estimate_length`), so `PackingCollator` packs
+    each batch into the same number of rows. Call `set_epoch` for a new shuffle.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], max_length: int, rows_per_batch: int = 1, seed: int = 0,
+        window: int = 1000, drop_last: bool = False,
+    ):
+        self.lengths, self.max_length, self.rows_per_batch = list(lengths), max_length, rows_per_batch
+        self.seed, self.window, self.drop_last, self.epoch = seed, window, drop_last, 0
+        first_fit_decreasing(self.lengths, max_length)  # fail early on an over-long example
+        self._batches = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._batches = epoch, None
+
+    def batches(self) -> list[list[int]]:
+        if self._batches is None:
+            order = list(range(len(self.lengths)))
+            random.Random(self.seed + self.epoch).shuffle(order)
+            rows = []
+            for start in range(0, len(order), self.window):
+                chunk = order[start : start + self.window]
+                rows.extend([chunk[i] for i in row] for row in first_fit_decreasing([self.lengths[i] for i in chunk], self.max_length))
+            random.Random(self.seed + self.epoch + 1).shuffle(rows)
+            groups = [rows[i : i + self.rows_per_batch] for i in range(0, len(rows), self.rows_per_batch)]
+            if self.drop_last and groups and len(groups[-1]) < self.rows_per_batch:
+                groups.pop()
+            self._batches = [[i for row in group for i in row] for group in groups]
+        return self._batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+__all__ = ["PackedBatchSampler", "PackingCollator", "first_fit_decreasing"]
