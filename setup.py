@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 # Every package under modeling_multimodal/ (training, evaluation metrics, demo data, ...), plus the two root folders.
 PACKAGES = ["modeling_multimodal"] + [f"modeling_multimodal.{p}" for p in find_packages("modeling_multimodal")]
 # The `evaluate` metric scripts are folders without __init__.py (evaluate loads them by path): ship them as data.
-PACKAGE_DATA = {"modeling_multimodal.evaluation": ["metrics/*/*.py"]}
+PACKAGE_DATA = {"modeling_multimodal.evaluation": ["metrics/*/*.py"], "modeling_multimodal.model_cards": ["*.md"]}
 
 setup(
     name="modeling-multimodal",
@@ -19,11 +19,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=PACKAGES + ["modeling_multimodal.configuration", "modeling_multimodal.processing"],
+    packages=PACKAGES
+    + ["modeling_multimodal.configuration", "modeling_multimodal.processing", "modeling_multimodal.model_cards"],
     package_dir={
         "modeling_multimodal": "modeling_multimodal",
         "modeling_multimodal.configuration": "configuration",
         "modeling_multimodal.processing": "processing",
+        "modeling_multimodal.model_cards": "model_cards",
     },
     package_data=PACKAGE_DATA,
     install_requires=[

@@ -8,15 +8,20 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration import MediaTokenLayout, MultimodalConfig
 from .modeling_multimodal import MultimodalForConditionalGeneration, MultimodalModel, MultimodalPreTrainedModel
+from .processing import MultimodalImageProcessor, MultimodalProcessor, MultimodalVideoProcessor, register_processors
 
 AutoConfig.register(MultimodalConfig.model_type, MultimodalConfig, exist_ok=True)
 AutoModel.register(MultimodalConfig, MultimodalModel, exist_ok=True)
 AutoModelForImageTextToText.register(MultimodalConfig, MultimodalForConditionalGeneration, exist_ok=True)
+register_processors()
 
 __all__ = [
     "MediaTokenLayout",
     "MultimodalConfig",
     "MultimodalForConditionalGeneration",
+    "MultimodalImageProcessor",
     "MultimodalModel",
     "MultimodalPreTrainedModel",
+    "MultimodalProcessor",
+    "MultimodalVideoProcessor",
 ]

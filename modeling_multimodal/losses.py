@@ -19,12 +19,18 @@ IGNORE_INDEX = -100
 
 
 def labelled_lm_loss(
-    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_size: int = 4096
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 4096,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose (shifted) label is not -100.
+    """Next-token cross-entropy over positions whose (shifted) label is not -100.
 
     Equal to transformers' `ForCausalLMLoss` on full logits, but the LM head runs only on the
-    labelled positions, `chunk_size` rows at a time.
+    labelled positions, `chunk_size` rows at a time. The sum is divided by `num_items_in_batch` when
+    given (the labelled tokens of a whole accumulation window across ranks, so that gradient
+    accumulation and data parallelism weigh every token equally), else by this batch's count.
     """
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
@@ -36,7 +42,7 @@ def labelled_lm_loss(
     for start in range(0, targets.numel(), chunk_size):
         logits = lm_head(hidden[start : start + chunk_size]).float()
         total = total + F.cross_entropy(logits, targets[start : start + chunk_size], reduction="sum")
-    return total / targets.numel()
+    return total / (num_items_in_batch if num_items_in_batch is not None else targets.numel())
 
 
 class AudioCTCHead(nn.Module):

@@ -13,6 +13,7 @@ then `masked_scatter` into the token embeddings. What is unusual here:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -293,6 +294,17 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         self.post_init()
         self.model.apply_freezing()
 
+    @classmethod
+    def from_pretrained_components(cls, text: str, vision: str | None = None, audio: str | None = None, dtype=None, **config_overrides):
+        """(model, processor) composed from a pretrained LM, vision tower and audio encoder (folders or Hub ids).
+
+        The placeholders are added to the LM's tokenizer and its embeddings resized; each part's own
+        preprocessing config (tokenizer, `preprocessor_config.json`, Whisper feature extractor) builds the
+        processor. Projectors and heads start fresh. See `modeling_multimodal.composition`.
+        """
+        composition = importlib.import_module("modeling_multimodal.composition")
+        return composition.from_pretrained_components(cls, text, vision, audio, dtype, **config_overrides)
+
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
@@ -365,6 +377,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         pair_input_ids: torch.LongTensor | None = None,
         pair_attention_mask: torch.Tensor | None = None,
         segment_ids: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
@@ -378,6 +391,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             (caption, transcript) for `L_cross`; all-padding rows take no part.
         segment_ids: (batch, seq) index of the sample each position belongs to, -1 on padding; needed when
             several samples are packed into one row (default: one sample per row).
+        num_items_in_batch: divide the summed token loss by this (labelled tokens of the whole accumulation
+            window across ranks) instead of this batch's count.
         return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
         touch_all_modules: add 0 × a tiny pass through every module this batch did not use, so that every
             rank of a DDP / FSDP / ZeRO-3 job runs every module it owns whatever mix of modalities it drew.
@@ -402,7 +417,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
 
         loss_text = loss_other = loss_cross = None
         if labels is not None:
-            loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head)
+            loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
         if self.config.other_loss_weight > 0 and ctc_labels is not None and outputs.audio_encoder_states is not None:
             loss_other = self.auxiliary_heads["audio_ctc"].loss(
                 outputs.audio_encoder_states, outputs.audio_positions, ctc_labels

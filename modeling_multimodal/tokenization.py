@@ -18,13 +18,16 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 MEDIA_TOKENS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 
 
-def build_tokenizer(texts: Iterable[str], kind: str = "word", vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], kind: str = "word", vocab_size: int = 1000, media_tokens: bool = True
+) -> PreTrainedTokenizerFast:
     """Train a tokenizer on `texts`.
 
     kind="word": lower-cased whitespace/punctuation words (tiny vocabularies, exact captions);
     kind="bpe": byte-level BPE with `vocab_size` entries (open-ended text, never produces <unk>).
+    media_tokens=False leaves the placeholders out (a plain LM tokenizer, as on the Hub).
     """
-    special = [PAD, BOS, EOS, UNK, *MEDIA_TOKENS.values()]
+    special = [PAD, BOS, EOS, UNK, *(MEDIA_TOKENS.values() if media_tokens else ())]
     if kind == "word":
         tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
         tokenizer.normalizer = normalizers.Lowercase()
@@ -44,5 +47,6 @@ def build_tokenizer(texts: Iterable[str], kind: str = "word", vocab_size: int = 
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
     )
-    wrapped.add_special_tokens({"additional_special_tokens": list(MEDIA_TOKENS.values())})
+    if media_tokens:
+        wrapped.add_special_tokens({"additional_special_tokens": list(MEDIA_TOKENS.values())})
     return wrapped
