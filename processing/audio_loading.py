@@ -1,0 +1,151 @@
+"""Audio in any form the user has -> mono float32 at the feature extractor's rate, and per-clip log-mels.
+
+Forms: numpy arrays and torch tensors (1-D, or 2-D with a channel axis) with a sampling rate; a
+`{"array": ..., "sampling_rate": ...}` dict (the `datasets` Audio format); a file path or bytes
+(wav, flac, ogg, mp3 through soundfile; anything else ffmpeg reads through PyAV).
+
+Channels are averaged to mono. Resampling uses libswresample through `av.AudioResampler` (a
+windowed-sinc polyphase filter with delay compensation, so the output has exactly
+round(n * target / source) samples). Each clip's log-mel is computed on its own, never padded to
+30 s, so a clip's features do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import av
+import numpy as np
+import soundfile
+import torch
+
+# Sampling rates we accept (Hz): below this it is not audio, above it no real recording exists.
+MIN_SAMPLING_RATE, MAX_SAMPLING_RATE = 1_000, 768_000
+
+
+def _check_sampling_rate(sampling_rate) -> int:
+    """A resamplable rate is a whole number of Hz in [MIN_SAMPLING_RATE, MAX_SAMPLING_RATE]."""
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
+        raise ValueError(f"sampling_rate must be a number of Hz, got {sampling_rate!r}")
+    if not math.isfinite(sampling_rate) or sampling_rate != int(sampling_rate):
+        raise ValueError(f"sampling_rate={sampling_rate} cannot be resampled: it must be a whole number of Hz")
+    if not MIN_SAMPLING_RATE <= sampling_rate <= MAX_SAMPLING_RATE:
+        raise ValueError(
+            f"sampling_rate={sampling_rate} cannot be resampled: expected {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz"
+        )
+    return int(sampling_rate)
+
+
+def _to_float_mono(array) -> np.ndarray:
+    """1-D samples or 2-D (channels, samples) / (samples, channels) -> float32 mono; integer PCM is scaled to [-1, 1]."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.dtype == np.uint8:  # 8-bit PCM is unsigned
+        array = (array.astype(np.float32) - 128.0) / 128.0
+    elif np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32) / float(-np.iinfo(array.dtype).min)
+    elif not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"audio samples must be numbers, got dtype {array.dtype}")
+    if array.ndim == 2:  # the short axis holds the channels
+        array = array.mean(axis=0 if array.shape[0] <= array.shape[1] else 1)
+    elif array.ndim != 1:
+        raise ValueError(f"expected 1-D audio or 2-D (channels, samples), got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError("the audio is empty (0 samples)")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise ValueError("the audio contains NaN or infinite samples")
+    return array
+
+
+def _decode_file(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
+    """Decode a path or bytes with soundfile (wav/flac/ogg/mp3), falling back to PyAV: ((channels, samples), rate)."""
+    def reader():
+        return source if isinstance(source, str) else io.BytesIO(source)
+
+    if isinstance(source, str) and not os.path.exists(source):
+        raise ValueError(f"{name} does not exist")
+    try:
+        samples, rate = soundfile.read(reader(), dtype="float32", always_2d=True)  # (samples, channels)
+        return samples.T, rate
+    except Exception as err:  # noqa: BLE001 - libsndfile raises several types; ffmpeg may still read it
+        soundfile_error = err
+    try:
+        with av.open(reader()) as container:
+            if not container.streams.audio:
+                raise ValueError("it has no audio stream")
+            stream = container.streams.audio[0]
+            # planar float, one row per channel, whatever the codec's native format
+            resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=stream.codec_context.sample_rate)
+            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+            rate = stream.codec_context.sample_rate
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"cannot decode {name} as audio: {err} (soundfile said: {soundfile_error})") from err
+    if not chunks:
+        raise ValueError(f"{name} has no decodable audio samples")
+    return np.concatenate(chunks, axis=1), rate
+
+
+def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Mono float32 resampling with libswresample (via PyAV); exact output length round(n * target / source)."""
+    if source_rate == target_rate:
+        return samples
+    frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
+    frame.sample_rate = source_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
+    frames = resampler.resample(frame) + resampler.resample(None)  # None flushes the filter's tail
+    if not frames:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([out.to_ndarray()[0] for out in frames]).astype(np.float32, copy=False)
+
+
+def load_audio(item, sampling_rate: int | None, target_rate: int) -> np.ndarray:
+    """Any supported audio form -> mono float32 samples at `target_rate`. Raises `ValueError` saying what is wrong.
+
+    `sampling_rate` is the rate of raw arrays (the processor's `sampling_rate=` argument); a dict's own
+    "sampling_rate" and a file's header take precedence.
+    """
+    if isinstance(item, dict):
+        if "array" not in item:
+            raise ValueError(f"an audio dict needs an 'array' key (and 'sampling_rate'), got keys {sorted(item)}")
+        samples, sampling_rate = item["array"], item.get("sampling_rate", sampling_rate)
+    elif isinstance(item, (str, os.PathLike)):
+        name = f"file {os.fspath(item)!r}"
+        samples, sampling_rate = _decode_file(os.fspath(item), name)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        name = f"audio bytes ({len(item)} bytes)"
+        samples, sampling_rate = _decode_file(bytes(item), name)
+    elif isinstance(item, (np.ndarray, torch.Tensor)):
+        samples = item
+    else:
+        raise ValueError(
+            f"unsupported audio type {type(item).__name__}; expected a path, bytes, numpy array, torch tensor "
+            "or {'array': ..., 'sampling_rate': ...}"
+        )
+    if sampling_rate is None:
+        raise ValueError(
+            "an audio array was given without a sampling rate; pass sampling_rate=... to the processor "
+            "or {'array': ..., 'sampling_rate': ...}"
+        )
+    sampling_rate = _check_sampling_rate(sampling_rate)
+    return resample(_to_float_mono(samples), sampling_rate, target_rate)
+
+
+def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
+    """Whisper log-mel of one clip on its own (no 30 s padding): float32 (n_mels, len(samples) // hop_length).
+
+    Clips shorter than one FFT window (25 ms at 16 kHz) are zero-padded to one window first, since the STFT
+    needs that much signal.
+    """
+    if len(samples) < feature_extractor.n_fft:
+        samples = np.pad(samples, (0, feature_extractor.n_fft - len(samples)))
+    features = feature_extractor(
+        samples, sampling_rate=feature_extractor.sampling_rate, padding="longest", truncation=False, return_tensors="pt"
+    )["input_features"]
+    return features[0].float()  # (n_mels, frames)
+
+
+__all__ = ["load_audio", "log_mel", "resample"]

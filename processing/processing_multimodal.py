@@ -1,0 +1,654 @@
+"""MultimodalProcessor: text with `<image>`/`<audio>`/`<video>` placeholders plus media -> the model's inputs.
+
+What is unusual here:
+
+- Every placeholder is expanded to exactly the number of tokens the model produces for that item,
+  computed by `MediaTokenLayout` (the model checks its placeholders with the same functions). The
+  layout is saved in `processor_config.json` as `token_layout`; build a processor that agrees with
+  a model with `MultimodalProcessor.from_config_and_components(config, tokenizer)`.
+- Audio keeps its own length: each clip's log-mel is computed alone (no 30 s padding), then the
+  batch is right-padded with zeros and `input_features_mask` marks the real mel frames.
+- Everything is checked (placeholder counts, files, arrays, modalities, lengths) before anything is
+  returned, and errors name the sample, the item and the file.
+- Truncation never cuts a media span: it raises instead, or, in `apply_chat_template`, drops whole
+  trailing turns when `drop_trailing_turns=True`.
+
+Outputs (names of the model's `forward` arguments):
+    input_ids, attention_mask          (batch, seq)
+    pixel_values                       (n_images, 3, H, W)           all images, sample 0's first
+    input_features                     (n_audios, n_mels, T_max)     zero-padded log-mels
+    input_features_mask                (n_audios, T_max)             1 = real mel frame
+    pixel_values_videos                (n_videos, num_frames, 3, H, W)
+    video_metadata                     only with return_metadata=True: list of `SampledVideoMetadata`
+    assistant_masks                    only from apply_chat_template(..., return_assistant_tokens_mask=True)
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+
+import torch
+from transformers import AutoTokenizer, WhisperFeatureExtractor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.video_processing_utils import VideoProcessorMixin
+
+from ..configuration.media_tokens import MediaTokenLayout
+from .audio_loading import load_audio, log_mel
+from .image_processing_multimodal import MediaInputError, MultimodalImageProcessor, describe
+from .video_processing_multimodal import MultimodalVideoProcessor
+
+logger = logging.get_logger(__name__)
+
+MODALITIES = ("image", "audio", "video")
+# Plain-word role markers, so that tiny word-level tokenizers handle the template; each message ends with the
+# tokenizer's EOS token. The assistant's reply is the text between ASSISTANT_PREFIX and its EOS (inclusive of
+# the EOS), which `return_assistant_tokens_mask=True` marks through the `{% generation %}` block.
+ASSISTANT_PREFIX = "assistant:"
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ ' ' + content }}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'text' -%}{{ ' ' + item['text'] }}"
+    "{%- else -%}{{ ' <' + item['type'] + '>' }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ 'assistant:' }}{% generation %}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ message['role'] + ':' }}{{ render(message['content']) }}{{ eos_token }}{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
+)
+# Image normalisation of the vision towers `MultimodalConfig` supports (what their own processors use).
+_CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_HALF = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+_IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+VISION_NORMALIZATION = {"clip_vision_model": _CLIP, "siglip_vision_model": _HALF, "vit": _HALF, "dinov2": _IMAGENET}
+
+
+def _is_per_sample(media) -> bool:
+    """A list whose every entry is a list (or None) gives media per sample; anything else is flat."""
+    return isinstance(media, (list, tuple)) and len(media) > 0 and all(m is None or isinstance(m, (list, tuple)) for m in media)
+
+
+def _flatten(media) -> list:
+    return list(media) if isinstance(media, (list, tuple)) else [media]
+
+
+class MultimodalProcessor(ProcessorMixin):
+    r"""
+    Tokenizer + image processor + Whisper feature extractor + video processor, with token counts from `MediaTokenLayout`.
+
+    Build it from a model config (recommended; components default to what the towers expect):
+        `MultimodalProcessor.from_config_and_components(config, tokenizer, image_processor=None,
+        feature_extractor=None, video_processor=None, chat_template=None)`
+    or directly, `MultimodalProcessor(tokenizer, image_processor, feature_extractor, video_processor,
+    token_layout=layout.to_dict())`. Save/load with `save_pretrained` / `from_pretrained` / `AutoProcessor`.
+
+    Args:
+        tokenizer: must know the placeholder tokens of the modalities the layout has.
+        image_processor (`MultimodalImageProcessor`, *optional*): defaults to CLIP's settings.
+        feature_extractor (`WhisperFeatureExtractor`, *optional*): defaults to 80 mel bins, 16 kHz.
+        video_processor (`MultimodalVideoProcessor`, *optional*): its `num_frames` is overridden by the layout's.
+        token_layout (`dict`): `MediaTokenLayout.to_dict()`; the single source of each item's token count.
+        chat_template (`str`, *optional*): defaults to `DEFAULT_CHAT_TEMPLATE`.
+        image_token / audio_token / video_token (`str`): the placeholders.
+    """
+
+    def __init__(
+        self,
+        tokenizer=None,
+        image_processor=None,
+        feature_extractor=None,
+        video_processor=None,
+        token_layout: dict | None = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        audio_token: str = "<audio>",
+        video_token: str = "<video>",
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError("MultimodalProcessor needs a tokenizer")
+        if token_layout is None:
+            raise ValueError(
+                "MultimodalProcessor needs token_layout (MediaTokenLayout.to_dict()); "
+                "use MultimodalProcessor.from_config_and_components(config, tokenizer)"
+            )
+        self.token_layout = MediaTokenLayout.from_dict(dict(token_layout)).to_dict()
+        self.image_token, self.audio_token, self.video_token = image_token, audio_token, video_token
+        super().__init__(
+            tokenizer,
+            image_processor if image_processor is not None else MultimodalImageProcessor(),
+            feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
+            video_processor if video_processor is not None else MultimodalVideoProcessor(),
+            chat_template=chat_template if chat_template is not None else DEFAULT_CHAT_TEMPLATE,
+            **kwargs,
+        )
+        self.media_token_ids = {}
+        for kind in self.supported_modalities:
+            token = self.placeholder(kind)
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"the tokenizer has no {token!r} token, but the model takes {kind}s; add it with "
+                    f"tokenizer.add_special_tokens(...) and resize the model's embeddings"
+                )
+            self.media_token_ids[kind] = token_id
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        """transformers 5.24 looks the video base class up through a torchvision-gated mapping; check it directly."""
+        if argument_name == "video_processor":
+            if not isinstance(argument, VideoProcessorMixin):
+                raise TypeError(f"video_processor must be a VideoProcessorMixin, got {type(argument).__name__}")
+            return VideoProcessorMixin
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    # --- construction from a model config ---------------------------------------------------------
+    @classmethod
+    def from_config_and_components(
+        cls, config, tokenizer, image_processor=None, feature_extractor=None, video_processor=None, chat_template=None
+    ) -> "MultimodalProcessor":
+        """A processor that agrees with `config` (a `MultimodalConfig`): its token layout, image size, mel bins, frames.
+
+        Missing components are built to match the towers (crop = `vision_config.image_size`, the tower family's
+        mean/std, `feature_size = audio_config.num_mel_bins`). Given components are checked against the config,
+        and the tokenizer's placeholder ids against `config.image_token_id` / `audio_token_id` / `video_token_id`.
+        """
+        layout = MediaTokenLayout.from_config(config)
+        problems = []
+        for kind in MODALITIES:
+            expected = getattr(config, f"{kind}_token_id")
+            if expected is not None and tokenizer.convert_tokens_to_ids(f"<{kind}>") != expected:
+                found = tokenizer.convert_tokens_to_ids(f"<{kind}>")
+                problems.append(f"the tokenizer maps '<{kind}>' to {found} but config.{kind}_token_id={expected}")
+        if config.vision_config is not None:
+            side = config.vision_config.image_size
+            image_options = {
+                "size": {"shortest_edge": side},
+                "crop_size": {"height": side, "width": side},
+                **VISION_NORMALIZATION.get(config.vision_config.model_type, _CLIP),
+            }
+            image_processor = image_processor or MultimodalImageProcessor(**image_options)
+            video_processor = video_processor or MultimodalVideoProcessor(num_frames=config.video_num_frames, **image_options)
+            for name, component in (("image_processor", image_processor), ("video_processor", video_processor)):
+                crop = component.crop_size if component.do_center_crop else component.size
+                if (crop.height, crop.width) != (side, side):
+                    problems.append(f"{name} outputs {crop.height}x{crop.width} but vision_config.image_size={side}")
+        if config.audio_config is not None:
+            mel_bins = config.audio_config.num_mel_bins
+            feature_extractor = feature_extractor or WhisperFeatureExtractor(feature_size=mel_bins)
+            if feature_extractor.feature_size != mel_bins:
+                problems.append(
+                    f"feature_extractor.feature_size={feature_extractor.feature_size} but audio_config.num_mel_bins={mel_bins}"
+                )
+        if problems:
+            raise ValueError("the components do not match the config:\n  - " + "\n  - ".join(problems))
+        return cls(
+            tokenizer,
+            image_processor,
+            feature_extractor,
+            video_processor,
+            token_layout=layout.to_dict(),
+            chat_template=chat_template,
+        )
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Rebuild the components from `processor_config.json` (no Auto* lookup, so no torchvision is needed)."""
+        processor_dict = processor_dict or {}
+        subfolder = kwargs.pop("subfolder", "")
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        components = []
+        for name, component_class in (
+            ("image_processor", MultimodalImageProcessor),
+            ("feature_extractor", WhisperFeatureExtractor),
+            ("video_processor", MultimodalVideoProcessor),
+        ):
+            values = processor_dict.get(name)
+            if not isinstance(values, dict):
+                raise ValueError(f"{pretrained_model_name_or_path}: processor_config.json has no {name!r} entry")
+            values = {k: v for k, v in values.items() if not k.endswith("_type")}
+            components.append(component_class.from_dict(values))
+        return [tokenizer, *components]
+
+    # --- small helpers ----------------------------------------------------------------------------
+    @property
+    def layout(self) -> MediaTokenLayout:
+        return MediaTokenLayout.from_dict(self.token_layout)
+
+    @property
+    def supported_modalities(self) -> list[str]:
+        layout = self.layout
+        found = ["image"] if layout.image_grid is not None else []
+        if layout.audio_max_positions is not None:
+            found.append("audio")
+        if layout.image_grid is not None and layout.video_num_frames > 0:
+            found.append("video")
+        return found
+
+    def placeholder(self, kind: str) -> str:
+        return {"image": self.image_token, "audio": self.audio_token, "video": self.video_token}[kind]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask", "pixel_values_videos"]
+
+    # --- placeholder expansion (STYLE: replace_<modality>_token) -------------------------------------
+    def replace_image_token(self, image_inputs=None, image_idx: int = 0, **kwargs) -> str:
+        return self.image_token * self.layout.image_tokens()
+
+    def replace_video_token(self, video_inputs=None, video_idx: int = 0, **kwargs) -> str:
+        return self.video_token * self.layout.video_tokens()
+
+    def replace_audio_token(self, audio_inputs, audio_idx: int, **kwargs) -> str:
+        num_mel_frames = int(audio_inputs["input_features_mask"][audio_idx].sum())
+        return self.audio_token * self.layout.audio_tokens(num_mel_frames)
+
+    # --- the call ---------------------------------------------------------------------------------
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images=None,
+        audio=None,
+        videos=None,
+        *,
+        sampling_rate: int | None = None,
+        return_tensors: str = "pt",
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        add_special_tokens: bool = True,
+        truncate_audio: bool = False,
+        fps: float | None = None,
+        return_metadata: bool = False,
+        return_offsets_mapping: bool = False,
+        return_text_replacement_offsets: bool = False,
+        images_kwargs: dict | None = None,
+        videos_kwargs: dict | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Tokenize `text`, expanding each placeholder to its item's token count, and turn the media into tensors.
+
+        Args:
+            text: one string or a list (one per sample), with `<image>`, `<audio>`, `<video>` placeholders.
+            images / audio / videos: per sample (a list with one list per text) or flat in placeholder order
+                (sample 0's first). Images: paths, bytes, PIL images, numpy arrays, torch tensors. Audio: arrays or
+                tensors (with `sampling_rate`), `{"array", "sampling_rate"}` dicts, paths or bytes (wav, flac, ogg, mp3,
+                or anything ffmpeg decodes). Videos: paths or bytes (mp4, webm, mkv, avi, ...), 4-D frame arrays, or
+                `{"frames", "fps"}` dicts. A Python list is never a single item.
+            sampling_rate: rate of the raw audio arrays (Hz); audio is resampled to the feature extractor's rate.
+            return_tensors: "pt" (default) or "np".
+            padding / padding_side / pad_to_multiple_of: as the tokenizer's (`padding_side="left"` for generation).
+            truncation / max_length: cut text to `max_length` tokens; a cut that would remove any media token
+                raises a `ValueError` instead (see `apply_chat_template(drop_trailing_turns=True)`).
+            add_special_tokens: let the tokenizer add its BOS/EOS (the chat template adds none itself).
+            truncate_audio: keep the first `layout.max_audio_mel_frames()` frames of longer clips (with a warning)
+                instead of raising.
+            fps: sample videos at this rate (then fit to the layout's `video_num_frames`); default uniform.
+            return_metadata: add `video_metadata` (frame indices and timestamps per video), a non-tensor entry.
+            images_kwargs / videos_kwargs: options for the image / video processor (`size`, `max_image_pixels`, ...).
+            return_offsets_mapping / return_text_replacement_offsets: add the tokenizer's character offsets (per
+                sample, unpadded) / where each placeholder was expanded in the text, as non-tensor entries.
+        """
+        if kwargs:
+            raise TypeError(
+                f"unexpected arguments {sorted(kwargs)}; image and video options go in images_kwargs= / videos_kwargs="
+            )
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if text is None:
+            raise ValueError("MultimodalProcessor needs text (use '<image>' etc. as placeholders for the media)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(sample, str) for sample in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+
+        # 1. cheap checks first: modalities, placeholder counts, batch lengths
+        given = {"image": images, "audio": audio, "video": videos}
+        per_sample = {kind: self._assign_media(kind, given[kind], texts) for kind in MODALITIES}
+
+        # 2. media -> tensors (every file and array is validated here, before any text is tokenized)
+        data, replacements = {}, {kind: [] for kind in MODALITIES}
+        if any(per_sample["image"]):
+            data.update(self._images_to_tensors(per_sample["image"], images_kwargs or {}))
+            replacements["image"] = [self.replace_image_token(data, i) for i in range(len(data["pixel_values"]))]
+        if any(per_sample["audio"]):
+            data.update(self._audio_to_tensors(per_sample["audio"], sampling_rate, truncate_audio))
+            replacements["audio"] = [self.replace_audio_token(data, i) for i in range(len(data["input_features"]))]
+        if any(per_sample["video"]):
+            data.update(self._videos_to_tensors(per_sample["video"], fps, videos_kwargs or {}))
+            replacements["video"] = [self.replace_video_token(data, i) for i in range(len(data["pixel_values_videos"]))]
+        metadata = data.pop("video_metadata", None)
+
+        # 3. text: expand placeholders, tokenize, check counts, truncate (never inside media), pad
+        expanded, offsets = self.get_text_with_replacements(
+            list(texts), replacements["image"], replacements["video"], replacements["audio"]
+        )
+        encoded = self.tokenizer(
+            expanded, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets_mapping
+        )
+        self._check_token_counts(encoded["input_ids"], per_sample, data)
+        if truncation:
+            max_length = max_length or self.tokenizer.model_max_length
+            encoded = self._truncate(encoded, max_length)
+        offset_mapping = encoded.pop("offset_mapping", None)
+        padded = self.tokenizer.pad(
+            dict(encoded),
+            padding=padding,
+            max_length=max_length if padding == "max_length" else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=True,
+        )
+        output = BatchFeature({**padded, **data}, tensor_type="pt", skip_tensor_conversion=["video_metadata"])
+        if return_tensors == "np":
+            output = BatchFeature({k: v.numpy() for k, v in output.items()})
+        # non-tensor entries, added after the tensor conversion
+        if return_metadata and metadata is not None:
+            output["video_metadata"] = metadata
+        if return_offsets_mapping:
+            output["offset_mapping"] = offset_mapping
+        if return_text_replacement_offsets:
+            output["text_replacement_offsets"] = offsets
+        return output
+
+    def _assign_media(self, kind: str, media, texts: list[str]) -> list[list]:
+        """Media of one kind as one list per sample, checked against the placeholders of each text."""
+        token = self.placeholder(kind)
+        counts = [sample.count(token) for sample in texts]
+        if kind not in self.supported_modalities and (media is not None or any(counts)):
+            raise ValueError(
+                f"this model takes no {kind} (its token layout has no {kind} tower), but "
+                + (f"{kind} inputs were given" if media is not None else f"sample {counts.index(max(counts))} contains {token}")
+            )
+        if media is None:
+            for index, count in enumerate(counts):
+                if count:
+                    raise ValueError(f"sample {index} has {count} {token} placeholder(s) but no {kind} was given")
+            return [[] for _ in texts]
+        if _is_per_sample(media):
+            if len(media) != len(texts):
+                raise ValueError(
+                    f"mismatched batch lengths: {len(texts)} texts but {len(media)} lists of {kind}s; "
+                    f"give one list per text (empty for none) or a flat list in placeholder order"
+                )
+            grouped = [list(items) if items is not None else [] for items in media]
+            for index, (items, count) in enumerate(zip(grouped, counts)):
+                if len(items) != count:
+                    raise ValueError(
+                        f"sample {index} has {count} {token} placeholder(s) but {len(items)} {kind}(s) were given for it"
+                    )
+            return grouped
+        flat = _flatten(media)
+        if len(flat) != sum(counts):
+            raise ValueError(
+                f"the text has {sum(counts)} {token} placeholder(s) (per sample: {counts}) but {len(flat)} {kind}(s) "
+                "were given; each placeholder takes exactly one item, in order"
+            )
+        bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+    @staticmethod
+    def _locate(per_sample: list[list], flat_index: int) -> tuple[int, int, object]:
+        """(sample, position in sample, item) of the flat_index-th item."""
+        for sample, items in enumerate(per_sample):
+            if flat_index < len(items):
+                return sample, flat_index, items[flat_index]
+            flat_index -= len(items)
+        raise IndexError(flat_index)
+
+    def _media_error(self, kind: str, per_sample: list[list], err: MediaInputError) -> ValueError:
+        sample, position, item = self._locate(per_sample, err.index)
+        return ValueError(f"sample {sample}, {kind} {position} ({describe(item)}): {err.detail}")
+
+    def _images_to_tensors(self, per_sample: list[list], images_kwargs: dict) -> dict:
+        flat = [item for items in per_sample for item in items]
+        try:
+            return {"pixel_values": self.image_processor(flat, **images_kwargs)["pixel_values"]}
+        except MediaInputError as err:
+            raise self._media_error("image", per_sample, err) from err
+
+    def _videos_to_tensors(self, per_sample: list[list], fps: float | None, videos_kwargs: dict) -> dict:
+        num_frames = self.layout.video_num_frames
+        if videos_kwargs.get("num_frames", num_frames) != num_frames:
+            raise ValueError(
+                f"num_frames={videos_kwargs['num_frames']} but the model takes exactly {num_frames} frames per video"
+            )
+        options = {**videos_kwargs, "num_frames": num_frames, "return_metadata": True}
+        if fps is not None:
+            options["fps"] = fps
+        flat = [item for items in per_sample for item in items]
+        try:
+            out = self.video_processor(flat, **options)
+        except MediaInputError as err:
+            raise self._media_error("video", per_sample, err) from err
+        return {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
+
+    def _audio_to_tensors(self, per_sample: list[list], sampling_rate: int | None, truncate_audio: bool) -> dict:
+        """Each clip's log-mel alone, right-padded with zeros to the longest; the mask marks real frames."""
+        extractor = self.feature_extractor
+        max_frames = self.layout.max_audio_mel_frames()
+        mels = []
+        for sample, items in enumerate(per_sample):
+            for position, item in enumerate(items):
+                where = f"sample {sample}, audio {position} ({describe(item)})"
+                try:
+                    samples = load_audio(item, sampling_rate, extractor.sampling_rate)
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from err
+                frames = max(len(samples), extractor.n_fft) // extractor.hop_length
+                if frames > max_frames:
+                    seconds, limit = len(samples) / extractor.sampling_rate, max_frames * extractor.hop_length
+                    message = (
+                        f"{where} lasts {seconds:.2f} s ({frames} mel frames), more than the audio encoder's "
+                        f"{max_frames} frames ({limit / extractor.sampling_rate:.2f} s)"
+                    )
+                    if not truncate_audio:
+                        raise ValueError(message + "; split it, or pass truncate_audio=True to keep its beginning")
+                    logger.warning(message + "; truncated (truncate_audio=True)")
+                    samples = samples[:limit]
+                mels.append(log_mel(extractor, samples))  # (n_mels, frames)
+        longest = max(mel.shape[1] for mel in mels)
+        features = torch.zeros(len(mels), mels[0].shape[0], longest)  # (n_audios, n_mels, T_max)
+        mask = torch.zeros(len(mels), longest, dtype=torch.long)  # (n_audios, T_max)
+        for index, mel in enumerate(mels):
+            features[index, :, : mel.shape[1]] = mel
+            mask[index, : mel.shape[1]] = 1
+        return {"input_features": features, "input_features_mask": mask}
+
+    def _check_token_counts(self, input_ids: list[list[int]], per_sample: dict, data: dict) -> None:
+        """Each sample must hold exactly the media tokens its items produce (else the tokenizer split a placeholder)."""
+        layout = self.layout
+        audio_frames = data["input_features_mask"].sum(-1).tolist() if "input_features_mask" in data else []
+        audio_index = 0
+        for sample, ids in enumerate(input_ids):
+            for kind, token_id in self.media_token_ids.items():
+                items = len(per_sample[kind][sample])
+                if kind == "audio":
+                    expected = sum(layout.audio_tokens(n) for n in audio_frames[audio_index : audio_index + items])
+                    audio_index += items
+                else:
+                    expected = items * (layout.image_tokens() if kind == "image" else layout.video_tokens())
+                found = ids.count(token_id)
+                if found != expected:
+                    raise ValueError(
+                        f"sample {sample}: {found} {self.placeholder(kind)} tokens after tokenization but its {kind}s "
+                        f"need {expected}; the tokenizer must treat {self.placeholder(kind)} as one special token"
+                    )
+
+    def _truncate(self, encoded, max_length: int):
+        """Cut each sample to `max_length` tokens on the tokenizer's truncation side, never through a media span."""
+        media_ids = set(self.media_token_ids.values())
+        left = self.tokenizer.truncation_side == "left"
+        for sample, ids in enumerate(encoded["input_ids"]):
+            if len(ids) <= max_length:
+                continue
+            cut = len(ids) - max_length if left else max_length  # left: drop ids[:cut]; right: drop ids[cut:]
+            dropped = ids[:cut] if left else ids[cut:]
+            if media_ids.intersection(dropped):
+                positions = [i for i, token_id in enumerate(ids) if token_id in media_ids]
+                raise ValueError(
+                    f"sample {sample} has {len(ids)} tokens with media tokens at positions {positions[0]}..{positions[-1]}; "
+                    f"truncating to max_length={max_length} would cut a media span. Raise max_length, shorten the "
+                    "text, or drop whole turns with apply_chat_template(..., drop_trailing_turns=True)"
+                )
+            for key in list(encoded.keys()):
+                values = encoded[key][sample]
+                encoded[key][sample] = values[cut:] if left else values[:cut]
+        return encoded
+
+    # --- chat ---------------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        drop_trailing_turns: bool = False,
+        **processor_kwargs,
+    ):
+        r"""
+        Render chat messages (and, with `tokenize=True`, process them with their media).
+
+        A message is `{"role": "system" | "user" | "assistant", "content": str | list}`; content items are
+        `{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`, `{"type": "audio", "audio": ...}`
+        (optionally with "sampling_rate") or `{"type": "video", "video": ...}` (any form `__call__` accepts; "path"
+        works as the key too). The default template renders `role: content</s>\n` per message and, with
+        `add_generation_prompt`, ends with `assistant:`; the assistant's reply is the text after `assistant:` up to
+        and including its EOS token.
+
+        Returns the rendered string(s) when `tokenize=False`; otherwise the `BatchFeature` of `__call__`, plus
+        `assistant_masks` (batch, seq) marking the assistant replies when `return_assistant_tokens_mask=True`.
+        With `truncation=True, max_length=N, drop_trailing_turns=True`, whole trailing turns (a user message and the
+        replies after it) are dropped until each conversation fits; without `drop_trailing_turns` a cut through media
+        raises. `processor_kwargs` go to `__call__` (`padding_side`, `return_tensors`, `fps`, ...).
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = [list(c) for c in conversation] if batched else [list(conversation)]
+        template = chat_template or self.chat_template
+        if drop_trailing_turns:
+            if not (tokenize and truncation and max_length):
+                raise ValueError("drop_trailing_turns needs tokenize=True, truncation=True and max_length")
+            conversations = [
+                self._fit_turns(i, c, template, add_generation_prompt, max_length, processor_kwargs)
+                for i, c in enumerate(conversations)
+            ]
+        texts, spans, media = self._render(conversations, template, add_generation_prompt, return_assistant_tokens_mask)
+        if not tokenize:
+            return texts if batched else texts[0]
+        output = self(
+            texts,
+            images=media["image"],
+            audio=media["audio"],
+            videos=media["video"],
+            truncation=truncation,
+            max_length=max_length,
+            return_offsets_mapping=return_assistant_tokens_mask,
+            return_text_replacement_offsets=return_assistant_tokens_mask,
+            **processor_kwargs,
+        )
+        if return_assistant_tokens_mask:
+            token_offsets, expansions = output.pop("offset_mapping"), output.pop("text_replacement_offsets")
+            output["assistant_masks"] = self._assistant_masks(token_offsets, expansions, output["attention_mask"], spans)
+        return output
+
+    def _render(self, conversations, template, add_generation_prompt, with_spans):
+        """Rendered texts, assistant character spans (after placeholder expansion happens later), media per sample."""
+        media = {kind: [] for kind in MODALITIES}
+        stripped = []
+        for index, messages in enumerate(conversations):
+            found = {kind: [] for kind in MODALITIES}
+            clean = []
+            for position, message in enumerate(messages):
+                if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                    raise ValueError(f"conversation {index}, message {position}: expected {{'role': ..., 'content': ...}}")
+                content = message["content"]
+                if not isinstance(content, str):
+                    content = [self._content_item(index, position, item, found) for item in content]
+                clean.append({"role": message["role"], "content": content})
+            stripped.append(clean)
+            for kind in MODALITIES:
+                media[kind].append(found[kind])
+        rendered, generation = render_jinja_template(
+            conversations=stripped,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            return_assistant_tokens_mask=with_spans,
+            **self.tokenizer.special_tokens_map,
+        )
+        media = {kind: (lists if any(lists) else None) for kind, lists in media.items()}
+        return rendered, generation if with_spans else None, media
+
+    def _content_item(self, index: int, position: int, item, found: dict) -> dict:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text":
+            return {"type": "text", "text": item.get("text", "")}
+        if kind not in MODALITIES:
+            raise ValueError(
+                f"conversation {index}, message {position}: unknown content type {kind!r}; "
+                f"expected 'text', 'image', 'audio' or 'video'"
+            )
+        value = item.get(kind, item.get("path", item.get("url")))
+        if value is None:
+            raise ValueError(f"conversation {index}, message {position}: a {kind} item needs a {kind!r} (or 'path') value")
+        if kind == "audio" and "sampling_rate" in item and not isinstance(value, dict):
+            value = {"array": value, "sampling_rate": item["sampling_rate"]}
+        found[kind].append(value)
+        return {"type": kind}
+
+    @staticmethod
+    def _assistant_masks(token_offsets, expansions, attention_mask, spans) -> torch.Tensor:
+        """1 on tokens inside the template's {% generation %} spans, mapped through placeholder expansion.
+
+        `spans` are character spans in the rendered text; `expansions` say where placeholders grew, which moves
+        later characters; `token_offsets` are each real token's characters in the expanded text.
+        """
+        attention_mask = torch.as_tensor(attention_mask)
+        masks = torch.zeros_like(attention_mask)
+        for sample, (offsets, sample_spans) in enumerate(zip(token_offsets, spans)):
+            ends = [entry["span"][1] for entry in expansions[sample]]
+            growth = [0]
+            for entry in expansions[sample]:
+                growth.append(growth[-1] + len(entry["replacement"]) - len(entry["text"]))
+            moved = [
+                (start + growth[bisect.bisect_right(ends, start)], end + growth[bisect.bisect_right(ends, end - 1)])
+                for start, end in sample_spans
+            ]
+            positions = attention_mask[sample].nonzero().flatten().tolist()  # real tokens, whatever the padding side
+            for position, (start, end) in zip(positions, offsets):
+                if end > start and any(low <= start < high for low, high in moved):
+                    masks[sample, position] = 1
+        return masks
+
+    def _fit_turns(self, index, messages, template, add_generation_prompt, max_length, processor_kwargs):
+        """Drop whole trailing turns (a user message and everything after it) until the conversation fits."""
+        while True:
+            texts, _, media = self._render([messages], template, add_generation_prompt, False)
+            options = {k: v for k, v in processor_kwargs.items() if k not in ("padding", "return_tensors", "padding_side")}
+            length = self(texts, images=media["image"], audio=media["audio"], videos=media["video"], **options)[
+                "input_ids"
+            ].shape[1]
+            if length <= max_length:
+                return messages
+            user_turns = [i for i, message in enumerate(messages) if message["role"] == "user"]
+            if len(user_turns) <= 1:
+                raise ValueError(
+                    f"conversation {index}: its first turn alone takes {length} tokens, more than max_length={max_length}"
+                )
+            logger.info(f"conversation {index}: dropping its last turn to fit max_length={max_length}")
+            messages = messages[: user_turns[-1]]
+
+
+__all__ = ["MultimodalProcessor", "DEFAULT_CHAT_TEMPLATE", "ASSISTANT_PREFIX"]
