@@ -5,7 +5,7 @@ The trainer loop (`trainer.py`) builds on these public names.
 
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import TASKS, EncodedDataset, ExampleEncoder, TaskSpec, build_example, get_task, load_manifest
-from .packing import PackedBatchSampler, PackingCollator, first_fit_decreasing
+from .packing import PackedBatchSampler, PackingCollator, first_fit
 
 __all__ = [
     "TASKS",
@@ -17,7 +17,7 @@ __all__ = [
     "PackingCollator",
     "TaskSpec",
     "build_example",
-    "first_fit_decreasing",
+    "first_fit",
     "get_task",
     "load_manifest",
 ]

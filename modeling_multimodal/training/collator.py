@@ -132,13 +132,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return iter(batches)
 
     def __len__(self) -> int:
-        if self.drop_last:
-            group_size = self.batch_size * self.group_batches
-            full, rest = divmod(len(self.lengths), group_size)
-            return full * self.group_batches + rest // self.batch_size
         group_size = self.batch_size * self.group_batches
-        full, rest = divmod(len(self.lengths), group_size)
-        return full * self.group_batches + -(-rest // self.batch_size)
+        full_groups, rest = divmod(len(self.lengths), group_size)
+        last_group = rest // self.batch_size if self.drop_last else -(-rest // self.batch_size)
+        return full_groups * self.group_batches + last_group
 
 
 __all__ = ["LengthGroupedBatchSampler", "MultimodalCollator", "collate_media", "pad_sequences"]

@@ -17,8 +17,7 @@ token loss equals its loss when run alone (tests/test_packing.py checks it with 
 For the contrastive loss every packed sample keeps its own pair text: `pair_input_ids` is (n_samples, L),
 one row per packed sample in flat order, and `segment_ids` (rows, seq) gives each token's sample index in
 that flat order (-1 on padding), from which the model can pool each sample's media tokens.
-NOTE: until the model's forward accepts `segment_ids`, it pairs `pair_input_ids` with batch ROWS, so a
-packed batch must be run with α = 0 (or without the pair_* keys).
+`MultimodalForConditionalGeneration.forward(segment_ids=...)` pools per sample with it.
 """
 
 from __future__ import annotations
@@ -33,16 +32,20 @@ from ..losses import IGNORE_INDEX
 from .collator import collate_media, pad_sequences
 
 
-def first_fit_decreasing(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Bins of indices whose lengths sum to at most `max_length`: longest first, each into the first bin it fits.
+def first_fit(lengths: Sequence[int], max_length: int, decreasing: bool = True) -> list[list[int]]:
+    """Bins of indices whose lengths sum to at most `max_length`: each item into the first bin it fits.
 
-    Within a bin, indices keep the decreasing-length order they were placed in. Raises if one item is too long.
+    decreasing=True places the longest first (first-fit-decreasing, the tighter packing); False keeps the given
+    order, which never needs more bins than a given feasible plan listed bin by bin (so `PackingCollator`
+    reproduces `PackedBatchSampler`'s rows). Within a bin, indices keep their placement order. Raises if one
+    item is too long.
     """
     for index, length in enumerate(lengths):
         if length > max_length:
             raise ValueError(f"Item {index} is {length} tokens, longer than max_length={max_length}; it cannot be packed.")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if decreasing else range(len(lengths))
     bins, space = [], []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for index in order:
         for b, free in enumerate(space):
             if lengths[index] <= free:
                 bins[b].append(index)
@@ -55,15 +58,17 @@ def first_fit_decreasing(lengths: Sequence[int], max_length: int) -> list[list[i
 
 
 class PackingCollator:
-    """Encoded examples -> packed rows (first-fit-decreasing into rows of at most `max_length` tokens).
+    """Encoded examples -> packed rows of at most `max_length` tokens (first fit, see `first_fit`).
 
-    Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask — and the media,
+    decreasing=False (default) packs in the given order, which reproduces the rows `PackedBatchSampler` planned
+    (it lists each batch row by row); True sorts longest first, for batches that come from elsewhere. Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask — and the media,
     CTC and pair inputs of the samples in row order (pair_input_ids: one row per sample). The number of rows
     is what the examples need; rows are padded to the longest row, or to `max_length` with `pad_to_max_length`.
     """
 
-    def __init__(self, pad_token_id: int, max_length: int, pad_to_max_length: bool = False):
+    def __init__(self, pad_token_id: int, max_length: int, pad_to_max_length: bool = False, decreasing: bool = False):
         self.pad_token_id, self.max_length, self.pad_to_max_length = pad_token_id, max_length, pad_to_max_length
+        self.decreasing = decreasing
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -73,7 +78,7 @@ class PackingCollator:
                 raise ValueError(
                     f"Example {example.get('id')!r} is {len(example['input_ids'])} tokens, over max_length={self.max_length}."
                 )
-        bins = first_fit_decreasing([len(e["input_ids"]) for e in examples], self.max_length)
+        bins = first_fit([len(e["input_ids"]) for e in examples], self.max_length, self.decreasing)
         ordered = [examples[i] for row in bins for i in row]  # flat sample order = row order
         width = self.max_length if self.pad_to_max_length else max(sum(len(examples[i]["input_ids"]) for i in row) for row in bins)
         rows = {key: [] for key in ("input_ids", "labels", "position_ids", "segment_ids")}
@@ -105,10 +110,11 @@ class PackingCollator:
 class PackedBatchSampler(Sampler[list[int]]):
     """Batches of indices that fill `rows_per_batch` packed rows of `max_length` tokens, from precomputed lengths.
 
-    Each epoch: a seeded shuffle, then windows of `window` examples are packed first-fit-decreasing and the
-    resulting rows are grouped `rows_per_batch` at a time (the last, partial group is kept unless `drop_last`).
-    Give the same lengths the encoder produces (`ExampleEncoder.estimate_length`), so `PackingCollator` packs
-    each batch into the same number of rows. Call `set_epoch` for a new shuffle.
+    Each epoch: a seeded shuffle, then windows of `window` examples are packed first-fit-decreasing, the rows
+    shuffled and grouped `rows_per_batch` at a time (the last, partial group is kept unless `drop_last`). A batch
+    lists its indices row by row, so `PackingCollator` (in-order first fit) packs it into at most
+    `rows_per_batch` rows when the lengths are the encoder's (`ExampleEncoder.estimate_lengths`, which are
+    exact). Call `set_epoch` for a new shuffle.
     """
 
     def __init__(
@@ -117,7 +123,7 @@ class PackedBatchSampler(Sampler[list[int]]):
     ):
         self.lengths, self.max_length, self.rows_per_batch = list(lengths), max_length, rows_per_batch
         self.seed, self.window, self.drop_last, self.epoch = seed, window, drop_last, 0
-        first_fit_decreasing(self.lengths, max_length)  # fail early on an over-long example
+        first_fit(self.lengths, max_length)  # fail early on an over-long example
         self._batches = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,7 +136,8 @@ class PackedBatchSampler(Sampler[list[int]]):
             rows = []
             for start in range(0, len(order), self.window):
                 chunk = order[start : start + self.window]
-                rows.extend([chunk[i] for i in row] for row in first_fit_decreasing([self.lengths[i] for i in chunk], self.max_length))
+                planned = first_fit([self.lengths[i] for i in chunk], self.max_length)
+                rows.extend([chunk[i] for i in row] for row in planned)
             random.Random(self.seed + self.epoch + 1).shuffle(rows)
             groups = [rows[i : i + self.rows_per_batch] for i in range(0, len(rows), self.rows_per_batch)]
             if self.drop_last and groups and len(groups[-1]) < self.rows_per_batch:
@@ -145,4 +152,4 @@ class PackedBatchSampler(Sampler[list[int]]):
         return len(self.batches())
 
 
-__all__ = ["PackedBatchSampler", "PackingCollator", "first_fit_decreasing"]
+__all__ = ["PackedBatchSampler", "PackingCollator", "first_fit"]
