@@ -79,7 +79,8 @@ def _decode_file(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
                 raise ValueError("it has no audio stream")
             stream = container.streams.audio[0]
             # planar float, one row per channel, whatever the codec's native format
-            resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=stream.codec_context.sample_rate)
+            codec = stream.codec_context
+            resampler = av.AudioResampler(format="fltp", layout=codec.layout, rate=codec.sample_rate)
             chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
             rate = stream.codec_context.sample_rate
     except Exception as err:  # noqa: BLE001

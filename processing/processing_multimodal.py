@@ -26,10 +26,9 @@ Outputs (names of the model's `forward` arguments):
 from __future__ import annotations
 
 import bisect
-import re
 
 import torch
-from transformers import AutoTokenizer, WhisperFeatureExtractor
+from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
@@ -74,7 +73,9 @@ VISION_NORMALIZATION = {"clip_vision_model": _CLIP, "siglip_vision_model": _HALF
 
 def _is_per_sample(media) -> bool:
     """A list whose every entry is a list (or None) gives media per sample; anything else is flat."""
-    return isinstance(media, (list, tuple)) and len(media) > 0 and all(m is None or isinstance(m, (list, tuple)) for m in media)
+    if not isinstance(media, (list, tuple)) or len(media) == 0:
+        return False
+    return all(m is None or isinstance(m, (list, tuple)) for m in media)
 
 
 def _flatten(media) -> list:
@@ -176,7 +177,9 @@ class MultimodalProcessor(ProcessorMixin):
                 **VISION_NORMALIZATION.get(config.vision_config.model_type, _CLIP),
             }
             image_processor = image_processor or MultimodalImageProcessor(**image_options)
-            video_processor = video_processor or MultimodalVideoProcessor(num_frames=config.video_num_frames, **image_options)
+            video_processor = video_processor or MultimodalVideoProcessor(
+                num_frames=config.video_num_frames, **image_options
+            )
             for name, component in (("image_processor", image_processor), ("video_processor", video_processor)):
                 crop = component.crop_size if component.do_center_crop else component.size
                 if (crop.height, crop.width) != (side, side):
@@ -204,7 +207,9 @@ class MultimodalProcessor(ProcessorMixin):
         """Rebuild the components from `processor_config.json` (no Auto* lookup, so no torchvision is needed)."""
         processor_dict = processor_dict or {}
         subfolder = kwargs.pop("subfolder", "")
-        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        tokenizer = cls._load_tokenizer_from_pretrained(
+            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
         components = []
         for name, component_class in (
             ("image_processor", MultimodalImageProcessor),
@@ -238,7 +243,8 @@ class MultimodalProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask", "pixel_values_videos"]
+        names = ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
+        return names + ["pixel_values_videos"]
 
     # --- placeholder expansion (STYLE: replace_<modality>_token) -------------------------------------
     def replace_image_token(self, image_inputs=None, image_idx: int = 0, **kwargs) -> str:
@@ -561,7 +567,8 @@ class MultimodalProcessor(ProcessorMixin):
         )
         if return_assistant_tokens_mask:
             token_offsets, expansions = output.pop("offset_mapping"), output.pop("text_replacement_offsets")
-            output["assistant_masks"] = self._assistant_masks(token_offsets, expansions, output["attention_mask"], spans)
+            attention_mask = output["attention_mask"]
+            output["assistant_masks"] = self._assistant_masks(token_offsets, expansions, attention_mask, spans)
         return output
 
     def _render(self, conversations, template, add_generation_prompt, with_spans):
@@ -636,7 +643,8 @@ class MultimodalProcessor(ProcessorMixin):
         """Drop whole trailing turns (a user message and everything after it) until the conversation fits."""
         while True:
             texts, _, media = self._render([messages], template, add_generation_prompt, False)
-            options = {k: v for k, v in processor_kwargs.items() if k not in ("padding", "return_tensors", "padding_side")}
+            skip = ("padding", "return_tensors", "padding_side")
+            options = {k: v for k, v in processor_kwargs.items() if k not in skip}
             length = self(texts, images=media["image"], audio=media["audio"], videos=media["video"], **options)[
                 "input_ids"
             ].shape[1]
