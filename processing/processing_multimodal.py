@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
@@ -78,7 +79,10 @@ def _is_per_sample(media) -> bool:
     return all(m is None or isinstance(m, (list, tuple)) for m in media)
 
 
-def _flatten(media) -> list:
+def _flatten(media, kind: str) -> list:
+    """Flat media as a list; a 4-D image array/tensor is a batch of images (a 4-D video array is one video)."""
+    if kind == "image" and isinstance(media, (np.ndarray, torch.Tensor)) and media.ndim == 4:
+        return list(media)
     return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
@@ -394,7 +398,7 @@ class MultimodalProcessor(ProcessorMixin):
                         f"sample {index} has {count} {token} placeholder(s) but {len(items)} {kind}(s) were given for it"
                     )
             return grouped
-        flat = _flatten(media)
+        flat = _flatten(media, kind)
         if len(flat) != sum(counts):
             raise ValueError(
                 f"the text has {sum(counts)} {token} placeholder(s) (per sample: {counts}) but {len(flat)} {kind}(s) "

@@ -75,8 +75,9 @@ def test_per_sample_and_flat_media_give_the_same_batch(processor):
     texts = ["<image> a red square", "hello", "<image> and <image>"]
     per_sample = processor(texts, images=[[images[0]], [], images[1:]])
     flat = processor(texts, images=images)
+    batch_array = processor(texts, images=np.stack(images))  # a 4-D array is a flat batch of images
     for key in per_sample:
-        assert torch.equal(per_sample[key], flat[key])
+        assert torch.equal(per_sample[key], flat[key]) and torch.equal(batch_array[key], flat[key])
     # placeholder order: sample 0's image first
     assert torch.equal(flat["pixel_values"][0], processor("<image>", images=images[0])["pixel_values"][0])
 
