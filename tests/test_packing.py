@@ -9,11 +9,13 @@ import pytest
 import soundfile
 import torch
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.processing import MultimodalProcessor
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.training import (
+    EncodedDataset,
     ExampleEncoder,
     MultimodalCollator,
     PackedBatchSampler,
@@ -50,13 +52,18 @@ def test_over_long_item_is_refused():
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    """Encoded examples with an image, audio clips of two lengths, a video and text only."""
+def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("packing")
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / "red.png")
     soundfile.write(root / "one.wav", (rng.standard_normal(8_000) * 0.1).astype("float32"), 16_000)
     soundfile.write(root / "two.wav", (rng.standard_normal(13_000) * 0.1).astype("float32"), 16_000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def examples(root):
+    """Encoded examples with an image, audio clips of two lengths and text only."""
     chat = [{"role": "user", "content": "what happens in the video"}, {"role": "assistant", "content": "the green triangle is in the middle"}]
     rows = [
         ("image_caption", {"id": "img", "image": "red.png", "caption": "a small red circle in the top left"}),
@@ -134,6 +141,20 @@ def test_contrastive_loss_runs_on_packed_rows(examples):
     model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, cross_loss_weight=1.0, other_loss_weight=1.0)).eval()
     out = model(**PackingCollator(PAD, max_length=100)(examples), use_cache=False)
     assert torch.isfinite(out.loss_cross) and torch.isfinite(out.loss_other)
+
+
+def test_packed_loader_with_two_workers(root):
+    captions = ["a small red circle", "a big blue square moving right", "the green triangle is in the middle"]
+    rows = [{"id": f"img-{i}", "image": "red.png", "caption": captions[i % 3]} for i in range(6)]
+    dataset = load_manifest(datasets.Dataset.from_list(rows), root, task="image_caption")
+    encoder = ExampleEncoder(PROCESSOR, task="image_caption")
+    lengths = encoder.estimate_lengths(dataset)
+    sampler = PackedBatchSampler(lengths, max_length=64, rows_per_batch=2, seed=0)
+    loader = DataLoader(EncodedDataset(dataset, encoder), batch_sampler=sampler, collate_fn=PackingCollator(PAD, 64), num_workers=2)
+    batches = list(loader)
+    assert sum(int(b["segment_ids"].max()) + 1 for b in batches) == 6
+    for batch in batches:
+        assert batch["input_ids"].shape[0] <= 2 and batch["pixel_values"].shape[0] == int(batch["segment_ids"].max()) + 1
 
 
 def test_packed_batch_sampler_fills_rows_deterministically():

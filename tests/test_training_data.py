@@ -205,6 +205,11 @@ def test_manifest_formats_load(root, tmp_path, suffix):
     assert example["media"]["image"] == [str(root / "media" / "red.png")] and example["response"] == "the green triangle"
 
 
+def test_missing_task_columns_are_named(root):
+    with pytest.raises(ValueError, match=r"no column\(s\) \['transcript'\] that task 'speech_transcription' reads"):
+        load_manifest(as_dataset([{"audio": "media/short.wav", "text": "a"}]), root, task="speech_transcription")
+
+
 def test_rows_without_ids_get_their_index(root, tmp_path):
     dataset = load_manifest(as_dataset([{"image": "media/red.png", "caption": "a"}]), root, task="image_caption")
     assert dataset["id"] == ["0"]

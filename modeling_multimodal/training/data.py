@@ -175,7 +175,8 @@ def load_manifest(
 
     spec = get_task(task)
     media_columns = list(spec.media_fields.values()) if spec else [m for m in MODALITIES if m in dataset.column_names]
-    missing = [c for c in media_columns if c not in dataset.column_names]
+    needed = media_columns + ([c for c in (spec.response_field, spec.pair_field, spec.ctc_field) if c] if spec else [])
+    missing = sorted({c for c in needed if c not in dataset.column_names})
     if missing:
         raise ValueError(f"Manifest has no column(s) {missing} that task {spec.name!r} reads; columns: {dataset.column_names}.")
     has_paths = media_columns or "messages" in dataset.column_names
@@ -211,7 +212,9 @@ def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: st
                 raise ValueError(f"Row {row_id!r}: the prompt template needs column {err} the row does not have.") from None
     for modality, count in used.items():
         if count != len(media[modality]):
-            raise ValueError(f"Row {row_id!r}: {len(media[modality])} {modality} items but {count} placeholders in the prompt.")
+            raise ValueError(
+                f"Row {row_id!r}: {len(media[modality])} {modality} items but {count} placeholders in the prompt."
+            )
     return content
 
 
@@ -249,7 +252,9 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
                     if key is None:
                         raise ValueError(f"Row {row_id!r}: a {item['type']} content item has no path/data: {item}.")
                     media[item["type"]].append(item[key])
-    return {"id": row_id, "prompt": messages, "response": response, "media": media, "pair_text": pair_text, "ctc_text": ctc_text}
+    return {
+        "id": row_id, "prompt": messages, "response": response, "media": media, "pair_text": pair_text, "ctc_text": ctc_text,
+    }
 
 
 # --- examples -> tensors ---------------------------------------------------------------------------
@@ -302,7 +307,7 @@ class ExampleEncoder:
         assistant = {"role": "assistant", "content": example["response"]}
         full = self.processor.apply_chat_template(example["prompt"] + [assistant], tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError(f"Row {example['id']!r}: the chat template does not render the prompt as a prefix of the conversation.")
+            raise ValueError(f"Row {example['id']!r}: the chat template does not render the prompt as a prefix of the chat.")
         response = full[len(prompt_text) :]
         eos = self.tokenizer.eos_token
         if eos in response:
@@ -347,13 +352,17 @@ class ExampleEncoder:
             if processed.get(key) is not None:
                 encoded[key] = processed[key]
         n_audios = len(example["media"]["audio"])
-        if example["ctc_text"]:
+        if example["ctc_text"]:  # one row per audio clip
             if n_audios != 1:
                 raise ValueError(f"Row {example['id']!r}: a CTC transcript needs exactly one audio clip, the row has {n_audios}.")
-            encoded["ctc_labels"] = torch.tensor([self.tokenizer(example["ctc_text"], add_special_tokens=False)["input_ids"]])
+            encoded["ctc_labels"] = torch.tensor([self._text_ids(example["ctc_text"])])
         if example["pair_text"]:
-            encoded["pair_input_ids"] = torch.tensor(self.tokenizer(example["pair_text"], add_special_tokens=False)["input_ids"])
+            encoded["pair_input_ids"] = torch.tensor(self._text_ids(example["pair_text"]))
         return encoded
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Plain text (a transcript, a pair text) as LM token ids, without special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # --- cheap lengths --------------------------------------------------------------------------
     def estimate_length(self, row: dict) -> int:
@@ -370,7 +379,9 @@ class ExampleEncoder:
         audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
         for item in media["audio"]:
             if not isinstance(item, str):
-                raise ValueError(f"Row {example['id']!r}: estimate_length reads audio lengths from files, got {type(item).__name__}.")
+                raise ValueError(
+                    f"Row {example['id']!r}: estimate_length reads audio lengths from files, got {type(item).__name__}."
+                )
             length += self.layout.audio_tokens(audio_mel_frames(item, **audio_args)) - 1
         length += len(self._response_ids(example, prompt_text))
         return length if self.max_length is None else min(length, self.max_length)

@@ -61,9 +61,10 @@ class PackingCollator:
     """Encoded examples -> packed rows of at most `max_length` tokens (first fit, see `first_fit`).
 
     decreasing=False (default) packs in the given order, which reproduces the rows `PackedBatchSampler` planned
-    (it lists each batch row by row); True sorts longest first, for batches that come from elsewhere. Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask — and the media,
-    CTC and pair inputs of the samples in row order (pair_input_ids: one row per sample). The number of rows
-    is what the examples need; rows are padded to the longest row, or to `max_length` with `pad_to_max_length`.
+    (it lists each batch row by row); True sorts longest first, for batches that come from elsewhere.
+    Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask — and the media, CTC
+    and pair inputs of the samples in row order (pair_input_ids: one row per sample). The number of rows is
+    what the examples need; rows are padded to the longest row, or to `max_length` with `pad_to_max_length`.
     """
 
     def __init__(self, pad_token_id: int, max_length: int, pad_to_max_length: bool = False, decreasing: bool = False):
@@ -79,32 +80,34 @@ class PackingCollator:
                     f"Example {example.get('id')!r} is {len(example['input_ids'])} tokens, over max_length={self.max_length}."
                 )
         bins = first_fit([len(e["input_ids"]) for e in examples], self.max_length, self.decreasing)
-        ordered = [examples[i] for row in bins for i in row]  # flat sample order = row order
-        width = self.max_length if self.pad_to_max_length else max(sum(len(examples[i]["input_ids"]) for i in row) for row in bins)
-        rows = {key: [] for key in ("input_ids", "labels", "position_ids", "segment_ids")}
-        sample = 0
-        for row in bins:
-            ids, labels, positions, segments = [], [], [], []
-            for i in row:
-                example = examples[i]
-                length = len(example["input_ids"])
-                sample_labels = example["labels"].clone()
-                sample_labels[0] = IGNORE_INDEX  # the previous sample must not predict this sample's first token
-                ids.append(example["input_ids"])
-                labels.append(sample_labels)
-                positions.append(torch.arange(length))
-                segments.append(torch.full((length,), sample))
-                sample += 1
-            padding = width - sum(len(t) for t in ids)
-            ids.append(torch.full((padding,), self.pad_token_id))
-            labels.append(torch.full((padding,), IGNORE_INDEX))
-            positions.append(torch.arange(padding))  # its own segment: positions restart at 0
-            segments.append(torch.full((padding,), -1))
-            for key, parts in zip(rows, (ids, labels, positions, segments)):
-                rows[key].append(torch.cat([p.long() for p in parts]))
-        batch = {key: torch.stack(values) for key, values in rows.items()}
-        batch.update(collate_media(ordered, self.pad_token_id))
+        rows = [[examples[i] for i in row] for row in bins]
+        width = self.max_length if self.pad_to_max_length else max(sum(len(e["input_ids"]) for e in row) for row in rows)
+        packed, first_sample = [], 0
+        for row in rows:
+            packed.append(self._pack_row(row, first_sample, width))
+            first_sample += len(row)
+        batch = {key: torch.stack([row[key] for row in packed]) for key in packed[0]}
+        batch.update(collate_media([e for row in rows for e in row], self.pad_token_id))  # flat sample order
         return batch
+
+    def _pack_row(self, samples: list[dict], first_sample: int, width: int) -> dict[str, torch.Tensor]:
+        """One row of `width` tokens: the samples one after another, then padding as a segment of its own."""
+        ids, labels, positions, segments = [], [], [], []
+        for sample, example in enumerate(samples, start=first_sample):
+            length = len(example["input_ids"])
+            sample_labels = example["labels"].clone()
+            sample_labels[0] = IGNORE_INDEX  # the previous sample must not predict this sample's first token
+            ids.append(example["input_ids"])
+            labels.append(sample_labels)
+            positions.append(torch.arange(length))
+            segments.append(torch.full((length,), sample))
+        padding = width - sum(len(t) for t in ids)
+        ids.append(torch.full((padding,), self.pad_token_id))
+        labels.append(torch.full((padding,), IGNORE_INDEX))
+        positions.append(torch.arange(padding))  # positions restart at 0: padding attends only to padding
+        segments.append(torch.full((padding,), -1))
+        parts = {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_ids": segments}
+        return {key: torch.cat([p.long() for p in values]) for key, values in parts.items()}
 
 
 class PackedBatchSampler(Sampler[list[int]]):
