@@ -59,14 +59,26 @@ class AudioCTCHead(nn.Module):
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
         return self.classifier(encoder_states)
 
-    def loss(self, encoder_states: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """encoder_states (n, L, d), lengths (n,) real positions, labels (n, S) padded with -100."""
-        log_probs = self(encoder_states).float().log_softmax(-1).transpose(0, 1)  # (L, n, V+1)
+    def loss(
+        self, encoder_states: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """encoder_states (n, L, d), lengths (n,) real positions, labels (n, S) padded with -100.
+
+        Per clip, the CTC loss divided by its transcript length; averaged over the clips, or summed and
+        divided by `num_items` (clips with transcripts in the whole accumulation window, all ranks).
+        Clips whose label row is all -100 (audio without a transcript) take no part.
+        """
         target_lengths = (labels != IGNORE_INDEX).sum(-1)
+        keep = target_lengths > 0
+        if not keep.any():
+            return None
+        encoder_states, lengths, labels, target_lengths = encoder_states[keep], lengths[keep], labels[keep], target_lengths[keep]
+        log_probs = self(encoder_states).float().log_softmax(-1).transpose(0, 1)  # (L, n, V+1)
         targets = labels[labels != IGNORE_INDEX]
-        return F.ctc_loss(
-            log_probs, targets, lengths, target_lengths, blank=self.blank_id, reduction="mean", zero_infinity=True
-        )
+        per_clip = F.ctc_loss(
+            log_probs, targets, lengths, target_lengths, blank=self.blank_id, reduction="none", zero_infinity=True
+        ) / target_lengths
+        return per_clip.sum() / (num_items if num_items is not None else per_clip.numel())
 
     @torch.no_grad()
     def greedy_decode(self, encoder_states: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -108,6 +120,42 @@ class RetrievalHead(nn.Module):
         logits = scale * media_embeds @ text_embeds.T  # (n, n)
         targets = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def gather_rows_across_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (n_r, d) rows in rank order, keeping gradients (CLIP-style global negatives).
+
+    Ranks may hold different numbers of rows (even zero); every rank must call this the same number of times.
+    The backward pass sums the gradients of each row from all ranks, so after DDP's average each row's
+    gradient equals that of the one-process loss over the concatenated batch.
+    """
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    group = _gather_group()
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([rows.shape[0]], device=rows.device), group=group)
+    counts = [int(c) for c in counts]
+    padded = F.pad(rows, (0, 0, 0, max(counts) - rows.shape[0]))
+    gathered = all_gather(padded, group=group)
+    return torch.cat([part[:count] for part, count in zip(gathered, counts)])
+
+
+_GATHER_GROUPS = {}
+
+
+def _gather_group():
+    """A process group of its own for the embedding gather.
+
+    Its backward runs inside autograd while DDP all-reduces gradient buckets on the default group as they
+    become ready; on one group the two streams of collectives could pair up differently across ranks.
+    """
+    import torch.distributed as dist
+
+    key = dist.get_world_size()
+    if key not in _GATHER_GROUPS:
+        _GATHER_GROUPS[key] = dist.new_group(backend=dist.get_backend())
+    return _GATHER_GROUPS[key]
 
 
 def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

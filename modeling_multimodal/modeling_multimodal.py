@@ -25,7 +25,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration import MultimodalConfig
 from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
-from .losses import AUXILIARY_HEADS, IGNORE_INDEX, RetrievalHead, labelled_lm_loss, masked_mean
+from .losses import AUXILIARY_HEADS, RetrievalHead, gather_rows_across_ranks, labelled_lm_loss, masked_mean
 from .projectors import MultiModalProjector, pool_patch_grid, pool_time
 
 
@@ -378,6 +378,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         pair_attention_mask: torch.Tensor | None = None,
         segment_ids: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        num_ctc_items_in_batch: int | torch.Tensor | None = None,
+        gather_contrastive: bool = False,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
@@ -393,6 +395,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             several samples are packed into one row (default: one sample per row).
         num_items_in_batch: divide the summed token loss by this (labelled tokens of the whole accumulation
             window across ranks) instead of this batch's count.
+        num_ctc_items_in_batch: likewise for the CTC loss (clips with transcripts, window and ranks).
+        gather_contrastive: compute `L_cross` over the pairs of all ranks (torch.distributed), as one process
+            would over the whole batch; every rank then runs this collective in every step.
         return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
         touch_all_modules: add 0 × a tiny pass through every module this batch did not use, so that every
             rank of a DDP / FSDP / ZeRO-3 job runs every module it owns whatever mix of modalities it drew.
@@ -420,10 +425,10 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
         if self.config.other_loss_weight > 0 and ctc_labels is not None and outputs.audio_encoder_states is not None:
             loss_other = self.auxiliary_heads["audio_ctc"].loss(
-                outputs.audio_encoder_states, outputs.audio_positions, ctc_labels
+                outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_ctc_items_in_batch
             )
-        if self.config.cross_loss_weight > 0 and pair_input_ids is not None and outputs.media_mask is not None:
-            loss_cross = self._contrastive_loss(outputs, pair_input_ids, pair_attention_mask, segment_ids)
+        if self.config.cross_loss_weight > 0 and outputs.media_mask is not None and (pair_input_ids is not None or gather_contrastive):
+            loss_cross = self._contrastive_loss(outputs, pair_input_ids, pair_attention_mask, segment_ids, gather_contrastive)
 
         loss = None
         if loss_text is not None or loss_other is not None or loss_cross is not None:
@@ -452,11 +457,13 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             attentions=outputs.attentions,
         )
 
-    def _contrastive_loss(self, outputs, pair_input_ids, pair_attention_mask, segment_ids) -> torch.Tensor | None:
+    def _contrastive_loss(self, outputs, pair_input_ids, pair_attention_mask, segment_ids, gather=False) -> torch.Tensor | None:
         """InfoNCE between each sample's pooled media tokens and its paired text, embedded in a text-only pass."""
+        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask
+        if pair_input_ids is None:  # this rank has no pairs, but joins the other ranks' gather
+            pair_input_ids = torch.zeros(0, 1, dtype=torch.long, device=embeds.device)
         if pair_attention_mask is None:
             pair_attention_mask = torch.ones_like(pair_input_ids)
-        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask
         if segment_ids is None:  # one sample per row
             segment_ids = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand(media_mask.shape)
         num_samples = pair_input_ids.shape[0]
@@ -465,10 +472,15 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         counts = membership.sum((0, 1))  # (n_samples,)
         sums = torch.einsum("bsn,bsd->nd", membership.to(embeds.dtype), embeds)
         paired = (counts > 0) & pair_attention_mask.bool().any(-1)
-        if paired.sum() < 2:
-            return None
         media_embeds = self.retrieval_head.embed_media(sums[paired] / counts[paired, None].to(sums.dtype))
-        text_embeds = self.get_text_features(pair_input_ids[paired], pair_attention_mask[paired])
+        if paired.any():
+            text_embeds = self.get_text_features(pair_input_ids[paired], pair_attention_mask[paired])
+        else:
+            text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
+        if gather:
+            media_embeds, text_embeds = gather_rows_across_ranks(media_embeds), gather_rows_across_ranks(text_embeds)
+        if media_embeds.shape[0] < 2:
+            return None
         return self.retrieval_head.contrastive_loss(media_embeds, text_embeds)
 
     def _touch_unused_modules(self, used: dict[str, bool], like: torch.Tensor) -> torch.Tensor:

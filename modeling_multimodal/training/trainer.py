@@ -1,0 +1,403 @@
+"""The training loop: Accelerate, stages, the three loss terms, exact resume, evaluation and reports.
+
+What a reader should know:
+- Loss normalisation is global. Each optimizer step gathers its K micro-batches first, counts the
+  labelled tokens of the whole window on every rank, and every micro-batch divides its summed token
+  loss by that count. Gradient accumulation and data parallelism then weigh every token equally
+  (a 2-process run equals the 1-process run with the same global batch).
+- Every rank runs every module in every step (`touch_all_modules`), so mixed-modality batches do not
+  hang DDP / FSDP / ZeRO-3, and parameters no forward can reach are frozen before wrapping.
+- Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
+  (epoch, batch) are restored; the sampler is seeded per epoch, and RNG is restored after the data
+  iterator is rebuilt, so the loss curve after a resume equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..configuration import MultimodalConfig
+from ..modeling_multimodal import MultimodalForConditionalGeneration
+from ..processing.processing_multimodal import MultimodalProcessor
+from ..tokenization import build_tokenizer
+from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .collator import LengthGroupedBatchSampler, MultimodalCollator
+from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
+from .packing import PackedBatchSampler, PackingCollator
+from .recipe import TrainingRecipe
+from .stages import apply_stage, base_model, parameter_groups
+from .tracking import JSONLTracker
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUTS = {
+    "input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "pixel_values_videos", "input_features",
+    "input_features_mask", "ctc_labels", "pair_input_ids", "pair_attention_mask", "segment_ids",
+}
+
+
+# --- model and data ---------------------------------------------------------------------------------
+def _corpus(rows_by_task) -> list[str]:
+    """Every text a from-scratch tokenizer must know: prompts, responses, paired texts, chat roles."""
+    texts = ["user: assistant: system:"]
+    for task, rows in rows_by_task:
+        spec = get_task(task)
+        if spec is not None:
+            texts.append(spec.prompt)
+        for row in rows:
+            example = build_example(row, task)
+            texts += [t for t in (example["response"], example["pair_text"], example["ctc_text"]) if t]
+            for message in example["prompt"]:
+                content = message["content"]
+                texts += [content] if isinstance(content, str) else [i["text"] for i in content if i.get("type") == "text"]
+    return texts
+
+
+def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[MultimodalForConditionalGeneration, MultimodalProcessor]:
+    """The recipe's model: a previous run (`init_from`), a checkpoint, pretrained components, or a config from scratch."""
+    spec = recipe.model
+    source = recipe.init_from or spec.checkpoint
+    if source:
+        model = MultimodalForConditionalGeneration.from_pretrained(source, **spec.overrides)
+        processor = MultimodalProcessor.from_pretrained(source)
+    elif spec.components is not None:
+        model, processor = MultimodalForConditionalGeneration.from_pretrained_components(**spec.components, **spec.overrides)
+    else:
+        tokenizer_spec = dict(spec.tokenizer or {"kind": "word"})
+        tokenizer = build_tokenizer(_corpus(rows_by_task), **tokenizer_spec)
+        config_values = json.loads(json.dumps(spec.config))  # a deep copy
+        text = config_values.setdefault("text_config", {"model_type": "llama"})
+        text.update(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        ids = {m: tokenizer.convert_tokens_to_ids(f"<{m}>") for m in ("image", "audio", "video")}
+        if config_values.get("vision_config") is not None:
+            config_values.setdefault("image_token_id", ids["image"])
+            config_values.setdefault("video_token_id", ids["video"])
+        if config_values.get("audio_config") is not None:
+            config_values.setdefault("audio_token_id", ids["audio"])
+        config = MultimodalConfig(**config_values)
+        model = MultimodalForConditionalGeneration(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        processor = MultimodalProcessor.from_config_and_components(config, tokenizer)
+    for name in ("other_loss_weight", "cross_loss_weight"):
+        if getattr(recipe, name) is not None:
+            setattr(model.config, name, float(getattr(recipe, name)))
+    if model.config.other_loss_weight > 0 and not model.config.active_auxiliary_tasks:
+        raise ValueError("other_loss_weight (λ) > 0 but the model has no auxiliary head (audio_ctc needs an audio tower)")
+    return model, processor
+
+
+def load_rows(recipe: TrainingRecipe, entries: list[dict]) -> list[tuple[str, object]]:
+    """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root."""
+    loaded = []
+    for entry in entries:
+        unknown = set(entry) - {"manifest", "task", "max_samples"}
+        if unknown or "manifest" not in entry:
+            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional max_samples)")
+        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root)
+        if entry.get("max_samples"):
+            rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
+        loaded.append((entry.get("task"), rows))
+    return loaded
+
+
+class _MixedDataset(torch.utils.data.Dataset):
+    """Several tasks' encoded datasets behind one index."""
+
+    def __init__(self, parts: list[EncodedDataset]):
+        self.parts = parts
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, index):
+        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
+        return self.parts[part][index - self.offsets[part]]
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, recipe: TrainingRecipe):
+        self.recipe = recipe
+        self.output_dir = Path(recipe.output_dir)
+        self.accelerator = Accelerator(
+            # Without a GPU, `cpu=True` lets torchrun / `accelerate launch --multi_gpu` start a real gloo group
+            # (otherwise Accelerate quietly runs each process alone).
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=recipe.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with=[JSONLTracker(self.output_dir / "logs"), "tensorboard"],
+            project_dir=str(self.output_dir / "logs"),
+        )
+        set_seed(recipe.seed)
+        self.train_rows = load_rows(recipe, recipe.data.train)
+        self.eval_rows = load_rows(recipe, recipe.data.eval)
+        model, self.processor = build_model_and_processor(recipe, self.train_rows)
+        self.model = self._prepare_model(model)
+        self.log_history: list[dict] = []
+        self.eval_history: list[dict] = []
+
+    def _prepare_model(self, model):
+        recipe = self.recipe
+        model = apply_stage(model, recipe)
+        unused = base_model(model).freeze_unused_parameters()
+        if unused:
+            logger.info("Froze %d parameters no forward pass reaches (e.g. %s)", len(unused), unused[0])
+        if recipe.gradient_checkpointing:
+            base_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    # --- data ---
+    def _train_loader(self):
+        recipe = self.recipe
+        parts, lengths = [], []
+        for task, rows in self.train_rows:
+            encoder = ExampleEncoder(self.processor, task, max_length=recipe.data.max_length)
+            parts.append(EncodedDataset(rows, encoder))
+            lengths += encoder.estimate_lengths(rows)
+        dataset = _MixedDataset(parts)
+        pad_id = self.processor.tokenizer.pad_token_id
+        batch_size = recipe.optim.batch_size
+        if recipe.data.packing:  # batch_size counts packed rows
+            collator = PackingCollator(pad_token_id=pad_id, max_length=recipe.data.max_length)
+            self.batch_sampler = PackedBatchSampler(lengths, recipe.data.max_length, rows_per_batch=batch_size, seed=recipe.seed)
+        else:
+            collator = MultimodalCollator(pad_token_id=pad_id, padding_side="right")
+            groups = 50 if recipe.data.group_by_length else 1
+            self.batch_sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=recipe.seed, group_batches=groups)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=collator,
+            num_workers=recipe.data.num_workers,
+            generator=torch.Generator().manual_seed(recipe.seed),  # keeps the global RNG (dropout) untouched
+        )
+        return self.accelerator.prepare_data_loader(loader)
+
+    def _batches(self, loader, epoch: int, skip: int):
+        """(epoch, index, batch) forever; the first epoch starts `skip` batches in."""
+        while True:
+            self.batch_sampler.set_epoch(epoch)
+            source = self.accelerator.skip_first_batches(loader, skip) if skip else loader
+            for index, batch in enumerate(source, start=skip):
+                yield epoch, index + 1, batch
+            epoch, skip = epoch + 1, 0
+
+    # --- one optimizer step ---
+    def _step(self, window: list[dict]) -> dict[str, float]:
+        """One optimizer step over a window of micro-batches, every term normalised over the whole window.
+
+        The token and CTC losses are sums divided by the window's global counts (all ranks), and the
+        contrastive loss gathers every rank's pairs, so the update equals the one-process update on the
+        same global batch. `objective` multiplies the summed terms by the world size to undo DDP's average.
+        """
+        accelerator, model = self.accelerator, self.model
+        config = base_model(accelerator.unwrap_model(model)).config
+        world, steps = accelerator.num_processes, len(window)
+        local = torch.tensor(
+            [
+                sum(float((b["labels"][:, 1:] != -100).sum()) for b in window),
+                sum(float((b["ctc_labels"] != -100).any(-1).sum()) for b in window if "ctc_labels" in b),
+            ],
+            device=accelerator.device,
+        )
+        text_items, ctc_items = accelerator.reduce(local, "sum").clamp(min=1).unbind()
+        totals = torch.zeros(3, device=accelerator.device)  # loss_text, loss_other, loss_cross summed over the window
+        for i, batch in enumerate(window):
+            context = accelerator.no_sync(model) if i < steps - 1 and world > 1 else contextlib.nullcontext()
+            with context:
+                out = model(
+                    **{k: v for k, v in batch.items() if k in MODEL_INPUTS},
+                    num_items_in_batch=text_items,
+                    num_ctc_items_in_batch=ctc_items,
+                    gather_contrastive=world > 1,
+                    return_logits=False,
+                    use_cache=False,
+                    touch_all_modules=True,
+                )
+                objective = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
+                if out.loss_text is not None:
+                    objective = objective + world * out.loss_text
+                    totals[0] += out.loss_text.detach()
+                if out.loss_other is not None:
+                    objective = objective + world * config.other_loss_weight * out.loss_other
+                    totals[1] += out.loss_other.detach()
+                if out.loss_cross is not None:
+                    objective = objective + config.cross_loss_weight * out.loss_cross / steps
+                    totals[2] += out.loss_cross.detach() / steps / world  # the same value on every rank
+                accelerator.backward(objective)
+        loss_text, loss_other, loss_cross = accelerator.reduce(totals, "sum").tolist()
+        grad_norm = 0.0
+        if self.recipe.optim.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss_text + config.other_loss_weight * loss_other + config.cross_loss_weight * loss_cross,
+            "loss_text": loss_text,
+            "loss_other": loss_other,
+            "loss_cross": loss_cross,
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": float(text_items),
+        }
+
+    # --- evaluation ---
+    def evaluate(self, step: int) -> dict:
+        from ..evaluation.tasks import evaluate_task
+
+        results, samples = {}, {}
+        model = base_model(self.accelerator.unwrap_model(self.model))
+        if self.accelerator.is_main_process:
+            for task, rows in self.eval_rows:
+                limit = self.recipe.data.eval_max_samples
+                subset = [rows[i] for i in range(min(len(rows), limit or len(rows)))]
+                scores, examples = evaluate_task(model, self.processor, subset, task)
+                name = task or "chat"
+                results.update({f"{name}/{k}": v for k, v in scores.items()})
+                samples[name] = examples
+            record = {"step": step, **results}
+            self.eval_history.append(record)
+            self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        self.accelerator.wait_for_everyone()
+        return {"scores": results, "samples": samples}
+
+    # --- main ---
+    def train(self) -> dict:
+        recipe, accelerator = self.recipe, self.accelerator
+        optim = recipe.optim
+        if optim.gradient_accumulation_steps < 1 or optim.max_steps < 1:
+            raise ValueError("optim.gradient_accumulation_steps and optim.max_steps must be >= 1")
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
+        loader = self._train_loader()
+        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
+
+        step, epoch, skip, rng = 0, 0, 0, None
+        if recipe.resume and (checkpoints := list_checkpoints(self.output_dir)):
+            state, rng = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, accelerator.process_index)
+            step, epoch, skip = state["step"], state["epoch"], state["batch"]
+            self.log_history, self.eval_history = state["log_history"], state["eval_history"]
+            logger.info("Resumed from %s at step %d", checkpoints[-1], step)
+        batches = self._batches(loader, epoch, skip)
+        window_source = _windows(batches, optim.gradient_accumulation_steps)
+        first_window = next(window_source) if step < optim.max_steps else None
+        if rng is not None:
+            set_rng_state(rng)  # after the data iterator drew its seeds, exactly as at the checkpoint
+        self.model.train()
+        progress = tqdm(total=optim.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+        window = first_window
+        started = time.perf_counter()
+        while step < optim.max_steps:
+            position, batches_in_window = window
+            metrics = self._step(batches_in_window)
+            step += 1
+            epoch, batch_index = position
+            metrics["step"] = step
+            metrics["epoch"] = epoch
+            self.log_history.append(metrics)
+            if step % max(recipe.logging_steps, 1) == 0 or step == optim.max_steps:
+                accelerator.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            progress.update(1)
+            if recipe.eval_steps and step % recipe.eval_steps == 0 and step < optim.max_steps and self.eval_rows:
+                self.evaluate(step)
+            if recipe.save_steps and step % recipe.save_steps == 0 and step < optim.max_steps:
+                self._save_checkpoint(step, epoch, batch_index)
+            if step < optim.max_steps:
+                window = next(window_source)
+        progress.close()
+        elapsed = time.perf_counter() - started
+        final = self.evaluate(step) if self.eval_rows else {"scores": {}, "samples": {}}
+        paths = self._save_final(final)
+        accelerator.end_training()
+        return {"steps": step, "seconds": elapsed, "final_loss": self.log_history[-1]["loss"] if self.log_history else None, **final, **paths}
+
+    def _save_checkpoint(self, step: int, epoch: int, batch_index: int):
+        accelerator = self.accelerator
+        save_checkpoint(
+            self.output_dir,
+            step,
+            accelerator.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            {"step": step, "epoch": epoch, "batch": batch_index, "log_history": self.log_history, "eval_history": self.eval_history},
+            rank=accelerator.process_index,
+            is_main=accelerator.is_main_process,
+            total_limit=self.recipe.save_total_limit,
+            wait_for_everyone=accelerator.wait_for_everyone,
+        )
+
+    def _save_final(self, final: dict) -> dict:
+        """final/: a merged model + processor that `from_pretrained` loads; final/adapter/: the LoRA adapter."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        paths = {"final_dir": str(self.output_dir / "final")}
+        if not accelerator.is_main_process:
+            return paths
+        model = accelerator.unwrap_model(self.model)
+        final_dir = self.output_dir / "final"
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(final_dir / "adapter")
+            paths["adapter_dir"] = str(final_dir / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(final_dir)
+        self.processor.save_pretrained(final_dir)
+        (final_dir / "training_recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
+        (final_dir / "eval_results.json").write_text(json.dumps(final, indent=2, default=str))
+        (self.output_dir / "log_history.json").write_text(json.dumps({"train": self.log_history, "eval": self.eval_history}, indent=2))
+        if self.recipe.report:
+            from .report import write_report
+
+            paths["report"] = str(write_report(self.log_history, self.eval_history, self.output_dir / "report.png"))
+        return paths
+
+
+def _windows(batches, size: int):
+    """Group micro-batches into optimizer-step windows: ((epoch, next batch index), [batches])."""
+    while True:
+        window, position = [], None
+        for _ in range(size):
+            epoch, index, batch = next(batches)
+            window.append(batch)
+            position = (epoch, index)
+        yield position, window
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested recipe -> flat {a.b: value} of scalars, for trackers' hyper-parameter tables."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value if value is not None else "None"
+        else:
+            flat[name] = json.dumps(value)
+    return flat
+
+
+def train(recipe: TrainingRecipe) -> dict:
+    return Trainer(recipe).train()
