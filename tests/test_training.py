@@ -1,0 +1,208 @@
+"""The trainer: stages, LoRA with projectors, loss falls, exact resume, atomic checkpoints, 2 processes = 1."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from modeling_multimodal import MultimodalForConditionalGeneration
+from modeling_multimodal.demo_data import make_demo_data
+from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
+from modeling_multimodal.training import checkpointing
+from modeling_multimodal.training.checkpointing import list_checkpoints
+from modeling_multimodal.training.recipe import load_recipe
+from modeling_multimodal.training.stages import apply_stage
+from modeling_multimodal.training.trainer import Trainer
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
+SIZES = {
+    "image": {"train": 24, "validation": 8, "test": 8},
+    "video": {"train": 8, "validation": 2, "test": 2},
+    "speech": {"train": 8, "validation": 4, "test": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_data")
+    make_demo_data(root, seed=0, sizes=SIZES)
+    return root
+
+
+def recipe(data_root, output_dir, *overrides):
+    return load_recipe(RECIPE, [f"data.root={data_root}", f"output_dir={output_dir}", "report=false", *overrides])
+
+
+def history(output_dir):
+    return json.loads((Path(output_dir) / "log_history.json").read_text())["train"]
+
+
+# --- stages ---------------------------------------------------------------------------------------
+STAGE_CASES = [
+    # (stage, lora.encoders, trained prefixes (after PEFT's base_model.model.), must stay frozen)
+    ("align", False, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head"}, {"model.language_model", "model.vision_tower", "model.audio_tower", "lm_head"}),
+    ("finetune", False, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head", "model.language_model"}, {"model.vision_tower", "model.audio_tower", "lm_head"}),
+    ("finetune", True, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head", "model.language_model", "model.vision_tower", "model.audio_tower"}, {"lm_head"}),
+    ("full", False, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head", "model.language_model", "lm_head"}, {"model.vision_tower", "model.audio_tower"}),
+]
+
+
+@pytest.mark.parametrize("stage,encoders,trained,frozen", STAGE_CASES, ids=[f"{c[0]}-encoders{c[1]}" for c in STAGE_CASES])
+def test_each_stage_trains_exactly_the_intended_parameters(stage, encoders, trained, frozen):
+    torch.manual_seed(0)
+    model = MultimodalForConditionalGeneration(tiny_config(tiny_tokenizer(), other_loss_weight=0.5))
+    values = {"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": stage, "lora": {"encoders": encoders}}
+    trainable = apply_stage(model, load_recipe(values=values))
+    names = [n.removeprefix("base_model.model.") for n, p in trainable.named_parameters() if p.requires_grad]
+    prefixes = {next(p for p in sorted(trained | frozen, key=len, reverse=True) if n.startswith(p)) for n in names}
+    assert prefixes == trained
+    if stage == "finetune":  # LoRA layers only inside the LM (and the towers when asked); never a full LM weight
+        lm_names = [n for n in names if n.startswith(("model.language_model", "model.vision_tower", "model.audio_tower"))]
+        assert lm_names and all("lora_" in n for n in lm_names)
+        assert all(".modules_to_save." in n for n in names if n.startswith(("model.multi_modal_projector", "auxiliary_heads", "retrieval_head")))
+
+
+def test_lora_adapter_carries_the_projectors(tmp_path):
+    """The projector weights trained with LoRA are saved with the adapter and restored by PeftModel."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    base = MultimodalForConditionalGeneration(tiny_config(tokenizer, audio=False, video=False))
+    base.save_pretrained(tmp_path / "base")
+    peft_model = apply_stage(base, load_recipe(values={"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": "finetune"}))
+    with torch.no_grad():  # stand-in for training: move every trainable weight
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("multi_modal_projector.image" in k for k in saved) and any("lora_A" in k for k in saved)
+    input_ids = torch.tensor([[tokenizer.bos_token_id] + [base.config.image_token_id] * 16 + [7, 8, 9]])
+    pixel_values = torch.randn(1, 3, 32, 32)
+    expected = peft_model.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
+    fresh = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "base")
+    restored = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    torch.testing.assert_close(restored(input_ids=input_ids, pixel_values=pixel_values).logits, expected, rtol=0, atol=1e-6)
+
+
+# --- runs -----------------------------------------------------------------------------------------
+def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
+    run = recipe(
+        data_root, tmp_path, "data.train=[{manifest: image_train.jsonl, task: image_caption}]", "data.eval=[]",
+        "optim.max_steps=30", "optim.batch_size=8", "cross_loss_weight=0", "other_loss_weight=0",
+        "optim.lr_lm=0.01", "optim.lr_projector=0.01",
+    )
+    result = Trainer(run).train()
+    losses = [record["loss_text"] for record in history(tmp_path)]
+    assert sum(losses[-5:]) / 5 < 0.4 * sum(losses[:3]) / 3, losses
+    final = MultimodalForConditionalGeneration.from_pretrained(result["final_dir"])
+    assert final.config.image_token_id is not None
+
+
+def test_training_writes_logs_checkpoints_and_report(data_root, tmp_path):
+    run = recipe(data_root, tmp_path, "report=true", "save_steps=2", "eval_steps=3", "optim.max_steps=4", "save_total_limit=1")
+    result = Trainer(run).train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]  # checkpoint-4 is the final save
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_text" in line for line in lines) and any("eval/image_caption/exact_match" in line for line in lines)
+    assert list((tmp_path / "logs" / "train").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    scores = result["scores"]
+    assert {"image_caption/exact_match", "image_caption/bleu", "image_caption/text_to_media_recall@1", "speech_transcription/wer"} <= set(scores)
+    assert (tmp_path / "final" / "processor_config.json").exists() and (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
+    """Killed after step 5 with checkpoints at 2 and 4; the resumed run's losses and weights equal an uninterrupted run."""
+    overrides = ["optim.max_steps=7", "save_steps=2", "data.eval=[]", "model.config.text_config.attention_dropout=0.2", "model.config.audio_config.dropout=0.2"]
+    Trainer(recipe(data_root, tmp_path / "straight", *overrides)).train()
+
+    calls = {"n": 0}
+    original = Trainer._step
+
+    def dying_step(self, window):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return original(self, window)
+
+    monkeypatch.setattr(Trainer, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(recipe(data_root, tmp_path / "resumed", *overrides)).train()
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2", "checkpoint-4"]
+    Trainer(recipe(data_root, tmp_path / "resumed", *overrides, "resume=true")).train()
+
+    straight, resumed = history(tmp_path / "straight"), history(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a, b)
+    weights_a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    weights_b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(data_root, tmp_path, monkeypatch):
+    original = checkpointing.save_file
+
+    def failing_save(tensors, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            original(tensors, path, *args, **kwargs)
+            raise OSError("disk full while writing checkpoint-4")
+        return original(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_file", failing_save)
+    with pytest.raises(OSError):
+        Trainer(recipe(data_root, tmp_path, "optim.max_steps=6", "save_steps=2", "data.eval=[]")).train()
+    monkeypatch.setattr(checkpointing, "save_file", original)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert (tmp_path / "checkpoint-4.tmp").exists()  # the half-written one is never taken for a checkpoint
+    result = Trainer(recipe(data_root, tmp_path, "optim.max_steps=6", "save_steps=2", "data.eval=[]", "resume=true")).train()
+    assert result["steps"] == 6 and [r["step"] for r in history(tmp_path)] == list(range(1, 7))
+
+
+def test_two_processes_equal_one_process(data_root, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): the same global batch gives the same losses and final weights."""
+    common = [f"data.root={data_root}", "data.eval=[]", "report=false", "optim.max_steps=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = [sys.executable, "-m", "modeling_multimodal.train", "--recipe", str(RECIPE), *common, f"output_dir={tmp_path / 'one'}"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "modeling_multimodal.train",
+           "--recipe", str(RECIPE), *common, f"output_dir={tmp_path / 'two'}"]
+    for command in (one, two):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "two" / "logs" / "config.json").read_text())
+    assert config["optim.batch_size"] == 4
+    a, b = history(tmp_path / "one"), history(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for key in ("loss", "loss_text", "loss_other", "loss_cross", "tokens"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), (key, x, y)
+    weights_a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    weights_b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+RECIPE_ERRORS = [
+    (["stage=pretrain"], "stage='pretrain'"),
+    (["optim.lr=1"], "Unknown recipe key(s) ['lr'] in optim"),
+    (["colour=red"], "Unknown recipe key(s) ['colour']"),
+    (["model.checkpoint=some/dir"], "exactly one of checkpoint / components / config"),
+    (["mixed_precision=fp8"], "mixed_precision='fp8'"),
+    (["data.train=[]"], "data.train is empty"),
+    (["stage"], "must look like key.sub=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", RECIPE_ERRORS, ids=[o[0] for o, _ in RECIPE_ERRORS])
+def test_recipe_errors_name_the_problem(overrides, fragment):
+    with pytest.raises(ValueError) as error:
+        load_recipe(RECIPE, overrides)
+    assert fragment in str(error.value)
