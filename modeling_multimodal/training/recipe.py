@@ -83,6 +83,8 @@ class TrainingRecipe:
     resume: bool = False
     report: bool = True
     init_from: str | None = None  # a previous run's final/ directory: start from its weights (stage chaining)
+    push_to_hub: str | None = None  # a Hub repo id: final/ is pushed there (with its card) at the end of training
+    hub_private: bool = False  # create that repo private
 
     def __post_init__(self):
         if self.stage not in STAGES:

@@ -331,6 +331,10 @@ class Trainer:
         elapsed = time.perf_counter() - started
         final = self.evaluate(step) if self.eval_rows else {"scores": {}, "samples": {}}
         paths = self._save_final(final)
+        if recipe.push_to_hub and accelerator.is_main_process:
+            from ..hub import push_checkpoint
+
+            paths["hub_commit"] = push_checkpoint(paths["final_dir"], recipe.push_to_hub, private=recipe.hub_private).oid
         accelerator.end_training()
         return {"steps": step, "seconds": elapsed, "final_loss": self.log_history[-1]["loss"] if self.log_history else None, **final, **paths}
 
@@ -366,6 +370,11 @@ class Trainer:
         self.processor.save_pretrained(final_dir)
         (final_dir / "training_recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
         (final_dir / "eval_results.json").write_text(json.dumps(final, indent=2, default=str))
+        from ..hub import save_custom_code, training_card_inputs, write_model_card_inputs
+
+        save_custom_code(final_dir)  # flat code + auto_map: final/ loads where the package is not installed
+        card_inputs = training_card_inputs(self.recipe.to_dict(), model.config.to_dict(), final["scores"])
+        write_model_card_inputs(final_dir, **card_inputs)  # what `modeling-multimodal push` puts on the card
         (self.output_dir / "log_history.json").write_text(json.dumps({"train": self.log_history, "eval": self.eval_history}, indent=2))
         if self.recipe.report:
             from .report import write_report
