@@ -234,6 +234,7 @@ def render_model_card(
         eval_rows=rows,
         license=license,
         adapter_base_model=adapter_base_model,
+        remote_code_requirements=REMOTE_CODE_REQUIREMENTS,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))  # optional template blocks leave blank-line runs
 
@@ -244,6 +245,82 @@ def write_model_card_inputs(checkpoint_dir: str | Path, **card_kwargs: Any) -> P
     path = Path(checkpoint_dir) / CARD_INPUTS_FILENAME
     path.write_text(json.dumps(card_kwargs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
+
+
+# Hub task ids of the trainer's evaluation tasks (retrieval recall is always feature-extraction).
+TASK_BY_EVAL_TASK = {
+    "image_caption": "image-to-text",
+    "video_caption": "video-text-to-text",
+    "speech_transcription": "automatic-speech-recognition",
+    "image_text_pair": "feature-extraction",
+    "chat": "image-text-to-text",
+}
+COMPONENT_ROLES = {"text": "language model", "vision": "vision encoder", "audio": "audio encoder"}
+
+
+def _hub_id(source: str | None) -> str | None:
+    """`source` if it names a Hub repo (owner/name) rather than a local folder, else None."""
+    if not source or Path(source).expanduser().exists() or not REPO_ID_PATTERN.match(source) or "/" not in source:
+        return None
+    return source
+
+
+def modalities_of_config(config: Mapping[str, Any]) -> list[str]:
+    """The media a `MultimodalConfig` (as a dict) takes: image and video need the vision tower, audio its tower."""
+    modalities = ["image"] if config.get("vision_config") and config.get("image_token_id") is not None else []
+    if config.get("audio_config") and config.get("audio_token_id") is not None:
+        modalities.append("audio")
+    if config.get("vision_config") and config.get("video_token_id") is not None:
+        modalities.append("video")
+    return modalities
+
+
+def training_card_inputs(
+    recipe: Mapping[str, Any], config: Mapping[str, Any], scores: Mapping[str, float]
+) -> dict[str, Any]:
+    """`render_model_card` keyword arguments (minus `repo_id`) for a trainer's final checkpoint.
+
+    Args:
+        recipe: `TrainingRecipe.to_dict()`.
+        config: the model's config as a dict (`config.to_dict()`), for the modalities.
+        scores: the final evaluation, `{"<task>/<metric>": value}` as `Trainer.evaluate` returns them.
+
+    Components are the recipe's pretrained parts (and the checkpoint it started from) that are Hub ids; local
+    folders are left out (the card's `base_model` must name Hub repos). Each eval manifest becomes one result
+    group named after its file (`image_validation.jsonl` -> dataset `image_validation`); training manifests
+    are not Hub datasets, so the card's `datasets` stays empty and the recipe (rendered in full) names them.
+    """
+    model_spec = recipe.get("model") or {}
+    components = {
+        COMPONENT_ROLES.get(role, role): hub_id
+        for role, source in (model_spec.get("components") or {}).items()
+        if (hub_id := _hub_id(source if isinstance(source, str) else None))
+    }
+    for role, source in (("base checkpoint", model_spec.get("checkpoint")), ("initialised from", recipe.get("init_from"))):
+        if hub_id := _hub_id(source):
+            components[role] = hub_id
+    results = []
+    for entry in (recipe.get("data") or {}).get("eval") or []:
+        task = entry.get("task") or "chat"
+        metrics = {
+            key.split("/", 1)[1]: value
+            for key, value in scores.items()
+            if key.startswith(f"{task}/") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        dataset = re.sub(r"[^\w.-]+", "-", Path(entry["manifest"]).stem).strip("-.") or "eval"
+        for metric, value in metrics.items():
+            hub_task = "feature-extraction" if "recall" in metric else TASK_BY_EVAL_TASK.get(task, "image-text-to-text")
+            results.append(
+                {"task": hub_task, "dataset": dataset, "dataset_name": f"{entry['manifest']} ({task})",
+                 "metric": metric, "value": float(value)}
+            )  # fmt: skip
+    return {
+        "component_models": components,
+        "modalities": modalities_of_config(config),
+        "training_recipe": json.loads(json.dumps(recipe, default=str)),
+        "eval_results": results,
+        "tags": [f"stage-{recipe['stage']}"] if recipe.get("stage") else [],
+    }
 
 
 def model_card_for_checkpoint(checkpoint_dir: str | Path, repo_id: str) -> ModelCard:
@@ -259,11 +336,8 @@ def model_card_for_checkpoint(checkpoint_dir: str | Path, repo_id: str) -> Model
         adapter_config = json.loads((checkpoint_dir / "adapter_config.json").read_text(encoding="utf-8"))
         base = adapter_config.get("base_model_name_or_path") or ""
         adapter_base_model = base if REPO_ID_PATTERN.match(base) else None
-    modalities = []
-    if (checkpoint_dir / "config.json").is_file():
-        config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
-        modalities = [m for m, key in (("image", "vision_config"), ("audio", "audio_config")) if config.get(key)]
-        modalities += ["video"] if config.get("vision_config") and config.get("video_token_id") is not None else []
+    config = _read_json(checkpoint_dir / "config.json") or {}
+    modalities = modalities_of_config(config) if carries_our_model(checkpoint_dir) else []
     return render_model_card(repo_id, {}, modalities, adapter_base_model=adapter_base_model)
 
 
@@ -275,6 +349,28 @@ AUTO_MAP = {
     "AutoModel": "modeling_multimodal.MultimodalModel",
     "AutoModelForImageTextToText": "modeling_multimodal.MultimodalForConditionalGeneration",
 }
+# processor_config.json: the processor's own entry at the top level and, in each nested component dict (where
+# transformers 5.x reads a component's config from), the component's Auto class. AutoVideoProcessor is a
+# torchvision-gated placeholder in transformers 5.24; its entry is for versions that have it.
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_multimodal.MultimodalProcessor"}
+COMPONENT_AUTO_MAPS = {
+    "image_processor": {"AutoImageProcessor": "image_processing_multimodal.MultimodalImageProcessor"},
+    "video_processor": {"AutoVideoProcessor": "video_processing_multimodal.MultimodalVideoProcessor"},
+}
+PROCESSOR_CONFIG = "processor_config.json"
+# Flat file stem -> the package module it is cut from; every `auto_map` value above names one of these.
+CODE_ROOTS = {
+    "configuration_multimodal": "modeling_multimodal.configuration.configuration_multimodal",
+    "modeling_multimodal": "modeling_multimodal.modeling_multimodal",
+    "processing_multimodal": "modeling_multimodal.processing.processing_multimodal",
+    "image_processing_multimodal": "modeling_multimodal.processing.image_processing_multimodal",
+    "video_processing_multimodal": "modeling_multimodal.processing.video_processing_multimodal",
+}
+MODEL_CODE_ROOTS = ("configuration_multimodal", "modeling_multimodal")
+PROCESSOR_CODE_ROOTS = ("processing_multimodal", "image_processing_multimodal", "video_processing_multimodal")
+# Third-party modules the flattened code imports at top level. transformers refuses remote code whose imports
+# are not installed on the loading machine, so the card names them.
+REMOTE_CODE_REQUIREMENTS = ("torch", "transformers", "numpy", "pillow", "av", "soundfile")
 
 
 def _flat_source(module_name: str) -> tuple[str, list[str]]:
@@ -305,14 +401,11 @@ def _flat_source(module_name: str) -> tuple[str, list[str]]:
     return "".join(lines), needed
 
 
-def custom_code_files() -> dict[str, str]:
-    """File name -> flattened source of the configuration and modeling code and all they import from the package."""
-    roots = dict.fromkeys(path.split(".")[0] for path in AUTO_MAP.values())
-    package_modules = {
-        "configuration_multimodal": "modeling_multimodal.configuration.configuration_multimodal",
-        "modeling_multimodal": "modeling_multimodal.modeling_multimodal",
-    }
-    pending, written = [package_modules[root] for root in roots], {}
+def custom_code_files(model: bool = True, processor: bool = False) -> dict[str, str]:
+    """File name -> flattened source of the model code (configuration + modeling) and/or the processor code
+    (processor, image and video processors), with everything they import from the package."""
+    roots = [*(MODEL_CODE_ROOTS if model else ()), *(PROCESSOR_CODE_ROOTS if processor else ())]
+    pending, written = [CODE_ROOTS[root] for root in roots], {}
     while pending:  # the closure of relative imports, each module once
         module_name = pending.pop()
         file_name = module_name.rsplit(".", 1)[-1] + ".py"
@@ -330,27 +423,74 @@ def config_with_auto_map(config: dict) -> dict:
     return {**config, "auto_map": {**config.get("auto_map", {}), **AUTO_MAP}}
 
 
+def processor_config_with_auto_map(processor_config: dict) -> dict:
+    """`processor_config.json` with the processor's and its components' `auto_map` entries."""
+    updated = {**processor_config, "auto_map": {**processor_config.get("auto_map", {}), **PROCESSOR_AUTO_MAP}}
+    for component, auto_map in COMPONENT_AUTO_MAPS.items():
+        if isinstance(updated.get(component), dict):
+            updated[component] = {
+                **updated[component], "auto_map": {**updated[component].get("auto_map", {}), **auto_map}
+            }  # fmt: skip
+    return updated
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def carries_our_model(checkpoint_dir: str | Path) -> bool:
     """Whether a checkpoint folder holds a MultimodalConfig model (whose code must travel with it)."""
     from .configuration import MultimodalConfig
 
-    config_path = Path(checkpoint_dir) / "config.json"
-    if not config_path.is_file():
-        return False
-    return json.loads(config_path.read_text(encoding="utf-8")).get("model_type") == MultimodalConfig.model_type
+    config = _read_json(Path(checkpoint_dir) / "config.json")
+    return config is not None and config.get("model_type") == MultimodalConfig.model_type
+
+
+def carries_our_processor(checkpoint_dir: str | Path) -> bool:
+    """Whether a checkpoint folder holds a saved MultimodalProcessor (whose code must travel with it)."""
+    from .processing.processing_multimodal import MultimodalProcessor
+
+    processor_config = _read_json(Path(checkpoint_dir) / PROCESSOR_CONFIG)
+    return processor_config is not None and processor_config.get("processor_class") == MultimodalProcessor.__name__
+
+
+def _dump(values: dict) -> str:
+    return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+
+def custom_code_for_checkpoint(checkpoint_dir: str | Path) -> dict[str, str]:
+    """What makes a saved folder load without modeling-multimodal: repo path -> text of the flattened code files
+    and of `config.json` / `processor_config.json` with `auto_map`, for the model and the processor it holds.
+    Empty for folders that hold neither (a LoRA adapter, another architecture)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    model, processor = carries_our_model(checkpoint_dir), carries_our_processor(checkpoint_dir)
+    if not (model or processor):
+        return {}
+    files = custom_code_files(model=model, processor=processor)
+    if model:
+        files["config.json"] = _dump(config_with_auto_map(_read_json(checkpoint_dir / "config.json")))
+    if processor:
+        processor_config = processor_config_with_auto_map(_read_json(checkpoint_dir / PROCESSOR_CONFIG))
+        files[PROCESSOR_CONFIG] = _dump(processor_config)
+    return files
 
 
 def save_custom_code(save_directory: str | Path) -> list[str]:
-    """Write the model's code into a saved checkpoint as flat sibling files and point `auto_map` at it, so
-    `from_pretrained(..., trust_remote_code=True)` works where modeling-multimodal is not installed.
-    (`push_checkpoint` does this by itself, without touching the folder.) Returns the files written."""
+    """Make a folder saved with `save_pretrained` load where modeling-multimodal is not installed.
+
+    Writes the model's and the processor's code (whichever the folder holds) as flat sibling files and points
+    `auto_map` at them (`config.json`; `processor_config.json` and its image/video processor entries), so
+    `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` and
+    `AutoProcessor.from_pretrained(path, trust_remote_code=True)` work without the package. Where the package is
+    installed, its registered classes still take precedence. Idempotent; `push_checkpoint` does the same in its
+    commit without touching the folder. Returns the files written.
+    """
     save_directory = Path(save_directory)
-    files = custom_code_files()
-    for file_name, source in files.items():
-        (save_directory / file_name).write_text(source, encoding="utf-8")
-    config_path = save_directory / "config.json"
-    config = config_with_auto_map(json.loads(config_path.read_text(encoding="utf-8")))
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    files = custom_code_for_checkpoint(save_directory)
+    if not files:
+        raise ValueError(f"{save_directory} holds neither a MultimodalConfig model nor a MultimodalProcessor")
+    for file_name, text in files.items():
+        (save_directory / file_name).write_text(text, encoding="utf-8")
     return sorted(files)
 
 
@@ -458,10 +598,8 @@ def push_checkpoint(
     if branch != "main":
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     generated = {"README.md": readme.encode("utf-8")}
-    if carries_our_model(checkpoint_dir):  # code and auto_map travel with the weights
-        generated |= {name: source.encode("utf-8") for name, source in custom_code_files().items()}
-        config = config_with_auto_map(json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8")))
-        generated["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    # code and auto_map travel with the weights and the processor
+    generated |= {name: text.encode("utf-8") for name, text in custom_code_for_checkpoint(checkpoint_dir).items()}
     keep = {*files, *generated, ".gitattributes"}
     stale = [path for path in api.list_repo_files(repo_id, revision=branch) if path not in keep]
     operations = [CommitOperationDelete(path) for path in stale]
