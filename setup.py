@@ -9,7 +9,11 @@ from setuptools import find_packages, setup
 # Every package under modeling_multimodal/ (training, evaluation metrics, demo data, ...), plus the two root folders.
 PACKAGES = ["modeling_multimodal"] + [f"modeling_multimodal.{p}" for p in find_packages("modeling_multimodal")]
 # The `evaluate` metric scripts are folders without __init__.py (evaluate loads them by path): ship them as data.
-PACKAGE_DATA = {"modeling_multimodal.evaluation": ["metrics/*/*.py"], "modeling_multimodal.model_cards": ["*.md"]}
+PACKAGE_DATA = {
+    "modeling_multimodal.evaluation": ["metrics/*/*.py"],
+    "modeling_multimodal.model_cards": ["*.md"],
+    "modeling_multimodal.recipes": ["*.yaml"],
+}
 
 setup(
     name="modeling-multimodal",
@@ -20,12 +24,14 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=PACKAGES
-    + ["modeling_multimodal.configuration", "modeling_multimodal.processing", "modeling_multimodal.model_cards"],
+    + ["modeling_multimodal.configuration", "modeling_multimodal.processing", "modeling_multimodal.model_cards"]
+    + ["modeling_multimodal.recipes"],
     package_dir={
         "modeling_multimodal": "modeling_multimodal",
         "modeling_multimodal.configuration": "configuration",
         "modeling_multimodal.processing": "processing",
         "modeling_multimodal.model_cards": "model_cards",
+        "modeling_multimodal.recipes": "recipes",
     },
     package_data=PACKAGE_DATA,
     install_requires=[

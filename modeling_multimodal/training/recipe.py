@@ -37,6 +37,7 @@ class DataSpec:
     packing: bool = False
     group_by_length: bool = True
     num_workers: int = 0
+    cache_in_memory: bool = False  # keep encoded examples after their first use (small data sets, many epochs)
     eval_max_samples: int | None = 64
 
 

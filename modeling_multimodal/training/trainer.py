@@ -118,20 +118,26 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict]) -> list[tuple[str, ob
 
 
 class _MixedDataset(torch.utils.data.Dataset):
-    """Several tasks' encoded datasets behind one index."""
+    """Several tasks' encoded datasets behind one index, optionally memoised (decoding media once)."""
 
-    def __init__(self, parts: list[EncodedDataset]):
+    def __init__(self, parts: list[EncodedDataset], cache: bool = False):
         self.parts = parts
         self.offsets = [0]
         for part in parts:
             self.offsets.append(self.offsets[-1] + len(part))
+        self.cache = {} if cache else None
 
     def __len__(self):
         return self.offsets[-1]
 
     def __getitem__(self, index):
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
         part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
-        return self.parts[part][index - self.offsets[part]]
+        example = self.parts[part][index - self.offsets[part]]
+        if self.cache is not None:
+            self.cache[index] = example
+        return example
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -174,7 +180,9 @@ class Trainer:
             encoder = ExampleEncoder(self.processor, task, max_length=recipe.data.max_length)
             parts.append(EncodedDataset(rows, encoder))
             lengths += encoder.estimate_lengths(rows)
-        dataset = _MixedDataset(parts)
+        if recipe.data.cache_in_memory and recipe.data.num_workers:
+            raise ValueError("data.cache_in_memory needs data.num_workers=0 (each worker would keep its own copy)")
+        dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory)
         pad_id = self.processor.tokenizer.pad_token_id
         batch_size = recipe.optim.batch_size
         if recipe.data.packing:  # batch_size counts packed rows

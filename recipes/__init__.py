@@ -1,0 +1,1 @@
+"""Training recipes (YAML), installed as `modeling_multimodal.recipes`."""
