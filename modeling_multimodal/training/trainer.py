@@ -5,8 +5,9 @@ What a reader should know:
   labelled tokens of the whole window on every rank, and every micro-batch divides its summed token
   loss by that count. Gradient accumulation and data parallelism then weigh every token equally
   (a 2-process run equals the 1-process run with the same global batch).
-- Every rank runs every module in every step (`touch_all_modules`), so mixed-modality batches do not
-  hang DDP / FSDP / ZeRO-3, and parameters no forward can reach are frozen before wrapping.
+- With several processes every rank runs every module in every step (`touch_all_modules`), so
+  mixed-modality batches do not hang DDP / FSDP / ZeRO-3; parameters no forward can reach are frozen
+  before wrapping.
 - Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
   (epoch, batch) are restored; the sampler is seeded per epoch, and RNG is restored after the data
   iterator is rebuilt, so the loss curve after a resume equals an uninterrupted run.
@@ -240,7 +241,7 @@ class Trainer:
                     gather_contrastive=world > 1,
                     return_logits=False,
                     use_cache=False,
-                    touch_all_modules=True,
+                    touch_all_modules=world > 1,  # DDP / FSDP / ZeRO-3 need every module in every step
                 )
                 objective = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
                 if out.loss_text is not None:

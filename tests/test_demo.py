@@ -1,0 +1,34 @@
+"""The demo pipeline end to end at a tiny size (the full run is the README's first command)."""
+
+import json
+import subprocess
+import sys
+
+from modeling_multimodal import MultimodalForConditionalGeneration
+from modeling_multimodal.demo import TARGETS, run_demo
+
+
+def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
+    results = run_demo(tmp_path, quick=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["scores"] == results["scores"]
+    for key, _, _ in TARGETS:
+        assert key in saved["scores"]
+    assert saved["scores"]["image_caption/num_test_samples"] == 12
+    assert [row["metric"] for row in saved["targets"]] == [key for key, _, _ in TARGETS]
+    assert saved["train_steps"] == {"align": 3, "finetune": 4}
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert (tmp_path / "finetune" / "final" / "adapter" / "adapter_config.json").exists()
+    model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
+    assert model.config.modalities == ["image", "video", "audio"]
+    for task in ("image_caption", "video_caption", "speech_transcription"):
+        assert len(saved["samples"][task]) == 3 and {"prediction", "reference"} <= set(saved["samples"][task][0])
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "modeling_multimodal.cli", "train", "--recipe", str(missing)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert f"Recipe {missing} does not exist" in done.stderr and "Traceback" not in done.stderr
