@@ -1,14 +1,17 @@
 """Sharing on the Hub: model cards, and push -> from_pretrained through the test Hub (tests/hub_server.py).
 
 Pushing and loading run in fresh Python processes pointed at the test Hub (HF_ENDPOINT is read at
-import time and this process is offline): one process pushes every checkpoint of `PUSHES`, another
-loads every case of `LOADS` and saves its logits, which must equal the logits of the local checkpoint.
-Until MultimodalForConditionalGeneration ships its flattened code, the checkpoints are a tiny Llama and
-a LoRA adapter on it.
+import time and this process is offline): one process pushes every checkpoint of `PUSHES` (the trained
+run's final/ through the `modeling-multimodal push` command), another loads every case of `LOADS` and
+saves its logits, which must equal the logits of the local checkpoint. The loading process cannot import
+modeling_multimodal: our model and processor come from the code the checkpoints carry, and for those
+the processor's outputs on a real image + audio clip + video must equal the local processor's too.
 """
 
 import json
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +23,32 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_multimodal.testing_utils import tiny_config
 
-from modeling_multimodal import MultimodalForConditionalGeneration
+from modeling_multimodal import MultimodalForConditionalGeneration, MultimodalProcessor
+from modeling_multimodal.demo_data import make_demo_data
 from modeling_multimodal.hub import (
     AUTO_MAP,
+    COMPONENT_AUTO_MAPS,
+    PROCESSOR_AUTO_MAP,
     checkpoint_files,
     render_model_card,
+    save_custom_code,
     template_path,
+    training_card_inputs,
     write_model_card_inputs,
 )
+from modeling_multimodal.testing_utils import tiny_tokenizer
+from modeling_multimodal.training.recipe import load_recipe
+from modeling_multimodal.training.trainer import Trainer
 
 
 INPUT_IDS = [[10, 11, 12, 13, 14, 15]]  # no media placeholder ids (4, 5, 6 in tiny_config)
+PROMPT = "<image> <audio> <video> describe the image."  # with one real image, audio clip and video
+TRAIN_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
+DEMO_SIZES = {
+    "image": {"train": 8, "validation": 2, "test": 1},
+    "video": {"train": 4, "validation": 1, "test": 1},
+    "speech": {"train": 4, "validation": 2, "test": 1},
+}
 COMPONENTS = {"language model": "HuggingFaceTB/SmolLM2-135M", "vision encoder": "google/siglip-base-patch16-224"}
 RECIPE = {"learning_rate": 1e-4, "loss": {"lambda_other": 0.1, "alpha_cross": 0.05}, "max_steps": 10}
 
@@ -141,8 +159,44 @@ def logits_of(model) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Two tiny Llama checkpoints, a LoRA adapter on the first, and the logits each must reproduce."""
+def demo_data(tmp_path_factory):
+    """Tiny demo data: manifests for the training run, and one real image, speech clip and video for the processor."""
+    root = tmp_path_factory.mktemp("demo_data")
+    make_demo_data(root, seed=0, sizes=DEMO_SIZES)
+    media = {
+        "images": [str(root / "images" / "validation" / "000000.png")],
+        "audio": [str(root / "audio" / "validation" / "000000.wav")],
+        "videos": [str(root / "videos" / "validation" / "000000.mp4")],
+    }
+    return root, media
+
+
+def media_outputs(folder, media) -> dict[str, torch.Tensor]:
+    """What the package's processor and model, loaded from `folder`, make of PROMPT with the demo media."""
+    processor = MultimodalProcessor.from_pretrained(folder)
+    model = MultimodalForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = processor(text=PROMPT, **media, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return {**{f"inputs/{key}": value for key, value in inputs.items()}, "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    """A 4-step run of recipes/tiny_test.yaml with a final eval; its final/ folder is what gets pushed."""
+    root, _ = demo_data
+    output_dir = tmp_path_factory.mktemp("run")
+    overrides = [f"data.root={root}", f"output_dir={output_dir}", "report=false", "optim.max_steps=4", "data.eval_max_samples=2"]
+    result = Trainer(load_recipe(TRAIN_RECIPE, overrides)).train()
+    return Path(result["final_dir"]), result["scores"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, demo_data, trained):
+    """Two tiny Llama checkpoints, a LoRA adapter on the first, our model + processor, the trained run's final/,
+    and what each must reproduce (logits; for our model also the processor's outputs on the demo media)."""
+    _, media = demo_data
+    trained_dir, _ = trained
     root = tmp_path_factory.mktemp("checkpoints")
     references = {}
     for version, seed in (("v1", 0), ("v2", 1)):
@@ -167,10 +221,13 @@ def checkpoints(tmp_path_factory):
     references["merged"] = logits_of(adapter.merge_and_unload())
     assert not torch.allclose(references["adapter"], references["v1"]), "the adapter must change the logits"
     torch.manual_seed(0)
-    multimodal = MultimodalForConditionalGeneration(tiny_config()).eval()
+    tokenizer = tiny_tokenizer()
+    multimodal = MultimodalForConditionalGeneration(tiny_config(tokenizer)).eval()
     multimodal.save_pretrained(root / "multimodal")
+    MultimodalProcessor.from_config_and_components(multimodal.config, tokenizer).save_pretrained(root / "multimodal")
     write_model_card_inputs(root / "multimodal", component_models=COMPONENTS, modalities=["image", "audio", "video"])
-    references["multimodal"] = logits_of(multimodal)
+    references["multimodal"] = media_outputs(root / "multimodal", media)
+    references["trained"] = media_outputs(trained_dir, media)
     return root, references
 
 
@@ -183,13 +240,24 @@ PUSHES = [
     ("v1 on a branch", "v1", "org/tiny-llama", {"revision": "v1-branch"}),
     ("private", "v1", "org/tiny-llama-private", {"private": True}),
     ("multimodal", "multimodal", "org/tiny-multimodal", {}),
+    ("multimodal sharded", "multimodal", "org/tiny-multimodal-sharded", {"max_shard_size": "100KB"}),
+    ("trained", "TRAINED", "org/tiny-trained", {"cli": True}),  # `modeling-multimodal push <final_dir> <repo>`
 ]
 PUSH_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from huggingface_hub import HfApi
+    from modeling_multimodal.cli import main
     from modeling_multimodal.hub import push_checkpoint
     args = json.loads(sys.argv[1])
-    oids = {name: push_checkpoint(f"{args['root']}/{folder}", repo, **kwargs).oid for name, folder, repo, kwargs in args["pushes"]}
+    oids = {}
+    for name, folder, repo, kwargs in args["pushes"]:
+        folder = args["folders"].get(folder, f"{args['root']}/{folder}")
+        if kwargs.pop("cli", False):
+            assert main(["push", folder, repo]) == 0
+            oids[name] = HfApi().model_info(repo).sha
+        else:
+            oids[name] = push_checkpoint(folder, repo, **kwargs).oid
     print(json.dumps(oids))
     """
 )
@@ -203,7 +271,10 @@ LOADS = [
     ("merged weights", "org/tiny-llama-merged", None, "merged"),
     ("private repo with token", "org/tiny-llama-private", None, "v1"),
     ("multimodal from its own code", "org/tiny-multimodal", None, "multimodal"),
+    ("multimodal sharded", "org/tiny-multimodal-sharded", None, "multimodal"),
+    ("trained run pushed by the CLI", "org/tiny-trained", None, "trained"),
 ]
+OUR_MODELS = {"multimodal", "trained"}  # references that come with a processor and media outputs
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -220,17 +291,28 @@ LOAD_SCRIPT = textwrap.dedent(
     from huggingface_hub import HfApi, hf_hub_download, metadata_load
     from peft import PeftModel
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
     torch.set_num_threads(2)
     args = json.loads(sys.argv[1])
-    logits, report = {}, {"files": {}, "cards": {}}
-    for name, repo, revision in args["loads"]:
+    logits, report = {}, {"files": {}, "cards": {}, "classes": {}}
+    for name, repo, revision, ours in args["loads"]:
         if repo.endswith("-lora"):
             base = AutoModelForCausalLM.from_pretrained("org/tiny-llama", revision=args["v1_sha"])
             model = PeftModel.from_pretrained(base, repo, revision=revision)
-        elif repo.endswith("-multimodal"):
+        elif ours:  # our model and processor, from the code the repo carries
             model = AutoModelForImageTextToText.from_pretrained(repo, revision=revision, trust_remote_code=True)
-            report["multimodal_class_module"] = type(model).__module__
+            processor = AutoProcessor.from_pretrained(repo, revision=revision, trust_remote_code=True)
+            image_processor = AutoImageProcessor.from_pretrained(repo, revision=revision, trust_remote_code=True)
+            inputs = processor(text=args["prompt"], **args["media"], return_tensors="pt")
+            logits |= {f"{name}/inputs/{key}": value.contiguous() for key, value in inputs.items()}
+            with torch.no_grad():
+                logits[f"{name}/logits"] = model.eval()(**inputs).logits.contiguous()
+            components = (model, processor, processor.image_processor, processor.video_processor, image_processor)
+            report["classes"][name] = [f"{type(c).__module__}.{type(c).__name__}" for c in components]
+            report["files"][name] = sorted(HfApi().list_repo_files(repo, revision=revision))
+            readme = hf_hub_download(repo, "README.md", revision=revision)
+            report["cards"][name] = {"metadata": metadata_load(readme), "text": open(readme).read()}
+            continue
         else:
             model = AutoModelForCausalLM.from_pretrained(repo, revision=revision)
         with torch.no_grad():
@@ -241,6 +323,7 @@ LOAD_SCRIPT = textwrap.dedent(
     report["private"] = HfApi().model_info("org/tiny-llama-private").private
     report["package_hidden"] = package_hidden
     report["multimodal_config"] = json.load(open(hf_hub_download("org/tiny-multimodal", "config.json")))
+    report["processor_config"] = json.load(open(hf_hub_download("org/tiny-multimodal", "processor_config.json")))
     save_file(logits, args["out"])
     print(json.dumps(report))
     """
@@ -254,17 +337,19 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def pushed(hub, checkpoints, tmp_path_factory):
+def pushed(hub, checkpoints, trained, tmp_path_factory):
     root, _ = checkpoints
     pushes = [[name, folder, repo, kwargs] for name, folder, repo, kwargs in PUSHES]
-    return hub.run_client(PUSH_SCRIPT, {"root": str(root), "pushes": pushes}, str(tmp_path_factory.mktemp("hf_home_push")))
+    args = {"root": str(root), "pushes": pushes, "folders": {"TRAINED": str(trained[0])}}
+    return hub.run_client(PUSH_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_push")))
 
 
 @pytest.fixture(scope="module")
-def loaded(hub, pushed, tmp_path_factory):
+def loaded(hub, pushed, demo_data, tmp_path_factory):
+    _, media = demo_data
     out = tmp_path_factory.mktemp("loaded") / "logits.safetensors"
-    loads = [[name, repo, pushed.get(revision, revision)] for name, repo, revision, _ in LOADS]
-    args = {"loads": loads, "v1_sha": pushed["v1"], "input_ids": INPUT_IDS, "out": str(out)}
+    loads = [[name, repo, pushed.get(revision, revision), reference in OUR_MODELS] for name, repo, revision, reference in LOADS]
+    args = {"loads": loads, "v1_sha": pushed["v1"], "input_ids": INPUT_IDS, "out": str(out), "prompt": PROMPT, "media": media}
     cwd = tmp_path_factory.mktemp("elsewhere")  # not the repository root, where the package is importable
     report = hub.run_client(LOAD_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_load")), cwd=str(cwd))
     return load_file(out), report
@@ -274,6 +359,13 @@ def loaded(hub, pushed, tmp_path_factory):
 def test_from_pretrained_in_a_fresh_process_reproduces_logits(checkpoints, loaded, name, repo, revision, reference):
     _, references = checkpoints
     logits, _ = loaded
+    if reference in OUR_MODELS:  # processor outputs on image + audio + video, then the logits they give
+        expected = references[reference]
+        assert {f"{name}/{key}" for key in expected} == {key for key in logits if key.startswith(f"{name}/")}
+        assert expected["inputs/pixel_values_videos"].shape[0] == 1 and expected["inputs/input_features"].shape[0] == 1
+        for key, value in expected.items():
+            torch.testing.assert_close(logits[f"{name}/{key}"], value, rtol=0, atol=0, msg=f"{name}: {key}")
+        return
     atol = 1e-5 if reference == "merged" else 1e-6  # merging reorders the LoRA arithmetic
     torch.testing.assert_close(logits[name], references[reference], rtol=0, atol=atol)
 
@@ -293,6 +385,9 @@ def test_our_card_lands_and_parses(loaded, name):
     if name == "adapter on its base":
         assert card["metadata"]["library_name"] == "peft" and card["metadata"]["base_model"] == ["org/tiny-llama"]
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    elif name == "multimodal sharded":
+        shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
+        assert "model.safetensors.index.json" in files and "model.safetensors" not in files and len(shards) > 1
     else:
         assert card["metadata"]["library_name"] == "transformers" and "model.safetensors" in files
         assert not any(f.startswith("adapter_") for f in files)
@@ -321,10 +416,98 @@ def test_card_inputs_file_round_trips(checkpoints):
     assert saved["component_models"] == COMPONENTS and saved["training_recipe"] == RECIPE
 
 
-def test_custom_code_travels_with_the_checkpoint(loaded):
+CODE_FILES = {
+    "configuration_multimodal.py", "media_tokens.py", "modeling_multimodal.py", "encoders.py", "losses.py", "projectors.py",
+    "processing_multimodal.py", "image_processing_multimodal.py", "video_processing_multimodal.py", "audio_loading.py",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [case[0] for case in LOADS if case[3] in OUR_MODELS])
+def test_custom_code_travels_with_the_checkpoint(loaded, name):
     _, report = loaded
     assert report["package_hidden"], "the loading process must not see modeling_multimodal"
-    assert report["multimodal_class_module"].startswith("transformers_modules.")
+    classes = report["classes"][name]
+    assert all(c.startswith("transformers_modules.") for c in classes), classes
+    assert [c.rsplit(".", 1)[1] for c in classes] == [
+        "MultimodalForConditionalGeneration", "MultimodalProcessor", "MultimodalImageProcessor",
+        "MultimodalVideoProcessor", "MultimodalImageProcessor",
+    ]  # fmt: skip
+    assert CODE_FILES <= set(report["files"][name])
+    assert "pip install torch transformers numpy pillow av soundfile" in report["cards"][name]["text"]
+
+
+def test_auto_maps_in_the_pushed_configs(loaded):
+    _, report = loaded
     assert report["multimodal_config"]["auto_map"] == AUTO_MAP
-    files = set(report["files"]["multimodal from its own code"])
-    assert {"configuration_multimodal.py", "modeling_multimodal.py", "media_tokens.py"} <= files
+    processor_config = report["processor_config"]
+    assert processor_config["auto_map"] == PROCESSOR_AUTO_MAP
+    for component, auto_map in COMPONENT_AUTO_MAPS.items():
+        assert processor_config[component]["auto_map"] == auto_map
+
+
+def test_trained_run_card_carries_recipe_and_final_eval(loaded, trained):
+    """The trainer writes model_card_inputs.json into final/; the CLI push turns it into the card."""
+    _, report = loaded
+    _, scores = trained
+    card = report["cards"]["trained run pushed by the CLI"]
+    (index,) = card["metadata"]["model-index"]
+    pushed = {(m["type"], m["value"]) for result in index["results"] for m in result["metrics"]}
+    assert scores and pushed == {(key.split("/", 1)[1], round(value, 4)) for key, value in scores.items()}
+    datasets = {result["dataset"]["type"] for result in index["results"]}
+    assert datasets == {"image_validation", "speech_validation"}
+    assert "stage: full" in card["text"] and "| speech_transcription" not in card["text"]
+    assert "| automatic-speech-recognition | speech_validation |" in card["text"]
+    assert "stage-full" in card["metadata"]["tags"] and {"vision", "audio", "video"} <= set(card["metadata"]["tags"])
+
+
+def test_trainer_final_dir_is_self_contained(trained):
+    final_dir, _ = trained
+    assert CODE_FILES <= {p.name for p in final_dir.iterdir()}
+    assert json.loads((final_dir / "config.json").read_text())["auto_map"] == AUTO_MAP
+    inputs = json.loads((final_dir / "model_card_inputs.json").read_text())
+    assert inputs["modalities"] == ["image", "audio", "video"] and inputs["training_recipe"]["optim"]["max_steps"] == 4
+
+
+def test_saved_code_does_not_shadow_the_installed_package(checkpoints, demo_data, tmp_path):
+    """With the package installed, a folder that carries code and auto_map still loads the package's classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    root, references = checkpoints
+    folder = tmp_path / "multimodal"
+    folder.mkdir()
+    for path in (root / "multimodal").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    written = save_custom_code(folder)
+    assert CODE_FILES | {"config.json", "processor_config.json"} == set(written)
+    assert save_custom_code(folder) == written  # idempotent
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(processor) is MultimodalProcessor and type(model) is MultimodalForConditionalGeneration
+    assert media_outputs(folder, demo_data[1]).keys() == references["multimodal"].keys()
+    torch.testing.assert_close(media_outputs(folder, demo_data[1])["logits"], references["multimodal"]["logits"], rtol=0, atol=0)
+
+
+TRAINING_CARD_CASES = [
+    # (name, recipe model/init_from, expected component_models)
+    ("from scratch", {"model": {"config": {}}}, {}),
+    ("Hub components", {"model": {"components": {"text": "HuggingFaceTB/SmolLM2-135M", "vision": "google/siglip-base-patch16-224"}}},
+     {"language model": "HuggingFaceTB/SmolLM2-135M", "vision encoder": "google/siglip-base-patch16-224"}),
+    ("local components are left out", {"model": {"components": {"text": "/models/lm", "audio": "openai/whisper-tiny"}}},
+     {"audio encoder": "openai/whisper-tiny"}),
+    ("stage chained from a Hub checkpoint", {"model": {}, "init_from": "org/aligned"}, {"initialised from": "org/aligned"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, recipe, components", TRAINING_CARD_CASES, ids=[c[0] for c in TRAINING_CARD_CASES])
+def test_training_card_inputs(name, recipe, components, tmp_path):
+    recipe = {**recipe, "stage": "align", "data": {"eval": [{"manifest": "sub/speech val.jsonl", "task": "speech_transcription"}]}}
+    config = tiny_config(audio=False).to_dict()
+    scores = {"speech_transcription/wer": 0.25, "speech_transcription/text_to_media_recall@1": 0.5, "other/bleu": 1.0}
+    inputs = training_card_inputs(recipe, config, scores)
+    assert inputs["component_models"] == components and inputs["modalities"] == ["image", "video"]
+    assert [(r["dataset"], r["task"], r["metric"], r["value"]) for r in inputs["eval_results"]] == [
+        ("speech-val", "automatic-speech-recognition", "wer", 0.25),
+        ("speech-val", "feature-extraction", "text_to_media_recall@1", 0.5),
+    ]
+    card_metadata(render_model_card("org/run", **inputs))
+    write_model_card_inputs(tmp_path, **inputs)  # renders once more, as the trainer does
