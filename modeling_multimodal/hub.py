@@ -296,7 +296,8 @@ def training_card_inputs(
         for role, source in (model_spec.get("components") or {}).items()
         if (hub_id := _hub_id(source if isinstance(source, str) else None))
     }
-    for role, source in (("base checkpoint", model_spec.get("checkpoint")), ("initialised from", recipe.get("init_from"))):
+    starts = {"base checkpoint": model_spec.get("checkpoint"), "initialised from": recipe.get("init_from")}
+    for role, source in starts.items():
         if hub_id := _hub_id(source):
             components[role] = hub_id
     results = []
@@ -556,6 +557,40 @@ def checkpoint_files(checkpoint_dir: str | Path) -> list[str]:
     return files
 
 
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(checkpoint_dir: str | Path) -> list[str]:
+    """The folder's full-model weight files: `model.safetensors`, or the index and the shards it names."""
+    checkpoint_dir = Path(checkpoint_dir)
+    index = _read_json(checkpoint_dir / WEIGHTS_INDEX_NAME)
+    if index is not None:
+        return [WEIGHTS_INDEX_NAME, *sorted(set(index["weight_map"].values()))]
+    return [WEIGHTS_NAME] if (checkpoint_dir / WEIGHTS_NAME).is_file() else []
+
+
+def reshard_weights(checkpoint_dir: str | Path, output_dir: str | Path, max_shard_size: int | str) -> list[str]:
+    """Write the folder's model weights to `output_dir` as safetensors shards of at most `max_shard_size`
+    (`"5GB"`, `"200MB"` or bytes) named like `save_pretrained`'s, with `model.safetensors.index.json` when there
+    is more than one shard. Tensors are copied as stored (no model is built). Returns the files written."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors import safe_open
+
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    shards = [name for name in weight_files(checkpoint_dir) if name != WEIGHTS_INDEX_NAME]
+    if not shards:
+        raise ValueError(f"{checkpoint_dir} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} to shard")
+    state_dict, metadata = {}, None
+    for name in shards:
+        with safe_open(str(checkpoint_dir / name), framework="pt") as weights:
+            metadata = metadata or weights.metadata()
+            state_dict.update({key: weights.get_tensor(key) for key in weights.keys()})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(state_dict, output_dir, max_shard_size=max_shard_size, metadata=metadata or {"format": "pt"})
+    return weight_files(output_dir)
+
+
 def push_checkpoint(
     checkpoint_dir: str | Path,
     repo_id: str,
@@ -567,15 +602,20 @@ def push_checkpoint(
     card: ModelCard | str | None = None,
     merge_adapter: bool = False,
     base_model: str | None = None,
+    max_shard_size: int | str | None = None,
     endpoint: str | None = None,
 ) -> CommitInfo:
     """Push a saved checkpoint (model, processor, or LoRA adapter) to `repo_id` as one commit, with our model card.
 
     Creates the repo (and the `revision` branch, from `main`) if needed. The revision then holds exactly the
     folder's files (stale ones from earlier pushes are deleted) and README.md is `card`, or the card rendered
-    from the folder (see `model_card_for_checkpoint`). With `merge_adapter=True` an adapter checkpoint is
-    folded into `base_model` (default: the adapter's own base) and the full weights are pushed instead.
-    Returns the `CommitInfo`; its `oid` is the new revision's commit sha.
+    from the folder (see `model_card_for_checkpoint`). A folder with a MultimodalConfig model or a
+    MultimodalProcessor also gets their flattened code and `auto_map` (`custom_code_for_checkpoint`), so the repo
+    loads with `trust_remote_code=True` where modeling-multimodal is not installed. With `merge_adapter=True` an
+    adapter checkpoint is folded into `base_model` (default: the adapter's own base) and the full weights are
+    pushed instead. With `max_shard_size` (`"2GB"`, `"200MB"` or bytes) the model weights are pushed as shards of
+    at most that size plus `model.safetensors.index.json` (the folder is not changed); without it they are pushed
+    as saved. Returns the `CommitInfo`; its `oid` is the new revision's commit sha.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -584,8 +624,9 @@ def push_checkpoint(
         with tempfile.TemporaryDirectory(prefix="merged-") as merged_dir:
             merge_adapter_checkpoint(checkpoint_dir, merged_dir, base_model=base_model, token=token)
             return push_checkpoint(
-                merged_dir, repo_id, revision, private, token, commit_message, card=card, endpoint=endpoint
-            )
+                merged_dir, repo_id, revision, private, token, commit_message, card=card,
+                max_shard_size=max_shard_size, endpoint=endpoint,
+            )  # fmt: skip
 
     files = checkpoint_files(checkpoint_dir)
     if card is None:
@@ -600,9 +641,16 @@ def push_checkpoint(
     generated = {"README.md": readme.encode("utf-8")}
     # code and auto_map travel with the weights and the processor
     generated |= {name: text.encode("utf-8") for name, text in custom_code_for_checkpoint(checkpoint_dir).items()}
-    keep = {*files, *generated, ".gitattributes"}
-    stale = [path for path in api.list_repo_files(repo_id, revision=branch) if path not in keep]
-    operations = [CommitOperationDelete(path) for path in stale]
-    operations += [CommitOperationAdd(path, str(checkpoint_dir / path)) for path in files if path not in generated]
-    operations += [CommitOperationAdd(path, content) for path, content in generated.items()]
-    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=branch)
+    sources = {path: checkpoint_dir / path for path in files if path not in generated}
+    with tempfile.TemporaryDirectory(prefix="shards-") as shard_dir:
+        if max_shard_size is not None and weight_files(checkpoint_dir):
+            for path in weight_files(checkpoint_dir):
+                sources.pop(path, None)
+            resharded = reshard_weights(checkpoint_dir, shard_dir, max_shard_size)
+            sources |= {path: Path(shard_dir) / path for path in resharded}
+        keep = {*sources, *generated, ".gitattributes"}
+        stale = [path for path in api.list_repo_files(repo_id, revision=branch) if path not in keep]
+        operations = [CommitOperationDelete(path) for path in stale]
+        operations += [CommitOperationAdd(path, str(source)) for path, source in sources.items()]
+        operations += [CommitOperationAdd(path, content) for path, content in generated.items()]
+        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=branch)

@@ -37,8 +37,6 @@ from modeling_multimodal.hub import (
     write_model_card_inputs,
 )
 from modeling_multimodal.testing_utils import tiny_tokenizer
-from modeling_multimodal.training.recipe import load_recipe
-from modeling_multimodal.training.trainer import Trainer
 
 
 INPUT_IDS = [[10, 11, 12, 13, 14, 15]]  # no media placeholder ids (4, 5, 6 in tiny_config)
@@ -182,21 +180,10 @@ def media_outputs(folder, media) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def trained(demo_data, tmp_path_factory):
-    """A 4-step run of recipes/tiny_test.yaml with a final eval; its final/ folder is what gets pushed."""
-    root, _ = demo_data
-    output_dir = tmp_path_factory.mktemp("run")
-    overrides = [f"data.root={root}", f"output_dir={output_dir}", "report=false", "optim.max_steps=4", "data.eval_max_samples=2"]
-    result = Trainer(load_recipe(TRAIN_RECIPE, overrides)).train()
-    return Path(result["final_dir"]), result["scores"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, demo_data, trained):
-    """Two tiny Llama checkpoints, a LoRA adapter on the first, our model + processor, the trained run's final/,
-    and what each must reproduce (logits; for our model also the processor's outputs on the demo media)."""
+def checkpoints(tmp_path_factory, demo_data):
+    """Two tiny Llama checkpoints, a LoRA adapter on the first, our model + processor, and what each must
+    reproduce (logits; for our model the processor's outputs on the demo media and the logits they give)."""
     _, media = demo_data
-    trained_dir, _ = trained
     root = tmp_path_factory.mktemp("checkpoints")
     references = {}
     for version, seed in (("v1", 0), ("v2", 1)):
@@ -227,7 +214,6 @@ def checkpoints(tmp_path_factory, demo_data, trained):
     MultimodalProcessor.from_config_and_components(multimodal.config, tokenizer).save_pretrained(root / "multimodal")
     write_model_card_inputs(root / "multimodal", component_models=COMPONENTS, modalities=["image", "audio", "video"])
     references["multimodal"] = media_outputs(root / "multimodal", media)
-    references["trained"] = media_outputs(trained_dir, media)
     return root, references
 
 
@@ -249,8 +235,13 @@ PUSH_SCRIPT = textwrap.dedent(
     from huggingface_hub import HfApi
     from modeling_multimodal.cli import main
     from modeling_multimodal.hub import push_checkpoint
+    from modeling_multimodal.training.recipe import load_recipe
+    from modeling_multimodal.training.trainer import train
     args = json.loads(sys.argv[1])
-    oids = {}
+    # A 4-step run of the tiny recipe whose final/ is pushed by the trainer itself (push_to_hub) ...
+    result = train(load_recipe(args["train"]["recipe"], args["train"]["overrides"]))
+    oids = {"trained (push_to_hub)": result["hub_commit"]}
+    args["folders"]["TRAINED"] = result["final_dir"]  # ... and again by the CLI (PUSHES)
     for name, folder, repo, kwargs in args["pushes"]:
         folder = args["folders"].get(folder, f"{args['root']}/{folder}")
         if kwargs.pop("cli", False):
@@ -258,7 +249,7 @@ PUSH_SCRIPT = textwrap.dedent(
             oids[name] = HfApi().model_info(repo).sha
         else:
             oids[name] = push_checkpoint(folder, repo, **kwargs).oid
-    print(json.dumps(oids))
+    print(json.dumps({"oids": oids, "final_dir": result["final_dir"], "scores": result["scores"]}))
     """
 )
 
@@ -273,6 +264,7 @@ LOADS = [
     ("multimodal from its own code", "org/tiny-multimodal", None, "multimodal"),
     ("multimodal sharded", "org/tiny-multimodal-sharded", None, "multimodal"),
     ("trained run pushed by the CLI", "org/tiny-trained", None, "trained"),
+    ("trained run pushed by push_to_hub", "org/tiny-trained-auto", None, "trained"),
 ]
 OUR_MODELS = {"multimodal", "trained"}  # references that come with a processor and media outputs
 LOAD_SCRIPT = textwrap.dedent(
@@ -337,11 +329,33 @@ def hub():
 
 
 @pytest.fixture(scope="module")
-def pushed(hub, checkpoints, trained, tmp_path_factory):
+def push_report(hub, checkpoints, demo_data, tmp_path_factory):
     root, _ = checkpoints
     pushes = [[name, folder, repo, kwargs] for name, folder, repo, kwargs in PUSHES]
-    args = {"root": str(root), "pushes": pushes, "folders": {"TRAINED": str(trained[0])}}
-    return hub.run_client(PUSH_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_push")))
+    overrides = [
+        f"data.root={demo_data[0]}", f"output_dir={tmp_path_factory.mktemp('run')}", "report=false",
+        "optim.max_steps=4", "data.eval_max_samples=2", "push_to_hub=org/tiny-trained-auto",
+    ]  # fmt: skip
+    args = {"root": str(root), "pushes": pushes, "folders": {}, "train": {"recipe": str(TRAIN_RECIPE), "overrides": overrides}}
+    return hub.run_client(PUSH_SCRIPT, args, str(tmp_path_factory.mktemp("hf_home_push")), timeout=240)
+
+
+@pytest.fixture(scope="module")
+def pushed(push_report):
+    """Push name -> commit sha."""
+    return push_report["oids"]
+
+
+@pytest.fixture(scope="module")
+def trained(push_report):
+    """The training run's final/ folder (pushed twice) and its final eval scores."""
+    return Path(push_report["final_dir"]), push_report["scores"]
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints, trained, demo_data):
+    _, references = checkpoints
+    return {**references, "trained": media_outputs(trained[0], demo_data[1])}
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +370,7 @@ def loaded(hub, pushed, demo_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, repo, revision, reference", LOADS, ids=[case[0] for case in LOADS])
-def test_from_pretrained_in_a_fresh_process_reproduces_logits(checkpoints, loaded, name, repo, revision, reference):
-    _, references = checkpoints
+def test_from_pretrained_in_a_fresh_process_reproduces_logits(references, loaded, name, repo, revision, reference):
     logits, _ = loaded
     if reference in OUR_MODELS:  # processor outputs on image + audio + video, then the logits they give
         expected = references[reference]
@@ -371,7 +384,7 @@ def test_from_pretrained_in_a_fresh_process_reproduces_logits(checkpoints, loade
 
 
 def test_every_push_is_a_new_revision(pushed):
-    assert len(set(pushed.values())) == len(PUSHES)
+    assert len(set(pushed.values())) == len(PUSHES) + 1  # + the trainer's own push
     assert all(len(oid) == 40 for oid in pushed.values())
 
 
@@ -445,11 +458,12 @@ def test_auto_maps_in_the_pushed_configs(loaded):
         assert processor_config[component]["auto_map"] == auto_map
 
 
-def test_trained_run_card_carries_recipe_and_final_eval(loaded, trained):
-    """The trainer writes model_card_inputs.json into final/; the CLI push turns it into the card."""
+@pytest.mark.parametrize("name", ["trained run pushed by the CLI", "trained run pushed by push_to_hub"])
+def test_trained_run_card_carries_recipe_and_final_eval(loaded, trained, name):
+    """The trainer writes model_card_inputs.json into final/; a push (CLI or push_to_hub) turns it into the card."""
     _, report = loaded
     _, scores = trained
-    card = report["cards"]["trained run pushed by the CLI"]
+    card = report["cards"][name]
     (index,) = card["metadata"]["model-index"]
     pushed = {(m["type"], m["value"]) for result in index["results"] for m in result["metrics"]}
     assert scores and pushed == {(key.split("/", 1)[1], round(value, 4)) for key, value in scores.items()}
@@ -483,8 +497,9 @@ def test_saved_code_does_not_shadow_the_installed_package(checkpoints, demo_data
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder)
     assert type(processor) is MultimodalProcessor and type(model) is MultimodalForConditionalGeneration
-    assert media_outputs(folder, demo_data[1]).keys() == references["multimodal"].keys()
-    torch.testing.assert_close(media_outputs(folder, demo_data[1])["logits"], references["multimodal"]["logits"], rtol=0, atol=0)
+    outputs = media_outputs(folder, demo_data[1])
+    assert outputs.keys() == references["multimodal"].keys()
+    torch.testing.assert_close(outputs["logits"], references["multimodal"]["logits"], rtol=0, atol=0)
 
 
 TRAINING_CARD_CASES = [
