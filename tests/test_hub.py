@@ -37,6 +37,8 @@ from modeling_multimodal.hub import (
     write_model_card_inputs,
 )
 from modeling_multimodal.testing_utils import tiny_tokenizer
+from modeling_multimodal.training.recipe import load_recipe
+from modeling_multimodal.training.stages import apply_stage
 
 
 INPUT_IDS = [[10, 11, 12, 13, 14, 15]]  # no media placeholder ids (4, 5, 6 in tiny_config)
@@ -169,10 +171,10 @@ def demo_data(tmp_path_factory):
     return root, media
 
 
-def media_outputs(folder, media) -> dict[str, torch.Tensor]:
+def media_outputs(folder, media, model=None) -> dict[str, torch.Tensor]:
     """What the package's processor and model, loaded from `folder`, make of PROMPT with the demo media."""
     processor = MultimodalProcessor.from_pretrained(folder)
-    model = MultimodalForConditionalGeneration.from_pretrained(folder).eval()
+    model = (model or MultimodalForConditionalGeneration.from_pretrained(folder)).eval()
     inputs = processor(text=PROMPT, **media, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -214,6 +216,19 @@ def checkpoints(tmp_path_factory, demo_data):
     MultimodalProcessor.from_config_and_components(multimodal.config, tokenizer).save_pretrained(root / "multimodal")
     write_model_card_inputs(root / "multimodal", component_models=COMPONENTS, modalities=["image", "audio", "video"])
     references["multimodal"] = media_outputs(root / "multimodal", media)
+    # A LoRA adapter on it whose projectors are trained too (modules_to_save), as the finetune stage saves it.
+    stage = {"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": "finetune"}
+    peft_model = apply_stage(MultimodalForConditionalGeneration.from_pretrained(root / "multimodal"), load_recipe(values=stage))
+    with torch.no_grad():  # stand-in for training: move every trainable weight
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    peft_model.save_pretrained(root / "multimodal-lora")
+    adapter_config = json.loads((root / "multimodal-lora" / "adapter_config.json").read_text())
+    assert any("multi_modal_projector" in module for module in adapter_config["modules_to_save"] or [])
+    (root / "multimodal-lora" / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "org/tiny-multimodal"}))
+    references["multimodal lora"] = media_outputs(root / "multimodal", media, model=peft_model)
+    assert not torch.equal(references["multimodal lora"]["logits"], references["multimodal"]["logits"])
     return root, references
 
 
@@ -226,6 +241,7 @@ PUSHES = [
     ("v1 on a branch", "v1", "org/tiny-llama", {"revision": "v1-branch"}),
     ("private", "v1", "org/tiny-llama-private", {"private": True}),
     ("multimodal", "multimodal", "org/tiny-multimodal", {}),
+    ("multimodal lora", "multimodal-lora", "org/tiny-multimodal-lora", {}),
     ("multimodal sharded", "multimodal", "org/tiny-multimodal-sharded", {"max_shard_size": "100KB"}),
     ("trained", "TRAINED", "org/tiny-trained", {"cli": True}),  # `modeling-multimodal push <final_dir> <repo>`
 ]
@@ -263,10 +279,11 @@ LOADS = [
     ("private repo with token", "org/tiny-llama-private", None, "v1"),
     ("multimodal from its own code", "org/tiny-multimodal", None, "multimodal"),
     ("multimodal sharded", "org/tiny-multimodal-sharded", None, "multimodal"),
+    ("multimodal adapter with projectors", "org/tiny-multimodal-lora", None, "multimodal lora"),
     ("trained run pushed by the CLI", "org/tiny-trained", None, "trained"),
     ("trained run pushed by push_to_hub", "org/tiny-trained-auto", None, "trained"),
 ]
-OUR_MODELS = {"multimodal", "trained"}  # references that come with a processor and media outputs
+OUR_MODELS = {"multimodal", "trained", "multimodal lora"}  # references that come with a processor and media outputs
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -288,13 +305,16 @@ LOAD_SCRIPT = textwrap.dedent(
     args = json.loads(sys.argv[1])
     logits, report = {}, {"files": {}, "cards": {}, "classes": {}}
     for name, repo, revision, ours in args["loads"]:
-        if repo.endswith("-lora"):
+        if repo.endswith("-lora") and not ours:
             base = AutoModelForCausalLM.from_pretrained("org/tiny-llama", revision=args["v1_sha"])
             model = PeftModel.from_pretrained(base, repo, revision=revision)
-        elif ours:  # our model and processor, from the code the repo carries
-            model = AutoModelForImageTextToText.from_pretrained(repo, revision=revision, trust_remote_code=True)
-            processor = AutoProcessor.from_pretrained(repo, revision=revision, trust_remote_code=True)
-            image_processor = AutoImageProcessor.from_pretrained(repo, revision=revision, trust_remote_code=True)
+        elif ours:  # our model and processor, from the code the repo (or, for an adapter, its base) carries
+            code_repo, code_revision = ("org/tiny-multimodal", None) if repo.endswith("-lora") else (repo, revision)
+            model = AutoModelForImageTextToText.from_pretrained(code_repo, revision=code_revision, trust_remote_code=True)
+            if repo.endswith("-lora"):
+                model = PeftModel.from_pretrained(model, repo, revision=revision)
+            processor = AutoProcessor.from_pretrained(code_repo, revision=code_revision, trust_remote_code=True)
+            image_processor = AutoImageProcessor.from_pretrained(code_repo, revision=code_revision, trust_remote_code=True)
             inputs = processor(text=args["prompt"], **args["media"], return_tensors="pt")
             logits |= {f"{name}/inputs/{key}": value.contiguous() for key, value in inputs.items()}
             with torch.no_grad():
@@ -395,9 +415,10 @@ def test_our_card_lands_and_parses(loaded, name):
     assert "modeling-multimodal model card" in card["text"] and "transformers' auto card" not in card["text"]
     ModelCardData(**card["metadata"], ignore_metadata_errors=False)
     assert "optimizer.pt" not in files and "README.md" in files
-    if name == "adapter on its base":
-        assert card["metadata"]["library_name"] == "peft" and card["metadata"]["base_model"] == ["org/tiny-llama"]
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    if name in ("adapter on its base", "multimodal adapter with projectors"):
+        base = "org/tiny-llama" if name == "adapter on its base" else "org/tiny-multimodal"
+        assert card["metadata"]["library_name"] == "peft" and card["metadata"]["base_model"] == [base]
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files) and "model.safetensors" not in files
     elif name == "multimodal sharded":
         shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
         assert "model.safetensors.index.json" in files and "model.safetensors" not in files and len(shards) > 1
@@ -435,7 +456,7 @@ CODE_FILES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", [case[0] for case in LOADS if case[3] in OUR_MODELS])
+@pytest.mark.parametrize("name", [case[0] for case in LOADS if case[3] in OUR_MODELS - {"multimodal lora"}])
 def test_custom_code_travels_with_the_checkpoint(loaded, name):
     _, report = loaded
     assert report["package_hidden"], "the loading process must not see modeling_multimodal"
