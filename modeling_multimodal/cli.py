@@ -60,7 +60,7 @@ def _push(args):
 
     info = push_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
-        merge_adapter=args.merge_adapter, base_model=args.base_model,
+        merge_adapter=args.merge_adapter, base_model=args.base_model, max_shard_size=args.max_shard_size,
     )
     print(f"pushed {args.checkpoint} to {args.repo_id} at revision {info.oid}")
 
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--merge-adapter", action="store_true")
     p.add_argument("--base-model")
+    p.add_argument("--max-shard-size", help='shard the weights, e.g. "2GB"')
     p.set_defaults(func=_push)
 
     p = commands.add_parser("demo", help="the offline demo: data, align + LoRA finetune, evaluate, reload, report")
