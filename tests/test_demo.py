@@ -16,7 +16,7 @@ def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
         assert key in saved["scores"]
     assert saved["scores"]["image_caption/num_test_samples"] == 12
     assert [row["metric"] for row in saved["targets"]] == [key for key, _, _ in TARGETS]
-    assert saved["train_steps"] == {"align": 3, "finetune": 4}
+    assert saved["train_steps"] == {"pretrain": 3, "align": 2, "finetune": 3}
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert (tmp_path / "finetune" / "final" / "adapter" / "adapter_config.json").exists()
     model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")

@@ -5,9 +5,9 @@ What a reader should know:
   labelled tokens of the whole window on every rank, and every micro-batch divides its summed token
   loss by that count. Gradient accumulation and data parallelism then weigh every token equally
   (a 2-process run equals the 1-process run with the same global batch).
-- With several processes every rank runs every module in every step (`touch_all_modules`), so
-  mixed-modality batches do not hang DDP / FSDP / ZeRO-3; parameters no forward can reach are frozen
-  before wrapping.
+- Every rank runs every module in every step (`touch_all_modules`, a zero-weight pass), so
+  mixed-modality batches do not hang DDP / FSDP / ZeRO-3, and one process gives its optimizer the same
+  zero gradients as several would; parameters no forward can reach are frozen before wrapping.
 - Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
   (epoch, batch) are restored; the sampler is seeded per epoch, and RNG is restored after the data
   iterator is rebuilt, so the loss curve after a resume equals an uninterrupted run.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -146,12 +147,17 @@ class Trainer:
     def __init__(self, recipe: TrainingRecipe):
         self.recipe = recipe
         self.output_dir = Path(recipe.output_dir)
+        # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
+        # the demo's stages, tests) may ask for another mixed precision, so start from a clean one.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             # Without a GPU, `cpu=True` lets torchrun / `accelerate launch --multi_gpu` start a real gloo group
             # (otherwise Accelerate quietly runs each process alone).
             cpu=not torch.cuda.is_available(),
             mixed_precision=recipe.mixed_precision,
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # Each global batch is split across processes (so n processes equal one at the same global batch);
+            # packed batches vary in sample count, so with packing each process draws its own batches of rows.
+            dataloader_config=DataLoaderConfiguration(split_batches=not recipe.data.packing),
             log_with=[JSONLTracker(self.output_dir / "logs"), "tensorboard"],
             project_dir=str(self.output_dir / "logs"),
         )
@@ -230,7 +236,8 @@ class Trainer:
             device=accelerator.device,
         )
         text_items, ctc_items = accelerator.reduce(local, "sum").clamp(min=1).unbind()
-        totals = torch.zeros(3, device=accelerator.device)  # loss_text, loss_other, loss_cross summed over the window
+        # loss_text, loss_other, loss_cross summed over the window, then how many micro-batches had each term
+        totals = torch.zeros(6, device=accelerator.device)
         for i, batch in enumerate(window):
             context = accelerator.no_sync(model) if i < steps - 1 and world > 1 else contextlib.nullcontext()
             with context:
@@ -241,28 +248,36 @@ class Trainer:
                     gather_contrastive=world > 1,
                     return_logits=False,
                     use_cache=False,
-                    touch_all_modules=world > 1,  # DDP / FSDP / ZeRO-3 need every module in every step
+                    # Every module in every step: DDP / FSDP / ZeRO-3 need it, and one process does the same so
+                    # that the optimizer sees the same (zero) gradients whatever the number of processes.
+                    touch_all_modules=True,
                 )
                 objective = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
                 if out.loss_text is not None:
                     objective = objective + world * out.loss_text
                     totals[0] += out.loss_text.detach()
+                    totals[3] += 1
                 if out.loss_other is not None:
                     objective = objective + world * config.other_loss_weight * out.loss_other
                     totals[1] += out.loss_other.detach()
+                    totals[4] += 1
                 if out.loss_cross is not None:
                     objective = objective + config.cross_loss_weight * out.loss_cross / steps
                     totals[2] += out.loss_cross.detach() / steps / world  # the same value on every rank
+                    totals[5] += 1
                 accelerator.backward(objective)
-        loss_text, loss_other, loss_cross = accelerator.reduce(totals, "sum").tolist()
+        reduced = accelerator.reduce(totals, "sum").tolist()
+        # A term no micro-batch of any rank had is None (not 0) in the logs.
+        loss_text, loss_other, loss_cross = (value if seen else None for value, seen in zip(reduced[:3], reduced[3:]))
         grad_norm = 0.0
         if self.recipe.optim.max_grad_norm:
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        loss = (loss_text or 0.0) + config.other_loss_weight * (loss_other or 0.0) + config.cross_loss_weight * (loss_cross or 0.0)
         return {
-            "loss": loss_text + config.other_loss_weight * loss_other + config.cross_loss_weight * loss_cross,
+            "loss": loss,
             "loss_text": loss_text,
             "loss_other": loss_other,
             "loss_cross": loss_cross,
@@ -327,7 +342,7 @@ class Trainer:
             metrics["epoch"] = epoch
             self.log_history.append(metrics)
             if step % max(recipe.logging_steps, 1) == 0 or step == optim.max_steps:
-                accelerator.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+                accelerator.log({f"train/{k}": v for k, v in metrics.items() if k != "step" and v is not None}, step=step)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             progress.update(1)
             if recipe.eval_steps and step % recipe.eval_steps == 0 and step < optim.max_steps and self.eval_rows:
