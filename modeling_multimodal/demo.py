@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from importlib.resources import files as package_files
 from pathlib import Path
 
 from .demo_data import make_demo_data
@@ -52,11 +53,11 @@ STAGES = (("pretrain", "full"), ("align", "align"), ("finetune", "finetune"))
 
 
 def recipe_path(name: str) -> Path:
-    """A shipped recipe: the installed copy, else the repository's `recipes/` folder."""
-    for folder in (Path(__file__).parent / "recipes", Path(__file__).resolve().parents[1] / "recipes"):
-        if (folder / name).exists():
-            return folder / name
-    raise FileNotFoundError(f"recipe {name} not found (looked in the package and the repository's recipes/)")
+    """A recipe shipped as package data of `modeling_multimodal.recipes` (the repository's `recipes/`)."""
+    path = Path(str(package_files("modeling_multimodal.recipes") / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {name} not found in {path.parent}")
+    return path
 
 
 def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] = ()) -> dict:

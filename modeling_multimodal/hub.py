@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +63,11 @@ DEFAULT_TASK_BY_METRIC = {
 
 
 def template_path() -> Path:
-    """The card template: installed with the package if setup.py ships it, else the repository's `model_cards/`."""
-    try:
-        from importlib.resources import files
-
-        packaged = Path(str(files("modeling_multimodal.model_cards") / TEMPLATE_NAME))
-        if packaged.is_file():
-            return packaged
-    except ModuleNotFoundError:
-        pass
-    in_repository = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
-    if not in_repository.is_file():
-        raise FileNotFoundError(
-            f"Model card template {TEMPLATE_NAME} is neither installed in modeling_multimodal.model_cards nor at"
-            f" {in_repository}"
-        )
-    return in_repository
+    """The card template, shipped as package data of `modeling_multimodal.model_cards` (see setup.py)."""
+    path = Path(str(package_files("modeling_multimodal.model_cards") / TEMPLATE_NAME))
+    if not path.is_file():
+        raise FileNotFoundError(f"Model card template {TEMPLATE_NAME} is missing from {path.parent}; reinstall the package")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------
