@@ -48,25 +48,22 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
     def add(what, ours, theirs, ratio, goal):
         rows.append((what, ours, theirs, _fmt(ratio, "×"), goal, _status(ratio, goal)))
 
-    if "train_vs_llava" in results:
-        r = results["train_vs_llava"]
-        add(f"Train step time vs LLaVA (speedup; batch {r['batch']}, seq {r['sequence']})",
-            _fmt(r["ours"]["step_s"], " s"), _fmt(r["llava"]["step_s"], " s"), r["speedup"], ">=1.2×")
-        add("Train peak memory vs LLaVA (ours/theirs)",
-            _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r["llava"]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
+    for key, reference, name in (("train_vs_llava", "llava", "LLaVA"), ("train_vs_qwen2_audio", "qwen2_audio", "Qwen2-Audio")):
+        if key not in results:
+            continue
+        r = results[key]
+        if reference == "llava":
+            setting = f"batch {r['batch']}, seq {r['sequence']}"
+        else:
+            setting = (f"{r['clip_seconds']:g} s clips, ours {r['encoder_frames_ours']} mel "
+                       f"frames vs their {r['encoder_frames_qwen2_audio']}")
+        add(f"Train step time vs {name} (speedup; {setting})",
+            _fmt(r["ours"]["step_s"], " s"), _fmt(r[reference]["step_s"], " s"), r["speedup"], ">=1.2×")
+        add(f"Train peak memory vs {name} (ours/theirs)",
+            _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r[reference]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
         add("  of which step memory above weights+optimizer state",
-            _fmt(r["ours"]["step_peak_mib"], " MiB", 0), _fmt(r["llava"]["step_peak_mib"], " MiB", 0),
-            r["ours"]["step_peak_mib"] / r["llava"]["step_peak_mib"], "info")
-    if "train_vs_qwen2_audio" in results:
-        r = results["train_vs_qwen2_audio"]
-        add(f"Train step time vs Qwen2-Audio (speedup; {r['clip_seconds']:g} s clips, ours {r['encoder_frames_ours']} mel "
-            f"frames vs their {r['encoder_frames_qwen2_audio']})",
-            _fmt(r["ours"]["step_s"], " s"), _fmt(r["qwen2_audio"]["step_s"], " s"), r["speedup"], ">=1.2×")
-        add("Train peak memory vs Qwen2-Audio (ours/theirs)",
-            _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r["qwen2_audio"]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
-        add("  of which step memory above weights+optimizer state",
-            _fmt(r["ours"]["step_peak_mib"], " MiB", 0), _fmt(r["qwen2_audio"]["step_peak_mib"], " MiB", 0),
-            r["ours"]["step_peak_mib"] / r["qwen2_audio"]["step_peak_mib"], "info")
+            _fmt(r["ours"]["step_peak_mib"], " MiB", 0), _fmt(r[reference]["step_peak_mib"], " MiB", 0),
+            r["ours"]["step_peak_mib"] / r[reference]["step_peak_mib"], "info")
     if "generate_vs_llava" in results:
         r = results["generate_vs_llava"]
         add(f"Generate tokens/s vs LLaVA (batch {r['batch']}, {r['new_tokens']} new tokens)",
