@@ -20,7 +20,7 @@ SUPPORTED_AUDIO_TOWERS = ("whisper", "qwen2_audio_encoder")
 # Composite configs whose vision or audio half we take when a user passes the whole thing.
 _VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
 PROJECTOR_TYPES = ("linear", "mlp")
-AUXILIARY_TASKS = ("audio_ctc",)
+AUXILIARY_TASKS = ("audio_ctc", "media_bow")
 
 
 class MultimodalConfig(PreTrainedConfig):
@@ -42,7 +42,9 @@ class MultimodalConfig(PreTrainedConfig):
         video_temporal_pool_stride / video_spatial_pool_stride: pooling of video frame features.
         other_loss_weight: λ, the weight of the auxiliary tasks' losses (`L_other`, e.g. audio CTC).
         cross_loss_weight: α, the weight of the contrastive media-text alignment loss (`L_cross`).
-        auxiliary_tasks: auxiliary heads to build, from `AUXILIARY_TASKS`; those whose modality is absent are skipped.
+        auxiliary_tasks: auxiliary heads to build, from `AUXILIARY_TASKS` ("audio_ctc": CTC transcription on the
+            audio encoder; "media_bow": the paired text's bag of words from the pooled media tokens); those whose
+            modality is absent are skipped.
         contrastive_dim: size of the shared retrieval space (defaults to the LM hidden size).
         contrastive_init_temperature: initial temperature of the InfoNCE loss (learnable).
         freeze_vision_tower / freeze_audio_tower / freeze_language_model: set `requires_grad=False` at init.
@@ -155,7 +157,9 @@ class MultimodalConfig(PreTrainedConfig):
         if unknown:
             errors.append(f"unknown auxiliary_tasks {unknown}; known: {AUXILIARY_TASKS}")
         if self.other_loss_weight > 0 and not self.active_auxiliary_tasks:
-            errors.append("other_loss_weight (λ) > 0 but no auxiliary task applies (audio_ctc needs an audio_config)")
+            errors.append(
+                "other_loss_weight (λ) > 0 but no auxiliary task applies (audio_ctc needs an audio_config, media_bow any media tower)"
+            )
         if self.cross_loss_weight > 0 and self.vision_config is None and self.audio_config is None:
             errors.append("cross_loss_weight (α) > 0 needs at least one media tower to align with text")
         if self.contrastive_init_temperature <= 0:
@@ -166,7 +170,9 @@ class MultimodalConfig(PreTrainedConfig):
     @property
     def active_auxiliary_tasks(self) -> list[str]:
         """Auxiliary tasks whose modality this model has."""
-        return [task for task in self.auxiliary_tasks if task == "audio_ctc" and self.audio_config is not None]
+        has_media = self.vision_config is not None or self.audio_config is not None
+        applies = {"audio_ctc": self.audio_config is not None, "media_bow": has_media}
+        return [task for task in self.auxiliary_tasks if applies.get(task, False)]
 
     @property
     def token_layout(self) -> MediaTokenLayout:

@@ -11,7 +11,7 @@ from pathlib import Path
 def _make_demo_data(args):
     from .demo_data import make_demo_data
 
-    meta = make_demo_data(args.out, seed=args.seed, overwrite=args.overwrite)
+    meta = make_demo_data(args.out, seed=args.seed, holdout=args.holdout, overwrite=args.overwrite)
     print(json.dumps(meta.get("counts", meta), indent=2))
 
 
@@ -69,9 +69,9 @@ def _demo(args):
     from .demo import run_ablation, run_demo
 
     if args.ablation:
-        run_ablation(args.out, quick=args.quick)
+        run_ablation(args.out, quick=args.quick, holdout=args.holdout)
     else:
-        run_demo(args.out, quick=args.quick)
+        run_demo(args.out, quick=args.quick, holdout=args.holdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("make-demo-data", help="generate the demo's images, videos and speech with manifests")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--holdout", choices=("combinations", "pairs"), default="combinations",
+        help="what only the test split uses: unseen attribute combinations, or (stricter) unseen colour+shape pairs",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_make_demo_data)
 
@@ -119,10 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", help='shard the weights, e.g. "2GB"')
     p.set_defaults(func=_push)
 
-    p = commands.add_parser("demo", help="the offline demo: data, align + LoRA finetune, evaluate, reload, report")
+    p = commands.add_parser("demo", help="the offline demo: data, encoders + pretrain + align + LoRA finetune, evaluate, reload, report")
     p.add_argument("--out", default="demo_output")
     p.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
     p.add_argument("--ablation", action="store_true", help="run the λ/α ablation instead")
+    p.add_argument(
+        "--holdout", choices=("combinations", "pairs"), default="combinations",
+        help="the test split's rule (see make-demo-data --holdout); 'pairs' is the stricter colour+shape hold-out",
+    )
     p.set_defaults(func=_demo)
     return parser
 

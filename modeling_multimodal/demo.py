@@ -9,8 +9,11 @@ training with λ and α switched off and on, at the same budget and seeds.
 
 A model built from configs has no pretrained part, and the align and LoRA stages assume one (LoRA on
 a random, frozen LM does not learn the task; measured: exact match 0.0 after 900 steps). So the demo
-first pretrains every part from scratch (stage `full`), then runs the usual `align` (projectors and
-heads) and `finetune` (LoRA on the LM and the towers) stages on top, as one would on pretrained parts.
+first teaches the towers to see and hear on their own tasks (stage `encoders`: `L_other` alone, the LM
+does not run, so a step costs a fraction of a full one), then pretrains every part (stage `full`), then
+runs the usual `align` (projectors and heads) and `finetune` (LoRA on the LM and the towers) stages on
+top, as one would on pretrained parts. With λ = 0 there is no `L_other`, so the ablation's λ = 0 runs
+skip the `encoders` stage.
 """
 
 from __future__ import annotations
@@ -40,16 +43,17 @@ TARGETS = (
     ("speech_transcription/wer", 0.10, False),
 )
 FULL = {
-    "sizes": {"image": {"train": 2000}, "video": {"train": 800}, "speech": {"train": 960}},
-    "steps": {"pretrain": 2400, "align": 100, "finetune": 600},
-    "eval_steps": {"pretrain": 800, "align": 0, "finetune": 300},
+    "sizes": {"image": {"train": 4000}, "video": {"train": 1600}, "speech": {"train": 1600}},
+    "steps": {"encoders": 2000, "pretrain": 2400, "align": 100, "finetune": 500},
+    "eval_steps": {"encoders": 0, "pretrain": 1200, "align": 0, "finetune": 250},
 }
 QUICK = {
     "sizes": {"image": {"train": 32, "validation": 8, "test": 12}, "video": {"train": 16, "validation": 4, "test": 6}, "speech": {"train": 16, "validation": 4, "test": 6}},
-    "steps": {"pretrain": 3, "align": 2, "finetune": 3},
-    "eval_steps": {"pretrain": 0, "align": 0, "finetune": 0},
+    "steps": {"encoders": 2, "pretrain": 3, "align": 2, "finetune": 3},
+    "eval_steps": {"encoders": 0, "pretrain": 0, "align": 0, "finetune": 0},
 }
-STAGES = (("pretrain", "full"), ("align", "align"), ("finetune", "finetune"))
+HOLDOUT_TITLES = {"combinations": "unseen attribute combinations", "pairs": "unseen colour+shape pairs"}
+STAGES = (("encoders", "encoders"), ("pretrain", "full"), ("align", "align"), ("finetune", "finetune"))
 
 
 def recipe_path(name: str) -> Path:
@@ -61,10 +65,10 @@ def recipe_path(name: str) -> Path:
 
 
 def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] = ()) -> dict:
-    """Pretrain from configs (stage full), align, then LoRA finetune, each from the previous result."""
+    """Encoders, pretraining (stage full), align, then LoRA finetune, each from the previous result."""
     common = [f"data.root={data}", "data.cache_in_memory=true", *overrides]
     results, previous = {}, None
-    for name, stage in STAGES:
+    for name, stage in demo_stages(overrides):
         run = [*common, f"stage={stage}", f"output_dir={out / name}", f"optim.max_steps={budget['steps'][name]}"]
         run += [f"eval_steps={budget['eval_steps'][name]}", "report=false"]
         if previous is not None:
@@ -76,16 +80,22 @@ def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] =
     return results
 
 
-def write_stages_report(out: Path, path: Path) -> Path:
+def demo_stages(overrides: list[str] = ()) -> tuple[tuple[str, str], ...]:
+    """(run name, stage) in order; without L_other (λ = 0) the `encoders` stage has nothing to train."""
+    lam = load_recipe(recipe_path("demo.yaml"), [o for o in overrides if o.startswith("other_loss_weight=")]).other_loss_weight
+    return tuple((name, stage) for name, stage in STAGES if stage != "encoders" or lam > 0)
+
+
+def write_stages_report(out: Path, path: Path, overrides: list[str] = ()) -> Path:
     """One report image over all stages: their step axes laid end to end."""
     train_history, eval_history, boundaries, offset = [], [], [], 0
-    for name, _ in STAGES:
+    for name, _ in demo_stages(overrides):
         logs = json.loads((out / name / "log_history.json").read_text())
         train_history += [{**record, "step": record["step"] + offset} for record in logs["train"]]
         eval_history += [{**record, "step": record["step"] + offset} for record in logs["eval"]]
         boundaries.append((offset, name))
         offset += len(logs["train"])
-    return write_report(train_history, eval_history, path, "demo: pretrain → align → LoRA finetune", boundaries)
+    return write_report(train_history, eval_history, path, "demo: encoders → pretrain → align → LoRA finetune", boundaries)
 
 
 def evaluate_on_test(model_dir: Path, data: Path) -> tuple[dict, dict]:
@@ -111,8 +121,8 @@ def targets_table(scores: dict) -> list[dict]:
     return rows
 
 
-def print_results(scores: dict, samples: dict, timings: dict) -> None:
-    print("\n=== held-out test split (unseen colour+shape pairs, unseen voice) ===")
+def print_results(scores: dict, samples: dict, timings: dict, holdout: str = "combinations") -> None:
+    print(f"\n=== held-out test split ({HOLDOUT_TITLES[holdout]}, unseen voice) ===")
     print(f"{'metric':45s} {'value':>8s}  {'goal':>7s}  met")
     for row in targets_table(scores):
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
@@ -129,13 +139,13 @@ def print_results(scores: dict, samples: dict, timings: dict) -> None:
     print(", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()))
 
 
-def run_demo(out: str | Path = "demo_output", quick: bool = False, overrides: list[str] = ()) -> dict:
+def run_demo(out: str | Path = "demo_output", quick: bool = False, overrides: list[str] = (), holdout: str = "combinations") -> dict:
     """The whole demo; returns (and writes to out/results.json) the test scores, targets and timings."""
     out = Path(out)
     budget = QUICK if quick else FULL
     timings, started = {}, time.perf_counter()
     data = out / "data"
-    make_demo_data(data, seed=0, sizes=budget["sizes"])
+    make_demo_data(data, seed=0, sizes=budget["sizes"], holdout=holdout)
     timings["data"] = time.perf_counter() - started
     mark = time.perf_counter()
     runs = train_demo_model(out, data, budget, list(overrides))
@@ -145,7 +155,7 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, overrides: li
     scores, samples = evaluate_on_test(model_dir, data)
     timings["test"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    report = write_stages_report(out, out / "report.png")
+    report = write_stages_report(out, out / "report.png", list(overrides))
     results = {
         "scores": scores,
         "targets": targets_table(scores),
@@ -153,11 +163,12 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, overrides: li
         "timings_seconds": timings,
         "model_dir": str(model_dir),
         "report": str(report),
-        "train_steps": {name: runs[name]["steps"] for name, _ in STAGES},
+        "train_steps": {name: run["steps"] for name, run in runs.items()},
         "overrides": list(overrides),
+        "holdout": holdout,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print_results(scores, samples, timings)
+    print_results(scores, samples, timings, holdout)
     print(f"\nresults: {out / 'results.json'}\nreport:  {report}\nmodel:   {model_dir}")
     return results
 
@@ -165,12 +176,12 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, overrides: li
 ABLATIONS = (("neither (λ=0, α=0)", 0.0, 0.0), ("λ only", None, 0.0), ("α only", 0.0, None), ("both", None, None))
 
 
-def run_ablation(out: str | Path = "demo_output/ablation", quick: bool = False) -> list[dict]:
+def run_ablation(out: str | Path = "demo_output/ablation", quick: bool = False, holdout: str = "combinations") -> list[dict]:
     """The same budget and seeds with each loss term off and on; writes ablation.json and ablation.md."""
     out = Path(out)
     budget = QUICK if quick else FULL
     data = out / "data"
-    make_demo_data(data, seed=0, sizes=budget["sizes"])
+    make_demo_data(data, seed=0, sizes=budget["sizes"], holdout=holdout)
     defaults = load_recipe(recipe_path("demo.yaml"))
     rows = []
     for name, lam, alpha in ABLATIONS:

@@ -3,7 +3,9 @@
 - `labelled_lm_loss`: next-token cross-entropy computed only at labelled positions, in chunks, so the
   (sequence × vocabulary) logits of prompt and media positions are never materialised.
 - `AUXILIARY_HEADS`: a small registry of the other modalities' own tasks (`L_other`); each head
-  declares its modality and computes its loss from that modality's encoder output.
+  declares its modality and computes its loss from that modality's encoder output (`audio_ctc`: CTC
+  transcription on the audio encoder) or from the pooled media tokens (`media_bow`: the paired text's
+  bag of words, i.e. image/video tagging and keyword spotting).
 - `RetrievalHead`: the shared retrieval space and the symmetric InfoNCE (`L_cross`).
 """
 
@@ -95,7 +97,42 @@ class AudioCTCHead(nn.Module):
         return sequences
 
 
-AUXILIARY_HEADS = {"audio_ctc": AudioCTCHead}
+class MediaBagOfWordsHead(nn.Module):
+    """Predicts the words of a sample's paired text (caption, transcript) from its pooled media tokens.
+
+    Image / video tagging and spoken keyword spotting in one head, trained as classification over the
+    LM vocabulary (SuperClass, Huang et al. 2024: softmax cross-entropy against the normalised bag of
+    the text's token ids). Unlike the caption loss, the target does not depend on word order or on the
+    previous words, so the towers must see every attribute themselves instead of leaning on the LM's
+    word-to-word statistics; unlike `L_cross` it needs no negatives from the batch.
+    """
+
+    modality = "media"
+    labels_key = "pair_input_ids"
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.classifier = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled)
+
+    def loss(
+        self, pooled: torch.Tensor, pair_input_ids: torch.Tensor, pair_attention_mask: torch.Tensor, num_items: int | torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """pooled (n, d) per-sample media embeddings; pair ids / mask (n, S). Per sample the cross-entropy
+        against its normalised bag of words, summed and divided by `num_items` (else averaged)."""
+        if pooled.shape[0] == 0:
+            return None
+        log_probs = self(pooled).float().log_softmax(-1)
+        bags = torch.zeros_like(log_probs).scatter_add_(1, pair_input_ids, pair_attention_mask.to(log_probs.dtype))
+        bags = bags.clamp(max=1.0)  # a word said twice counts once
+        bags = bags / bags.sum(-1, keepdim=True).clamp(min=1.0)
+        per_sample = -(bags * log_probs).sum(-1)
+        return per_sample.sum() / (num_items if num_items is not None else per_sample.numel())
+
+
+AUXILIARY_HEADS = {"audio_ctc": AudioCTCHead, "media_bow": MediaBagOfWordsHead}
 
 
 class RetrievalHead(nn.Module):

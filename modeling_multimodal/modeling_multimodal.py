@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -214,8 +215,13 @@ class MultimodalModel(MultimodalPreTrainedModel):
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        skip_language_model: bool = False,
         **kwargs,
     ) -> MultimodalModelOutput:
+        r"""
+        skip_language_model: encode and merge the media but do not run the LM (`last_hidden_state` is None):
+            what the auxiliary heads need when only the encoders train (stage `encoders`).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         has_media = pixel_values is not None or pixel_values_videos is not None or input_features is not None
@@ -247,6 +253,10 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 inputs_embeds = self._merge(input_ids, inputs_embeds, modality, token_id, media.get(modality), is_prefill)
                 media_mask |= input_ids == token_id
 
+        if skip_language_model:
+            return MultimodalModelOutput(
+                media_mask=media_mask, inputs_embeds=inputs_embeds, audio_encoder_states=audio_states, audio_positions=audio_positions
+            )
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # Left padding: positions count real tokens only, so a sample's output does not depend on its batch.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
@@ -281,8 +291,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         heads = {}
         for task in config.active_auxiliary_tasks:
-            if task == "audio_ctc":
-                heads[task] = AUXILIARY_HEADS[task](config.audio_config.d_model, text.vocab_size)
+            in_features = config.audio_config.d_model if task == "audio_ctc" else text.hidden_size
+            heads[task] = AUXILIARY_HEADS[task](in_features, text.vocab_size)
         self.auxiliary_heads = nn.ModuleDict(heads)
         self.retrieval_head = RetrievalHead(
             text.hidden_size, config.contrastive_dim or text.hidden_size, config.contrastive_init_temperature
@@ -347,18 +357,35 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         hidden = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
 
+    def get_media_features(self, media_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Media-only LM pass over each item's projected tokens (n_i, d), mean-pooled, projected, L2-normalised.
+
+        The media side of retrieval reads its tokens through the LM, as the text side reads its words: the
+        LM sees the tokens in order, so where something is in an image (and when, in a video) survives
+        into the embedding; a plain mean over an image's patch tokens loses it (measured on the demo: a
+        bag-of-words probe on mean-pooled patch tokens names the row of a shape no better than chance).
+        Each item is its own sequence, so an embedding never depends on the rest of the batch.
+        """
+        if not media_tokens:
+            return self.retrieval_head.media_projection.weight.new_zeros(0, self.retrieval_head.media_projection.out_features)
+        lengths = torch.tensor([t.shape[0] for t in media_tokens], device=media_tokens[0].device)
+        padded = torch.stack([F.pad(t, (0, 0, 0, int(lengths.max()) - t.shape[0])) for t in media_tokens])
+        mask = torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]
+        hidden = self.model.language_model(inputs_embeds=padded, attention_mask=mask.long(), use_cache=False)
+        return self.retrieval_head.embed_media(masked_mean(hidden.last_hidden_state, mask))
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> (n, contrastive_dim), L2-normalised."""
-        return self.retrieval_head.embed_media(self.model.encode_images(pixel_values).mean(1))
+        return self.get_media_features(list(self.model.encode_images(pixel_values)))
 
     def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """(n, frames, 3, H, W) -> (n, contrastive_dim), L2-normalised."""
-        return self.retrieval_head.embed_media(self.model.encode_videos(pixel_values_videos).mean(1))
+        return self.get_media_features(list(self.model.encode_videos(pixel_values_videos)))
 
     def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None):
         """(n, n_mels, T) -> (n, contrastive_dim), L2-normalised."""
         clips, _, _ = self.model.encode_audio(input_features, input_features_mask)
-        return self.retrieval_head.embed_media(torch.stack([clip.mean(0) for clip in clips]))
+        return self.get_media_features(list(clips))
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(
@@ -379,11 +406,13 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         segment_ids: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_ctc_items_in_batch: int | torch.Tensor | None = None,
+        num_pair_items_in_batch: int | torch.Tensor | None = None,
         gather_contrastive: bool = False,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
         touch_all_modules: bool = False,
+        skip_language_model: bool = False,
         **kwargs,
     ) -> MultimodalCausalLMOutput:
         r"""
@@ -396,11 +425,14 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         num_items_in_batch: divide the summed token loss by this (labelled tokens of the whole accumulation
             window across ranks) instead of this batch's count.
         num_ctc_items_in_batch: likewise for the CTC loss (clips with transcripts, window and ranks).
+        num_pair_items_in_batch: likewise for the bag-of-words loss (samples with a pair text, window and ranks).
         gather_contrastive: compute `L_cross` over the pairs of all ranks (torch.distributed), as one process
             would over the whole batch; every rank then runs this collective in every step.
         return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
         touch_all_modules: add 0 × a tiny pass through every module this batch did not use, so that every
             rank of a DDP / FSDP / ZeRO-3 job runs every module it owns whatever mix of modalities it drew.
+        skip_language_model: run only the encoders, projectors and auxiliary heads: the loss is `λ·L_other`
+            alone (no logits, `L_text` or `L_cross`, which need the LM). Used by the `encoders` stage.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -413,26 +445,38 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             input_features=input_features,
             input_features_mask=input_features_mask,
             use_cache=use_cache,
+            skip_language_model=skip_language_model,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         logits = None
-        if return_logits:
+        if return_logits and not skip_language_model:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss_text = loss_other = loss_cross = None
-        if labels is not None:
+        if labels is not None and not skip_language_model:
             loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
-        if self.config.other_loss_weight > 0 and ctc_labels is not None and outputs.audio_encoder_states is not None:
-            loss_other = self.auxiliary_heads["audio_ctc"].loss(
-                outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_ctc_items_in_batch
-            )
-        if self.config.cross_loss_weight > 0 and outputs.media_mask is not None and (pair_input_ids is not None or gather_contrastive):
-            loss_cross = self._contrastive_loss(outputs, pair_input_ids, pair_attention_mask, segment_ids, gather_contrastive)
+        pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
+        if outputs.media_mask is not None and (pair_input_ids is not None or gather_contrastive):
+            pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
+        other_terms = {}
+        if self.config.other_loss_weight > 0:
+            heads = self.auxiliary_heads
+            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_encoder_states is not None:
+                other_terms["audio_ctc"] = heads["audio_ctc"].loss(
+                    outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_ctc_items_in_batch
+                )
+            if "media_bow" in heads and pairs is not None:
+                other_terms["media_bow"] = self._bag_of_words_loss(*pairs, num_pair_items_in_batch)
+            other_terms = {task: value for task, value in other_terms.items() if value is not None}
+            if other_terms:
+                loss_other = sum(other_terms.values())
+        if self.config.cross_loss_weight > 0 and pairs is not None and not skip_language_model:
+            loss_cross = self._contrastive_loss(*pairs, gather_contrastive)
 
         loss = None
         if loss_text is not None or loss_other is not None or loss_cross is not None:
-            loss = loss_text if loss_text is not None else hidden_states.new_zeros((), dtype=torch.float32)
+            loss = loss_text if loss_text is not None else outputs.inputs_embeds.new_zeros((), dtype=torch.float32)
             if loss_other is not None:
                 loss = loss + self.config.other_loss_weight * loss_other
             if loss_cross is not None:
@@ -442,10 +486,11 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
                 "image": pixel_values is not None,
                 "video": pixel_values_videos is not None,
                 "audio": input_features is not None,
-                "audio_ctc": loss_other is not None,
+                "audio_ctc": "audio_ctc" in other_terms,
+                "media_bow": "media_bow" in other_terms,
                 "retrieval": loss_cross is not None,
             }
-            loss = loss + 0.0 * self._touch_unused_modules(used, hidden_states)
+            loss = loss + 0.0 * self._touch_unused_modules(used, outputs.inputs_embeds)
         return MultimodalCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -457,24 +502,38 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             attentions=outputs.attentions,
         )
 
-    def _contrastive_loss(self, outputs, pair_input_ids, pair_attention_mask, segment_ids, gather=False) -> torch.Tensor | None:
-        """InfoNCE between each sample's pooled media tokens and its paired text, embedded in a text-only pass."""
+    def _media_text_pairs(self, outputs, pair_input_ids, pair_attention_mask, segment_ids):
+        """(media tokens per sample, pair ids (n, S), pair mask (n, S)) of the samples with media and a pair text.
+
+        A sample's media tokens are its merged media features (the LM's input at its placeholders, in
+        order), not hidden states: the text side of `L_cross` must not see the media, nor the media side
+        the text.
+        """
         embeds, media_mask = outputs.inputs_embeds, outputs.media_mask
-        if pair_input_ids is None:  # this rank has no pairs, but joins the other ranks' gather
+        if pair_input_ids is None:  # this rank has no pairs, but may join the other ranks' gather
             pair_input_ids = torch.zeros(0, 1, dtype=torch.long, device=embeds.device)
         if pair_attention_mask is None:
             pair_attention_mask = torch.ones_like(pair_input_ids)
         if segment_ids is None:  # one sample per row
             segment_ids = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand(media_mask.shape)
         num_samples = pair_input_ids.shape[0]
-        # Pool the merged media features (the LM's input), not hidden states: the text side must not see the media.
         membership = (segment_ids[..., None] == torch.arange(num_samples, device=embeds.device)) & media_mask[..., None]
-        counts = membership.sum((0, 1))  # (n_samples,)
-        sums = torch.einsum("bsn,bsd->nd", membership.to(embeds.dtype), embeds)
-        paired = (counts > 0) & pair_attention_mask.bool().any(-1)
-        media_embeds = self.retrieval_head.embed_media(sums[paired] / counts[paired, None].to(sums.dtype))
-        if paired.any():
-            text_embeds = self.get_text_features(pair_input_ids[paired], pair_attention_mask[paired])
+        paired = membership.any((0, 1)) & pair_attention_mask.bool().any(-1)
+        tokens = [embeds[membership[..., i]] for i in paired.nonzero().flatten().tolist()]
+        return tokens, pair_input_ids[paired], pair_attention_mask[paired]
+
+    def _bag_of_words_loss(self, tokens, pair_input_ids, pair_attention_mask, num_items) -> torch.Tensor | None:
+        """`media_bow` on each sample's mean media token (the towers' and projectors' output, before the LM)."""
+        if not tokens:
+            return None
+        pooled = torch.stack([t.mean(0) for t in tokens])
+        return self.auxiliary_heads["media_bow"].loss(pooled, pair_input_ids, pair_attention_mask, num_items)
+
+    def _contrastive_loss(self, tokens, pair_input_ids, pair_attention_mask, gather=False) -> torch.Tensor | None:
+        """InfoNCE between each sample's media (media-only LM pass) and its paired text (text-only LM pass)."""
+        media_embeds = self.get_media_features(tokens)
+        if tokens:
+            text_embeds = self.get_text_features(pair_input_ids, pair_attention_mask)
         else:
             text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
         if gather:
@@ -501,6 +560,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             if "audio_ctc" in self.auxiliary_heads and not used["audio_ctc"]:
                 states = states if states is not None else like.new_zeros(1, 1, self.config.audio_config.d_model)
                 total = total + self.auxiliary_heads["audio_ctc"](states).sum()
+        if "media_bow" in self.auxiliary_heads and not used["media_bow"]:
+            total = total + self.auxiliary_heads["media_bow"](like.new_zeros(1, self.config.text_config.hidden_size)).sum()
         if not used["retrieval"]:
             head, zeros = self.retrieval_head, like.new_zeros(1, self.config.text_config.hidden_size)
             total = total + head.media_projection(zeros).sum() + head.text_projection(zeros).sum() + head.logit_scale

@@ -16,11 +16,12 @@ def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
         assert key in saved["scores"]
     assert saved["scores"]["image_caption/num_test_samples"] == 12
     assert [row["metric"] for row in saved["targets"]] == [key for key, _, _ in TARGETS]
-    assert saved["train_steps"] == {"pretrain": 3, "align": 2, "finetune": 3}
+    assert saved["train_steps"] == {"encoders": 2, "pretrain": 3, "align": 2, "finetune": 3}
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert (tmp_path / "finetune" / "final" / "adapter" / "adapter_config.json").exists()
     model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
     assert model.config.modalities == ["image", "video", "audio"]
+    assert sorted(model.auxiliary_heads) == ["audio_ctc", "media_bow"]
     for task in ("image_caption", "video_caption", "speech_transcription"):
         assert len(saved["samples"][task]) == 3 and {"prediction", "reference"} <= set(saved["samples"][task][0])
 
@@ -32,3 +33,10 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     )
     assert done.returncode == 2
     assert f"Recipe {missing} does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ablation_runs_without_l_other_skip_the_encoders_stage():
+    from modeling_multimodal.demo import demo_stages
+
+    assert [name for name, _ in demo_stages()] == ["encoders", "pretrain", "align", "finetune"]
+    assert [name for name, _ in demo_stages(["other_loss_weight=0.0", "cross_loss_weight=0.2"])] == ["pretrain", "align", "finetune"]

@@ -67,7 +67,7 @@ def test_manifests_counts_ids_and_paths(data_dir):
     assert len(ids) == len(set(ids))
     meta = json.loads((data_dir / "meta.json").read_text())
     assert meta["counts"] == {task: {split: SMALL[task][split] for split in SPLITS} for task in TASKS}
-    assert meta["held_out"]["colour_shape_pairs"] == [list(p) for p in HELD_OUT_PAIRS]
+    assert meta["held_out"]["rule"] == "combinations" and meta["config"]["holdout"] == "combinations"
     assert (data_dir / "README.md").is_file()
 
 
@@ -121,28 +121,57 @@ def test_speech_is_16khz_mono_and_transcribed_from_the_vocabulary(data_dir):
 
 
 def test_held_out_combinations_only_in_test(data_dir):
+    """Default rule: no test caption or sentence (nor voice) occurs in train or validation."""
+    for task, field in (("image", "caption"), ("video", "caption"), ("speech", "transcript")):
+        test = {r[field] for r in rows(data_dir, task, "test")}
+        seen = {r[field] for split in ("train", "validation") for r in rows(data_dir, task, split)}
+        assert test and seen and not test & seen, task
+    assert {r["voice"] for r in rows(data_dir, "speech", "test")} <= set(TEST_VOICES)
+    assert {r["voice"] for split in ("train", "validation") for r in rows(data_dir, "speech", split)} <= set(TRAIN_VOICES)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert meta["held_out"]["rule"] == "combinations"
+    for task, combos in meta["held_out"]["combinations"].items():
+        assert {tuple(c) for c in combos} == grammar.held_out_combinations(task, seed=0)
+
+
+@pytest.mark.parametrize("task", ["image", "video", "speech"])
+def test_held_out_combinations_keep_every_attribute_pair_in_training(task):
+    held_out = grammar.held_out_combinations(task, seed=0)
+    combos = grammar.COMBINATIONS[task]()
+    assert len(held_out) == round(grammar.TEST_FRACTION * len(combos))
+    assert held_out == grammar.held_out_combinations(task, seed=0) != grammar.held_out_combinations(task, seed=1)
+    train = grammar.combinations_for_split(task, "train")
+    assert set(train) == set(combos) - held_out and set(grammar.combinations_for_split(task, "test")) == held_out
+    pairs = lambda cs: set().union(*(grammar._value_pairs(c) for c in cs))  # noqa: E731
+    assert pairs(train) == pairs(combos)  # e.g. every colour with every shape, every shape at every size
+
+
+def test_pairs_rule_holds_colour_shape_pairs_out_of_training(tmp_path):
+    small = {task: {split: 3 for split in SPLITS} for task in TASKS}
+    make_demo_data(tmp_path, seed=0, sizes=small, holdout="pairs")
     held_out = set(HELD_OUT_PAIRS)
     for split in SPLITS:
-        texts = [r["caption"] for task in ("image", "video") for r in rows(data_dir, task, split)]
-        texts += [r["transcript"] for r in rows(data_dir, "speech", split)]
+        texts = [r["caption"] for task in ("image", "video") for r in rows(tmp_path, task, split)]
+        texts += [r["transcript"] for r in rows(tmp_path, "speech", split)]
         pairs = [colour_shape(text) for text in texts]
-        voices = {r["voice"] for r in rows(data_dir, "speech", split)}
         if split == "test":
             assert all(pair in held_out for pair in pairs)
-            assert voices <= set(TEST_VOICES)
         else:
             assert not any(pair in held_out for pair in pairs)
-            assert voices <= set(TRAIN_VOICES)
+    assert json.loads((tmp_path / "meta.json").read_text())["held_out"]["colour_shape_pairs"] == [list(p) for p in HELD_OUT_PAIRS]
+    with pytest.raises(ValueError, match="Unknown holdout rule 'voices'"):
+        make_demo_data(tmp_path / "other", holdout="voices")
 
 
 def test_grammar_keeps_every_word_in_training():
-    train_pairs = grammar.pairs_for_split("train")
+    train_pairs = {c[:2] for c in grammar.combinations_for_split("image", "train", holdout="pairs")}
     assert {c for c, _ in train_pairs} == set(grammar.COLOURS) and {s for _, s in train_pairs} == set(grammar.SHAPES)
     assert not set(TEST_VOICES) & set(TRAIN_VOICES)
-    for split in SPLITS:
-        assert all(3 <= len(s.split()) <= 6 for s in grammar.sentences_for_split(split))
-    # The default test split needs >= 100 distinct captions for retrieval.
-    assert len(grammar.pairs_for_split("test")) * len(grammar.SIZES) * len(grammar.ROWS) * len(grammar.COLUMNS) >= 150
+    sentences = [grammar.sentence(c) for c in grammar.sentence_combinations()]
+    assert len(set(sentences)) == len(sentences) and all(3 <= len(s.split()) <= 6 for s in sentences)
+    # The default test splits need distinct captions for retrieval: >= 150 images, >= 60 videos.
+    assert len(grammar.combinations_for_split("image", "test")) >= 150
+    assert len(grammar.combinations_for_split("video", "test")) >= 60
 
 
 def tree_digest(folder):

@@ -138,10 +138,11 @@ LOSS_CASES = [
 
 @pytest.mark.parametrize("name,lam,alpha,expect_other,expect_cross", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
 def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, monkeypatch):
-    model = build_model(other_loss_weight=lam, cross_loss_weight=alpha)
+    model = build_model(other_loss_weight=lam, cross_loss_weight=alpha, auxiliary_tasks=["audio_ctc", "media_bow"])
     batch = collate([sample(model, audios=(200,)), sample(model, images=1), sample(model, audios=(160,))])
-    calls = {"ctc": 0, "text_pass": 0}
-    model.auxiliary_heads["audio_ctc"].register_forward_hook(lambda *a: calls.__setitem__("ctc", calls["ctc"] + 1))
+    calls = {"audio_ctc": 0, "media_bow": 0, "text_pass": 0}
+    for task, head in model.auxiliary_heads.items():
+        head.register_forward_hook(lambda *a, task=task: calls.__setitem__(task, calls[task] + 1))
     original = model.get_text_features
 
     def counting(*args, **kwargs):
@@ -157,7 +158,8 @@ def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, mo
         pair_input_ids=pair["input_ids"],
         pair_attention_mask=pair["attention_mask"],
     )
-    assert (out.loss_other is not None) == expect_other and calls["ctc"] == int(expect_other)
+    assert (out.loss_other is not None) == expect_other
+    assert calls["audio_ctc"] == calls["media_bow"] == int(expect_other)
     assert (out.loss_cross is not None) == expect_cross and calls["text_pass"] == int(expect_cross)
     expected = out.loss_text + lam * (out.loss_other if expect_other else 0) + alpha * (out.loss_cross if expect_cross else 0)
     torch.testing.assert_close(out.loss, expected)
@@ -187,6 +189,24 @@ def test_ctc_loss_matches_torch_reference():
         log_probs, ctc_labels, positions, torch.tensor([5]), blank=model.config.text_config.vocab_size
     )
     torch.testing.assert_close(out.loss_other, reference)
+
+
+def test_media_bag_of_words_loss_matches_reference():
+    model = build_model(other_loss_weight=1.0, auxiliary_tasks=["media_bow"])
+    batch = collate([sample(model, images=1), sample(model, audios=(160,), videos=1), sample(model)])
+    texts = ["a red circle red", "the green triangle", "a big blue square"]  # the third sample has no media
+    pair = TOKENIZER(texts, padding=True, return_tensors="pt")
+    out = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"])
+    inner = model.model(**batch)
+    head, per_sample = model.auxiliary_heads["media_bow"], []
+    for row in range(2):
+        pooled = inner.inputs_embeds[row][inner.media_mask[row]].mean(0)
+        log_probs = head(pooled).log_softmax(-1)
+        words = sorted(set(TOKENIZER(texts[row], add_special_tokens=False)["input_ids"]))  # "red" counts once
+        per_sample.append(-log_probs[words].mean())
+    torch.testing.assert_close(out.loss_other, torch.stack(per_sample).mean())
+    halved = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"], num_pair_items_in_batch=4)
+    torch.testing.assert_close(halved.loss_other, out.loss_other / 2)
 
 
 def test_gradients_reach_exactly_the_unfrozen_modules():
@@ -395,6 +415,23 @@ def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_ch
     touched.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == [], missing
+
+
+def test_training_contrastive_loss_uses_the_retrieval_embeddings():
+    """L_cross in forward is InfoNCE over exactly what get_*_features / get_text_features return."""
+    model = build_model(cross_loss_weight=1.0)
+    samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, videos=1)]
+    texts = ["a small red circle", "a big blue square", "a green star moving left"]
+    pair = TOKENIZER(texts, padding=True, return_tensors="pt")
+    batch = collate(samples, padding_side="right")
+    loss = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_cross
+    media = torch.cat([
+        model.get_image_features(batch["pixel_values"]),
+        model.get_audio_features(batch["input_features"], batch["input_features_mask"]),
+        model.get_video_features(batch["pixel_values_videos"]),
+    ])
+    text = model.get_text_features(pair["input_ids"], pair["attention_mask"])
+    torch.testing.assert_close(loss, model.retrieval_head.contrastive_loss(media, text), rtol=1e-5, atol=1e-5)
 
 
 def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():

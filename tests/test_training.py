@@ -46,6 +46,7 @@ def history(output_dir):
 # --- stages ---------------------------------------------------------------------------------------
 STAGE_CASES = [
     # (stage, lora.encoders, trained prefixes (after PEFT's base_model.model.), must stay frozen)
+    ("encoders", False, {"model.multi_modal_projector", "auxiliary_heads", "model.vision_tower", "model.audio_tower"}, {"model.language_model", "retrieval_head", "lm_head"}),
     ("align", False, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head"}, {"model.language_model", "model.vision_tower", "model.audio_tower", "lm_head"}),
     ("finetune", False, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head", "model.language_model"}, {"model.vision_tower", "model.audio_tower", "lm_head"}),
     ("finetune", True, {"model.multi_modal_projector", "auxiliary_heads", "retrieval_head", "model.language_model", "model.vision_tower", "model.audio_tower"}, {"lm_head"}),
@@ -56,7 +57,10 @@ STAGE_CASES = [
 @pytest.mark.parametrize("stage,encoders,trained,frozen", STAGE_CASES, ids=[f"{c[0]}-encoders{c[1]}" for c in STAGE_CASES])
 def test_each_stage_trains_exactly_the_intended_parameters(stage, encoders, trained, frozen):
     torch.manual_seed(0)
-    model = MultimodalForConditionalGeneration(tiny_config(tiny_tokenizer(), other_loss_weight=0.5))
+    config = tiny_config(tiny_tokenizer(), other_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
+    if stage != "encoders":  # the other stages keep the towers the config freezes frozen
+        config = tiny_config(tiny_tokenizer(), other_loss_weight=0.5)
+    model = MultimodalForConditionalGeneration(config)
     values = {"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": stage, "lora": {"encoders": encoders}}
     trainable = apply_stage(model, load_recipe(values=values))
     names = [n.removeprefix("base_model.model.") for n, p in trainable.named_parameters() if p.requires_grad]
@@ -88,6 +92,29 @@ def test_lora_adapter_carries_the_projectors(tmp_path):
     fresh = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "base")
     restored = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     torch.testing.assert_close(restored(input_ids=input_ids, pixel_values=pixel_values).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data_root, tmp_path):
+    run = recipe(
+        data_root, tmp_path, "stage=encoders", "data.eval=[]", "optim.max_steps=6", "other_loss_weight=1.0",
+        "cross_loss_weight=0.5", "model.config.auxiliary_tasks=[audio_ctc, media_bow]",
+        "model.config.freeze_vision_tower=false", "model.config.freeze_audio_tower=false", "optim.lr_encoder=0.01",
+    )
+    trainer = Trainer(run)
+    model = trainer.model
+    lm_calls = []
+    model.model.language_model.register_forward_hook(lambda *a: lm_calls.append(1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    records = history(tmp_path)
+    assert all(r["loss_text"] is None and r["loss_cross"] is None for r in records)
+    assert all(r["loss_other"] is not None and r["loss_other"] > 0 for r in records)
+    assert not lm_calls  # not even for L_cross's text pass
+    changed = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"model.vision_tower", "model.audio_tower", "model.multi_modal_projector"} <= changed
+    assert not any(n.startswith(("model.language_model", "lm_head", "retrieval_head")) for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    with pytest.raises(ValueError, match="stage=encoders trains on L_other alone"):
+        Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "other_loss_weight=0"))
 
 
 # --- runs -----------------------------------------------------------------------------------------

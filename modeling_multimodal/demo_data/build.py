@@ -76,13 +76,7 @@ def _plan(combinations: list[tuple], count: int, rng: np.random.Generator) -> li
     return plan[:count]
 
 
-def _image_rows(out_dir: Path, split: str, count: int, rng, image_size: int) -> list[dict]:
-    positions = list(itertools.product(grammar.ROWS, grammar.COLUMNS))
-    pairs = grammar.pairs_for_split(split)
-    combinations = [
-        (colour, shape, size, row, column)
-        for (colour, shape), size, (row, column) in itertools.product(pairs, grammar.SIZES, positions)
-    ]
+def _image_rows(out_dir: Path, split: str, count: int, rng, image_size: int, combinations: list) -> list[dict]:
     rows = []
     for index, (colour, shape, size, row, column) in enumerate(_plan(combinations, count, rng)):
         image, attributes = render_image(colour, shape, size, row, column, image_size, rng)
@@ -95,12 +89,7 @@ def _image_rows(out_dir: Path, split: str, count: int, rng, image_size: int) -> 
     return rows
 
 
-def _video_rows(out_dir: Path, split: str, count: int, rng, video_size: int, num_frames: int, fps: int, codec: str):
-    pairs = grammar.pairs_for_split(split)
-    combinations = [
-        (colour, shape, size, direction)
-        for (colour, shape), size, direction in itertools.product(pairs, grammar.SIZES, grammar.DIRECTIONS)
-    ]
+def _video_rows(out_dir: Path, split: str, count: int, rng, combinations: list, video_size: int, num_frames: int, fps: int, codec: str):
     rows = []
     for index, (colour, shape, size, direction) in enumerate(_plan(combinations, count, rng)):
         frames, attributes = render_frames(colour, shape, size, direction, video_size, num_frames, rng)
@@ -114,11 +103,11 @@ def _video_rows(out_dir: Path, split: str, count: int, rng, video_size: int, num
     return rows
 
 
-def _speech_rows(out_dir: Path, split: str, count: int, rng, espeak: str) -> list[dict]:
-    sentences, voices = grammar.sentences_for_split(split), grammar.voices_for_split(split)
-    combinations = list(itertools.product(sentences, voices, grammar.SPEEDS))
+def _speech_rows(out_dir: Path, split: str, count: int, rng, combinations: list, espeak: str) -> list[dict]:
+    sentences = [grammar.sentence(c) for c in combinations]
+    plan = list(itertools.product(sentences, grammar.voices_for_split(split), grammar.SPEEDS))
     rows = []
-    for index, (sentence, voice, speed) in enumerate(_plan(combinations, count, rng)):
+    for index, (sentence, voice, speed) in enumerate(_plan(plan, count, rng)):
         relative = f"{MEDIA_DIR['speech']}/{split}/{index:06d}.wav"
         duration = synthesize(sentence, voice, speed, out_dir / relative, espeak)
         rows.append(
@@ -128,9 +117,10 @@ def _speech_rows(out_dir: Path, split: str, count: int, rng, espeak: str) -> lis
     return rows
 
 
-def _config(seed, sizes, image_size, video_size, num_frames, fps) -> dict:
+def _config(seed, sizes, image_size, video_size, num_frames, fps, holdout) -> dict:
     return {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes, "image_size": image_size,
-            "video_size": video_size, "num_frames": num_frames, "fps": fps, "sample_rate": SAMPLE_RATE}
+            "video_size": video_size, "num_frames": num_frames, "fps": fps, "sample_rate": SAMPLE_RATE,
+            "holdout": holdout}
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -159,12 +149,15 @@ def make_demo_data(
     video_size: int = 64,
     num_frames: int = 12,
     fps: int = 6,
+    holdout: str = "combinations",
     overwrite: bool = False,
 ) -> dict:
     """Generate the offline demo data set in `out_dir` and return its metadata (also in meta.json).
 
     Writes `images/`, `videos/`, `audio/` with train/validation/test subfolders, one JSONL manifest per
     task and split (`<task>_<split>.jsonl`, see `manifest_path`), `meta.json` and `README.md`.
+    `holdout` picks what only the test split may use (`grammar.HOLDOUTS`: unseen attribute combinations,
+    or the stricter unseen colour+shape pairs; an unseen voice for speech either way).
     `sizes` overrides any part of `DEFAULT_SIZES`, e.g. `{"speech": {"train": 0}}`; speech needs
     espeak-ng only when some speech size is non-zero. If `out_dir` already holds a data set made with
     the same arguments it is reused as is, unless `overwrite`.
@@ -176,7 +169,9 @@ def make_demo_data(
             f"Need image_size >= 16, an even video_size >= 16, num_frames >= 2 and fps >= 1; got "
             f"image_size={image_size}, video_size={video_size}, num_frames={num_frames}, fps={fps}."
         )
-    config = _config(seed, sizes, image_size, video_size, num_frames, fps)
+    if holdout not in grammar.HOLDOUTS:
+        raise ValueError(f"Unknown holdout rule {holdout!r}; expected one of {grammar.HOLDOUTS}.")
+    config = _config(seed, sizes, image_size, video_size, num_frames, fps, holdout)
     meta_file = out_dir / "meta.json"
     if meta_file.is_file() and not overwrite:
         existing = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -190,12 +185,13 @@ def make_demo_data(
     for task, split in itertools.product(TASKS, grammar.SPLITS):
         (out_dir / MEDIA_DIR[task] / split).mkdir(parents=True, exist_ok=True)
         rng, count = _rng(seed, task, split), sizes[task][split]
+        combinations = grammar.combinations_for_split(task, split, holdout, seed)
         if task == "image":
-            rows = _image_rows(out_dir, split, count, rng, image_size)
+            rows = _image_rows(out_dir, split, count, rng, image_size, combinations)
         elif task == "video":
-            rows = _video_rows(out_dir, split, count, rng, video_size, num_frames, fps, codec) if count else []
+            rows = _video_rows(out_dir, split, count, rng, combinations, video_size, num_frames, fps, codec) if count else []
         else:
-            rows = _speech_rows(out_dir, split, count, rng, espeak) if count else []
+            rows = _speech_rows(out_dir, split, count, rng, combinations, espeak) if count else []
         with open(manifest_path(out_dir, task, split), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
 
@@ -205,12 +201,7 @@ def make_demo_data(
         "manifests": {t: {s: manifest_path(out_dir, t, s).name for s in grammar.SPLITS} for t in TASKS},
         "media_keys": {t: MEDIA_KEY[t] for t in TASKS},
         "video_codec": codec,
-        "held_out": {
-            "colour_shape_pairs": [list(pair) for pair in grammar.HELD_OUT_PAIRS],
-            "voices": list(grammar.TEST_VOICES),
-            "rule": "test uses only held-out colour+shape pairs (and, for speech, only the held-out voices); "
-            "train and validation never use them",
-        },
+        "held_out": _held_out_meta(holdout, seed),
         "train_voices": list(grammar.TRAIN_VOICES),
         "speeds_wpm": list(grammar.SPEEDS),
         "vocabulary": grammar.vocabulary(),
@@ -220,12 +211,32 @@ def make_demo_data(
     return meta
 
 
+def _held_out_meta(holdout: str, seed: int) -> dict:
+    """What only the test split uses, for meta.json and the data README."""
+    meta = {"rule": holdout, "voices": list(grammar.TEST_VOICES)}
+    if holdout == "pairs":
+        meta["colour_shape_pairs"] = [list(pair) for pair in grammar.HELD_OUT_PAIRS]
+        meta["description"] = ("test uses only the held-out colour+shape pairs (and, for speech, only the held-out "
+                               "voices); train and validation never use them")
+    else:
+        meta["combinations"] = {task: sorted(map(list, grammar.held_out_combinations(task, seed))) for task in TASKS}
+        meta["description"] = (f"test uses only the held-out attribute combinations ({grammar.TEST_FRACTION:.0%} of each "
+                               "task's, every pair of attribute values still in training) and, for speech, only the "
+                               "held-out voices; train and validation never use them")
+    return meta
+
+
 def _readme(meta: dict) -> str:
     counts = "\n".join(
         f"| {task} | {meta['counts'][task]['train']} | {meta['counts'][task]['validation']} | {meta['counts'][task]['test']} |"
         for task in TASKS
     )
-    pairs = ", ".join(f"{c} {s}" for c, s in meta["held_out"]["colour_shape_pairs"])
+    held_out = meta["held_out"]
+    if held_out["rule"] == "pairs":
+        what = "the colour+shape pairs " + ", ".join(f"{c} {s}" for c, s in held_out["colour_shape_pairs"])
+    else:
+        sizes = ", ".join(f"{len(held_out['combinations'][t])} {t}" for t in TASKS)
+        what = f"{sizes} attribute combinations (listed in meta.json; every pair of attribute values still occurs in training)"
     config = meta["config"]
     return f"""# modeling-multimodal demo data
 
@@ -242,7 +253,7 @@ Synthetic, made on this machine by `modeling_multimodal.demo_data.make_demo_data
 
 Manifests: `<task>_<split>.jsonl`, media paths relative to this folder.
 
-Held out of train and validation, used only by test: the colour+shape pairs {pairs};
-the voices {', '.join(meta['held_out']['voices'])} (speech). Test scores measure generalisation to unseen
+Held out of train and validation, used only by test (rule "{held_out['rule']}"): {what};
+the voices {', '.join(held_out['voices'])} (speech). Test scores measure generalisation to unseen
 combinations, not memory.
 """

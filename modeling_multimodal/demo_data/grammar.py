@@ -1,14 +1,25 @@
 """The demo data's vocabulary, caption grammar and held-out combinations: one place for every word.
 
 Images, videos and speech share the words (colours, shapes, sizes, directions), so a tiny model can
-transfer between modalities. The same colour+shape pairs are held out of train and validation in every
-task and make up the test split; every colour and every shape still occurs in training, so the test
-measures composition of known words, not memory. Speech also holds out one espeak-ng voice.
+transfer between modalities. Two hold-out rules decide what only the test split may use:
+
+- "combinations" (the default): a quarter of each task's attribute combinations (colour, shape, size,
+  position for images; colour, shape, size, direction for videos; whole sentences for speech), drawn
+  per seed, such that every pair of attribute values still occurs in training. Every test caption is a
+  combination the model never saw, made of pairs it did.
+- "pairs" (stricter): six colour+shape pairs never occur in train or validation in any task and make up
+  the whole test split. The training data then never shows a red star while showing red with three
+  other shapes, so P(shape | colour) in training rules the held-out pairs out; a model trained from
+  scratch learns that correlation (measured: the demo's test shape accuracy is 0.0 with this rule).
+
+Speech also holds out one espeak-ng voice under both rules.
 """
 
 from __future__ import annotations
 
 import itertools
+
+import numpy as np
 
 # Well separated RGB values, so a pixel's colour names its word even after video compression.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -51,12 +62,8 @@ SENTENCE_TEMPLATES = (
 )
 
 SPLITS = ("train", "validation", "test")
-
-
-def pairs_for_split(split: str) -> list[tuple[str, str]]:
-    """Colour+shape pairs a split may use: the held-out pairs for test, all others otherwise."""
-    held_out = set(HELD_OUT_PAIRS)
-    return [pair for pair in itertools.product(COLOURS, SHAPES) if (pair in held_out) == (split == "test")]
+HOLDOUTS = ("combinations", "pairs")
+TEST_FRACTION = 0.25  # of each task's combinations, under the "combinations" rule
 
 
 def voices_for_split(split: str) -> tuple[str, ...]:
@@ -76,23 +83,72 @@ def video_caption(size: str, colour: str, shape: str, direction: str) -> str:
     return f"a {size} {colour} {shape} moving {direction}"
 
 
-def sentences_for_split(split: str) -> list[str]:
-    """Every speech sentence a split may use: colour+shape sentences follow `pairs_for_split`; the
-    test split only uses held-out-pair sentences, the other splits also use the colourless ones."""
-    sentences = []
-    for template in SENTENCE_TEMPLATES:
-        if "{colour}" in template:
-            for (colour, shape), size in itertools.product(pairs_for_split(split), SIZES):
-                sentences.append(template.format(colour=colour, shape=shape, size=size))
-        elif split != "test":
-            for shape, direction in itertools.product(SHAPES, DIRECTIONS):
-                sentences.append(template.format(shape=shape, direction=direction))
-    return list(dict.fromkeys(sentences))  # templates without {size} repeat per size: keep one, in order
-
-
 def vocabulary() -> list[str]:
     """Every word any caption, sentence or transcript can contain, sorted."""
     words = set(COLOURS) | set(SHAPES) | set(SIZES) | set(ROWS) | set(COLUMNS) | set(DIRECTIONS)
     for text in (image_caption("", "", "", ""), video_caption("", "", "", ""), *SENTENCE_TEMPLATES):
         words |= {w for w in text.split() if not w.startswith("{")}
     return sorted(words)
+
+
+# --- attribute combinations per task and split ---------------------------------------------------------
+def image_combinations() -> list[tuple[str, ...]]:
+    """Every image attribute combination: (colour, shape, size, row, column)."""
+    return list(itertools.product(COLOURS, SHAPES, SIZES, ROWS, COLUMNS))
+
+
+def video_combinations() -> list[tuple[str, ...]]:
+    """Every video attribute combination: (colour, shape, size, direction)."""
+    return list(itertools.product(COLOURS, SHAPES, SIZES, DIRECTIONS))
+
+
+def sentence_combinations() -> list[tuple[str, ...]]:
+    """Every speech sentence as (template, colour, shape, size, direction), "" where the template has no slot."""
+    combos = []
+    for template in SENTENCE_TEMPLATES:
+        slots = [(name, values) for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("direction", DIRECTIONS))]
+        choices = [tuple(values) if "{" + name + "}" in template else ("",) for name, values in slots]
+        combos += [(template, *values) for values in itertools.product(*choices)]
+    return combos
+
+
+def sentence(combination: tuple[str, ...]) -> str:
+    template, colour, shape, size, direction = combination
+    return template.format(colour=colour, shape=shape, size=size, direction=direction)
+
+
+COMBINATIONS = {"image": image_combinations, "video": video_combinations, "speech": sentence_combinations}
+
+
+def _value_pairs(combination: tuple[str, ...]) -> set:
+    """(slot, value, slot, value) for every two filled slots: what "every pair still occurs" checks."""
+    filled = [(i, v) for i, v in enumerate(combination) if v]
+    return {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(filled, 2)}
+
+
+def held_out_combinations(task: str, seed: int = 0) -> set[tuple[str, ...]]:
+    """The "combinations" rule: `TEST_FRACTION` of `task`'s combinations, the same for the same seed, drawn
+    again (deterministically) until every pair of attribute values still occurs in the rest."""
+    combos = COMBINATIONS[task]()
+    count = round(TEST_FRACTION * len(combos))
+    every_pair = set().union(*map(_value_pairs, combos))
+    for attempt in range(100):
+        rng = np.random.default_rng([seed, list(COMBINATIONS).index(task), attempt])
+        order = rng.permutation(len(combos))
+        held_out = {combos[i] for i in order[:count]}
+        if set().union(*(_value_pairs(c) for c in combos if c not in held_out)) == every_pair:
+            return held_out
+    raise RuntimeError(f"no hold-out of {count} {task} combinations keeps every attribute pair in training")
+
+
+def combinations_for_split(task: str, split: str, holdout: str = "combinations", seed: int = 0) -> list[tuple[str, ...]]:
+    """The attribute combinations a split may use, in a fixed order: the held-out ones for test, the others
+    for train and validation (see the module docstring for the two rules)."""
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"Unknown holdout rule {holdout!r}; expected one of {HOLDOUTS}.")
+    combos = COMBINATIONS[task]()
+    if holdout == "combinations":
+        held_out = held_out_combinations(task, seed)
+        return [c for c in combos if (c in held_out) == (split == "test")]
+    pairs, slots = set(HELD_OUT_PAIRS), slice(1, 3) if task == "speech" else slice(0, 2)
+    return [c for c in combos if (c[slots] in pairs) == (split == "test")]  # colourless sentences: train only

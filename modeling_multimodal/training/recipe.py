@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("align", "finetune", "full")
+STAGES = ("encoders", "align", "finetune", "full")
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """Training stages as LLaVA / LLaMA-Factory users know them, and the optimizer's parameter groups.
 
+- `encoders`: the towers, projectors and auxiliary heads train on `L_other` alone (CTC, bag of words) and
+  the LM does not even run: a cheap way to teach towers built from scratch to see and hear before they
+  are connected to the LM (towers the model config freezes stay frozen).
 - `align`: only the projectors (and the auxiliary and retrieval heads) train; towers and LM are frozen.
 - `finetune`: LoRA on the LM through PEFT, with projectors and heads trained fully and saved with the
   adapter (`modules_to_save`), optionally LoRA on the towers too.
@@ -52,6 +55,12 @@ def apply_stage(model: MultimodalForConditionalGeneration, recipe) -> nn.Module:
     if recipe.stage == "align":
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith(HEAD_PREFIXES))
+        return model
+    if recipe.stage == "encoders":
+        model.requires_grad_(True)
+        model.model.apply_freezing()  # towers the config freezes stay frozen
+        for module in (model.model.language_model, model.lm_head, model.retrieval_head):
+            module.requires_grad_(False)
         return model
     if recipe.stage == "full":
         model.requires_grad_(True)

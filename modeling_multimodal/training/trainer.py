@@ -100,8 +100,15 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
     for name in ("other_loss_weight", "cross_loss_weight"):
         if getattr(recipe, name) is not None:
             setattr(model.config, name, float(getattr(recipe, name)))
+    if recipe.stage == "encoders" and not (model.config.other_loss_weight > 0 and model.config.active_auxiliary_tasks):
+        raise ValueError(
+            "stage=encoders trains on L_other alone: set other_loss_weight (λ) > 0 and give the model an auxiliary task "
+            f"(auxiliary_tasks={model.config.auxiliary_tasks}, active: {model.config.active_auxiliary_tasks})"
+        )
     if model.config.other_loss_weight > 0 and not model.config.active_auxiliary_tasks:
-        raise ValueError("other_loss_weight (λ) > 0 but the model has no auxiliary head (audio_ctc needs an audio tower)")
+        raise ValueError(
+            "other_loss_weight (λ) > 0 but the model has no auxiliary head (audio_ctc needs an audio tower, media_bow any media tower)"
+        )
     return model, processor
 
 
@@ -221,7 +228,7 @@ class Trainer:
     def _step(self, window: list[dict]) -> dict[str, float]:
         """One optimizer step over a window of micro-batches, every term normalised over the whole window.
 
-        The token and CTC losses are sums divided by the window's global counts (all ranks), and the
+        The token, CTC and bag-of-words losses are sums divided by the window's global counts (all ranks), and the
         contrastive loss gathers every rank's pairs, so the update equals the one-process update on the
         same global batch. `objective` multiplies the summed terms by the world size to undo DDP's average.
         """
@@ -232,10 +239,11 @@ class Trainer:
             [
                 sum(float((b["labels"][:, 1:] != -100).sum()) for b in window),
                 sum(float((b["ctc_labels"] != -100).any(-1).sum()) for b in window if "ctc_labels" in b),
+                sum(float(b["pair_attention_mask"].any(-1).sum()) for b in window if "pair_attention_mask" in b),
             ],
             device=accelerator.device,
         )
-        text_items, ctc_items = accelerator.reduce(local, "sum").clamp(min=1).unbind()
+        text_items, ctc_items, pair_items = accelerator.reduce(local, "sum").clamp(min=1).unbind()
         # loss_text, loss_other, loss_cross summed over the window, then how many micro-batches had each term
         totals = torch.zeros(6, device=accelerator.device)
         for i, batch in enumerate(window):
@@ -245,12 +253,14 @@ class Trainer:
                     **{k: v for k, v in batch.items() if k in MODEL_INPUTS},
                     num_items_in_batch=text_items,
                     num_ctc_items_in_batch=ctc_items,
+                    num_pair_items_in_batch=pair_items,
                     gather_contrastive=world > 1,
                     return_logits=False,
                     use_cache=False,
                     # Every module in every step: DDP / FSDP / ZeRO-3 need it, and one process does the same so
                     # that the optimizer sees the same (zero) gradients whatever the number of processes.
                     touch_all_modules=True,
+                    skip_language_model=self.recipe.stage == "encoders",
                 )
                 objective = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
                 if out.loss_text is not None:
