@@ -117,6 +117,21 @@ def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data
         Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "other_loss_weight=0"))
 
 
+def test_chained_stages_in_one_process_decode_each_example_once(data_root, tmp_path, monkeypatch):
+    from modeling_multimodal.training.data import ExampleEncoder
+
+    calls = []
+    original = ExampleEncoder.__call__
+    monkeypatch.setattr(ExampleEncoder, "__call__", lambda self, row: calls.append(row["id"]) or original(self, row))
+    common = ["data.cache_in_memory=true", "data.eval=[]", "optim.max_steps=12"]  # 40 samples, batch 4: > 1 epoch
+    first = Trainer(recipe(data_root, tmp_path / "a", *common)).train()
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 40
+    Trainer(recipe(data_root, tmp_path / "b", *common, "stage=align", f"init_from={first['final_dir']}")).train()
+    assert len(calls) == 40  # same rows, task and (reloaded) processor: nothing decoded again
+    Trainer(recipe(data_root, tmp_path / "c", *common, "data.max_length=400")).train()
+    assert len(calls) == 80  # another encoding: decoded afresh
+
+
 # --- runs -----------------------------------------------------------------------------------------
 def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
     run = recipe(

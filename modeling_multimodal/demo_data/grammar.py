@@ -106,7 +106,7 @@ def sentence_combinations() -> list[tuple[str, ...]]:
     """Every speech sentence as (template, colour, shape, size, direction), "" where the template has no slot."""
     combos = []
     for template in SENTENCE_TEMPLATES:
-        slots = [(name, values) for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("direction", DIRECTIONS))]
+        slots = (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("direction", DIRECTIONS))
         choices = [tuple(values) if "{" + name + "}" in template else ("",) for name, values in slots]
         combos += [(template, *values) for values in itertools.product(*choices)]
     return combos

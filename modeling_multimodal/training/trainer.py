@@ -16,6 +16,7 @@ What a reader should know:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -126,15 +127,45 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict]) -> list[tuple[str, ob
     return loaded
 
 
+def encoding_fingerprint(part: EncodedDataset) -> str:
+    """What decides a part's encoded examples: its rows, the task, max_length and the whole processor."""
+    encoder, digest = part.encoder, hashlib.sha256()
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    settings = json.loads(encoder.processor.to_json_string())
+    for sub in [settings, *(v for v in settings.values() if isinstance(v, dict))]:
+        sub.pop("auto_map", None)  # where the code lives (added when a checkpoint is exported), not what it does
+    for text in (json.dumps(settings, sort_keys=True), vocabulary, repr(encoder.task), repr(encoder.max_length)):
+        digest.update(text.encode() + b"\0")
+    for row in part.rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\0")
+    return digest.hexdigest()
+
+
+# Memoised examples of the last data set a Trainer of this process encoded with `data.cache_in_memory`:
+# chained stages (the demo's four) and repeated runs on the same data decode each media file once.
+_SHARED_CACHE: dict = {"key": None, "examples": {}}
+
+
 class _MixedDataset(torch.utils.data.Dataset):
-    """Several tasks' encoded datasets behind one index, optionally memoised (decoding media once)."""
+    """Several tasks' encoded datasets behind one index, optionally memoised (decoding media once).
+
+    The memo is shared with later Trainers of the same process while the data, tasks and processor are
+    the same (`encoding_fingerprint`); a different data set replaces it, so at most one is kept.
+    """
 
     def __init__(self, parts: list[EncodedDataset], cache: bool = False):
         self.parts = parts
         self.offsets = [0]
         for part in parts:
             self.offsets.append(self.offsets[-1] + len(part))
-        self.cache = {} if cache else None
+        self.cache = None
+        if cache:
+            key = tuple(encoding_fingerprint(part) for part in parts)
+            if _SHARED_CACHE["key"] != key:
+                _SHARED_CACHE.update(key=key, examples={})
+            self.cache = _SHARED_CACHE["examples"]
 
     def __len__(self):
         return self.offsets[-1]
