@@ -456,22 +456,24 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         loss_text = loss_other = loss_cross = None
         if labels is not None and not skip_language_model:
             loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
+        heads = self.auxiliary_heads
+        wants_bow = self.config.other_loss_weight > 0 and "media_bow" in heads
+        wants_cross = self.config.cross_loss_weight > 0 and not skip_language_model
         pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
-        if outputs.media_mask is not None and (pair_input_ids is not None or gather_contrastive):
+        if (wants_bow or wants_cross) and outputs.media_mask is not None and (pair_input_ids is not None or gather_contrastive):
             pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
         other_terms = {}
         if self.config.other_loss_weight > 0:
-            heads = self.auxiliary_heads
             if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_encoder_states is not None:
                 other_terms["audio_ctc"] = heads["audio_ctc"].loss(
                     outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_ctc_items_in_batch
                 )
-            if "media_bow" in heads and pairs is not None:
+            if wants_bow and pairs is not None:
                 other_terms["media_bow"] = self._bag_of_words_loss(*pairs, num_pair_items_in_batch)
             other_terms = {task: value for task, value in other_terms.items() if value is not None}
             if other_terms:
                 loss_other = sum(other_terms.values())
-        if self.config.cross_loss_weight > 0 and pairs is not None and not skip_language_model:
+        if wants_cross and pairs is not None:
             loss_cross = self._contrastive_loss(*pairs, gather_contrastive)
 
         loss = None

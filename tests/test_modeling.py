@@ -150,6 +150,8 @@ def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, mo
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "get_text_features", counting)
+    pooling = model._media_text_pairs
+    monkeypatch.setattr(model, "_media_text_pairs", lambda *a: calls.__setitem__("pairs", calls.get("pairs", 0) + 1) or pooling(*a))
     pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
     out = model(
         **batch,
@@ -160,6 +162,7 @@ def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, mo
     )
     assert (out.loss_other is not None) == expect_other
     assert calls["audio_ctc"] == calls["media_bow"] == int(expect_other)
+    assert calls.get("pairs", 0) == int(expect_other or expect_cross)  # λ = α = 0: no media pooling at all
     assert (out.loss_cross is not None) == expect_cross and calls["text_pass"] == int(expect_cross)
     expected = out.loss_text + lam * (out.loss_other if expect_other else 0) + alpha * (out.loss_cross if expect_cross else 0)
     torch.testing.assert_close(out.loss, expected)

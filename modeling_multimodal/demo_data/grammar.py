@@ -17,6 +17,7 @@ Speech also holds out one espeak-ng voice under both rules.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -126,16 +127,18 @@ def _value_pairs(combination: tuple[str, ...]) -> set:
     return {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(filled, 2)}
 
 
-def held_out_combinations(task: str, seed: int = 0) -> set[tuple[str, ...]]:
+@functools.lru_cache(maxsize=None)
+def held_out_combinations(task: str, seed: int = 0) -> frozenset[tuple[str, ...]]:
     """The "combinations" rule: `TEST_FRACTION` of `task`'s combinations, the same for the same seed, drawn
-    again (deterministically) until every pair of attribute values still occurs in the rest."""
+    again (deterministically) until every pair of attribute values still occurs in the rest. Cached:
+    every split of every task asks for it."""
     combos = COMBINATIONS[task]()
     count = round(TEST_FRACTION * len(combos))
     every_pair = set().union(*map(_value_pairs, combos))
     for attempt in range(100):
         rng = np.random.default_rng([seed, list(COMBINATIONS).index(task), attempt])
         order = rng.permutation(len(combos))
-        held_out = {combos[i] for i in order[:count]}
+        held_out = frozenset(combos[i] for i in order[:count])
         if set().union(*(_value_pairs(c) for c in combos if c not in held_out)) == every_pair:
             return held_out
     raise RuntimeError(f"no hold-out of {count} {task} combinations keeps every attribute pair in training")
