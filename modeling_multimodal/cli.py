@@ -35,7 +35,9 @@ def _evaluate(args):
     rows = load_manifest(Path(args.root) / args.manifest, root=args.root)
     if args.max_samples:
         rows = rows.select(range(min(args.max_samples, len(rows))))
-    scores, samples = evaluate_task(model, processor, list(rows), args.task, batch_size=args.batch_size)
+    scores, samples = evaluate_task(
+        model, processor, list(rows), args.task, batch_size=args.batch_size, rerank_top_k=args.rerank_top_k
+    )
     result = {"checkpoint": args.checkpoint, "manifest": args.manifest, "task": args.task, "scores": scores, "samples": samples}
     print(json.dumps(result, indent=2))
     if args.out:
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--max-samples", type=int)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--rerank-top-k", type=int, default=0,
+        help="also re-rank each retrieval query's top k candidates by log p(text | media) (reranked_* scores)",
+    )
     p.add_argument("--out")
     p.set_defaults(func=_evaluate)
 

@@ -24,6 +24,15 @@ def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
     assert sorted(model.auxiliary_heads) == ["audio_ctc", "media_bow"]
     for task in ("image_caption", "video_caption", "speech_transcription"):
         assert len(saved["samples"][task]) == 3 and {"prediction", "reference"} <= set(saved["samples"][task][0])
+    # The CLI scores the saved checkpoint the same way, re-ranking included.
+    out = tmp_path / "eval.json"
+    command = [sys.executable, "-m", "modeling_multimodal.cli", "evaluate", str(tmp_path / "finetune" / "final"),
+               "--root", str(tmp_path / "data"), "--manifest", "image_test.jsonl", "--task", "image_caption",
+               "--batch-size", "32", "--rerank-top-k", "10", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    scores = json.loads(out.read_text())["scores"]
+    for key in ("exact_match", "text_to_media_recall@1", "reranked_text_to_media_recall@1", "reranked_media_to_text_recall@1"):
+        assert scores[key] == saved["scores"][f"image_caption/{key}"]
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):

@@ -132,6 +132,25 @@ def test_chained_stages_in_one_process_decode_each_example_once(data_root, tmp_p
     assert len(calls) == 80  # another encoding: decoded afresh
 
 
+def test_repeat_weights_a_task_in_the_mixture_and_decodes_each_row_once(data_root, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from modeling_multimodal.training.data import ExampleEncoder
+
+    calls = []
+    original = ExampleEncoder.__call__
+    monkeypatch.setattr(ExampleEncoder, "__call__", lambda self, row: calls.append(row["id"]) or original(self, row))
+    train = "data.train=[{manifest: image_train.jsonl, task: image_caption, repeat: 3}, {manifest: speech_train.jsonl, task: speech_transcription}]"
+    trainer = Trainer(recipe(data_root, tmp_path, train, "data.cache_in_memory=true", "data.eval=[]", "optim.max_steps=20"))
+    trainer.train()  # 24 images x 3 + 8 clips = 80 samples = one epoch of 20 batches of 4
+    epoch = [index for batch in trainer.batch_sampler for index in batch]
+    assert len(epoch) == 80
+    assert Counter(index % 24 for index in epoch if index < 72) == {row: 3 for row in range(24)}
+    assert len(calls) == 32 and len(set(calls)) == 32  # every row decoded once, its repeats come from the cache
+    with pytest.raises(ValueError, match="repeat must be an integer >= 1"):
+        Trainer(recipe(data_root, tmp_path / "bad", train.replace("repeat: 3", "repeat: 0")))
+
+
 # --- runs -----------------------------------------------------------------------------------------
 def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
     run = recipe(

@@ -2,16 +2,23 @@
 
 - caption / question tasks: greedy generation (left-padded batches), exact match and BLEU;
 - transcription: greedy generation, WER and CER;
-- retrieval: media and paired-text embeddings from `get_*_features`, recall@1/5/10 in both directions.
+- retrieval: media and paired-text embeddings from `get_*_features`, recall@1/5/10 in both directions;
+  optionally each query's top k candidates re-ranked by the generative score log p(text | media), the
+  retrieve-then-rerank scheme of ALBEF / BLIP (there with an image-text matching head), reported under
+  `reranked_*` keys next to the embedding-only scores.
 Scores come from `evaluation.functional`, the same code the shipped `evaluate` modules run.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch.nn import functional as F
 
-from ..training.data import build_example, get_task
-from .functional import bleu, character_error_rate, exact_match, retrieval_recall_from_embeddings, word_error_rate
+from ..losses import IGNORE_INDEX
+from ..training.collator import MultimodalCollator
+from ..training.data import ExampleEncoder, build_example, get_task
+from .functional import bleu, character_error_rate, exact_match, retrieval_recall, retrieval_recall_from_embeddings, word_error_rate
 
 MEDIA_ARGUMENTS = (("images", "image"), ("audio", "audio"), ("videos", "video"))
 
@@ -42,13 +49,73 @@ def generate_responses(model, processor, rows: list[dict], task, batch_size: int
 
 
 @torch.no_grad()
-def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int = 32) -> dict[str, float]:
-    """Recall@1/5/10 text→media and media→text over rows with distinct paired texts."""
-    examples, seen = [], set()
-    for example in (build_example(row, task) for row in rows):
+def response_log_likelihoods(model, encoded: list[dict], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """log p(response | prompt) of each encoded example (`ExampleEncoder` output): its labelled tokens' summed
+    log-probabilities under `model`, as a (n,) float tensor. Only the prompt's media go to the model (no
+    auxiliary or contrastive inputs), so the score is the captioning / transcription model's own."""
+    collator = MultimodalCollator(pad_token_id)
+    scores = []
+    for chunk in _batches(encoded, batch_size):
+        batch = collator(chunk)
+        labels = batch.pop("labels").to(model.device)
+        inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("ctc_labels", "pair_input_ids", "pair_attention_mask")}
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        token_scores = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores.append((token_scores * (targets != IGNORE_INDEX)).sum(-1).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def _top_k_pairs(similarity: np.ndarray, k: int) -> set[tuple[int, int]]:
+    """(text, media) index pairs in each text's top k media and each medium's top k texts."""
+    pairs = set()
+    for text, row in enumerate(similarity):
+        pairs.update((text, int(m)) for m in np.argsort(-row, kind="stable")[:k])
+    for media, column in enumerate(similarity.T):
+        pairs.update((int(t), media) for t in np.argsort(-column, kind="stable")[:k])
+    return pairs
+
+
+def reranked_recall(similarity: np.ndarray, pair_scores: dict[tuple[int, int], float], k: int) -> dict[str, float]:
+    """Recall@1/5/10 after re-ranking: each text's top k media (by `similarity`, texts x media, pairs on the
+    diagonal) are re-ordered by `pair_scores[(text, media)]` and stay above the rest; likewise each medium's
+    top k texts. The two directions re-rank different candidate lists, so they are scored separately."""
+    offset = np.abs(similarity).max() + 1.0  # lifts every re-ranked candidate above all the others
+
+    def reorder(matrix: np.ndarray, key) -> np.ndarray:
+        out = matrix.copy()
+        for query, row in enumerate(matrix):
+            top = np.argsort(-row, kind="stable")[:k]
+            values = np.array([pair_scores[key(query, int(c))] for c in top])
+            ranks = np.argsort(np.argsort(-values, kind="stable"), kind="stable")  # 0 = best score
+            out[query, top] = offset + (len(top) - ranks)
+        return out
+
+    text_to_media = retrieval_recall(reorder(similarity, lambda t, m: (t, m)))
+    media_to_text = retrieval_recall(reorder(similarity.T, lambda m, t: (t, m)).T)
+    result = {key: value for key, value in text_to_media.items() if key.startswith("text_to_media")}
+    result.update({key: value for key, value in media_to_text.items() if key.startswith("media_to_text")})
+    return {f"reranked_{key}": value for key, value in result.items()}
+
+
+@torch.no_grad()
+def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int = 32, rerank_top_k: int = 0) -> dict[str, float]:
+    """Recall@1/5/10 text→media and media→text over rows with distinct paired texts.
+
+    rerank_top_k: also re-rank each query's top k candidates by log p(text | media) (`reranked_*` keys).
+    The task's own prompt and response format are used, so the task must have a response (captions,
+    transcripts); the cost is one LM pass per candidate pair, at most 2·k per query.
+    """
+    spec = get_task(task)
+    if rerank_top_k > 0 and (spec is None or not spec.response_field):
+        raise ValueError(f"rerank_top_k needs a task whose response is the paired text (a caption or transcript); got {task!r}.")
+    kept, examples, seen = [], [], set()
+    for row in rows:
+        example = build_example(row, task)
         if example["pair_text"] and example["pair_text"] not in seen:
             seen.add(example["pair_text"])
             examples.append(example)
+            kept.append(row)
     if len(examples) < 2:
         return {}
     media_embeds, text_embeds = [], []
@@ -64,11 +131,38 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
             media_embeds.append(model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]))
         texts = tokenizer([e["pair_text"] for e in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
         text_embeds.append(model.get_text_features(texts["input_ids"].to(model.device), texts["attention_mask"].to(model.device)))
-    return retrieval_recall_from_embeddings(torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu())
+    text_embeds, media_embeds = torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu()
+    scores = retrieval_recall_from_embeddings(text_embeds, media_embeds)
+    if rerank_top_k > 0:
+        similarity = (F.normalize(text_embeds, dim=-1) @ F.normalize(media_embeds, dim=-1).T).numpy()
+        pairs = sorted(_top_k_pairs(similarity, rerank_top_k))
+        encoder = ExampleEncoder(processor, spec)
+        encoded = []
+        for row, pair_example in zip(kept, examples):
+            example = encoder({**row, spec.response_field: pair_example["pair_text"]})
+            example["prompt_ids"] = example["input_ids"][example["labels"] == IGNORE_INDEX]
+            example["response_ids"] = example["labels"][example["labels"] != IGNORE_INDEX]
+            encoded.append(example)
+        media_keys = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
+        candidates = []
+        for text, media in pairs:
+            prompt, response = encoded[media]["prompt_ids"], encoded[text]["response_ids"]
+            candidate = {key: encoded[media][key] for key in media_keys if key in encoded[media]}
+            candidate["input_ids"] = torch.cat([prompt, response])
+            candidate["labels"] = torch.cat([torch.full_like(prompt, IGNORE_INDEX), response])
+            candidates.append(candidate)
+        log_likelihoods = response_log_likelihoods(model, candidates, tokenizer.pad_token_id, batch_size)
+        scores.update(reranked_recall(similarity, dict(zip(pairs, log_likelihoods.tolist())), rerank_top_k))
+    return scores
 
 
-def evaluate_task(model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int = 3):
-    """All scores that apply to `task`, plus a few (prediction, reference) examples for reports."""
+def evaluate_task(
+    model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int = 3,
+    rerank_top_k: int = 0,
+):
+    """All scores that apply to `task`, plus a few (prediction, reference) examples for reports.
+
+    rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only)."""
     spec = get_task(task)
     was_training = model.training
     model.eval()
@@ -86,6 +180,6 @@ def evaluate_task(model, processor, rows: list[dict], task, batch_size: int = 16
             for e, p, r in list(zip(examples, predictions, references))[:num_examples]
         ]
     if spec is not None and spec.pair_field:
-        scores.update(retrieval_scores(model, processor, rows, task, batch_size))
+        scores.update(retrieval_scores(model, processor, rows, task, batch_size, rerank_top_k))
     model.train(was_training)
     return scores, samples

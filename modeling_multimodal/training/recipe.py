@@ -31,7 +31,7 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     root: str = "."
-    train: list = field(default_factory=list)  # [{"manifest": path, "task": name}, ...]
+    train: list = field(default_factory=list)  # [{"manifest": path, "task": name, "max_samples": n, "repeat": k}, ...]
     eval: list = field(default_factory=list)
     max_length: int = 1024
     packing: bool = False

@@ -111,12 +111,19 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
 
 
 def load_rows(recipe: TrainingRecipe, entries: list[dict]) -> list[tuple[str, object]]:
-    """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root."""
+    """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
+
+    An entry's `repeat` (checked here, applied by the training loader) weights a task in the mixture: its
+    rows appear that many times per epoch, each decoded once when examples are cached.
+    """
     loaded = []
     for entry in entries:
-        unknown = set(entry) - {"manifest", "task", "max_samples"}
+        unknown = set(entry) - {"manifest", "task", "max_samples", "repeat"}
         if unknown or "manifest" not in entry:
-            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional max_samples)")
+            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional max_samples, repeat)")
+        repeat = entry.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"data entry {entry}: repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
         rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root)
         if entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
@@ -152,11 +159,12 @@ class _MixedDataset(torch.utils.data.Dataset):
     the same (`encoding_fingerprint`); a different data set replaces it, so at most one is kept.
     """
 
-    def __init__(self, parts: list[EncodedDataset], cache: bool = False):
+    def __init__(self, parts: list[EncodedDataset], cache: bool = False, repeats: list[int] | None = None):
         self.parts = parts
+        self.repeats = list(repeats) if repeats is not None else [1] * len(parts)
         self.offsets = [0]
-        for part in parts:
-            self.offsets.append(self.offsets[-1] + len(part))
+        for part, repeat in zip(parts, self.repeats):
+            self.offsets.append(self.offsets[-1] + len(part) * repeat)
         self.cache = None
         if cache:
             key = tuple(encoding_fingerprint(part) for part in parts)
@@ -168,12 +176,13 @@ class _MixedDataset(torch.utils.data.Dataset):
         return self.offsets[-1]
 
     def __getitem__(self, index):
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
         part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
-        example = self.parts[part][index - self.offsets[part]]
+        key = (part, (index - self.offsets[part]) % len(self.parts[part]))  # a repeated row is one example
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        example = self.parts[key[0]][key[1]]
         if self.cache is not None:
-            self.cache[index] = example
+            self.cache[key] = example
         return example
 
 
@@ -217,14 +226,14 @@ class Trainer:
     # --- data ---
     def _train_loader(self):
         recipe = self.recipe
-        parts, lengths = [], []
-        for task, rows in self.train_rows:
+        parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in recipe.data.train]
+        for (task, rows), repeat in zip(self.train_rows, repeats):
             encoder = ExampleEncoder(self.processor, task, max_length=recipe.data.max_length)
             parts.append(EncodedDataset(rows, encoder))
-            lengths += encoder.estimate_lengths(rows)
+            lengths += encoder.estimate_lengths(rows) * repeat
         if recipe.data.cache_in_memory and recipe.data.num_workers:
             raise ValueError("data.cache_in_memory needs data.num_workers=0 (each worker would keep its own copy)")
-        dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory)
+        dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory, repeats=repeats)
         pad_id = self.processor.tokenizer.pad_token_id
         batch_size = recipe.optim.batch_size
         if recipe.data.packing:  # batch_size counts packed rows
