@@ -76,3 +76,5 @@ def test_rerank_needs_a_task_with_a_response(setup):
     model, processor, rows = setup
     with pytest.raises(ValueError, match="rerank_top_k needs a task whose response is the paired text"):
         retrieval_scores(model, processor, rows, "image_text_pair", rerank_top_k=2)
+    with pytest.raises(ValueError, match="rerank_top_k must be >= 0"):
+        retrieval_scores(model, processor, rows, "image_caption", rerank_top_k=-1)

@@ -173,6 +173,11 @@ def retrieval_recall_from_embeddings(
     ks: Sequence[int] = DEFAULT_RECALL_KS,
 ) -> dict[str, float]:
     """`retrieval_recall` on the cosine similarity of (num_texts, dim) and (num_media, dim) embeddings."""
+    return retrieval_recall(cosine_similarity(text_embeddings, media_embeddings), references, ks)
+
+
+def cosine_similarity(text_embeddings, media_embeddings) -> np.ndarray:
+    """(num_texts, num_media) cosine similarity of (num_texts, dim) and (num_media, dim) embeddings, float64."""
     texts, media = _to_numpy(text_embeddings), _to_numpy(media_embeddings)
     if texts.ndim != 2 or media.ndim != 2 or texts.shape[1] != media.shape[1]:
         raise ValueError(
@@ -180,4 +185,4 @@ def retrieval_recall_from_embeddings(
         )
     texts = texts / np.clip(np.linalg.norm(texts, axis=1, keepdims=True), 1e-12, None)
     media = media / np.clip(np.linalg.norm(media, axis=1, keepdims=True), 1e-12, None)
-    return retrieval_recall(texts @ media.T, references, ks)
+    return texts @ media.T

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ..losses import IGNORE_INDEX
 from ..training.collator import MultimodalCollator
-from ..training.data import ExampleEncoder, build_example, get_task
-from .functional import bleu, character_error_rate, exact_match, retrieval_recall, retrieval_recall_from_embeddings, word_error_rate
+from ..training.data import MEDIA_TENSOR_KEYS, ExampleEncoder, build_example, get_task
+from .functional import bleu, character_error_rate, cosine_similarity, exact_match, retrieval_recall, word_error_rate
 
 MEDIA_ARGUMENTS = (("images", "image"), ("audio", "audio"), ("videos", "video"))
 
@@ -107,6 +106,8 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     transcripts); the cost is one LM pass per candidate pair, at most 2·k per query.
     """
     spec = get_task(task)
+    if rerank_top_k < 0:
+        raise ValueError(f"rerank_top_k must be >= 0 (0: no re-ranking), got {rerank_top_k}.")
     if rerank_top_k > 0 and (spec is None or not spec.response_field):
         raise ValueError(f"rerank_top_k needs a task whose response is the paired text (a caption or transcript); got {task!r}.")
     kept, examples, seen = [], [], set()
@@ -131,10 +132,9 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
             media_embeds.append(model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]))
         texts = tokenizer([e["pair_text"] for e in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
         text_embeds.append(model.get_text_features(texts["input_ids"].to(model.device), texts["attention_mask"].to(model.device)))
-    text_embeds, media_embeds = torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu()
-    scores = retrieval_recall_from_embeddings(text_embeds, media_embeds)
+    similarity = cosine_similarity(torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu())
+    scores = retrieval_recall(similarity)
     if rerank_top_k > 0:
-        similarity = (F.normalize(text_embeds, dim=-1) @ F.normalize(media_embeds, dim=-1).T).numpy()
         pairs = sorted(_top_k_pairs(similarity, rerank_top_k))
         encoder = ExampleEncoder(processor, spec)
         encoded = []
@@ -143,11 +143,10 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
             example["prompt_ids"] = example["input_ids"][example["labels"] == IGNORE_INDEX]
             example["response_ids"] = example["labels"][example["labels"] != IGNORE_INDEX]
             encoded.append(example)
-        media_keys = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
         candidates = []
         for text, media in pairs:
             prompt, response = encoded[media]["prompt_ids"], encoded[text]["response_ids"]
-            candidate = {key: encoded[media][key] for key in media_keys if key in encoded[media]}
+            candidate = {key: encoded[media][key] for key in MEDIA_TENSOR_KEYS if key in encoded[media]}
             candidate["input_ids"] = torch.cat([prompt, response])
             candidate["labels"] = torch.cat([torch.full_like(prompt, IGNORE_INDEX), response])
             candidates.append(candidate)

@@ -42,6 +42,8 @@ from ..losses import IGNORE_INDEX
 from ..tokenization import MEDIA_TOKENS
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
+# The media tensors an encoded example carries (whichever of them its media need).
+MEDIA_TENSOR_KEYS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
 _MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
@@ -348,7 +350,7 @@ class ExampleEncoder:
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]  # truncate the response only
         encoded = {"id": example["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
-        for key in ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask"):
+        for key in MEDIA_TENSOR_KEYS:
             if processed.get(key) is not None:
                 encoded[key] = processed[key]
         n_audios = len(example["media"]["audio"])

@@ -161,9 +161,8 @@ class _MixedDataset(torch.utils.data.Dataset):
 
     def __init__(self, parts: list[EncodedDataset], cache: bool = False, repeats: list[int] | None = None):
         self.parts = parts
-        self.repeats = list(repeats) if repeats is not None else [1] * len(parts)
         self.offsets = [0]
-        for part, repeat in zip(parts, self.repeats):
+        for part, repeat in zip(parts, repeats or [1] * len(parts)):
             self.offsets.append(self.offsets[-1] + len(part) * repeat)
         self.cache = None
         if cache:
