@@ -149,6 +149,8 @@ def test_repeat_weights_a_task_in_the_mixture_and_decodes_each_row_once(data_roo
     assert len(calls) == 32 and len(set(calls)) == 32  # every row decoded once, its repeats come from the cache
     with pytest.raises(ValueError, match="repeat must be an integer >= 1"):
         Trainer(recipe(data_root, tmp_path / "bad", train.replace("repeat: 3", "repeat: 0")))
+    with pytest.raises(ValueError, match="repeat is for data.train only"):
+        Trainer(recipe(data_root, tmp_path / "bad_eval", "data.eval=[{manifest: image_train.jsonl, task: image_caption, repeat: 2}]"))
 
 
 # --- runs -----------------------------------------------------------------------------------------

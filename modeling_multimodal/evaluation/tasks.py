@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..losses import IGNORE_INDEX
-from ..training.collator import MultimodalCollator
+from ..training.collator import MultimodalCollator, collate_media
 from ..training.data import MEDIA_TENSOR_KEYS, ExampleEncoder, build_example, get_task
 from .functional import bleu, character_error_rate, cosine_similarity, exact_match, retrieval_recall, word_error_rate
 
@@ -110,45 +110,38 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
         raise ValueError(f"rerank_top_k must be >= 0 (0: no re-ranking), got {rerank_top_k}.")
     if rerank_top_k > 0 and (spec is None or not spec.response_field):
         raise ValueError(f"rerank_top_k needs a task whose response is the paired text (a caption or transcript); got {task!r}.")
-    kept, examples, seen = [], [], set()
+    encoder = ExampleEncoder(processor, task)
+    encoded, seen = [], set()
     for row in rows:
-        example = build_example(row, task)
-        if example["pair_text"] and example["pair_text"] not in seen:
-            seen.add(example["pair_text"])
-            examples.append(example)
-            kept.append(row)
-    if len(examples) < 2:
+        pair_text = build_example(row, task)["pair_text"]
+        if pair_text and pair_text not in seen:
+            seen.add(pair_text)
+            # the pair text as the response, so one encoding (one media decode) serves embeddings and re-ranking
+            encoded.append(encoder({**row, spec.response_field: pair_text} if rerank_top_k > 0 else row))
+    if len(encoded) < 2:
         return {}
     media_embeds, text_embeds = [], []
     tokenizer = processor.tokenizer
-    for chunk in _batches(examples, batch_size):
-        placeholders = [" ".join(processor.placeholder(m) for m in ("image", "audio", "video") for _ in e["media"][m]) for e in chunk]
-        inputs = _process(processor, chunk, placeholders, padding_side="right").to(model.device)
+    for chunk in _batches(encoded, batch_size):
+        inputs = {key: value.to(model.device) for key, value in collate_media(chunk, tokenizer.pad_token_id).items()}
         if "pixel_values" in inputs:
             media_embeds.append(model.get_image_features(inputs["pixel_values"]))
         elif "pixel_values_videos" in inputs:
             media_embeds.append(model.get_video_features(inputs["pixel_values_videos"]))
         else:
             media_embeds.append(model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]))
-        texts = tokenizer([e["pair_text"] for e in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
-        text_embeds.append(model.get_text_features(texts["input_ids"].to(model.device), texts["attention_mask"].to(model.device)))
+        text_embeds.append(model.get_text_features(inputs["pair_input_ids"], inputs["pair_attention_mask"]))
     similarity = cosine_similarity(torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu())
     scores = retrieval_recall(similarity)
     if rerank_top_k > 0:
         pairs = sorted(_top_k_pairs(similarity, rerank_top_k))
-        encoder = ExampleEncoder(processor, spec)
-        encoded = []
-        for row, pair_example in zip(kept, examples):
-            example = encoder({**row, spec.response_field: pair_example["pair_text"]})
-            example["prompt_ids"] = example["input_ids"][example["labels"] == IGNORE_INDEX]
-            example["response_ids"] = example["labels"][example["labels"] != IGNORE_INDEX]
-            encoded.append(example)
+        prompts = [example["input_ids"][example["labels"] == IGNORE_INDEX] for example in encoded]
+        responses = [example["labels"][example["labels"] != IGNORE_INDEX] for example in encoded]
         candidates = []
         for text, media in pairs:
-            prompt, response = encoded[media]["prompt_ids"], encoded[text]["response_ids"]
             candidate = {key: encoded[media][key] for key in MEDIA_TENSOR_KEYS if key in encoded[media]}
-            candidate["input_ids"] = torch.cat([prompt, response])
-            candidate["labels"] = torch.cat([torch.full_like(prompt, IGNORE_INDEX), response])
+            candidate["input_ids"] = torch.cat([prompts[media], responses[text]])
+            candidate["labels"] = torch.cat([torch.full_like(prompts[media], IGNORE_INDEX), responses[text]])
             candidates.append(candidate)
         log_likelihoods = response_log_likelihoods(model, candidates, tokenizer.pad_token_id, batch_size)
         scores.update(reranked_recall(similarity, dict(zip(pairs, log_likelihoods.tolist())), rerank_top_k))

@@ -110,17 +110,20 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
     return model, processor
 
 
-def load_rows(recipe: TrainingRecipe, entries: list[dict]) -> list[tuple[str, object]]:
+def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
     """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
 
-    An entry's `repeat` (checked here, applied by the training loader) weights a task in the mixture: its
-    rows appear that many times per epoch, each decoded once when examples are cached.
+    A training entry's `repeat` (checked here, applied by the training loader) weights a task in the
+    mixture: its rows appear that many times per epoch, each decoded once when examples are cached. An
+    evaluation entry scores each row once, so `repeat` there is refused rather than ignored.
     """
     loaded = []
+    allowed = {"manifest", "task", "max_samples"} | ({"repeat"} if training else set())
     for entry in entries:
-        unknown = set(entry) - {"manifest", "task", "max_samples", "repeat"}
+        unknown = set(entry) - allowed
         if unknown or "manifest" not in entry:
-            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional max_samples, repeat)")
+            optional = "max_samples, repeat" if training else "max_samples; repeat is for data.train only"
+            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional {optional})")
         repeat = entry.get("repeat", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"data entry {entry}: repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
@@ -206,7 +209,7 @@ class Trainer:
         )
         set_seed(recipe.seed)
         self.train_rows = load_rows(recipe, recipe.data.train)
-        self.eval_rows = load_rows(recipe, recipe.data.eval)
+        self.eval_rows = load_rows(recipe, recipe.data.eval, training=False)
         model, self.processor = build_model_and_processor(recipe, self.train_rows)
         self.model = self._prepare_model(model)
         self.log_history: list[dict] = []
