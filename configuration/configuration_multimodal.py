@@ -35,7 +35,9 @@ class MultimodalConfig(PreTrainedConfig):
         vision_feature_layer: hidden-state index of the vision tower used as features (LLaVA uses -2).
         vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
         audio_feature_layer: hidden-state index of the audio encoder (-1: the final, layer-normed output).
-        image_projector / audio_projector / video_projector: "linear" or "mlp" (two layers).
+        image_projector / audio_projector / video_projector: "linear" or "mlp" (two layers); video_projector may
+            also be "image": video frames go through the image projector (one projector for both, as in
+            LLaVA-NeXT-Video), so what the LM learns to read from images carries over to frames.
         image_pool_stride: average-pool the image patch grid by this factor per side (token compression).
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
         video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
@@ -145,9 +147,11 @@ class MultimodalConfig(PreTrainedConfig):
         for token_id in ids:
             if not 0 <= token_id < self.text_config.vocab_size:
                 errors.append(f"media token id {token_id} is outside the LM vocabulary ({self.text_config.vocab_size})")
-        for name in ("image_projector", "audio_projector", "video_projector"):
-            if getattr(self, name) not in PROJECTOR_TYPES:
-                errors.append(f"{name}={getattr(self, name)!r}; expected one of {PROJECTOR_TYPES}")
+        for name, allowed in (
+            ("image_projector", PROJECTOR_TYPES), ("audio_projector", PROJECTOR_TYPES), ("video_projector", (*PROJECTOR_TYPES, "image"))
+        ):
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
         for name in ("image_pool_stride", "audio_pool_stride", "video_temporal_pool_stride", "video_spatial_pool_stride"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")

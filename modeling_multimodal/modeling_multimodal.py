@@ -110,7 +110,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             projectors["image"] = MultiModalProjector(
                 vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act
             )
-            if config.video_token_id is not None:
+            if config.video_token_id is not None and config.video_projector != "image":
                 projectors["video"] = MultiModalProjector(
                     vision_hidden, text_hidden, config.video_projector, config.projector_hidden_act
                 )
@@ -167,7 +167,12 @@ class MultimodalModel(MultimodalPreTrainedModel):
         features = pool_patch_grid(features, self.config.video_spatial_pool_stride)  # (n*frames, patches, d)
         stride = self.config.video_temporal_pool_stride
         features = features.view(n, frames // stride, stride, *features.shape[1:]).mean(2)  # (n, frames/s, patches, d)
-        return self.multi_modal_projector["video"](features.flatten(1, 2))
+        return self.video_projector(features.flatten(1, 2))
+
+    @property
+    def video_projector(self) -> nn.Module:
+        """The video projector, or the image projector when `config.video_projector == "image"` (shared)."""
+        return self.multi_modal_projector["video" if "video" in self.multi_modal_projector else "image"]
 
     def encode_audio(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
@@ -229,7 +234,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             raise ValueError("Media inputs need input_ids, whose placeholders say where the media go.")
         for name, value, tower in (
             ("pixel_values", pixel_values, self.vision_tower),
-            ("pixel_values_videos", pixel_values_videos, self.multi_modal_projector["video"] if "video" in self.multi_modal_projector else None),
+            ("pixel_values_videos", pixel_values_videos, self.vision_tower if self.config.video_token_id is not None else None),
             ("input_features", input_features, self.audio_tower),
         ):
             if value is not None and tower is None:

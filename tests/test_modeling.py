@@ -453,3 +453,23 @@ def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():
         pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"],
     ).loss_cross
     torch.testing.assert_close(packed, per_row, rtol=1e-5, atol=1e-5)
+
+
+def test_video_frames_can_share_the_image_projector(tmp_path):
+    """video_projector="image": one projector for images and frames, so a frame's tokens are an image's."""
+    model = build_model(video_projector="image", video_temporal_pool_stride=1, video_spatial_pool_stride=1, image_pool_stride=1)
+    assert sorted(model.model.multi_modal_projector) == ["audio", "image"]
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        frames_as_images = model.model.encode_images(video.flatten(0, 1)).view(2, -1, model.config.text_config.hidden_size)
+        torch.testing.assert_close(model.model.encode_videos(video), frames_as_images)
+    model.train()
+    batch = collate([sample(model, videos=1)])
+    model(**batch, labels=text_labels(batch, model)).loss.backward()
+    assert model.model.multi_modal_projector["image"].linear_1.weight.grad.abs().sum() > 0  # the video loss trains it
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_videos(video), model.eval().model.encode_videos(video), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"video_projector='audio'; expected one of \('linear', 'mlp', 'image'\)"):
+        tiny_config(TOKENIZER, video_projector="audio")
