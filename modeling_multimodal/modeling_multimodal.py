@@ -556,8 +556,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             vision = self.config.vision_config
             if not used["image"]:
                 total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
-            if "video" in model.multi_modal_projector and not used["video"]:
-                total = total + model.multi_modal_projector["video"](like.new_zeros(1, 1, vision.hidden_size)).sum()
+            if self.config.video_token_id is not None and not used["video"]:
+                total = total + model.video_projector(like.new_zeros(1, 1, vision.hidden_size)).sum()
         if model.audio_tower is not None:
             states = None
             if not used["audio"]:
