@@ -20,6 +20,7 @@ SUPPORTED_AUDIO_TOWERS = ("whisper", "qwen2_audio_encoder")
 # Composite configs whose vision or audio half we take when a user passes the whole thing.
 _VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
 PROJECTOR_TYPES = ("linear", "mlp")
+VISION_STEMS = ("patch", "conv")
 AUXILIARY_TASKS = ("audio_ctc", "media_bow")
 
 
@@ -32,6 +33,9 @@ class MultimodalConfig(PreTrainedConfig):
         vision_config: config of the vision tower (CLIP/SigLIP vision, ViT, DINOv2); it also encodes video frames.
         audio_config: config of the audio encoder (Whisper or Qwen2-Audio encoder).
         image_token_id / audio_token_id / video_token_id: ids of the placeholder tokens in the tokenizer.
+        vision_stem: "patch" keeps the tower's own patch embedding (one strided convolution); "conv" replaces it by a
+            stack of 3x3 stride-2 convolutions (`vision_stem.ConvPatchStem`) that sees shapes the same way wherever
+            they fall on the patch grid, for towers trained from scratch. Needs a power-of-two patch size.
         vision_feature_layer: hidden-state index of the vision tower used as features (LLaVA uses -2).
         vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
         audio_feature_layer: hidden-state index of the audio encoder (-1: the final, layer-normed output).
@@ -65,6 +69,7 @@ class MultimodalConfig(PreTrainedConfig):
     image_token_id: int | None = None
     audio_token_id: int | None = None
     video_token_id: int | None = None
+    vision_stem: str = "patch"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     audio_feature_layer: int = -1
@@ -115,6 +120,9 @@ class MultimodalConfig(PreTrainedConfig):
                     )
                 if self.vision_feature_select_strategy == "full" and self.image_pool_stride != 1:
                     errors.append("vision_feature_select_strategy='full' keeps CLS and cannot be pooled; use 'default'")
+                patch = self.vision_config.patch_size
+                if self.vision_stem == "conv" and (patch < 2 or patch & (patch - 1)):
+                    errors.append(f"vision_stem='conv' needs a power-of-two patch_size >= 2, got {patch}")
                 n_hidden = self.vision_config.num_hidden_layers + 1
                 if not -n_hidden <= self.vision_feature_layer < n_hidden:
                     errors.append(f"vision_feature_layer={self.vision_feature_layer} is outside [-{n_hidden}, {n_hidden})")
@@ -148,6 +156,7 @@ class MultimodalConfig(PreTrainedConfig):
             if not 0 <= token_id < self.text_config.vocab_size:
                 errors.append(f"media token id {token_id} is outside the LM vocabulary ({self.text_config.vocab_size})")
         for name, allowed in (
+            ("vision_stem", VISION_STEMS),
             ("image_projector", PROJECTOR_TYPES), ("audio_projector", PROJECTOR_TYPES), ("video_projector", (*PROJECTOR_TYPES, "image"))
         ):
             if getattr(self, name) not in allowed:

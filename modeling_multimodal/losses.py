@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .projectors import keep_torch_default_init
+
 IGNORE_INDEX = -100
 
 
@@ -113,6 +115,7 @@ class MediaBagOfWordsHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
         self.classifier = nn.Linear(hidden_size, vocab_size)
+        keep_torch_default_init(self)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(pooled)

@@ -28,6 +28,7 @@ from .configuration import MultimodalConfig
 from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, gather_rows_across_ranks, labelled_lm_loss, masked_mean
 from .projectors import MultiModalProjector, pool_patch_grid, pool_time
+from .vision_stem import use_conv_stem
 
 
 @dataclass
@@ -90,6 +91,8 @@ class MultimodalPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        if getattr(module, "_torch_default_init", False):  # see projectors.keep_torch_default_init
+            module.reset_parameters()
         if isinstance(module, RetrievalHead):
             with torch.no_grad():
                 module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
@@ -106,6 +109,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
         projectors = {}
         if config.vision_config is not None:
             self.vision_tower = AutoModel.from_config(config.vision_config)
+            if config.vision_stem == "conv":
+                use_conv_stem(self.vision_tower, config.vision_config.patch_size)
             vision_hidden = config.vision_config.hidden_size
             projectors["image"] = MultiModalProjector(
                 vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act

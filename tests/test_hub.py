@@ -211,7 +211,8 @@ def checkpoints(tmp_path_factory, demo_data):
     assert not torch.allclose(references["adapter"], references["v1"]), "the adapter must change the logits"
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    multimodal = MultimodalForConditionalGeneration(tiny_config(tokenizer)).eval()
+    # The convolutional vision stem: its module (vision_stem.py) must travel with the custom code too.
+    multimodal = MultimodalForConditionalGeneration(tiny_config(tokenizer, vision_stem="conv")).eval()
     multimodal.save_pretrained(root / "multimodal")
     MultimodalProcessor.from_config_and_components(multimodal.config, tokenizer).save_pretrained(root / "multimodal")
     write_model_card_inputs(root / "multimodal", component_models=COMPONENTS, modalities=["image", "audio", "video"])
@@ -451,7 +452,7 @@ def test_card_inputs_file_round_trips(checkpoints):
 
 
 CODE_FILES = {
-    "configuration_multimodal.py", "media_tokens.py", "modeling_multimodal.py", "encoders.py", "losses.py", "projectors.py",
+    "configuration_multimodal.py", "media_tokens.py", "modeling_multimodal.py", "encoders.py", "losses.py", "projectors.py", "vision_stem.py",
     "processing_multimodal.py", "image_processing_multimodal.py", "video_processing_multimodal.py", "audio_loading.py",
 }  # fmt: skip
 

@@ -473,3 +473,88 @@ def test_video_frames_can_share_the_image_projector(tmp_path):
         torch.testing.assert_close(loaded.model.encode_videos(video), model.eval().model.encode_videos(video), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"video_projector='audio'; expected one of \('linear', 'mlp', 'image'\)"):
         tiny_config(TOKENIZER, video_projector="audio")
+
+
+def reference_conv_stem(stem, pixels):
+    """The stem's computation written out with torch.nn.functional: 3x3 stride-2 convs with GELU, then a 1x1."""
+    convs = [m for m in stem.convs if isinstance(m, torch.nn.Conv2d)]
+    hidden = pixels
+    for conv in convs:
+        hidden = torch.nn.functional.gelu(torch.nn.functional.conv2d(hidden, conv.weight, conv.bias, stride=2, padding=1))
+    return torch.nn.functional.conv2d(hidden, stem.proj.weight, stem.proj.bias)
+
+
+def test_conv_stem_replaces_the_patch_embedding(tmp_path):
+    """vision_stem="conv": the tower's patch convolution becomes a conv stack; tokens, training and save/load hold."""
+    from modeling_multimodal.vision_stem import ConvPatchStem
+
+    patch_model = build_model()
+    model = build_model(vision_stem="conv", freeze_vision_tower=False)
+    stem = model.model.vision_tower.embeddings.patch_embedding
+    assert isinstance(stem, ConvPatchStem)
+    assert [m.stride for m in stem.convs if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3  # 8-px patches
+    # Its own (Kaiming) initialisation survives post_init, not the tower's std-0.02 patch-embedding init.
+    assert stem.convs[0].weight.std() > 0.15
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stem(pixels), reference_conv_stem(stem, pixels))
+        assert model.model.encode_images(pixels).shape == patch_model.model.encode_images(pixels).shape
+        assert model.model.encode_videos(torch.randn(1, 4, 3, 32, 32)).shape[1] == model.config.token_layout.video_tokens()
+    model.train()
+    batch = collate([sample(model, images=1, videos=1)])
+    model(**batch, labels=text_labels(batch, model)).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.model.vision_tower.embeddings.patch_embedding, ConvPatchStem)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "vision_config",
+    [
+        {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        {"model_type": "vit", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        {"model_type": "dinov2", "hidden_size": 32, "mlp_ratio": 2, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    ],
+    ids=lambda c: c["model_type"],
+)
+def test_conv_stem_fits_every_supported_vision_tower(vision_config):
+    from modeling_multimodal.vision_stem import ConvPatchStem
+
+    config = tiny_config(TOKENIZER, vision_config=vision_config, vision_stem="conv")
+    model = MultimodalForConditionalGeneration(config).eval()
+    assert sum(isinstance(m, ConvPatchStem) for m in model.model.vision_tower.modules()) == 1
+    with torch.no_grad():
+        tokens = model.model.encode_images(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, config.token_layout.image_tokens(), config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vision_stem": "resnet"}, r"vision_stem='resnet'; expected one of \('patch', 'conv'\)"),
+        ({"vision_stem": "conv", "vision_config": {"model_type": "clip_vision_model", "image_size": 36, "patch_size": 6}},
+         r"vision_stem='conv' needs a power-of-two patch_size >= 2, got 6"),
+    ],
+)
+def test_conv_stem_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(TOKENIZER, **overrides)
+
+
+def test_projectors_and_bag_of_words_head_keep_torch_default_init():
+    """Projectors and the media bag-of-words head start at PyTorch's Linear init (as LLaVA's own code), not N(0, 0.02)."""
+    model = build_model(other_loss_weight=0.5, auxiliary_tasks=["audio_ctc", "media_bow"])
+    layers = [m for p in model.model.multi_modal_projector.values() for m in p.modules() if isinstance(m, torch.nn.Linear)]
+    layers.append(model.auxiliary_heads["media_bow"].classifier)
+    for layer in layers:
+        bound = layer.in_features**-0.5  # kaiming_uniform(a=sqrt(5)) and the bias both draw from U(-bound, bound)
+        assert layer.weight.abs().max() <= bound and layer.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.15)
+        assert layer.bias.abs().max() <= bound and layer.bias.abs().max() > 0
+    # The LM keeps transformers' scheme.
+    assert model.model.language_model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
