@@ -49,3 +49,21 @@ def test_ablation_runs_without_l_other_skip_the_encoders_stage():
 
     assert [name for name, _ in demo_stages()] == ["encoders", "pretrain", "align", "finetune"]
     assert [name for name, _ in demo_stages(["other_loss_weight=0.0", "cross_loss_weight=0.2"])] == ["pretrain", "align", "finetune"]
+
+
+def test_shape_learning_diagnostic_runs_on_demo_data(tmp_path):
+    """examples/diagnostics/shape_learning.py (the README's shape-learning table) trains and reports on demo data."""
+    from pathlib import Path
+
+    from modeling_multimodal.demo_data import make_demo_data
+
+    none = {"train": 0, "validation": 0, "test": 0}
+    make_demo_data(tmp_path, seed=0, sizes={"image": {"train": 16, "validation": 0, "test": 8}, "video": none, "speech": none})
+    script = Path(__file__).resolve().parents[1] / "examples" / "diagnostics" / "shape_learning.py"
+    command = [sys.executable, str(script), "--data", str(tmp_path), "--stem", "conv", "--projector", "normal",
+               "--head-init", "normal", "--steps", "3"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    last = done.stdout.strip().splitlines()[-1]
+    assert "'stem': 'conv'" in last and "step 3: test shape accuracy" in last
+    accuracy = float(last.split("accuracy ")[1].split()[0])
+    assert accuracy in {i / 8 for i in range(9)}  # a share of the 8 test images
