@@ -63,13 +63,17 @@ def find_patch_convolution(tower: nn.Module, patch_size: int) -> tuple[nn.Module
 def use_conv_stem(tower: nn.Module, patch_size: int) -> ConvPatchStem:
     """Replace the tower's patch convolution by a `ConvPatchStem` with the same input channels and width.
 
-    The stem keeps its own initialisation: its modules are marked initialised, so the composite model's
-    `post_init` does not redraw them with the tower's small-normal patch-embedding scheme.
+    The stem keeps its own initialisation: parameters that hold their drawn values carry the flag
+    transformers puts on loaded weights, so the tower's `_init_weights` (small normal) leaves them alone in
+    `post_init`. Under `from_pretrained` they are built on the meta device (nothing drawn, no flag), so
+    weights the checkpoint lacks (a patch-stem checkpoint loaded with `vision_stem="conv"`) are drawn by the
+    tower's init, N(0, initializer_range), as transformers does for any missing weight.
     """
     parent, attribute = find_patch_convolution(tower, patch_size)
     old = getattr(parent, attribute)
     stem = ConvPatchStem(old.in_channels, old.out_channels, patch_size)
-    for module in stem.modules():
-        module._is_hf_initialized = True
+    for param in stem.parameters():
+        if not param.is_meta:
+            param._is_hf_initialized = True
     setattr(parent, attribute, stem)
     return stem

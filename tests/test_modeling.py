@@ -558,3 +558,23 @@ def test_projectors_and_bag_of_words_head_keep_torch_default_init():
         assert layer.bias.abs().max() <= bound and layer.bias.abs().max() > 0
     # The LM keeps transformers' scheme.
     assert model.model.language_model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
+def test_patch_checkpoint_loaded_with_conv_stem_draws_the_missing_stem(tmp_path):
+    """from_pretrained(patch checkpoint, vision_stem="conv"): the stem is drawn fresh (finite), the rest is loaded."""
+    from modeling_multimodal.vision_stem import ConvPatchStem
+
+    model = build_model()
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path, vision_stem="conv").eval()
+    stem = loaded.model.vision_tower.embeddings.patch_embedding
+    assert isinstance(stem, ConvPatchStem)
+    for name, param in stem.named_parameters():
+        assert torch.isfinite(param).all() and param.abs().max() < 1, name  # drawn, not left as uninitialised memory
+        assert param.abs().sum() > 0 or name.endswith("bias"), name
+    torch.testing.assert_close(
+        loaded.model.multi_modal_projector["image"].linear_1.weight, model.model.multi_modal_projector["image"].linear_1.weight, rtol=0, atol=0
+    )
+    batch = collate([sample(loaded, images=1)])
+    with torch.no_grad():
+        assert torch.isfinite(loaded(**batch).logits).all()
