@@ -18,7 +18,7 @@ from .media_tokens import MediaTokenLayout
 SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "vit", "dinov2")
 SUPPORTED_AUDIO_TOWERS = ("whisper", "qwen2_audio_encoder")
 # Composite configs whose vision or audio half we take when a user passes the whole thing.
-_VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
+VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
 PROJECTOR_TYPES = ("linear", "mlp")
 VISION_STEMS = ("patch", "conv")
 AUXILIARY_TASKS = ("audio_ctc", "media_bow")
@@ -94,8 +94,8 @@ class MultimodalConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # Accept a whole CLIPConfig / SiglipConfig and keep its vision half.
-        if isinstance(self.vision_config, PreTrainedConfig) and self.vision_config.model_type in _VISION_HALF_OF:
-            self.vision_config = getattr(self.vision_config, _VISION_HALF_OF[self.vision_config.model_type])
+        if isinstance(self.vision_config, PreTrainedConfig) and self.vision_config.model_type in VISION_HALF_OF:
+            self.vision_config = getattr(self.vision_config, VISION_HALF_OF[self.vision_config.model_type])
         super().__post_init__(**kwargs)
         if self.text_config.tie_word_embeddings and not self.tie_word_embeddings:
             self.tie_word_embeddings = True

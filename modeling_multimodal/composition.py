@@ -1,17 +1,28 @@
 """Compose a multimodal model from pretrained parts: an LM, a vision tower, an audio encoder.
 
 Each part's folder (or Hub id) carries its own preprocessing config, as Hub checkpoints do: the LM
-folder its tokenizer, a CLIP/SigLIP folder its `preprocessor_config.json`, a Whisper folder its
-feature extractor. The processor is built from those, the media placeholders are added to the
-tokenizer and the LM's embeddings are resized to match. Projectors and heads start fresh.
+folder its tokenizer (and chat template), a CLIP/SigLIP/ViT/DINOv2 folder its
+`preprocessor_config.json`, a Whisper folder its feature extractor. Composition runs in two phases:
+
+1. Configs only: the tokenizer gains the media placeholders, the vision config's `image_size` is set to
+   the crop its image processor makes (DINOv2 declares 518 but is used at 224), and the whole
+   `MultimodalConfig` and processor are built and checked. A bad combination fails here, in about a
+   second, before any weight is read.
+2. Weights: the model is built on the meta device and each part is loaded once, then moved in whole
+   (no random twin, no copy): the LM (embeddings resized for the placeholders), the vision tower (its
+   position table interpolated once to the processor's grid, as the tower itself would interpolate at
+   run time), the encoder half of Whisper. Only the projectors and heads are initialised fresh.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 
 from .configuration import MultimodalConfig
+from .configuration.configuration_multimodal import VISION_HALF_OF
+from .configuration.media_tokens import VISION_TOWERS_WITH_CLS
 from .processing import MultimodalImageProcessor, MultimodalProcessor, MultimodalVideoProcessor
 from .tokenization import MEDIA_TOKENS
 
@@ -20,21 +31,100 @@ IMAGE_OPTIONS_SHARED_WITH_VIDEO = (
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std",
 )
+# The name of each supported vision tower's position table inside its `embeddings` module.
+_POSITION_TABLE = {
+    "clip_vision_model": "position_embedding.weight",
+    "siglip_vision_model": "position_embedding.weight",
+    "vit": "position_embeddings",
+    "dinov2": "position_embeddings",
+}
 
 
-def _load_into(target: torch.nn.Module, source: torch.nn.Module, what: str, path: str) -> None:
-    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{what} weights from {path!r} do not fit the tower built from its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+def _vision_half(config):
+    """A CLIPConfig / SiglipConfig's vision half; any other vision config as it is."""
+    return getattr(config, VISION_HALF_OF[config.model_type]) if config.model_type in VISION_HALF_OF else config
 
 
-def _audio_encoder(path: str, audio_config):
-    model = AutoModel.from_pretrained(path)
-    return model.get_encoder() if hasattr(model, "get_encoder") and audio_config.model_type == "whisper" else model
+def _image_processor(vision: str, image_size: int | None) -> MultimodalImageProcessor:
+    """The tower's own preprocessing; `image_size` resizes its crop (and its resize edge in proportion)."""
+    processor = MultimodalImageProcessor.from_pretrained(vision)
+    if image_size is not None:
+        crop = processor.crop_size if processor.do_center_crop else processor.size
+        edge = processor.size.shortest_edge
+        scaled_edge = round(edge * image_size / crop.height) if edge else image_size
+        processor = MultimodalImageProcessor(
+            **{**processor.to_dict(), "size": {"shortest_edge": scaled_edge}, "crop_size": {"height": image_size, "width": image_size}}
+        )
+    return processor
 
 
-def from_pretrained_components(cls, text: str, vision: str | None = None, audio: str | None = None, dtype=None, **config_overrides):
-    """(model, processor) from pretrained parts; see the module docstring."""
+def processed_image_side(image_processor) -> int:
+    """The side of the square images the processor outputs (its crop, or its resize when it does not crop)."""
+    out = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
+    if out.height is None or out.height != out.width:
+        raise ValueError(
+            f"the image processor must output square images to fit a vision tower's patch grid, got size={dict(out)}; "
+            "pass image_size=N to from_pretrained_components"
+        )
+    return out.height
+
+
+def fit_vision_tower(tower: nn.Module, image_size: int) -> nn.Module:
+    """Re-grid a pretrained vision tower for `image_size` inputs, in place: its position table is interpolated once.
+
+    The table comes from the tower's own `interpolate_pos_encoding` (what `interpolate_pos_encoding=True`, or
+    DINOv2 always, computes on every forward), so outputs at `image_size` are unchanged while the config,
+    the token count and the saved weights all agree on the new grid.
+    """
+    config = tower.config
+    if config.image_size == image_size:
+        return tower
+    if image_size % config.patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of the vision tower's patch_size={config.patch_size}")
+    table_name, old = _POSITION_TABLE[config.model_type], tower.embeddings
+    grid = image_size // config.patch_size
+    probe = torch.zeros(1, grid * grid + int(config.model_type in VISION_TOWERS_WITH_CLS), config.hidden_size)
+    with torch.no_grad():
+        table = old.interpolate_pos_encoding(probe, image_size, image_size)  # (1, positions, hidden)
+    state = old.state_dict()
+    state[table_name] = table[0] if table_name.endswith(".weight") else table
+    config.image_size = image_size
+    extra = {"use_mask_token": getattr(old, "mask_token", None) is not None} if config.model_type == "vit" else {}
+    new = type(old)(config, **extra)
+    new.load_state_dict(state)
+    tower.embeddings = new.to(table.dtype)
+    return tower
+
+
+def _load_audio_encoder(path: str, audio_config, dtype) -> nn.Module:
+    """The encoder half only: a Whisper checkpoint's decoder is never read into memory."""
+    if audio_config.model_type == "whisper":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder.from_pretrained(path, config=audio_config, dtype=dtype, key_mapping={r"^model\.encoder\.": ""})
+    return AutoModel.from_pretrained(path, dtype=dtype)
+
+
+def _materialise_new_modules(model) -> None:
+    """Give the modules no part provided (projectors, heads) real memory and their usual initialisation."""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"composition left tensors without memory: {leftover[:5]}")
+
+
+def from_pretrained_components(
+    cls, text: str, vision: str | None = None, audio: str | None = None, dtype=None, image_size: int | None = None, **config_overrides
+):
+    """(model, processor) from pretrained parts; see the module docstring.
+
+    image_size: the side of the images the vision tower sees; defaults to its image processor's crop.
+    """
+    # 1. configs, tokenizer and preprocessing: everything is checked before a weight is read.
     tokenizer = AutoTokenizer.from_pretrained(text)
     wanted = (["image", "video"] if vision else []) + (["audio"] if audio else [])
     tokenizer.add_special_tokens(
@@ -42,37 +132,52 @@ def from_pretrained_components(cls, text: str, vision: str | None = None, audio:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    language_model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
-    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        language_model.resize_token_embeddings(len(tokenizer))
+    text_config = AutoConfig.from_pretrained(text)
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    vision_config = audio_config = image_processor = video_processor = feature_extractor = None
+    if vision:
+        image_processor = _image_processor(vision, image_size)
+        vision_config = _vision_half(AutoConfig.from_pretrained(vision))
+        vision_config.image_size = processed_image_side(image_processor)
+    if audio:
+        audio_config = AutoConfig.from_pretrained(audio)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(audio)
     ids = {m: tokenizer.convert_tokens_to_ids(MEDIA_TOKENS[m]) for m in wanted}
     config = MultimodalConfig(
-        text_config=language_model.config,
-        vision_config=AutoConfig.from_pretrained(vision) if vision else None,
-        audio_config=AutoConfig.from_pretrained(audio) if audio else None,
+        text_config=text_config,
+        vision_config=vision_config,
+        audio_config=audio_config,
         image_token_id=ids.get("image"),
         video_token_id=ids.get("video"),
         audio_token_id=ids.get("audio"),
         **config_overrides,
     )
-    model = cls(config)
-    _load_into(model.model.language_model, language_model.base_model, "LM", text)
-    model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
-    image_processor = video_processor = feature_extractor = None
     if vision:
-        tower = type(model.model.vision_tower).from_pretrained(vision)
-        _load_into(model.model.vision_tower, tower, "vision tower", vision)
-        image_processor = MultimodalImageProcessor.from_pretrained(vision)
         shared = {k: v for k, v in image_processor.to_dict().items() if k in IMAGE_OPTIONS_SHARED_WITH_VIDEO}
         video_processor = MultimodalVideoProcessor(num_frames=config.video_num_frames, **shared)
-    if audio:
-        _load_into(model.model.audio_tower, _audio_encoder(audio, config.audio_config), "audio encoder", audio)
-        feature_extractor = WhisperFeatureExtractor.from_pretrained(audio)
-    model.model.apply_freezing()
-    if dtype is not None:
-        model = model.to(dtype)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = MultimodalProcessor.from_config_and_components(
         config, tokenizer, image_processor=image_processor, feature_extractor=feature_extractor, video_processor=video_processor
     )
+
+    # 2. weights: each part read once and moved into a model built on the meta device.
+    load_dtype = dtype if dtype is not None else torch.float32
+    with torch.device("meta"):
+        model = cls(config)
+    language_model = AutoModelForCausalLM.from_pretrained(text, dtype=load_dtype)
+    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer))
+    model.model.language_model = language_model.base_model
+    model.lm_head = language_model.get_output_embeddings()
+    if vision:
+        tower = type(model.model.vision_tower).from_pretrained(vision, dtype=load_dtype)
+        model.model.vision_tower = fit_vision_tower(tower, config.vision_config.image_size)
+    if audio:
+        model.model.audio_tower = _load_audio_encoder(audio, config.audio_config, load_dtype)
+    _materialise_new_modules(model)
+    model.model.apply_freezing()
+    if dtype is not None:
+        model = model.to(dtype)
+    for name in ("bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, name, getattr(language_model.generation_config, name, None))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor

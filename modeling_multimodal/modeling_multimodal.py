@@ -77,6 +77,10 @@ def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], 
         )
 
 
+def _has_trainable_parameters(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 class MultimodalPreTrainedModel(PreTrainedModel):
     config_class = MultimodalConfig
     config: MultimodalConfig
@@ -88,6 +92,8 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
+    # A checkpoint trained with λ > 0 carries auxiliary heads that a model loaded with λ = 0 does not build.
+    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\."]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -299,8 +305,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         self.model = MultimodalModel(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        heads = {}
-        for task in config.active_auxiliary_tasks:
+        heads = {}  # only with λ > 0: a head nobody trains would only cost memory (audio_ctc: d_audio x vocab)
+        for task in config.active_auxiliary_tasks if config.other_loss_weight > 0 else ():
             in_features = config.audio_config.d_model if task == "audio_ctc" else text.hidden_size
             heads[task] = AUXILIARY_HEADS[task](in_features, text.vocab_size)
         self.auxiliary_heads = nn.ModuleDict(heads)
@@ -557,18 +563,25 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
     def _touch_unused_modules(self, used: dict[str, bool], like: torch.Tensor) -> torch.Tensor:
         """Sum of a tiny pass through each module this batch left unused (to be multiplied by 0)."""
         model, total = self.model, like.new_zeros((), dtype=torch.float32)
+        # A frozen tower has nothing to synchronise: only its projector is touched, never the tower itself.
         if model.vision_tower is not None:
             vision = self.config.vision_config
             if not used["image"]:
-                total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
+                if _has_trainable_parameters(model.vision_tower):
+                    total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
+                else:
+                    total = total + model.multi_modal_projector["image"](like.new_zeros(1, 1, vision.hidden_size)).sum()
             if self.config.video_token_id is not None and not used["video"]:
                 total = total + model.video_projector(like.new_zeros(1, 1, vision.hidden_size)).sum()
         if model.audio_tower is not None:
             states = None
             if not used["audio"]:
-                mels = like.new_zeros(1, self.config.audio_config.num_mel_bins, 2)
-                clips, states, _ = model.encode_audio(mels)
-                total = total + clips[0].sum()
+                if _has_trainable_parameters(model.audio_tower):
+                    mels = like.new_zeros(1, self.config.audio_config.num_mel_bins, 2)
+                    clips, states, _ = model.encode_audio(mels)
+                    total = total + clips[0].sum()
+                else:
+                    total = total + model.multi_modal_projector["audio"](like.new_zeros(1, 1, self.config.audio_config.d_model)).sum()
             if "audio_ctc" in self.auxiliary_heads and not used["audio_ctc"]:
                 states = states if states is not None else like.new_zeros(1, 1, self.config.audio_config.d_model)
                 total = total + self.auxiliary_heads["audio_ctc"](states).sum()

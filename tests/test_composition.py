@@ -66,3 +66,103 @@ def test_components_load_their_weights_and_preprocessing(parts, tmp_path):
     reloaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
     again = MultimodalProcessor.from_pretrained(tmp_path)(text=["<image> <audio> describe"], images=[image], audio=[audio], sampling_rate=16000)
     torch.testing.assert_close(reloaded(**again).logits, out.logits, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def dinov2_folder(tmp_path_factory):
+    """A tower laid out like facebook/dinov2-small: config image_size 518, its processor crops 224."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=518, patch_size=14))
+    tower.save_pretrained(root)
+    BitImageProcessorPil(
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(root)
+    return root, tower.eval()
+
+
+def test_dinov2_tower_takes_its_processor_crop_with_interpolated_positions(parts, dinov2_folder, tmp_path):
+    root, lm, _, _, _ = parts
+    folder, tower = dinov2_folder
+    model, processor = MultimodalForConditionalGeneration.from_pretrained_components(
+        text=str(root / "lm"), vision=str(folder), video_num_frames=2
+    )
+    assert model.config.vision_config.image_size == 224
+    assert model.model.vision_tower.embeddings.position_embeddings.shape == (1, 16 * 16 + 1, 32)
+    assert model.config.token_layout.image_tokens() == 256  # 16 x 16 patches at 224 px, CLS dropped
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    inputs = processor(text=["<image> what"], images=[image])
+    assert inputs["pixel_values"].shape == (1, 3, 224, 224)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 256
+    # The re-gridded tower computes what the original computes at 224 px (DINOv2 interpolates on every call).
+    with torch.no_grad():
+        ours = model.model.vision_tower.eval()(pixel_values=inputs["pixel_values"]).last_hidden_state
+        reference = tower(pixel_values=inputs["pixel_values"]).last_hidden_state
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    out = model.eval()(**inputs)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = MultimodalForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**MultimodalProcessor.from_pretrained(tmp_path)(text=["<image> what"], images=[image])).logits, out.logits, rtol=0, atol=0)
+
+
+def test_image_size_option_regrids_clip_like_interpolate_pos_encoding(parts):
+    root, _, clip, _, _ = parts
+    model, processor = MultimodalForConditionalGeneration.from_pretrained_components(
+        text=str(root / "lm"), vision=str(root / "clip"), image_size=48, video_num_frames=2, video_spatial_pool_stride=3
+    )
+    assert model.config.vision_config.image_size == 48 and processor.image_processor.crop_size.height == 48
+    assert processor.video_processor.crop_size.height == 48
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ours = model.model.vision_tower.eval()(pixel_values=pixels).last_hidden_state
+        reference = clip.vision_model.eval()(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_combination_fails_from_configs_before_any_weight_is_read(parts, dinov2_folder, monkeypatch):
+    root, *_ = parts
+    folder, _ = dinov2_folder
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the configuration was checked")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    monkeypatch.setattr("modeling_multimodal.composition.AutoModelForCausalLM.from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=r"video_spatial_pool_stride=3 must divide the patch grid \(16\)"):
+        MultimodalForConditionalGeneration.from_pretrained_components(text=str(root / "lm"), vision=str(folder), video_spatial_pool_stride=3)
+    with pytest.raises(ValueError, match="image_size=50 is not a multiple of the vision tower's patch_size=14|patch grid"):
+        MultimodalForConditionalGeneration.from_pretrained_components(text=str(root / "lm"), vision=str(folder), image_size=50)
+
+
+def test_auxiliary_heads_exist_only_with_lambda_and_the_audio_encoder_is_whole(parts):
+    root, _, _, whisper, _ = parts
+    plain, _ = MultimodalForConditionalGeneration.from_pretrained_components(text=str(root / "lm"), audio=str(root / "whisper"))
+    assert len(plain.auxiliary_heads) == 0
+    joint, _ = MultimodalForConditionalGeneration.from_pretrained_components(
+        text=str(root / "lm"), audio=str(root / "whisper"), other_loss_weight=0.5
+    )
+    assert set(joint.auxiliary_heads) == {"audio_ctc"}
+    expected = whisper.model.encoder.state_dict()
+    got = joint.model.audio_tower.state_dict()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_touch_pass_does_not_run_a_frozen_tower(parts):
+    root, *_ = parts
+    model, processor = MultimodalForConditionalGeneration.from_pretrained_components(
+        text=str(root / "lm"), vision=str(root / "clip"), audio=str(root / "whisper"), video_num_frames=2
+    )
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append("vision"))
+    model.model.audio_tower.conv1.register_forward_hook(lambda *args: calls.append("audio"))
+    ids = torch.tensor([[5, 6, 7]])
+    loss = model.train()(input_ids=ids, labels=ids, touch_all_modules=True).loss
+    loss.backward()
+    assert calls == []
+    assert model.model.multi_modal_projector["image"].linear_1.weight.grad is not None

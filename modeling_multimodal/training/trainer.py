@@ -71,11 +71,16 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
     """The recipe's model: a previous run (`init_from`), a checkpoint, pretrained components, or a config from scratch."""
     spec = recipe.model
     source = recipe.init_from or spec.checkpoint
+    # λ and α go into the config before the model is built: the auxiliary heads exist only when λ > 0.
+    loss_weights = {
+        name: float(getattr(recipe, name)) for name in ("other_loss_weight", "cross_loss_weight") if getattr(recipe, name) is not None
+    }
+    overrides = {**spec.overrides, **loss_weights}
     if source:
-        model = MultimodalForConditionalGeneration.from_pretrained(source, **spec.overrides)
+        model = MultimodalForConditionalGeneration.from_pretrained(source, **overrides)
         processor = MultimodalProcessor.from_pretrained(source)
     elif spec.components is not None:
-        model, processor = MultimodalForConditionalGeneration.from_pretrained_components(**spec.components, **spec.overrides)
+        model, processor = MultimodalForConditionalGeneration.from_pretrained_components(**spec.components, **overrides)
     else:
         tokenizer_spec = dict(spec.tokenizer or {"kind": "word"})
         tokenizer = build_tokenizer(_corpus(rows_by_task), **tokenizer_spec)
@@ -93,14 +98,11 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
             config_values.setdefault("video_token_id", ids["video"])
         if config_values.get("audio_config") is not None:
             config_values.setdefault("audio_token_id", ids["audio"])
-        config = MultimodalConfig(**config_values)
+        config = MultimodalConfig(**{**config_values, **loss_weights})
         model = MultimodalForConditionalGeneration(config)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         processor = MultimodalProcessor.from_config_and_components(config, tokenizer)
-    for name in ("other_loss_weight", "cross_loss_weight"):
-        if getattr(recipe, name) is not None:
-            setattr(model.config, name, float(getattr(recipe, name)))
     if recipe.stage == "encoders" and model.config.other_loss_weight <= 0:
         raise ValueError("stage=encoders trains on L_other alone: set other_loss_weight (λ) > 0")
     if model.config.other_loss_weight > 0 and not model.config.active_auxiliary_tasks:
