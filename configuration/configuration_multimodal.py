@@ -36,7 +36,9 @@ class MultimodalConfig(PreTrainedConfig):
         vision_stem: "patch" keeps the tower's own patch embedding (one strided convolution); "conv" replaces it by a
             stack of 3x3 stride-2 convolutions (`vision_stem.ConvPatchStem`) that sees shapes the same way wherever
             they fall on the patch grid, for towers trained from scratch. Needs a power-of-two patch size.
-        vision_feature_layer: hidden-state index of the vision tower used as features (LLaVA uses -2).
+        vision_feature_layer: hidden-state index of the vision tower used as features (LLaVA uses -2), or a list of
+            indices whose states are concatenated along the feature axis (as LLaVA-NeXT allows): an early layer keeps
+            the colour and local detail that the last layers of a tower trained with colour augmentation (DINOv2) drop.
         vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
         audio_feature_layer: hidden-state index of the audio encoder (-1: the final, layer-normed output).
         image_projector / audio_projector / video_projector: "linear" or "mlp" (two layers); video_projector may
@@ -70,7 +72,7 @@ class MultimodalConfig(PreTrainedConfig):
     audio_token_id: int | None = None
     video_token_id: int | None = None
     vision_stem: str = "patch"
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     audio_feature_layer: int = -1
     image_projector: str = "mlp"
@@ -124,7 +126,8 @@ class MultimodalConfig(PreTrainedConfig):
                 if self.vision_stem == "conv" and (patch < 2 or patch & (patch - 1)):
                     errors.append(f"vision_stem='conv' needs a power-of-two patch_size >= 2, got {patch}")
                 n_hidden = self.vision_config.num_hidden_layers + 1
-                if not -n_hidden <= self.vision_feature_layer < n_hidden:
+                layers = self.vision_feature_layers
+                if not layers or not all(-n_hidden <= layer < n_hidden for layer in layers):
                     errors.append(f"vision_feature_layer={self.vision_feature_layer} is outside [-{n_hidden}, {n_hidden})")
             if self.image_token_id is None:
                 errors.append("a vision tower is configured but image_token_id is None")
@@ -179,6 +182,17 @@ class MultimodalConfig(PreTrainedConfig):
             errors.append("contrastive_init_temperature must be > 0")
         if errors:
             raise ValueError("Invalid MultimodalConfig:\n  - " + "\n  - ".join(errors))
+
+    @property
+    def vision_feature_layers(self) -> list[int]:
+        """`vision_feature_layer` as a list (one index or several, concatenated)."""
+        layer = self.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of the vision features the image / video projectors receive."""
+        return self.vision_config.hidden_size * len(self.vision_feature_layers)
 
     @property
     def active_auxiliary_tasks(self) -> list[str]:

@@ -62,9 +62,9 @@ def encode_audio(
     return hidden, positions
 
 
-def select_vision_features(hidden_states: tuple[torch.Tensor, ...], layer: int, drop_cls: bool) -> torch.Tensor:
-    """(n, 1 + patches, d) hidden state of `layer`, without the CLS token when `drop_cls`."""
-    selected = hidden_states[layer]
+def select_vision_features(hidden_states: tuple[torch.Tensor, ...], layers: list[int], drop_cls: bool) -> torch.Tensor:
+    """(n, 1 + patches, d * len(layers)): the hidden states of `layers` side by side, without CLS when `drop_cls`."""
+    selected = torch.cat([hidden_states[layer] for layer in layers], dim=-1)
     return selected[:, 1:] if drop_cls else selected
 
 

@@ -117,7 +117,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             self.vision_tower = AutoModel.from_config(config.vision_config)
             if config.vision_stem == "conv":
                 use_conv_stem(self.vision_tower, config.vision_config.patch_size)
-            vision_hidden = config.vision_config.hidden_size
+            vision_hidden = config.vision_feature_dim
             projectors["image"] = MultiModalProjector(
                 vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act
             )
@@ -155,7 +155,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
     def _vision_features(self, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
         def run(pixels):
             outputs = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
-            return select_vision_features(outputs.hidden_states, self.config.vision_feature_layer, drop_cls)
+            return select_vision_features(outputs.hidden_states, self.config.vision_feature_layers, drop_cls)
 
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         return run_frozen_aware(self.vision_tower, run, pixel_values)
@@ -570,9 +570,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
                 if _has_trainable_parameters(model.vision_tower):
                     total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
                 else:
-                    total = total + model.multi_modal_projector["image"](like.new_zeros(1, 1, vision.hidden_size)).sum()
+                    total = total + model.multi_modal_projector["image"](like.new_zeros(1, 1, self.config.vision_feature_dim)).sum()
             if self.config.video_token_id is not None and not used["video"]:
-                total = total + model.video_projector(like.new_zeros(1, 1, vision.hidden_size)).sum()
+                total = total + model.video_projector(like.new_zeros(1, 1, self.config.vision_feature_dim)).sum()
         if model.audio_tower is not None:
             states = None
             if not used["audio"]:

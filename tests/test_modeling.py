@@ -578,3 +578,19 @@ def test_patch_checkpoint_loaded_with_conv_stem_draws_the_missing_stem(tmp_path)
     batch = collate([sample(loaded, images=1)])
     with torch.no_grad():
         assert torch.isfinite(loaded(**batch).logits).all()
+
+
+def test_several_vision_feature_layers_are_concatenated_like_llava_next():
+    model = build_model(vision_feature_layer=[0, -1], video_projector="image")
+    assert model.config.vision_feature_dim == 64
+    assert model.model.multi_modal_projector["image"].linear_1.in_features == 64
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        expected = model.model.multi_modal_projector["image"](torch.cat([hidden[0], hidden[-1]], -1)[:, 1:])
+        torch.testing.assert_close(model.model.encode_images(pixels), expected)
+    ids, media = sample(model, images=1, videos=1)
+    out = model(**collate([(ids, media)]))
+    assert out.logits.shape[1] == len(ids)
+    with pytest.raises(ValueError, match=r"vision_feature_layer=\[0, 5\] is outside"):
+        tiny_config(TOKENIZER, vision_feature_layer=[0, 5])
