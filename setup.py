@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 PACKAGES = ["modeling_multimodal"] + [f"modeling_multimodal.{p}" for p in find_packages("modeling_multimodal")]
 # The `evaluate` metric scripts are folders without __init__.py (evaluate loads them by path): ship them as data.
 PACKAGE_DATA = {
-    "modeling_multimodal.evaluation": ["metrics/*/*.py"],
+    "modeling_multimodal.evaluation": ["metrics/*/*.py", "english_reference.txt"],
     "modeling_multimodal.model_cards": ["*.md"],
     "modeling_multimodal.recipes": ["*.yaml"],
 }

