@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
+from transformers.utils import logging
 
 from .configuration import MultimodalConfig
 from .configuration.configuration_multimodal import VISION_HALF_OF
@@ -101,7 +102,12 @@ def _load_audio_encoder(path: str, audio_config, dtype) -> nn.Module:
     if audio_config.model_type == "whisper":
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-        return WhisperEncoder.from_pretrained(path, config=audio_config, dtype=dtype, key_mapping={r"^model\.encoder\.": ""})
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the decoder's weights are left on disk on purpose: no "unexpected keys" report
+        try:
+            return WhisperEncoder.from_pretrained(path, config=audio_config, dtype=dtype, key_mapping={r"^model\.encoder\.": ""})
+        finally:
+            logging.set_verbosity(verbosity)
     return AutoModel.from_pretrained(path, dtype=dtype)
 
 
