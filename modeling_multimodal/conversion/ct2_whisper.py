@@ -93,6 +93,12 @@ def read_ct2_model(src: str | Path | list) -> tuple[str, dict[str, np.ndarray]]:
     aliases = {string(): string() for _ in range(unpack("<I"))}
     if offset != len(data):
         raise ValueError(f"CTranslate2 model.bin has {len(data) - offset} unread trailing bytes (truncated or missing split part?)")
+    # An alias names another variable with equal contents. Scales are resolved before dequantising (equal
+    # scales of different weights get aliased); a weight alias takes its target's dequantised value (the
+    # alias has no `_scale` of its own, e.g. Whisper's output projection tied to the embeddings).
+    for alias, target in aliases.items():
+        if alias.endswith("_scale"):
+            raw[alias] = raw[target]
 
     variables = {}
     for name, (array, dtype) in raw.items():
@@ -107,7 +113,8 @@ def read_ct2_model(src: str | Path | list) -> tuple[str, dict[str, np.ndarray]]:
         else:
             variables[name] = array
     for alias, target in aliases.items():
-        variables[alias] = variables[target]
+        if not alias.endswith("_scale"):
+            variables[alias] = variables[target]
     return spec, variables
 
 
