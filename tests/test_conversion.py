@@ -17,7 +17,9 @@ from transformers import (
 )
 
 from modeling_multimodal.cli import main
-from modeling_multimodal.conversion import COMPLETE_MARKER, CONVERTED_MODELS, convert_all, find_weight_package, is_complete, read_ct2_model, source_of
+from modeling_multimodal.conversion import (
+    COMPLETE_MARKER, CONVERTED_MODELS, convert_all, find_weight_package, is_complete, missing_requirements, read_ct2_model, source_of,
+)
 from modeling_multimodal.conversion import packages
 from modeling_multimodal.conversion.ct2_whisper import whisper_state_dict
 from modeling_multimodal.conversion.output import atomic_output
@@ -30,26 +32,16 @@ HUB_DINOV2_SMALL_PREPROCESSOR = {  # facebook/dinov2-small's preprocessor_config
 }
 
 
-def _available(name):
-    try:
-        source_of(name)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """{name: folder} of every model whose weight packages are installed, converted once."""
-    names = tuple(name for name in CONVERTED_MODELS if _available(name))
+    """{name: folder} of every model whose weight packages (and format reader) are installed, converted once."""
+    names = tuple(name for name in CONVERTED_MODELS if not missing_requirements(name))
     return convert_all(tmp_path_factory.mktemp("converted"), names=names) if names else {}
 
 
 def _folder(converted, name):
     if name not in converted:
-        with pytest.raises(FileNotFoundError) as error:
-            source_of(name)
-        pytest.skip(f"weight package for {name} is not installed: {error.value}")
+        pytest.skip(f"cannot convert {name} here: {'; '.join(missing_requirements(name))}")
     return converted[name]
 
 
@@ -279,6 +271,15 @@ def test_missing_weight_package_names_the_pip_command(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="unknown converted model 'clip'"):
         convert_all(tmp_path, names=("clip",))
+
+
+def test_missing_format_reader_names_the_extra(monkeypatch, tmp_path):
+    if missing_requirements("dinov2-small"):
+        pytest.skip(f"cannot convert dinov2-small here: {missing_requirements('dinov2-small')}")
+    find_spec = packages.importlib.util.find_spec
+    monkeypatch.setattr(packages.importlib.util, "find_spec", lambda name: None if name == "onnx" else find_spec(name))
+    with pytest.raises(FileNotFoundError, match=r"dinov2-small: the onnx package .*pip install -e '\.\[convert\]'"):
+        convert_all(tmp_path, names=("dinov2-small",))
 
 
 CLI_ERRORS = [

