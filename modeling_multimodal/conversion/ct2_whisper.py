@@ -79,20 +79,23 @@ def read_ct2_model(src: str | Path | list) -> tuple[str, dict[str, np.ndarray]]:
 
     version = unpack("<I")
     if version not in SUPPORTED_BINARY_VERSIONS:
-        raise ValueError(f"CTranslate2 model.bin binary version {version} is not supported (expected one of {SUPPORTED_BINARY_VERSIONS})")
-    spec, _revision, count = string(), unpack("<I"), unpack("<I")
-    raw: dict[str, tuple[np.ndarray, str]] = {}
-    for _ in range(count):
-        name = string()
-        shape = [unpack("<I") for _ in range(unpack("<B"))]
-        dtype = CT2_DTYPES[unpack("<B")]
-        nbytes = unpack("<I")
-        storage = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
-        raw[name] = (np.frombuffer(data, dtype=storage, count=nbytes // np.dtype(storage).itemsize, offset=offset).reshape(shape), dtype)
-        offset += nbytes
-    aliases = {string(): string() for _ in range(unpack("<I"))}
+        raise ValueError(f"{src}: CTranslate2 model.bin binary version {version} is not supported (expected one of {SUPPORTED_BINARY_VERSIONS})")
+    try:
+        spec, _revision, count = string(), unpack("<I"), unpack("<I")
+        raw: dict[str, tuple[np.ndarray, str]] = {}
+        for _ in range(count):
+            name = string()
+            shape = [unpack("<I") for _ in range(unpack("<B"))]
+            dtype = CT2_DTYPES[unpack("<B")]
+            nbytes = unpack("<I")
+            storage = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+            raw[name] = (np.frombuffer(data, dtype=storage, count=nbytes // np.dtype(storage).itemsize, offset=offset).reshape(shape), dtype)
+            offset += nbytes
+        aliases = {string(): string() for _ in range(unpack("<I"))}
+    except (struct.error, ValueError) as error:  # ran past the end of the bytes
+        raise ValueError(f"{src}: CTranslate2 model.bin is truncated (a split part missing?): {error}") from error
     if offset != len(data):
-        raise ValueError(f"CTranslate2 model.bin has {len(data) - offset} unread trailing bytes (truncated or missing split part?)")
+        raise ValueError(f"{src}: CTranslate2 model.bin has {len(data) - offset} bytes after its last variable (parts in the wrong order or one too many?)")
     # An alias names another variable with equal contents. Scales are resolved before dequantising (equal
     # scales of different weights get aliased); a weight alias takes its target's dequantised value (the
     # alias has no `_scale` of its own, e.g. Whisper's output projection tied to the embeddings).
