@@ -81,7 +81,7 @@ def dinov2_state_dict(onnx_path: str | Path) -> tuple[dict[str, torch.Tensor], d
     grid = math.isqrt(position_rows["patches"].shape[1])
     if grid * grid != position_rows["patches"].shape[1]:
         raise ValueError(f"{onnx_path}: the patch position table has {position_rows['patches'].shape[1]} rows, not a square grid")
-    facts = {"grid": grid, "layer_norm_eps": _layer_norm_eps(graph), "input_shape": _input_shape(graph)}
+    facts = {"grid": grid, "layer_norm_eps": _layer_norm_eps(graph)}
     # onnx hands out read-only views of the protobuf's bytes: copy into tensors of our own.
     return {name: torch.tensor(np.ascontiguousarray(array, dtype=np.float32)) for name, array in state.items()}, facts
 
@@ -90,18 +90,17 @@ def _layer_norm_eps(graph) -> float:
     """The epsilon of the decomposed final LayerNorm (`/backbone/layernorm/Add` adds it to the variance)."""
     from onnx import numpy_helper
 
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant" and n.attribute}
+    constants = {
+        node.output[0]: numpy_helper.to_array(attribute.t)
+        for node in graph.node if node.op_type == "Constant"
+        for attribute in node.attribute if attribute.name == "value"
+    }
     for node in graph.node:
         if node.name == "/backbone/layernorm/Add":
             for name in node.input:
                 if name in constants and constants[name].size == 1:
                     return float(f"{float(constants[name]):.6g}")  # 1e-06, not its float32 rounding
     return 1e-6  # DINOv2's value; the export fused LayerNorm into one op
-
-
-def _input_shape(graph) -> list:
-    dims = graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value or d.dim_param for d in dims]
 
 
 def dinov2_config(state: dict[str, torch.Tensor], facts: dict):
