@@ -54,6 +54,10 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # Converters of the shipped real weights (GGUF, ONNX) and the runtimes their parity tests compare with.
+        "convert": ["gguf>=0.17,<1", "onnx>=1.17,<2", "ctranslate2>=4.5,<5", "onnxruntime>=1.20,<2"],
+    },
     entry_points={"console_scripts": ["modeling-multimodal=modeling_multimodal.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`modeling-multimodal {make-demo-data, train, evaluate, generate, push, demo}`."""
+"""`modeling-multimodal {make-demo-data, train, evaluate, generate, push, demo, convert}`."""
 
 from __future__ import annotations
 
@@ -77,6 +77,25 @@ def _demo(args):
         run_demo(args.out, **options)
 
 
+def _convert(args):
+    from . import conversion
+
+    *sources, out = args.paths
+    if args.source_format == "all":
+        if sources:
+            raise ValueError(f"`convert all` takes only the output folder, got {args.paths}")
+        folders = conversion.convert_all(out, overwrite=args.overwrite)
+    else:
+        if not sources:
+            raise ValueError(f"`convert {args.source_format}` needs SRC and OUT")
+        if len(sources) > 1 and args.source_format != "ct2-whisper":
+            raise ValueError(f"`convert {args.source_format}` takes one SRC, got {sources} (only ct2-whisper takes split parts)")
+        convert = {"gguf-lm": conversion.convert_gguf_lm, "ct2-whisper": conversion.convert_ct2_whisper, "onnx-dinov2": conversion.convert_onnx_dinov2}
+        source = sources if len(sources) > 1 else sources[0]
+        folders = {args.source_format: convert[args.source_format](source, out, overwrite=args.overwrite)}
+    print(json.dumps({name: str(folder) for name, folder in folders.items()}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modeling-multimodal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the test split's rule (see make-demo-data --holdout); 'pairs' is the stricter colour+shape hold-out",
     )
     p.set_defaults(func=_demo)
+
+    p = commands.add_parser("convert", help="convert GGUF / CTranslate2 / ONNX weights (or every installed weight package) to Hugging Face folders")
+    p.add_argument("source_format", choices=("gguf-lm", "ct2-whisper", "onnx-dinov2", "all"))
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC… OUT: source(s) then output folder; ct2-whisper takes split model.bin parts in order; `all` takes OUT only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_convert)
     return parser
 
 
