@@ -1,0 +1,205 @@
+"""Hostile and careless inputs: each is refused with one clear error naming the item, or handled as documented.
+
+The table rows are (name, build the processor call's arguments from a tmp dir, error pattern). Every row runs
+under a timeout: a FIFO or device that blocked or never ended would fail the test rather than hang the suite.
+Behaviours that are not errors (EXIF orientation, 16-bit images, empty text) have their own tests below.
+docs/RELIABILITY.md lists every case with the test that checks it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import av
+import numpy as np
+import PIL.Image
+import pytest
+import soundfile
+import torch
+from test_processing_common import make_video, random_image, tiny_processor, tone
+
+from modeling_multimodal.processing.image_processing_multimodal import load_image
+from modeling_multimodal.processing.video_processing_multimodal import load_video
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+def _fifo(tmp, name):
+    path = tmp / name
+    os.mkfifo(path)  # nobody ever writes: opening it for reading blocks unless the reader refuses it
+    return str(path)
+
+
+def _folder(tmp, name):
+    path = tmp / name
+    path.mkdir()
+    return str(path)
+
+
+def _long_wav(tmp, seconds=40.0, rate=8000):
+    path = tmp / "long.wav"
+    soundfile.write(path, tone(seconds, rate), rate)
+    return str(path)
+
+
+def _long_m4a(tmp, seconds=40.0, rate=8000):
+    """An AAC clip in MP4 (libsndfile cannot read it: the PyAV path, duration from the container)."""
+    path = tmp / "long.m4a"
+    samples = tone(seconds, rate)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        for start in range(0, len(samples), 1024):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="flt", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def faststart_mp4(path, num_frames=24, size=(48, 64)):
+    """An mp4 with its index (moov) before the data, as streamed files are, so a cut file still opens."""
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
+        stream.codec_context.gop_size = 4
+        for k in range(num_frames):
+            frame = np.full((*size, 3), 8 * k, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _truncated_mp4(tmp):
+    data = faststart_mp4(tmp / "whole.mp4").read_bytes()
+    path = tmp / "cut.mp4"
+    path.write_bytes(data[: int(len(data) * 0.7)])  # a download that stopped early
+    return str(path)
+
+
+def _nan_image(kind):
+    image = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    image[2, 3, 1] = np.nan if kind == "nan" else np.inf
+    return image
+
+
+CASES = [  # (name, build the call's arguments from a tmp dir, error pattern)
+    ("image_fifo", lambda t: dict(text="<image>", images=_fifo(t, "pipe.png")), r"sample 0, image 0 \(file '.*pipe.png'\): .*is a FIFO \(named pipe\), not a regular file"),
+    ("image_directory", lambda t: dict(text="<image>", images=_folder(t, "photos")), r"sample 0, image 0 \(file '.*photos'\): .*is a directory"),
+    ("image_device", lambda t: dict(text="<image>", images="/dev/zero"), r"file '/dev/zero'.* is a character device, not a regular file"),
+    ("audio_fifo", lambda t: dict(text="<audio>", audio=_fifo(t, "pipe.wav")), r"sample 0, audio 0 \(file '.*pipe.wav'\): .*is a FIFO"),
+    ("audio_device", lambda t: dict(text="<audio>", audio="/dev/zero"), r"sample 0, audio 0 .* is a character device"),
+    ("audio_directory", lambda t: dict(text="<audio>", audio=_folder(t, "clips")), r"file '.*clips'.* is a directory"),
+    ("video_fifo", lambda t: dict(text=["hi", "<video>"], videos=_fifo(t, "pipe.mp4")), r"sample 1, video 0 \(file '.*pipe.mp4'\): .*is a FIFO"),
+    ("video_device", lambda t: dict(text="<video>", videos="/dev/urandom"), r"file '/dev/urandom'.* is a character device"),
+    ("video_directory", lambda t: dict(text="<video>", videos=_folder(t, "films")), r"file '.*films'.* is a directory"),
+    ("missing_audio_file", lambda t: dict(text="<audio>", audio=str(t / "nope.wav")), r"sample 0, audio 0 \(file '.*nope.wav'\): .*does not exist"),
+    ("missing_video_file", lambda t: dict(text="<video>", videos=str(t / "nope.mp4")), r"sample 0, video 0 \(file '.*nope.mp4'\): .*does not exist"),
+    ("wav_too_long_from_header", lambda t: dict(text="<audio>", audio=_long_wav(t)), r"sample 0, audio 0 .*long.wav' lasts 40.00 s \(from its header\), more than the 30.01 s"),
+    ("m4a_too_long_from_container", lambda t: dict(text="<audio>", audio=_long_m4a(t)), r"sample 0, audio 0 .*long.m4a' lasts 40.\d\d s \(from its header\)"),
+    ("video_frames_over_pixel_limit", lambda t: dict(text="<video>", videos=str(make_video(t / "v.mp4", num_frames=4)), videos_kwargs={"max_image_pixels": 1000}), r"sample 0, video 0 .*each frame of file '.*v.mp4' is 64x48 = 3072 pixels, above max_image_pixels=1000"),
+    ("frame_array_over_pixel_limit", lambda t: dict(text="<video>", videos=np.zeros((4, 40, 40, 3), np.uint8), videos_kwargs={"max_image_pixels": 1000}), r"sample 0, video 0 .* 40x40 = 1600 pixels, above max_image_pixels=1000"),
+    ("truncated_video", lambda t: dict(text="<video>", videos=_truncated_mp4(t)), r"sample 0, video 0 .*cut.mp4' is truncated or damaged: its header lists 24 video frames but only 11 are in the file"),
+    ("nan_image_array", lambda t: dict(text=["hi", "<image>"], images=_nan_image("nan")), r"sample 1, image 0 \(ndarray\(8, 8, 3\)\): the image contains NaN or infinite values"),
+    ("inf_image_tensor", lambda t: dict(text="<image>", images=torch.from_numpy(_nan_image("inf")).permute(2, 0, 1)), r"sample 0, image 0 \(Tensor\(3, 8, 8\)\): the image contains NaN or infinite"),
+    ("nan_video_frames", lambda t: dict(text="<video>", videos=np.stack([_nan_image("nan")] * 4)), r"sample 0, video 0 .*NaN or infinite"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name, make_arguments, pattern", CASES, ids=[case[0] for case in CASES])
+def test_bad_media_raise_clear_errors(processor, tmp_path, name, make_arguments, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        processor(**make_arguments(tmp_path))
+
+
+def test_permission_denied_is_a_clear_error(processor, tmp_path, monkeypatch):
+    """(Simulated: the suite may run as root, which reads any file.)"""
+    path = tmp_path / "secret.png"
+    PIL.Image.fromarray(random_image(8, 8)).save(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ValueError, match=r"sample 0, image 0 \(file '.*secret.png'\): .* cannot be read: permission denied"):
+        processor("<image>", images=str(path))
+
+
+def test_long_audio_is_refused_before_its_samples_are_decoded(processor, tmp_path, monkeypatch):
+    path = _long_wav(tmp_path)
+    read = soundfile.SoundFile.read
+    reads = []
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, *a, **k: reads.append(1) or read(self, *a, **k))
+    with pytest.raises(ValueError, match="from its header"):
+        processor("<audio>", audio=path)
+    assert reads == []
+    # with truncate_audio=True the clip is decoded and its first 30 s kept, as for arrays
+    out = processor("<audio>", audio=path, truncate_audio=True)
+    assert out["input_features"].shape[-1] == processor.layout.max_audio_mel_frames()
+
+
+def test_short_audio_file_is_unchanged_by_the_limit(processor, tmp_path):
+    path = tmp_path / "short.wav"
+    soundfile.write(path, tone(0.5), 16000)
+    from_file = processor("<audio>", audio=str(path))
+    from_array = processor("<audio>", audio=soundfile.read(path, dtype="float32")[0], sampling_rate=16000)
+    assert torch.equal(from_file["input_features"], from_array["input_features"])
+
+
+def test_exif_orientation_is_applied_like_transformers_load_image(tmp_path):
+    from transformers.image_utils import load_image as transformers_load_image
+
+    pixels = random_image(16, 32)  # landscape, so a rotation shows in the shape
+    for orientation in (3, 6, 8):  # 180°, 90° clockwise, 90° counter-clockwise
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"photo-{orientation}.png"  # PNG: lossless, so the comparison is exact
+        PIL.Image.fromarray(pixels).save(path, exif=exif)
+        ours = load_image(str(path))
+        np.testing.assert_array_equal(ours, np.asarray(transformers_load_image(str(path))))
+        assert ours.shape == ((16, 32, 3) if orientation == 3 else (32, 16, 3))
+        np.testing.assert_array_equal(load_image(path.read_bytes()), ours)  # bytes and PIL agree with the path
+        with PIL.Image.open(path) as image:
+            np.testing.assert_array_equal(load_image(image), ours)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "photo-3.png")), pixels[::-1, ::-1])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, mode):
+    levels = np.array([[0, 257, 32896], [65535, 1000, 65278]], dtype=np.uint16)  # 0, 1, 128, 255, ~3.9, 254 (x257)
+    image = PIL.Image.fromarray(levels) if mode == "I;16" else PIL.Image.fromarray(levels.astype(np.int32), mode="I")
+    assert image.mode == mode
+    path = tmp_path / ("depth.png" if mode == "I;16" else "depth.tif")  # Pillow writes mode I as TIFF, not PNG
+    image.save(path)
+    expected = np.repeat(np.round(levels / 257.0).astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(load_image(image), expected)
+    np.testing.assert_array_equal(load_image(str(path)), expected)
+    assert expected[1, 0, 0] == 255  # clipping would have kept only values <= 255 (255 -> 255, 32896 -> 255)
+
+
+def test_empty_text_gives_integer_ids(processor):
+    for text in ("", [""], ["", "hello"]):
+        out = processor(text=text)
+        assert out["input_ids"].dtype == torch.long and out["attention_mask"].dtype == torch.long
+    assert processor(text="", return_tensors="np")["input_ids"].dtype == np.int64
+
+
+def test_corrupt_packets_warn_and_stand_in(tmp_path, caplog):
+    """A sampled frame whose packet is damaged is replaced by the next decodable frame, with a warning."""
+    data = bytearray(faststart_mp4(tmp_path / "ok.mp4", num_frames=8).read_bytes())
+    with av.open(str(tmp_path / "ok.mp4")) as container:
+        packets = [(p.pos, p.size, p.pts) for p in container.demux(container.streams.video[0]) if p.size]
+    position, size, _ = sorted(packets, key=lambda p: p[2])[5]  # frame 5 (not a keyframe: gop 4)
+    data[position : position + size] = bytes(size)
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        frames, metadata = load_video(str(tmp_path / "damaged.mp4"), num_frames=8)
+    assert frames.shape[0] == 8
+    assert "did not decode" in caplog.text and "damaged.mp4" in caplog.text
