@@ -203,3 +203,80 @@ def test_corrupt_packets_warn_and_stand_in(tmp_path, caplog):
         frames, metadata = load_video(str(tmp_path / "damaged.mp4"), num_frames=8)
     assert frames.shape[0] == 8
     assert "did not decode" in caplog.text and "damaged.mp4" in caplog.text
+
+
+# --- manifests -------------------------------------------------------------------------------------
+def _manifest(tmp, text, name="data.jsonl"):
+    (tmp / "root").mkdir(exist_ok=True)
+    path = tmp / "root" / name
+    path.write_text(text)
+    return path
+
+
+def _rows(*rows):
+    import json
+
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _link_out(tmp, is_dir=False):
+    """root/leak(.png) -> a file (or folder) outside the root."""
+    outside = tmp / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"not yours")
+    (tmp / "root").mkdir(exist_ok=True)
+    link = tmp / "root" / ("leak" if is_dir else "leak.png")
+    link.symlink_to(outside if is_dir else outside / "secret.png")
+    return "leak/secret.png" if is_dir else "leak.png"
+
+
+GOOD = {"image": "a.png", "caption": "a red square"}
+MANIFEST_CASES = [  # (name, write the manifest under tmp/root and return (path, task), error pattern)
+    ("symlink_file_leaving_root", lambda t: (_manifest(t, _rows({**GOOD, "image": _link_out(t)})), "image_caption"), r"Row '0': media path 'leak.png' \(a symlink to '.*outside/secret.png'\) leaves the data root"),
+    ("symlink_folder_leaving_root", lambda t: (_manifest(t, _rows(GOOD, {**GOOD, "image": _link_out(t, True)})), "image_caption"), r"Row '1': media path 'leak/secret.png' \(a symlink .* leaves the data root"),
+    ("dotdot_leaving_root", lambda t: (_manifest(t, _rows({**GOOD, "image": "../x.png"})), "image_caption"), r"Row '0': media path '../x.png' leaves the data root"),
+    ("malformed_jsonl_line", lambda t: (_manifest(t, _rows(GOOD) + '{"image": "b.png", "caption": \n' + _rows(GOOD)), "image_caption"), r"Manifest '.*data.jsonl', line 2: not valid JSON"),
+    ("jsonl_line_not_an_object", lambda t: (_manifest(t, _rows(GOOD) + "\n[1, 2]\n"), "image_caption"), r"Manifest '.*data.jsonl', line 3: expected a JSON object \(one row\), got list"),
+    ("empty_manifest", lambda t: (_manifest(t, ""), "image_caption"), r"Manifest '.*data.jsonl' is empty: it has no rows"),
+    ("blank_lines_only", lambda t: (_manifest(t, "\n \n"), None), r"Manifest '.*data.jsonl' has no rows"),
+    ("empty_csv", lambda t: (_manifest(t, "image,caption\n", "data.csv"), "image_caption"), r"Manifest '.*data.csv' has no rows"),
+    ("ragged_csv", lambda t: (_manifest(t, 'image,caption\na.png,"x\nb.png,y,z,w\n', "data.csv"), "image_caption"), r"Manifest '.*data.csv' cannot be read as csv: Error tokenizing data"),
+    ("missing_manifest", lambda t: (t / "nope.jsonl", "image_caption"), r"Manifest '.*nope.jsonl' does not exist"),
+    ("manifest_is_a_fifo", lambda t: (_fifo(t, "pipe.jsonl"), "image_caption"), r"Manifest '.*pipe.jsonl' does not exist \(or is not a regular file\)"),
+    ("row_without_caption", lambda t: (_manifest(t, _rows(GOOD, {"image": "b.png"})), "image_caption"), r"Manifest '.*data.jsonl', row 1 \(id '1'\): no 'caption' value, which task 'image_caption' needs"),
+    ("row_with_blank_transcript", lambda t: (_manifest(t, _rows({"audio": "a.wav", "transcript": "  "})), "speech_transcription"), r"row 0 \(id '0'\): no 'transcript' value"),
+    ("pair_row_without_caption", lambda t: (_manifest(t, _rows({"image": "a.png", "caption": None})), "image_text_pair"), r"row 0 .*no 'caption' value, which task 'image_text_pair'"),
+    ("row_without_media", lambda t: (_manifest(t, _rows(GOOD, GOOD, {"image": None, "caption": "x", "id": "r3"})), "image_caption"), r"row 2 \(id 'r3'\): no 'image' value"),
+    ("column_missing_everywhere", lambda t: (_manifest(t, _rows({"image": "a.png", "text": "x"})), "image_caption"), r"Manifest '.*data.jsonl' has no column\(s\) \['caption'\]"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name, make_manifest, pattern", MANIFEST_CASES, ids=[case[0] for case in MANIFEST_CASES])
+def test_bad_manifests_raise_clear_errors(tmp_path, name, make_manifest, pattern):
+    from modeling_multimodal.training.data import load_manifest
+
+    path, task = make_manifest(tmp_path)
+    with pytest.raises(ValueError, match=pattern):
+        load_manifest(path, root=tmp_path / "root", task=task, cache_dir=str(tmp_path / "cache"))
+
+
+def test_symlinks_inside_the_root_are_followed(tmp_path):
+    """A link whose target stays in the root is fine, and so is a root that is itself a link."""
+    from modeling_multimodal.training.data import load_manifest
+
+    real = tmp_path / "real"
+    (real / "media").mkdir(parents=True)
+    (real / "media" / "a.png").write_bytes(b"")
+    (real / "alias.png").symlink_to(real / "media" / "a.png")
+    (tmp_path / "root").symlink_to(real)
+    path = _manifest(tmp_path, _rows({**GOOD, "image": "alias.png"}, GOOD))
+    rows = load_manifest(path, root=tmp_path / "root", task="image_caption", cache_dir=str(tmp_path / "cache"))
+    assert rows["image"] == [str(tmp_path / "root" / "alias.png"), str(tmp_path / "root" / "a.png")]
+
+
+def test_build_example_refuses_a_row_without_its_response():
+    from modeling_multimodal.training.data import build_example
+
+    with pytest.raises(ValueError, match=r"Row '7': no 'caption' value, which task 'image_caption' trains on"):
+        build_example({"id": "7", "image": "a.png", "caption": ""}, "image_caption")
