@@ -280,3 +280,37 @@ def test_build_example_refuses_a_row_without_its_response():
 
     with pytest.raises(ValueError, match=r"Row '7': no 'caption' value, which task 'image_caption' trains on"):
         build_example({"id": "7", "image": "a.png", "caption": ""}, "image_caption")
+
+
+# --- push: nothing outside the folder --------------------------------------------------------------
+def _checkpoint_folder(tmp):
+    folder = tmp / "run"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x")
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("secret")
+    return folder, outside
+
+
+def test_push_refuses_symlinks_leaving_the_folder(tmp_path):
+    from modeling_multimodal.hub import checkpoint_files, push_checkpoint
+
+    folder, outside = _checkpoint_folder(tmp_path)
+    (folder / "sub" / "notes.txt").symlink_to(outside / "id_rsa")
+    pattern = r"holds symlinks to files outside it \(sub/notes.txt -> .*elsewhere/id_rsa\)"
+    with pytest.raises(ValueError, match=pattern):
+        checkpoint_files(folder)
+    with pytest.raises(ValueError, match=pattern):  # refused before any request (this process is offline)
+        push_checkpoint(folder, "org/model")
+
+
+def test_push_keeps_links_inside_the_folder_and_skips_linked_folders(tmp_path):
+    from modeling_multimodal.hub import checkpoint_files
+
+    folder, outside = _checkpoint_folder(tmp_path)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "sub" / "tokenizer.json").symlink_to(folder / "tokenizer.json")  # stays inside: uploaded
+    (folder / "linked").symlink_to(outside, target_is_directory=True)  # a folder link is not entered
+    assert checkpoint_files(folder) == ["config.json", "model.safetensors", "sub/tokenizer.json", "tokenizer.json"]
