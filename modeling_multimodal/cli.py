@@ -48,6 +48,17 @@ def _load_checkpoint(checkpoint: str):
         raise OSError(f"cannot load checkpoint {checkpoint!r}: {error_line(err)}") from err
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= `minimum`."""
+
+    def parse(value: str) -> int:
+        if not value.strip().lstrip("-").isdigit() or int(value) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return int(value)
+
+    return parse
+
+
 def _sizes(value: str) -> dict[str, dict[str, int]]:
     """"image.train=800,video.test=20" -> {"image": {"train": 800}, "video": {"test": 20}} (names checked later)."""
     sizes: dict[str, dict[str, int]] = {}
@@ -119,6 +130,8 @@ def _evaluate(args):
     from .training.data import load_manifest
 
     checkpoint = _checkpoint(args.checkpoint)
+    if args.out:  # before the slow part, so an unwritable --out fails at once
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     runs = []  # every manifest is read and checked before the (slow) model load
     for value in args.manifest:
         manifest, task = _manifest_and_task(value, args.task)
@@ -204,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", help="the task of every --manifest given without one")
     p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval passes (generation scores only)")
-    p.add_argument("--max-samples", type=int, help="score only each manifest's first N rows")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-samples", type=_count(1), help="score only each manifest's first N rows")
+    p.add_argument("--batch-size", type=_count(1), default=16)
     p.add_argument(
-        "--rerank-top-k", type=int, default=0,
+        "--rerank-top-k", type=_count(0), default=0,
         help="also re-rank each retrieval query's top k candidates by log p(text | media) (reranked_* scores)",
     )
     p.add_argument("--out", help="write every prediction here: .jsonl (one per line) or .json (with the scores)")
@@ -219,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append")
     p.add_argument("--audio", action="append")
     p.add_argument("--video", action="append")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_count(1), default=32)
     p.set_defaults(func=_generate)
 
     p = commands.add_parser("push", help="push a checkpoint folder to the Hub with its model card and code")

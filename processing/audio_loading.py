@@ -25,6 +25,9 @@ from .media_files import open_media_file
 
 # Sampling rates we accept (Hz): below this it is not audio, above it no real recording exists.
 MIN_SAMPLING_RATE, MAX_SAMPLING_RATE = 1_000, 768_000
+# Channels a file may declare (3rd-order ambisonics has 16): a header claiming thousands would make even a
+# short clip decode to gigabytes before it is averaged to mono.
+MAX_CHANNELS = 32
 
 
 def _check_sampling_rate(sampling_rate) -> int:
@@ -63,7 +66,11 @@ def _to_float_mono(array) -> np.ndarray:
     return array
 
 
-class AudioTooLongError(ValueError):
+class AudioHeaderError(ValueError):
+    """A file whose header declares what we refuse to decode: too long, a wild rate, too many channels."""
+
+
+class AudioTooLongError(AudioHeaderError):
     """A clip longer than the caller's `max_seconds`, found from its header (or while decoding)."""
 
 
@@ -74,10 +81,21 @@ def _too_long(name: str, seconds: float, max_seconds: float, how: str) -> AudioT
     )
 
 
+def _check_header(name: str, rate: int, channels: int) -> None:
+    """What a container declares, checked before its samples are decoded."""
+    try:
+        _check_sampling_rate(rate)
+    except ValueError as err:
+        raise AudioHeaderError(f"{name}: {err}") from None
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioHeaderError(f"{name} declares {channels} channels; expected 1..{MAX_CHANNELS}")
+
+
 def _read_soundfile(source, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     """libsndfile formats: the length is checked from the header, and at most one sample past the limit is read."""
     with soundfile.SoundFile(source) as sound:
         rate = sound.samplerate
+        _check_header(name, rate, sound.channels)
         if max_seconds is not None and sound.frames > max_seconds * rate:
             raise _too_long(name, sound.frames / rate, max_seconds, "from its header")
         limit = -1 if max_seconds is None else math.floor(max_seconds * rate) + 1
@@ -95,6 +113,7 @@ def _read_pyav(source, name: str, max_seconds: float | None) -> tuple[np.ndarray
         stream = container.streams.audio[0]
         codec = stream.codec_context
         rate = codec.sample_rate
+        _check_header(name, rate, codec.channels)
         if max_seconds is not None:
             if stream.duration is not None and stream.time_base is not None:
                 seconds = float(stream.duration * stream.time_base)
@@ -124,14 +143,14 @@ def _decode_file(source: str | bytes, name: str, max_seconds: float | None = Non
     with stream:
         try:
             return _read_soundfile(stream, name, max_seconds)
-        except AudioTooLongError:
+        except AudioHeaderError:
             raise
         except Exception as err:  # noqa: BLE001 - libsndfile raises several types; ffmpeg may still read it
             soundfile_error = err
         stream.seek(0)
         try:
             samples, rate = _read_pyav(stream, name, max_seconds)
-        except AudioTooLongError:
+        except AudioHeaderError:
             raise
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"cannot decode {name} as audio: {err} (soundfile said: {soundfile_error})") from err
@@ -201,4 +220,4 @@ def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
     return features[0].float()  # (n_mels, frames)
 
 
-__all__ = ["AudioTooLongError", "load_audio", "log_mel", "resample"]
+__all__ = ["AudioHeaderError", "AudioTooLongError", "load_audio", "log_mel", "resample"]

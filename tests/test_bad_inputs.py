@@ -45,6 +45,12 @@ def _long_wav(tmp, seconds=40.0, rate=8000):
     return str(path)
 
 
+def _wav(tmp, name, samples, rate):
+    path = tmp / name
+    soundfile.write(path, samples, rate)
+    return str(path)
+
+
 def _long_m4a(tmp, seconds=40.0, rate=8000):
     """An AAC clip in MP4 (libsndfile cannot read it: the PyAV path, duration from the container)."""
     path = tmp / "long.m4a"
@@ -103,6 +109,8 @@ CASES = [  # (name, build the call's arguments from a tmp dir, error pattern)
     ("missing_video_file", lambda t: dict(text="<video>", videos=str(t / "nope.mp4")), r"sample 0, video 0 \(file '.*nope.mp4'\): .*does not exist"),
     ("wav_too_long_from_header", lambda t: dict(text="<audio>", audio=_long_wav(t)), r"sample 0, audio 0 .*long.wav' lasts 40.00 s \(from its header\), more than the 30.01 s"),
     ("m4a_too_long_from_container", lambda t: dict(text="<audio>", audio=_long_m4a(t)), r"sample 0, audio 0 .*long.m4a' lasts 40.\d\d s \(from its header\)"),
+    ("wav_with_33_channels", lambda t: dict(text="<audio>", audio=_wav(t, "wide.wav", np.zeros((160, 33), np.float32), 16000)), r"sample 0, audio 0 .*wide.wav' declares 33 channels; expected 1..32"),
+    ("wav_with_500_hz_rate", lambda t: dict(text="<audio>", audio=_wav(t, "slow.wav", tone(0.5, 500), 500)), r"file '.*slow.wav': sampling_rate=500 cannot be resampled"),
     ("video_frames_over_pixel_limit", lambda t: dict(text="<video>", videos=str(make_video(t / "v.mp4", num_frames=4)), videos_kwargs={"max_image_pixels": 1000}), r"sample 0, video 0 .*each frame of file '.*v.mp4' is 64x48 = 3072 pixels, above max_image_pixels=1000"),
     ("frame_array_over_pixel_limit", lambda t: dict(text="<video>", videos=np.zeros((4, 40, 40, 3), np.uint8), videos_kwargs={"max_image_pixels": 1000}), r"sample 0, video 0 .* 40x40 = 1600 pixels, above max_image_pixels=1000"),
     ("truncated_video", lambda t: dict(text="<video>", videos=_truncated_mp4(t)), r"sample 0, video 0 .*cut.mp4' is truncated or damaged: its header lists 24 video frames but only 11 are in the file"),
@@ -235,6 +243,7 @@ MANIFEST_CASES = [  # (name, write the manifest under tmp/root and return (path,
     ("symlink_file_leaving_root", lambda t: (_manifest(t, _rows({**GOOD, "image": _link_out(t)})), "image_caption"), r"Row '0': media path 'leak.png' \(a symlink to '.*outside/secret.png'\) leaves the data root"),
     ("symlink_folder_leaving_root", lambda t: (_manifest(t, _rows(GOOD, {**GOOD, "image": _link_out(t, True)})), "image_caption"), r"Row '1': media path 'leak/secret.png' \(a symlink .* leaves the data root"),
     ("dotdot_leaving_root", lambda t: (_manifest(t, _rows({**GOOD, "image": "../x.png"})), "image_caption"), r"Row '0': media path '../x.png' leaves the data root"),
+    ("nul_in_media_path", lambda t: (_manifest(t, _rows({**GOOD, "image": "a\u0000.png"})), "image_caption"), r"Row '0': media path 'a\\x00.png' contains a NUL character"),
     ("malformed_jsonl_line", lambda t: (_manifest(t, _rows(GOOD) + '{"image": "b.png", "caption": \n' + _rows(GOOD)), "image_caption"), r"Manifest '.*data.jsonl', line 2: not valid JSON"),
     ("jsonl_line_not_an_object", lambda t: (_manifest(t, _rows(GOOD) + "\n[1, 2]\n"), "image_caption"), r"Manifest '.*data.jsonl', line 3: expected a JSON object \(one row\), got list"),
     ("empty_manifest", lambda t: (_manifest(t, ""), "image_caption"), r"Manifest '.*data.jsonl' is empty: it has no rows"),

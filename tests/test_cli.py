@@ -73,6 +73,7 @@ USER_ERRORS = [  # (name, argv built from (checkpoint, data, tmp), pattern the o
     ("empty_manifest", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", "image_validation.jsonl:image_caption"], r"Manifest '.*image_validation.jsonl' is empty"),
     ("manifest_without_task", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", "image_test.jsonl"], r"--manifest 'image_test.jsonl' has no task: write MANIFEST:TASK"),
     ("missing_manifest", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", "nope.jsonl:image_caption"], r"Manifest '.*nope.jsonl' does not exist"),
+    ("out_under_a_file", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", "image_test.jsonl:image_caption", "--out", c / "config.json" / "p.jsonl"], r"config.json: File exists"),
     ("missing_recipe", lambda c, d, t: ["train", "--recipe", t / "nope.yaml"], r"Recipe .*nope.yaml does not exist"),
     ("recipe_is_a_directory", lambda c, d, t: ["train", "--recipe", t], r"Is a directory"),
     ("recipe_yaml_syntax", lambda c, d, t: ["train", "--recipe", _write(t, "broken.yaml", "optim:\n  lr: [1, 2\nstage: align\n")], r"recipe .*broken.yaml is not valid YAML: .*line \d+"),
@@ -118,12 +119,25 @@ def test_bugs_keep_their_traceback(monkeypatch):
         cli.main(["train", "--recipe", "recipes/tiny_test.yaml"])
 
 
-@pytest.mark.parametrize("value", ["image.train", "image=3", "image.train=-1", "image.train=x"])
-def test_malformed_sizes_are_usage_errors(value, capsys):
+USAGE_ERRORS = [  # (argv, what argparse's error says)
+    (["make-demo-data", "out", "--sizes", "image.train"], "expected TASK.SPLIT=N"),
+    (["make-demo-data", "out", "--sizes", "image=3"], "expected TASK.SPLIT=N"),
+    (["make-demo-data", "out", "--sizes", "image.train=-1"], "expected TASK.SPLIT=N"),
+    (["make-demo-data", "out", "--sizes", "image.train=x"], "expected TASK.SPLIT=N"),
+    (["evaluate", "ckpt", "--root", ".", "--manifest", "m.jsonl", "--max-samples", "0"], "expected an integer >= 1, got '0'"),
+    (["evaluate", "ckpt", "--root", ".", "--manifest", "m.jsonl", "--rerank-top-k", "-2"], "expected an integer >= 0, got '-2'"),
+    (["generate", "ckpt", "--prompt", "hi", "--max-new-tokens", "many"], "expected an integer >= 1, got 'many'"),
+    (["evaluate", "ckpt", "--root", "."], "the following arguments are required: --manifest"),
+]
+
+
+@pytest.mark.parametrize("argv, message", USAGE_ERRORS, ids=[" ".join(argv[:1] + argv[-2:]) for argv, _ in USAGE_ERRORS])
+def test_malformed_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["make-demo-data", "out", "--sizes", value])
+        cli.main(argv)
     assert exit_info.value.code == 2
-    assert "expected TASK.SPLIT=N" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "modeling-multimodal " in err and "Traceback" not in err
 
 
 def test_make_demo_data_sizes_and_image_size(data):

@@ -109,6 +109,8 @@ def resolve_media_path(path: str, root: str | os.PathLike, row_id: str) -> str:
     Symlinks (in `path` and in `root`) are resolved before the check, so a link inside the root that points
     outside it is refused like `..`. The path returned is the normalised joined path, not the link's target.
     """
+    if "\x00" in os.fspath(path):
+        raise ValueError(f"Row {row_id!r}: media path {path!r} contains a NUL character.")
     root = os.path.normpath(os.path.abspath(root))
     resolved = os.path.normpath(os.path.join(root, os.fspath(path)))
     real_root, real_path = os.path.realpath(root), os.path.realpath(resolved)
