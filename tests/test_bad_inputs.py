@@ -323,3 +323,14 @@ def test_push_keeps_links_inside_the_folder_and_skips_linked_folders(tmp_path):
     (folder / "sub" / "tokenizer.json").symlink_to(folder / "tokenizer.json")  # stays inside: uploaded
     (folder / "linked").symlink_to(outside, target_is_directory=True)  # a folder link is not entered
     assert checkpoint_files(folder) == ["config.json", "model.safetensors", "sub/tokenizer.json", "tokenizer.json"]
+
+
+@pytest.mark.timeout(60)
+def test_length_estimates_never_block_on_a_fifo(tmp_path):
+    """The trainer estimates every row's length from audio headers before training: a FIFO is refused there too."""
+    from modeling_multimodal.training.data import audio_mel_frames
+
+    with pytest.raises(ValueError, match=r"audio file '.*pipe.wav' is a FIFO"):
+        audio_mel_frames(_fifo(tmp_path, "pipe.wav"))
+    assert audio_mel_frames(_wav(tmp_path, "one.wav", tone(1.0, 8000), 8000)) == 100  # 1 s at 100 frames/s
+    assert audio_mel_frames(_long_m4a(tmp_path, seconds=2.0)) == 200  # duration from the container (PyAV path)

@@ -42,6 +42,7 @@ import soundfile
 import torch
 
 from ..losses import IGNORE_INDEX
+from ..processing.media_files import open_media_file
 from ..tokenization import MEDIA_TOKENS
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
@@ -341,14 +342,16 @@ def audio_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 1
     The processor resamples to `sampling_rate` (exactly round(n * target / source) samples), pads clips shorter
     than one FFT window to `n_fft`, and makes `samples // hop_length` frames (Whisper: 100 per second).
     """
-    try:
-        info = soundfile.info(path)
-        samples = round(info.frames * sampling_rate / info.samplerate)
-    except Exception:  # noqa: BLE001 - not a libsndfile format: ask ffmpeg for the duration
-        with av.open(path) as container:
-            stream = container.streams.audio[0]
-            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
-        samples = round(seconds * sampling_rate)
+    with open_media_file(path, f"audio file {path!r}") as source:  # a regular file: a FIFO would block the header read
+        try:
+            info = soundfile.info(source)
+            samples = round(info.frames * sampling_rate / info.samplerate)
+        except Exception:  # noqa: BLE001 - not a libsndfile format: ask ffmpeg for the duration
+            source.seek(0)
+            with av.open(source) as container:
+                stream = container.streams.audio[0]
+                seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
+            samples = round(seconds * sampling_rate)
     return max(samples, n_fft) // hop_length
 
 
@@ -400,7 +403,8 @@ class ExampleEncoder:
         for modality, items in media.items():
             for item in items:
                 if isinstance(item, str) and not os.path.isfile(item):
-                    raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} does not exist.")
+                    problem = "is not a regular file" if os.path.exists(item) else "does not exist"
+                    raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} {problem}.")
         try:
             return self.processor(
                 text=[prompt_text], images=media["image"] or None, audio=media["audio"] or None,
