@@ -103,6 +103,8 @@ def _train(args):
     from .training.trainer import train
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    if os.path.exists(args.recipe) and not os.path.isfile(args.recipe):  # a FIFO would block the read
+        raise ValueError(f"recipe {args.recipe} is not a regular file")
     try:
         recipe = load_recipe(args.recipe, overrides)
     except yaml.YAMLError as err:

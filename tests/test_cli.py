@@ -57,6 +57,12 @@ def _corrupt_checkpoint(checkpoint, tmp):
     return folder
 
 
+def _fifo(tmp):
+    path = tmp / "recipe.yaml"
+    os.mkfifo(path)  # nobody writes: reading it would block forever
+    return path
+
+
 def _write(tmp, name, text):
     path = tmp / name
     path.write_text(text)
@@ -75,7 +81,8 @@ USER_ERRORS = [  # (name, argv built from (checkpoint, data, tmp), pattern the o
     ("missing_manifest", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", "nope.jsonl:image_caption"], r"Manifest '.*nope.jsonl' does not exist"),
     ("out_under_a_file", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", "image_test.jsonl:image_caption", "--out", c / "config.json" / "p.jsonl"], r"config.json: File exists"),
     ("missing_recipe", lambda c, d, t: ["train", "--recipe", t / "nope.yaml"], r"Recipe .*nope.yaml does not exist"),
-    ("recipe_is_a_directory", lambda c, d, t: ["train", "--recipe", t], r"Is a directory"),
+    ("recipe_is_a_directory", lambda c, d, t: ["train", "--recipe", t], r"recipe .* is not a regular file"),
+    ("recipe_is_a_fifo", lambda c, d, t: ["train", "--recipe", _fifo(t)], r"recipe .*recipe.yaml is not a regular file"),
     ("recipe_yaml_syntax", lambda c, d, t: ["train", "--recipe", _write(t, "broken.yaml", "optim:\n  lr: [1, 2\nstage: align\n")], r"recipe .*broken.yaml is not valid YAML: .*line \d+"),
     ("bad_override", lambda c, d, t: ["train", "--recipe", "recipes/tiny_test.yaml", "nonsense"], r"nonsense"),
     ("demo_data_over_other_files", lambda c, d, t: ["make-demo-data", _write(t, "x.txt", "mine").parent, "--sizes", "image.test=1"], r"is not empty and holds no demo data"),
@@ -83,6 +90,7 @@ USER_ERRORS = [  # (name, argv built from (checkpoint, data, tmp), pattern the o
 ]
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name, make_argv, pattern", USER_ERRORS, ids=[case[0] for case in USER_ERRORS])
 def test_user_errors_are_one_line_and_exit_2(checkpoint, data, tmp_path, capsys, name, make_argv, pattern):
     code, err = run(make_argv(checkpoint, data, tmp_path), capsys)
