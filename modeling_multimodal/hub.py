@@ -618,6 +618,7 @@ def hub_request_timeout(seconds: float | None, endpoint: str | None = None):
         return
     if not seconds > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    # huggingface_hub has no public getter for the installed factory (a user's own, maybe): read its private global
     previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
 
     def client_with_timeout():

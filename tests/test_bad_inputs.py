@@ -334,3 +334,18 @@ def test_length_estimates_never_block_on_a_fifo(tmp_path):
         audio_mel_frames(_fifo(tmp_path, "pipe.wav"))
     assert audio_mel_frames(_wav(tmp_path, "one.wav", tone(1.0, 8000), 8000)) == 100  # 1 s at 100 frames/s
     assert audio_mel_frames(_long_m4a(tmp_path, seconds=2.0)) == 200  # duration from the container (PyAV path)
+
+
+def test_hub_request_timeout_applies_inside_and_is_restored_after():
+    import httpx2
+    from huggingface_hub import get_session
+
+    from modeling_multimodal.hub import hub_request_timeout
+
+    before = get_session().timeout
+    with hub_request_timeout(3.5):
+        assert get_session().timeout == httpx2.Timeout(3.5)
+    assert get_session().timeout == before
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got 0"):
+        with hub_request_timeout(0):
+            pass
