@@ -121,7 +121,8 @@ def _array_to_rgb(array: np.ndarray, channels_first: bool) -> np.ndarray:
     return _hwc_to_rgb(_to_uint8(array))
 
 
-# PIL modes holding one channel of 16-bit samples ("I" is 32-bit, which 16-bit PNGs and TIFFs open as).
+# PIL modes holding one channel of 16-bit samples ("I" is 32-bit signed; 16-bit TIFFs and, in older Pillow, PNGs
+# open as it).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 EXIF_ORIENTATION = 0x0112
 

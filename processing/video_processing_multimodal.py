@@ -97,16 +97,18 @@ def sample_indices(times: list[float], num_frames: int, fps: float | None) -> li
 
 
 # --- decoding -------------------------------------------------------------------------------------
-def _demux_index(container, stream) -> tuple[list[int], list[int]]:
-    """Sorted presentation timestamps of every frame and of every keyframe, from packets alone (no decoding)."""
-    frame_pts, key_pts = [], []
+def _demux_index(container, stream) -> tuple[list[int], list[int], int]:
+    """Sorted presentation timestamps of every frame and of every keyframe, from packets alone (no decoding),
+    and the number of packets in the file (empty or timestamp-less ones too; not the demuxer's final flush)."""
+    frame_pts, key_pts, packets = [], [], 0
     for packet in container.demux(stream):
+        packets += bool(packet.size or packet.pts is not None or packet.dts is not None)
         if packet.pts is None or packet.size == 0:
             continue
         frame_pts.append(packet.pts)
         if packet.is_keyframe:
             key_pts.append(packet.pts)
-    return sorted(frame_pts), sorted(key_pts)
+    return sorted(frame_pts), sorted(key_pts), packets
 
 
 def _decoded_frames(container, stream):
@@ -153,13 +155,13 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             check_pixels(stream.codec_context.height, stream.codec_context.width, max_pixels, f"each frame of {name}")
-            frame_pts, key_pts = _demux_index(container, stream)
+            frame_pts, key_pts, packets = _demux_index(container, stream)
             if not frame_pts:
                 raise ValueError(f"{name} has zero decodable video frames")
-            if stream.frames and len(frame_pts) < stream.frames:
+            if stream.frames and packets < stream.frames:
                 raise ValueError(
                     f"{name} is truncated or damaged: its header lists {stream.frames} video frames but only "
-                    f"{len(frame_pts)} are in the file"
+                    f"{packets} are in the file"
                 )
             times = [float((pts - frame_pts[0]) * stream.time_base) for pts in frame_pts]
             indices = sample_indices(times, num_frames, fps)
