@@ -182,8 +182,8 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
     replaced = sorted({index for index, (kept_index, _) in zip(indices, kept) if kept_index != index})
     if replaced:
         logger.warning(
-            f"{name}: sampled frame(s) {replaced} did not decode (corrupt packets); the next decodable frame "
-            "stands in for each"
+            f"{name}: sampled frame(s) {replaced} did not decode at their timestamps (a corrupt packet, or timestamps "
+            "the container does not keep, as in AVI with B-frames); the next decodable frame stands in for each"
         )
     frames = np.stack([arrays[key] for _, key in kept])  # (num_frames, H, W, 3)
     metadata = SampledVideoMetadata(
