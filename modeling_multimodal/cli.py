@@ -26,8 +26,7 @@ def _checkpoint(value: str) -> str:
         return str(path)
     if path.exists():
         raise ValueError(f"checkpoint {value!r} is a file; pass the folder that holds its config.json")
-    looks_like_path = path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or os.sep in value.replace("/", "")
-    if looks_like_path:
+    if path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value:  # a path, not org/name
         raise ValueError(f"checkpoint folder {value!r} does not exist")
     return value  # a Hub id: from_pretrained resolves it (and says so when offline)
 
