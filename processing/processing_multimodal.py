@@ -454,9 +454,10 @@ class MultimodalProcessor(ProcessorMixin):
             for position, item in enumerate(items):
                 where = f"sample {sample}, audio {position} ({describe(item)})"
                 try:
-                    # files longer than the encoder takes are refused from their header, before decoding
-                    longest = None if truncate_audio else (max_frames + 1) * extractor.hop_length / extractor.sampling_rate
-                    samples = load_audio(item, sampling_rate, extractor.sampling_rate, max_seconds=longest)
+                    # a file that reaches max_frames + 1 frames is refused from its header, before decoding; with
+                    # truncate_audio only the max_frames it keeps are decoded
+                    longest = (max_frames + (0 if truncate_audio else 1)) * extractor.hop_length / extractor.sampling_rate
+                    samples = load_audio(item, sampling_rate, extractor.sampling_rate, longest, truncate_audio)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from err
                 frames = max(len(samples), extractor.n_fft) // extractor.hop_length

@@ -9,6 +9,7 @@ docs/RELIABILITY.md lists every case with the test that checks it.
 from __future__ import annotations
 
 import os
+import re
 
 import av
 import numpy as np
@@ -140,17 +141,62 @@ def test_permission_denied_is_a_clear_error(processor, tmp_path, monkeypatch):
         processor("<image>", images=str(path))
 
 
-def test_long_audio_is_refused_before_its_samples_are_decoded(processor, tmp_path, monkeypatch):
-    path = _long_wav(tmp_path)
-    read = soundfile.SoundFile.read
-    reads = []
-    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, *a, **k: reads.append(1) or read(self, *a, **k))
+def _count_decoded_samples(monkeypatch) -> list[int]:
+    """Record the samples libsndfile reads and PyAV decodes (per call / frame) while audio files load."""
+    from modeling_multimodal.processing import audio_loading
+
+    decoded, read, av_open = [], soundfile.SoundFile.read, av.open
+
+    def counting_read(self, *args, **kwargs):
+        samples = read(self, *args, **kwargs)
+        decoded.append(len(samples))
+        return samples
+
+    class CountingContainer:  # PyAV's classes are compiled: wrap the container instead of patching it
+        def __init__(self, container):
+            self.container = container
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def decode(self, stream):
+            for frame in self.container.decode(stream):
+                decoded.append(frame.samples)
+                yield frame
+
+    monkeypatch.setattr(soundfile.SoundFile, "read", counting_read)
+    monkeypatch.setattr(audio_loading.av, "open", lambda *args, **kwargs: CountingContainer(av_open(*args, **kwargs)))
+    return decoded
+
+
+@pytest.mark.parametrize("make_file", [_long_wav, _long_m4a], ids=["wav", "m4a"])
+def test_long_audio_is_refused_or_truncated_without_decoding_it_all(processor, tmp_path, monkeypatch, caplog, make_file):
+    path = make_file(tmp_path)  # 40 s at 8 kHz
+    decoded = _count_decoded_samples(monkeypatch)
     with pytest.raises(ValueError, match="from its header"):
         processor("<audio>", audio=path)
-    assert reads == []
-    # with truncate_audio=True the clip is decoded and its first 30 s kept, as for arrays
-    out = processor("<audio>", audio=path, truncate_audio=True)
+    assert sum(decoded) == 0  # refused before a sample was decoded
+    # truncate_audio=True: only the first 30 s are decoded (plus at most one codec frame), with a warning
+    with caplog.at_level("WARNING"):
+        out = processor("<audio>", audio=path, truncate_audio=True)
     assert out["input_features"].shape[-1] == processor.layout.max_audio_mel_frames()
+    assert 30 * 8000 <= sum(decoded) <= 30 * 8000 + 2048
+    assert re.search(r"long\.(wav|m4a)' lasts 40.\d\d s; only its first 30.00 s were decoded", caplog.text)
+
+
+def test_truncated_file_matches_the_truncated_array(processor, tmp_path):
+    """Truncating while decoding gives the features of the clip's first 30 s, as truncating the array does."""
+    path = _wav(tmp_path, "long16k.wav", tone(31.0, 16000), 16000)
+    samples = soundfile.read(path, dtype="float32")[0]  # as stored (16-bit PCM)
+    from_file = processor("<audio>", audio=path, truncate_audio=True)
+    from_array = processor("<audio>", audio=samples, sampling_rate=16000, truncate_audio=True)
+    assert torch.equal(from_file["input_features"], from_array["input_features"])
 
 
 def test_short_audio_file_is_unchanged_by_the_limit(processor, tmp_path):
