@@ -1,55 +1,161 @@
-"""`modeling-multimodal {make-demo-data, train, evaluate, generate, push, demo, convert}`."""
+"""`modeling-multimodal {make-demo-data, train, evaluate, generate, push, demo, convert}`.
+
+Every failure a user can cause (a missing or unreadable file, a bad manifest, recipe or argument, a corrupt
+checkpoint, no network) ends in ONE line on stderr, `modeling-multimodal: error: ...`, and exit status 2, like
+argparse's own usage errors; `user_error_types` lists which exceptions count as such. Anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+PROG = "modeling-multimodal"
 
+
+# --- helpers shared by the commands ---------------------------------------------------------------
+def _checkpoint(value: str) -> str:
+    """A checkpoint argument: a local folder, or a Hub id ("org/name"). A path that is not a folder is refused
+    here, before any library turns it into a long message about repo ids."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ValueError(f"checkpoint {value!r} is a file; pass the folder that holds its config.json")
+    if path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value:  # a path, not org/name
+        raise ValueError(f"checkpoint folder {value!r} does not exist")
+    return value  # a Hub id: from_pretrained resolves it (and says so when offline)
+
+
+def _load_checkpoint(checkpoint: str):
+    """(model in eval mode, processor) from a checkpoint; a corrupt weights file is named as such."""
+    from safetensors import SafetensorError
+
+    from .modeling_multimodal import MultimodalForConditionalGeneration
+    from .processing import MultimodalProcessor
+
+    try:
+        model = MultimodalForConditionalGeneration.from_pretrained(checkpoint).eval()
+        return model, MultimodalProcessor.from_pretrained(checkpoint)
+    except SafetensorError as err:
+        raise ValueError(f"cannot read the weights of checkpoint {checkpoint!r}: {err} (a corrupt or truncated .safetensors file)") from err
+    except OSError as err:  # transformers' "can't load" (missing files, offline, no network) names no checkpoint
+        raise OSError(f"cannot load checkpoint {checkpoint!r}: {error_line(err)}") from err
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= `minimum`."""
+
+    def parse(value: str) -> int:
+        if not value.strip().lstrip("-").isdigit() or int(value) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return int(value)
+
+    return parse
+
+
+def _sizes(value: str) -> dict[str, dict[str, int]]:
+    """"image.train=800,video.test=20" -> {"image": {"train": 800}, "video": {"test": 20}} (names checked later)."""
+    sizes: dict[str, dict[str, int]] = {}
+    for item in value.split(","):
+        key, _, count = item.partition("=")
+        task, _, split = key.strip().partition(".")
+        if not (task and split and count.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"expected TASK.SPLIT=N[,...] (e.g. image.train=800), got {item!r}")
+        sizes.setdefault(task, {})[split] = int(count)
+    return sizes
+
+
+def _manifest_and_task(value: str, default_task: str | None) -> tuple[str, str | None]:
+    """"speech_test.jsonl:speech_transcription" -> (manifest, task); without ":TASK", `default_task` (--task)."""
+    from .training.data import TASKS
+
+    manifest, _, task = value.rpartition(":")
+    if manifest and task in TASKS:
+        return manifest, task
+    if default_task is None:
+        raise ValueError(f"--manifest {value!r} has no task: write MANIFEST:TASK (tasks: {', '.join(sorted(TASKS))}) or pass --task")
+    return value, default_task
+
+
+# --- commands --------------------------------------------------------------------------------------
 def _make_demo_data(args):
     from .demo_data import make_demo_data
 
-    meta = make_demo_data(args.out, seed=args.seed, holdout=args.holdout, overwrite=args.overwrite)
+    sizes: dict[str, dict[str, int]] = {}
+    for given in args.sizes:
+        for task, splits in given.items():
+            sizes.setdefault(task, {}).update(splits)
+    options = {"image_size": args.image_size} if args.image_size is not None else {}
+    meta = make_demo_data(args.out, seed=args.seed, sizes=sizes, holdout=args.holdout, overwrite=args.overwrite, **options)
     print(json.dumps(meta.get("counts", meta), indent=2))
 
 
 def _train(args):
+    import yaml
+
     from .training.recipe import load_recipe
     from .training.trainer import train
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
-    result = train(load_recipe(args.recipe, overrides))
+    if os.path.exists(args.recipe) and not os.path.isfile(args.recipe):  # a FIFO would block the read
+        raise ValueError(f"recipe {args.recipe} is not a regular file")
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {args.recipe} is not valid YAML: {err}") from err
+    result = train(recipe)
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
+
+
+def _write_predictions(out: str, checkpoint: str, results: list[dict]) -> None:
+    """Every prediction: one JSON object per line for `.jsonl` (with its manifest and task), else one JSON file."""
+    path = Path(out)
+    if path.suffix == ".jsonl":
+        lines = [
+            json.dumps({"manifest": result["manifest"], "task": result["task"], **prediction})
+            for result in results
+            for prediction in result["predictions"]
+        ]
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    else:
+        path.write_text(json.dumps({"checkpoint": checkpoint, "results": results}, indent=2) + "\n", encoding="utf-8")
 
 
 def _evaluate(args):
     from .evaluation.tasks import evaluate_task
-    from .modeling_multimodal import MultimodalForConditionalGeneration
-    from .processing import MultimodalProcessor
     from .training.data import load_manifest
 
-    model = MultimodalForConditionalGeneration.from_pretrained(args.checkpoint).eval()
-    processor = MultimodalProcessor.from_pretrained(args.checkpoint)
-    rows = load_manifest(Path(args.root) / args.manifest, root=args.root)
-    if args.max_samples:
-        rows = rows.select(range(min(args.max_samples, len(rows))))
-    scores, samples = evaluate_task(
-        model, processor, list(rows), args.task, batch_size=args.batch_size, rerank_top_k=args.rerank_top_k
-    )
-    result = {"checkpoint": args.checkpoint, "manifest": args.manifest, "task": args.task, "scores": scores, "samples": samples}
-    print(json.dumps(result, indent=2))
+    checkpoint = _checkpoint(args.checkpoint)
+    if args.out:  # before the slow part, so an unwritable --out fails at once
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    runs = []  # every manifest is read and checked before the (slow) model load
+    for value in args.manifest:
+        manifest, task = _manifest_and_task(value, args.task)
+        rows = load_manifest(Path(args.root) / manifest, root=args.root, task=task)
+        if args.max_samples:
+            rows = rows.select(range(min(args.max_samples, len(rows))))
+        runs.append((manifest, task, list(rows)))
+    model, processor = _load_checkpoint(checkpoint)
+    results = []
+    for manifest, task, rows in runs:
+        scores, predictions = evaluate_task(
+            model, processor, rows, task, batch_size=args.batch_size, rerank_top_k=args.rerank_top_k,
+            num_examples=None, retrieval=not args.no_retrieval,
+        )
+        results.append({"manifest": manifest, "task": task, "rows": len(rows), "scores": scores, "predictions": predictions})
+    summary = [{**{k: v for k, v in r.items() if k != "predictions"}, "samples": r["predictions"][:3]} for r in results]
+    print(json.dumps({"checkpoint": args.checkpoint, "results": summary}, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        _write_predictions(args.out, args.checkpoint, results)
 
 
 def _generate(args):
-    from .modeling_multimodal import MultimodalForConditionalGeneration
-    from .processing import MultimodalProcessor
-
-    model = MultimodalForConditionalGeneration.from_pretrained(args.checkpoint).eval()
-    processor = MultimodalProcessor.from_pretrained(args.checkpoint)
+    model, processor = _load_checkpoint(_checkpoint(args.checkpoint))
     content = [{"type": kind, kind: path} for kind in ("image", "audio", "video") for path in getattr(args, kind) or []]
     content.append({"type": "text", "text": args.prompt})
     inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
@@ -63,6 +169,7 @@ def _push(args):
     info = push_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
         merge_adapter=args.merge_adapter, base_model=args.base_model, max_shard_size=args.max_shard_size,
+        timeout=args.timeout,
     )
     print(f"pushed {args.checkpoint} to {args.repo_id} at revision {info.oid}")
 
@@ -97,7 +204,7 @@ def _convert(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modeling-multimodal", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("make-demo-data", help="generate the demo's images, videos and speech with manifests")
@@ -108,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="what only the test split uses: unseen attribute combinations, or (stricter) unseen colour+shape pairs",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--sizes", type=_sizes, action="append", default=[], metavar="TASK.SPLIT=N[,...]",
+        help="rows per task (image, video, speech) and split (train, validation, test), e.g. "
+        "image.train=800,video.train=200; repeatable; others keep their defaults",
+    )
+    p.add_argument("--image-size", type=int, help="image side in pixels (default: make_demo_data's, 64)")
     p.set_defaults(func=_make_demo_data)
 
     p = commands.add_parser("train", help="train from a YAML recipe; key=value pairs override it")
@@ -116,18 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=50 stage=finetune")
     p.set_defaults(func=_train)
 
-    p = commands.add_parser("evaluate", help="score a checkpoint on a manifest")
+    p = commands.add_parser("evaluate", help="score a checkpoint on one or more manifests (one model load)")
     p.add_argument("checkpoint")
-    p.add_argument("--root", required=True, help="data root the manifest's paths are relative to")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--root", required=True, help="data root the manifests' paths are relative to")
     p.add_argument(
-        "--rerank-top-k", type=int, default=0,
+        "--manifest", required=True, action="append", metavar="MANIFEST[:TASK]",
+        help="a manifest under --root, with its task after a colon (e.g. image_test.jsonl:image_caption); repeatable",
+    )
+    p.add_argument("--task", help="the task of every --manifest given without one")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval passes (generation scores only)")
+    p.add_argument("--max-samples", type=_count(1), help="score only each manifest's first N rows")
+    p.add_argument("--batch-size", type=_count(1), default=16)
+    p.add_argument(
+        "--rerank-top-k", type=_count(0), default=0,
         help="also re-rank each retrieval query's top k candidates by log p(text | media) (reranked_* scores)",
     )
-    p.add_argument("--out")
+    p.add_argument("--out", help="write every prediction here: .jsonl (one per line) or .json (with the scores)")
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("generate", help="answer one prompt about media files")
@@ -136,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append")
     p.add_argument("--audio", action="append")
     p.add_argument("--video", action="append")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_count(1), default=32)
     p.set_defaults(func=_generate)
 
     p = commands.add_parser("push", help="push a checkpoint folder to the Hub with its model card and code")
@@ -147,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-adapter", action="store_true")
     p.add_argument("--base-model")
     p.add_argument("--max-shard-size", help='shard the weights, e.g. "2GB"')
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds any one Hub request may wait for an answer (default 60)")
     p.set_defaults(func=_push)
 
     p = commands.add_parser("demo", help="the offline demo: data, encoders + pretrain + align + LoRA finetune, evaluate, reload, report")
@@ -172,12 +290,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions caused by what the user gave us or their environment, not by a bug here:
+    ValueError (our checks: manifests, recipes, media, arguments; also JSON syntax), OSError (missing files,
+    permissions, disk full, transformers' "can't load" messages, Hub HTTP errors, offline mode, connection
+    errors and timeouts), YAML syntax errors, corrupt safetensors, and httpx transport errors (no answer)."""
+    import httpx2
+    import yaml
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, yaml.YAMLError, SafetensorError, httpx2.TransportError)
+
+
+def error_line(error: BaseException) -> str:
+    """One line for stderr: an OSError as "file: reason", anything else its message, whitespace collapsed."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        message = f"{error.filename}: {error.strerror}"
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"modeling-multimodal {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except user_error_types() as error:
+        print(f"{PROG}: error: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
 

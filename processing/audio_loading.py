@@ -13,6 +13,7 @@ round(n * target / source) samples). Each clip's log-mel is computed on its own,
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 
@@ -21,8 +22,16 @@ import numpy as np
 import soundfile
 import torch
 
+from .media_files import open_media_file
+
+
+logger = logging.getLogger(__name__)
+
 # Sampling rates we accept (Hz): below this it is not audio, above it no real recording exists.
 MIN_SAMPLING_RATE, MAX_SAMPLING_RATE = 1_000, 768_000
+# Channels a file may declare (3rd-order ambisonics has 16): a header claiming thousands would make even a
+# short clip decode to gigabytes before it is averaged to mono.
+MAX_CHANNELS = 32
 
 
 def _check_sampling_rate(sampling_rate) -> int:
@@ -61,33 +70,116 @@ def _to_float_mono(array) -> np.ndarray:
     return array
 
 
-def _decode_file(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
-    """Decode a path or bytes with soundfile (wav/flac/ogg/mp3), falling back to PyAV: ((channels, samples), rate)."""
-    def reader():
-        return source if isinstance(source, str) else io.BytesIO(source)
+class AudioHeaderError(ValueError):
+    """A file whose header declares what we refuse to decode: too long, a wild rate, too many channels."""
 
-    if isinstance(source, str) and not os.path.exists(source):
-        raise ValueError(f"{name} does not exist")
+
+class AudioTooLongError(AudioHeaderError):
+    """A clip longer than the caller's `max_seconds`, found from its header (or while decoding)."""
+
+
+def _too_long(name: str, seconds: float, max_seconds: float, how: str) -> AudioTooLongError:
+    return AudioTooLongError(
+        f"{name} lasts {seconds:.2f} s ({how}), more than the {max_seconds:.2f} s this model takes; split it, "
+        "or pass truncate_audio=True to keep its beginning"
+    )
+
+
+def _check_header(name: str, rate: int, channels: int) -> None:
+    """What a container declares, checked before its samples are decoded."""
     try:
-        samples, rate = soundfile.read(reader(), dtype="float32", always_2d=True)  # (samples, channels)
-        return samples.T, rate
-    except Exception as err:  # noqa: BLE001 - libsndfile raises several types; ffmpeg may still read it
-        soundfile_error = err
-    try:
-        with av.open(reader()) as container:
-            if not container.streams.audio:
-                raise ValueError("it has no audio stream")
-            stream = container.streams.audio[0]
-            # planar float, one row per channel, whatever the codec's native format
-            codec = stream.codec_context
-            resampler = av.AudioResampler(format="fltp", layout=codec.layout, rate=codec.sample_rate)
-            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
-            rate = stream.codec_context.sample_rate
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"cannot decode {name} as audio: {err} (soundfile said: {soundfile_error})") from err
+        _check_sampling_rate(rate)
+    except ValueError as err:
+        raise AudioHeaderError(f"{name}: {err}") from None
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioHeaderError(f"{name} declares {channels} channels; expected 1..{MAX_CHANNELS}")
+
+
+def _truncated(name: str, seconds: float | None, max_seconds: float) -> None:
+    length = f"lasts {seconds:.2f} s" if seconds is not None else f"lasts more than {max_seconds:.2f} s"
+    logger.warning(f"{name} {length}; only its first {max_seconds:.2f} s were decoded (truncate)")
+
+
+def _read_soundfile(source, name: str, max_seconds: float | None, truncate: bool) -> tuple[np.ndarray, int]:
+    """libsndfile formats: the length is checked from the header, and at most one sample past the limit is read."""
+    with soundfile.SoundFile(source) as sound:
+        rate, header_frames = sound.samplerate, sound.frames
+        _check_header(name, rate, sound.channels)
+        if max_seconds is None:
+            return sound.read(dtype="float32", always_2d=True).T, rate  # (channels, samples)
+        limit = math.floor(max_seconds * rate)  # the samples that fit
+        if header_frames > limit and not truncate:
+            raise _too_long(name, header_frames / rate, max_seconds, "from its header")
+        samples = sound.read(frames=limit + 1, dtype="float32", always_2d=True)  # (samples, channels)
+    if len(samples) > limit:
+        if not truncate:  # the header under-counted
+            raise _too_long(name, len(samples) / rate, max_seconds, "more than its header said")
+        samples = samples[:limit]
+        _truncated(name, header_frames / rate if header_frames > limit else None, max_seconds)
+    return samples.T, rate
+
+
+def _read_pyav(source, name: str, max_seconds: float | None, truncate: bool) -> tuple[np.ndarray | None, int]:
+    """Anything ffmpeg reads: the duration is checked from the container, and decoding stops past the limit."""
+    with av.open(source) as container:
+        if not container.streams.audio:
+            raise ValueError("it has no audio stream")
+        stream = container.streams.audio[0]
+        codec = stream.codec_context
+        rate = codec.sample_rate
+        _check_header(name, rate, codec.channels)
+        limit = None if max_seconds is None else math.floor(max_seconds * rate)
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            seconds = container.duration / av.time_base if container.duration is not None else None
+        if limit is not None and seconds is not None and seconds > max_seconds and not truncate:
+            raise _too_long(name, seconds, max_seconds, "from its header")
+        # planar float, one row per channel, whatever the codec's native format
+        resampler = av.AudioResampler(format="fltp", layout=codec.layout, rate=rate)
+        chunks, count = [], 0
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+                count += chunks[-1].shape[1]
+            if limit is not None and count > limit:
+                if not truncate:  # the header under-counted
+                    raise _too_long(name, count / rate, max_seconds, "more than its header said")
+                break
     if not chunks:
+        return None, rate
+    samples = np.concatenate(chunks, axis=1)
+    if limit is not None and samples.shape[1] > limit:
+        samples = samples[:, :limit]
+        _truncated(name, seconds if seconds is not None and seconds > max_seconds else None, max_seconds)
+    return samples, rate
+
+
+def _decode_file(source: str | bytes, name: str, max_seconds: float | None = None, truncate: bool = False):
+    """Decode a path or bytes with soundfile (wav/flac/ogg/mp3), falling back to PyAV: ((channels, samples), rate).
+
+    Paths must be regular files (a FIFO or device is refused, never read). With `max_seconds`, a longer clip is
+    refused from its header before its samples are decoded (and decoding stops if the header under-counts); with
+    `truncate` too, only its first `max_seconds` are decoded instead, with a warning.
+    """
+    stream = open_media_file(source, name) if isinstance(source, str) else io.BytesIO(source)
+    with stream:
+        try:
+            return _read_soundfile(stream, name, max_seconds, truncate)
+        except AudioHeaderError:
+            raise
+        except Exception as err:  # noqa: BLE001 - libsndfile raises several types; ffmpeg may still read it
+            soundfile_error = err
+        stream.seek(0)
+        try:
+            samples, rate = _read_pyav(stream, name, max_seconds, truncate)
+        except AudioHeaderError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"cannot decode {name} as audio: {err} (soundfile said: {soundfile_error})") from err
+    if samples is None:
         raise ValueError(f"{name} has no decodable audio samples")
-    return np.concatenate(chunks, axis=1), rate
+    return samples, rate
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
@@ -103,11 +195,16 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
     return np.concatenate([out.to_ndarray()[0] for out in frames]).astype(np.float32, copy=False)
 
 
-def load_audio(item, sampling_rate: int | None, target_rate: int) -> np.ndarray:
+def load_audio(
+    item, sampling_rate: int | None, target_rate: int, max_seconds: float | None = None, truncate: bool = False
+) -> np.ndarray:
     """Any supported audio form -> mono float32 samples at `target_rate`. Raises `ValueError` saying what is wrong.
 
     `sampling_rate` is the rate of raw arrays (the processor's `sampling_rate=` argument); a dict's own
-    "sampling_rate" and a file's header take precedence.
+    "sampling_rate" and a file's header take precedence. `max_seconds` bounds what a file or bytes may hold:
+    a longer one is refused from its container header, before its samples are decoded, or with `truncate`
+    only its first `max_seconds` are decoded (with a warning). Arrays are already in memory: the caller checks
+    their length.
     """
     if isinstance(item, dict):
         if "array" not in item:
@@ -115,10 +212,10 @@ def load_audio(item, sampling_rate: int | None, target_rate: int) -> np.ndarray:
         samples, sampling_rate = item["array"], item.get("sampling_rate", sampling_rate)
     elif isinstance(item, (str, os.PathLike)):
         name = f"file {os.fspath(item)!r}"
-        samples, sampling_rate = _decode_file(os.fspath(item), name)
+        samples, sampling_rate = _decode_file(os.fspath(item), name, max_seconds, truncate)
     elif isinstance(item, (bytes, bytearray, memoryview)):
         name = f"audio bytes ({len(item)} bytes)"
-        samples, sampling_rate = _decode_file(bytes(item), name)
+        samples, sampling_rate = _decode_file(bytes(item), name, max_seconds, truncate)
     elif isinstance(item, (np.ndarray, torch.Tensor)):
         samples = item
     else:
@@ -149,4 +246,4 @@ def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
     return features[0].float()  # (n_mels, frames)
 
 
-__all__ = ["load_audio", "log_mel", "resample"]
+__all__ = ["AudioHeaderError", "AudioTooLongError", "load_audio", "log_mel", "resample"]

@@ -12,7 +12,10 @@ normalise) to within float32 rounding, and differs from it in three ways:
 - bad inputs raise `MediaInputError` (a `ValueError`) that names the item and the file.
 
 Channel handling (documented, tested): grayscale (1 channel) is repeated to RGB; grayscale+alpha
-(2 channels) and RGBA (4 channels) are composited onto a white background. Numpy arrays are read as
+(2 channels) and RGBA (4 channels) are composited onto a white background. Files, bytes and PIL images
+are turned upright by their EXIF orientation (as `transformers.image_utils.load_image` does, so phone
+photos are not sideways), and 16-bit PIL images (modes `I;16*` and `I`, e.g. 16-bit grayscale PNGs) are
+scaled from [0, 65535] to [0, 255] rather than clipped. Numpy arrays are read as
 (H, W, C) unless only the first axis looks like channels; torch tensors as (C, H, W) unless only the
 last axis does. Float arrays must hold values in [0, 1] (scaled by 255 and rounded) or whole numbers
 in [0, 255].
@@ -26,11 +29,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs
+
+from .media_files import open_media_file
 
 # Images above this many pixels are refused before they are decoded (about 67 megapixels).
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
@@ -115,33 +121,60 @@ def _array_to_rgb(array: np.ndarray, channels_first: bool) -> np.ndarray:
     return _hwc_to_rgb(_to_uint8(array))
 
 
+# PIL modes holding one channel of 16-bit samples ("I" is 32-bit signed; 16-bit TIFFs and, in older Pillow, PNGs
+# open as it).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+EXIF_ORIENTATION = 0x0112
+
+
+def _sixteen_bit_to_uint8(image: PIL.Image.Image) -> np.ndarray:
+    """A 16-bit single-channel image -> (H, W, 1) uint8, [0, 65535] scaled (and rounded) to [0, 255]."""
+    array = np.asarray(image).astype(np.int64).reshape(image.height, image.width, 1)
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"mode {image.mode} pixel values must be in [0, 65535] (16-bit); got [{low}, {high}]")
+    return ((array * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
     """PIL image -> RGB uint8 (H, W, 3), going through the same numpy code as arrays (so alpha blends identically)."""
     if image.mode in ("L", "LA", "RGB", "RGBA"):
         return _hwc_to_rgb(np.asarray(image).reshape(image.height, image.width, -1))
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _hwc_to_rgb(_sixteen_bit_to_uint8(image))
+    if image.mode == "F":  # float samples: the same rules as float arrays
+        return _hwc_to_rgb(_to_uint8(np.asarray(image).reshape(image.height, image.width, 1)))
     has_alpha = "A" in image.getbands() or "transparency" in image.info
     return _pil_to_rgb(image.convert("RGBA" if has_alpha else "RGB"))
 
 
-def _check_pixels(height: int, width: int, max_pixels: int | None) -> None:
+def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The image turned by its EXIF orientation tag (the image itself when it has none)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def check_pixels(height: int, width: int, max_pixels: int | None, what: str = "the image") -> None:
+    """Refuse `what` when height * width > max_pixels (`None`: no limit), naming the size and the limit."""
     if max_pixels is not None and height * width > max_pixels:
         raise ValueError(
-            f"the image is {width}x{height} = {height * width} pixels, above max_image_pixels={max_pixels}; "
+            f"{what} is {width}x{height} = {height * width} pixels, above max_image_pixels={max_pixels}; "
             "downscale it first or raise max_image_pixels"
         )
 
 
 def _open_image(source, name: str, max_pixels: int | None) -> np.ndarray:
     """Decode an image file (path or bytes); the size is checked from the header, before decoding."""
+    if isinstance(source, str):
+        source = open_media_file(source, name)  # regular files only; a FIFO never blocks
     try:
-        with PIL.Image.open(source) as image:
-            _check_pixels(image.height, image.width, max_pixels)
+        with source, PIL.Image.open(source) as image:
+            check_pixels(image.height, image.width, max_pixels)
             image.load()
-            return _pil_to_rgb(image)
+            return _pil_to_rgb(_upright(image))
     except PIL.Image.DecompressionBombError as err:
         raise ValueError(f"{name} is too large to decode safely ({err})") from err
-    except FileNotFoundError as err:
-        raise ValueError(f"{name} does not exist") from err
     except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read {name} as an image: {err}") from err
 
@@ -153,8 +186,8 @@ def load_image(item, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.nd
     if isinstance(item, (bytes, bytearray, memoryview)):
         return _open_image(io.BytesIO(bytes(item)), f"image bytes ({len(item)} bytes)", max_pixels)
     if isinstance(item, PIL.Image.Image):
-        _check_pixels(item.height, item.width, max_pixels)
-        return _pil_to_rgb(item)
+        check_pixels(item.height, item.width, max_pixels)
+        return _pil_to_rgb(_upright(item))
     if isinstance(item, torch.Tensor):
         item, channels_first = item.detach().cpu().numpy(), True
     elif isinstance(item, np.ndarray):
@@ -164,7 +197,7 @@ def load_image(item, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.nd
             f"unsupported image type {type(item).__name__}; expected a path, bytes, PIL image, numpy array or torch tensor"
         )
     image = _array_to_rgb(item, channels_first)
-    _check_pixels(image.shape[0], image.shape[1], max_pixels)
+    check_pixels(image.shape[0], image.shape[1], max_pixels)
     return image
 
 

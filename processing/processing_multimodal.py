@@ -360,6 +360,8 @@ class MultimodalProcessor(ProcessorMixin):
             return_attention_mask=True,
         )
         output = BatchFeature({**padded, **data}, tensor_type="pt", skip_tensor_conversion=["video_metadata"])
+        for key in ("input_ids", "attention_mask"):  # integers even for empty texts (torch reads [[]] as float)
+            output[key] = output[key].long()
         if return_tensors == "np":
             output = BatchFeature({k: v.numpy() for k, v in output.items()})
         # non-tensor entries, added after the tensor conversion
@@ -452,7 +454,10 @@ class MultimodalProcessor(ProcessorMixin):
             for position, item in enumerate(items):
                 where = f"sample {sample}, audio {position} ({describe(item)})"
                 try:
-                    samples = load_audio(item, sampling_rate, extractor.sampling_rate)
+                    # a file that reaches max_frames + 1 frames is refused from its header, before decoding; with
+                    # truncate_audio only the max_frames it keeps are decoded
+                    longest = (max_frames + (0 if truncate_audio else 1)) * extractor.hop_length / extractor.sampling_rate
+                    samples = load_audio(item, sampling_rate, extractor.sampling_rate, longest, truncate_audio)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from err
                 frames = max(len(samples), extractor.n_fft) // extractor.hop_length

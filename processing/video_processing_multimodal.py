@@ -12,6 +12,11 @@ transformers v5's video processors all need torchvision; this one needs PyAV onl
   keyframe before it unless it is already decoding forward from a point at or after that keyframe.
 - The sampled frames' real timestamps (from the stream, not `index / fps`) and indices are returned
   as `SampledVideoMetadata`, with the number of frames actually decoded.
+- Bounded before decoding: paths must be regular files (a FIFO or device is refused, never read) and
+  a frame may hold at most `max_image_pixels` pixels (the image processor's limit), checked from the
+  stream header. A file whose container lists more frames than its data holds (a truncated download)
+  is refused, naming both counts; a sampled frame the decoder rejects (a corrupt packet) is replaced
+  by the next decodable one with a warning.
 
 Inputs: a path or bytes of any container ffmpeg reads (mp4, webm, mkv, avi, ...); a 4-D frame array
 (numpy (T, H, W, C), torch (T, C, H, W) or (T, H, W, C)); or `{"frames": array_or_list_of_images,
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -37,7 +43,18 @@ from transformers.processing_utils import VideosKwargs
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
-from .image_processing_multimodal import MediaInputError, describe, load_image, preprocess_rgb_arrays
+from .image_processing_multimodal import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MediaInputError,
+    check_pixels,
+    describe,
+    load_image,
+    preprocess_rgb_arrays,
+)
+from .media_files import open_media_file
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,16 +97,18 @@ def sample_indices(times: list[float], num_frames: int, fps: float | None) -> li
 
 
 # --- decoding -------------------------------------------------------------------------------------
-def _demux_index(container, stream) -> tuple[list[int], list[int]]:
-    """Sorted presentation timestamps of every frame and of every keyframe, from packets alone (no decoding)."""
-    frame_pts, key_pts = [], []
+def _demux_index(container, stream) -> tuple[list[int], list[int], int]:
+    """Sorted presentation timestamps of every frame and of every keyframe, from packets alone (no decoding),
+    and the number of packets in the file (empty or timestamp-less ones too; not the demuxer's final flush)."""
+    frame_pts, key_pts, packets = [], [], 0
     for packet in container.demux(stream):
+        packets += bool(packet.size or packet.pts is not None or packet.dts is not None)
         if packet.pts is None or packet.size == 0:
             continue
         frame_pts.append(packet.pts)
         if packet.is_keyframe:
             key_pts.append(packet.pts)
-    return sorted(frame_pts), sorted(key_pts)
+    return sorted(frame_pts), sorted(key_pts), packets
 
 
 def _decoded_frames(container, stream):
@@ -126,19 +145,24 @@ def _decode_at(container, stream, wanted_pts: list[int], key_pts: list[int]) -> 
     return found, decoded
 
 
-def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float | None):
+def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float | None, max_pixels: int | None):
     """Decode `num_frames` sampled frames of a video file: ((num_frames, H, W, 3) uint8, metadata)."""
-    if isinstance(source, str) and not os.path.exists(source):
-        raise ValueError(f"{name} does not exist")
+    stream_source = open_media_file(source, name) if isinstance(source, str) else io.BytesIO(source)
     try:
-        with av.open(source if isinstance(source, str) else io.BytesIO(source)) as container:
+        with stream_source, av.open(stream_source) as container:
             if not container.streams.video:
                 raise ValueError(f"{name} has no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            frame_pts, key_pts = _demux_index(container, stream)
+            check_pixels(stream.codec_context.height, stream.codec_context.width, max_pixels, f"each frame of {name}")
+            frame_pts, key_pts, packets = _demux_index(container, stream)
             if not frame_pts:
                 raise ValueError(f"{name} has zero decodable video frames")
+            if stream.frames and packets < stream.frames:
+                raise ValueError(
+                    f"{name} is truncated or damaged: its header lists {stream.frames} video frames but only "
+                    f"{packets} are in the file"
+                )
             times = [float((pts - frame_pts[0]) * stream.time_base) for pts in frame_pts]
             indices = sample_indices(times, num_frames, fps)
             found, decoded = _decode_at(container, stream, sorted({frame_pts[i] for i in indices}), key_pts)
@@ -148,12 +172,19 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
             for index in indices:
                 frame = found[frame_pts[index]]
                 if id(frame) not in arrays:
+                    check_pixels(frame.height, frame.width, max_pixels, f"a decoded frame of {name}")
                     arrays[id(frame)] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
                 # the frame actually kept: the wanted one, or its stand-in when that one did not decode
                 kept.append((bisect.bisect_left(frame_pts, frame.pts) if frame.pts is not None else index, id(frame)))
             average_rate = float(stream.average_rate) if stream.average_rate else None
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot decode {name} as video: {err}") from err
+    replaced = sorted({index for index, (kept_index, _) in zip(indices, kept) if kept_index != index})
+    if replaced:
+        logger.warning(
+            f"{name}: sampled frame(s) {replaced} did not decode at their timestamps (a corrupt packet, or timestamps "
+            "the container does not keep, as in AVI with B-frames); the next decodable frame stands in for each"
+        )
     frames = np.stack([arrays[key] for _, key in kept])  # (num_frames, H, W, 3)
     metadata = SampledVideoMetadata(
         total_num_frames=len(frame_pts),
@@ -169,7 +200,7 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
     return frames, metadata
 
 
-def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: float | None):
+def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: float | None, max_pixels: int | None):
     """Sample an in-memory video (4-D array/tensor or list of images): ((num_frames, H, W, 3) uint8, metadata)."""
     if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim != 4:
         raise ValueError(f"a video array must be 4-D (frames, H, W, C) or (frames, C, H, W), got shape {tuple(frames.shape)}")
@@ -180,7 +211,7 @@ def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: f
         raise ValueError('fps sampling of a frame array needs its frame rate: pass {"frames": ..., "fps": ...}')
     step = 1.0 / video_fps if video_fps else 1.0
     indices = sample_indices([i * step for i in range(count)], num_frames, fps)
-    loaded = {index: load_image(frames[index], max_pixels=None) for index in sorted(set(indices))}
+    loaded = {index: load_image(frames[index], max_pixels=max_pixels) for index in sorted(set(indices))}
     if len({image.shape for image in loaded.values()}) > 1:
         raise ValueError("the video's frames have different sizes")
     first = next(iter(loaded.values()))
@@ -198,18 +229,21 @@ def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: f
     return np.stack([loaded[i] for i in indices]), metadata
 
 
-def load_video(video, num_frames: int, fps: float | None = None):
-    """Any supported video form -> ((num_frames, H, W, 3) uint8, SampledVideoMetadata). Raises `ValueError`."""
+def load_video(video, num_frames: int, fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """Any supported video form -> ((num_frames, H, W, 3) uint8, SampledVideoMetadata). Raises `ValueError`.
+
+    `max_pixels` bounds each frame (height * width; `None`: no limit), from the stream header for files.
+    """
     if isinstance(video, (str, os.PathLike)):
-        return _read_video_file(os.fspath(video), describe(video), num_frames, fps)
+        return _read_video_file(os.fspath(video), describe(video), num_frames, fps, max_pixels)
     if isinstance(video, (bytes, bytearray, memoryview)):
-        return _read_video_file(bytes(video), f"video bytes ({len(video)} bytes)", num_frames, fps)
+        return _read_video_file(bytes(video), f"video bytes ({len(video)} bytes)", num_frames, fps, max_pixels)
     if isinstance(video, dict):
         if "frames" not in video:
             raise ValueError(f"a video dict needs a 'frames' key (and optionally 'fps'), got keys {sorted(video)}")
-        return _sample_frame_array(video["frames"], video.get("fps"), num_frames, fps)
+        return _sample_frame_array(video["frames"], video.get("fps"), num_frames, fps, max_pixels)
     if isinstance(video, (np.ndarray, torch.Tensor)):
-        return _sample_frame_array(video, None, num_frames, fps)
+        return _sample_frame_array(video, None, num_frames, fps, max_pixels)
     raise ValueError(
         f"unsupported video type {type(video).__name__}; expected a path, bytes, a 4-D frame array/tensor "
         'or {"frames": ..., "fps": ...}'
@@ -228,7 +262,10 @@ def flatten_videos(videos) -> list:
 
 # --- the processor --------------------------------------------------------------------------------
 class MultimodalVideosKwargs(VideosKwargs, total=False):
-    """`VideosKwargs` as transformers defines them (`num_frames`, `fps`, `return_metadata`, image options)."""
+    """`VideosKwargs` as transformers defines them (`num_frames`, `fps`, `return_metadata`, image options), plus
+    the per-frame pixel limit."""
+
+    max_image_pixels: int | None
 
 
 class MultimodalVideoProcessor(VideoProcessorMixin):
@@ -243,6 +280,8 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
     Args:
         num_frames (`int`, defaults to 8): frames per video, always returned exactly (the model's fixed count).
         fps (`float`, *optional*): sample at this rate (then fit to `num_frames`); `None` samples uniformly.
+        max_image_pixels (`int`, *optional*, defaults to 2**26): frames with more pixels are refused with a
+            `ValueError` (from the stream header, before decoding, for files); `None` disables the check.
         Image options as `MultimodalImageProcessor` (`size`, `crop_size`, `resample`, `image_mean`, ...).
     Saves and loads `video_preprocessor_config.json`.
     """
@@ -264,6 +303,7 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
     num_frames = 8
     fps = None
     return_metadata = False
+    max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -289,7 +329,7 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
         clips, metadata = [], []
         for index, video in enumerate(flatten_videos(videos)):
             try:
-                frames, video_metadata = load_video(video, num_frames, fps)
+                frames, video_metadata = load_video(video, num_frames, fps, kwargs["max_image_pixels"])
             except ValueError as err:
                 raise MediaInputError("video", index, str(err)) from err
             clips.append(frames)

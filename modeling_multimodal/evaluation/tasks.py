@@ -149,12 +149,12 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
 
 
 def evaluate_task(
-    model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int = 3,
-    rerank_top_k: int = 0,
+    model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int | None = 3,
+    rerank_top_k: int = 0, retrieval: bool = True,
 ):
-    """All scores that apply to `task`, plus a few (prediction, reference) examples for reports.
+    """All scores that apply to `task`, plus the first `num_examples` (prediction, reference) examples (None: all).
 
-    rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only)."""
+    rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only). retrieval=False skips retrieval."""
     spec = get_task(task)
     was_training = model.training
     model.eval()
@@ -171,7 +171,7 @@ def evaluate_task(
             {"id": e["id"], "media": {k: [str(x) for x in v] for k, v in e["media"].items() if v}, "prediction": p, "reference": r}
             for e, p, r in list(zip(examples, predictions, references))[:num_examples]
         ]
-    if spec is not None and spec.pair_field:
+    if retrieval and spec is not None and spec.pair_field:
         scores.update(retrieval_scores(model, processor, rows, task, batch_size, rerank_top_k))
     model.train(was_training)
     return scores, samples

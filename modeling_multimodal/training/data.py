@@ -3,8 +3,11 @@
 Three steps, each its own small piece:
 - `load_manifest`: a JSONL / CSV / Parquet file (or an in-memory `datasets.Dataset`) as a `datasets.Dataset`,
   every row given an `id` and every media path resolved against the data root. A path that leaves the root
-  (absolute elsewhere, or `..`) is refused with a `ValueError` naming the row and the path. The check is
-  lexical (`os.path.normpath`): symlinks inside the root are trusted, as the root's owner put them there.
+  (absolute elsewhere, `..`, or a symlink inside the root whose target is outside it) is refused with a
+  `ValueError` naming the row and the path: symlinks are resolved (`os.path.realpath`) before the check.
+  A manifest that cannot be used is refused with a `ValueError` naming the file: a JSONL line that is not a
+  JSON object (with its line number), no rows at all, or a row missing the text or media its task needs
+  (a row without its caption would otherwise train on zero tokens).
 - `build_example`: a row → one training example (plain Python, no media decoded). A row is either chat
   `messages` (the last assistant turn is the trained response) or simple fields mapped by a `TaskSpec`
   ("task template"): `image_caption`, `video_caption`, `speech_transcription`, `image_text_pair`.
@@ -39,6 +42,7 @@ import soundfile
 import torch
 
 from ..losses import IGNORE_INDEX
+from ..processing.media_files import open_media_file
 from ..tokenization import MEDIA_TOKENS
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
@@ -101,11 +105,22 @@ def get_task(task: str | TaskSpec | None) -> TaskSpec | None:
 
 # --- manifests -------------------------------------------------------------------------------------
 def resolve_media_path(path: str, root: str | os.PathLike, row_id: str) -> str:
-    """`path` joined to `root`, normalised; a path that leaves `root` raises a `ValueError` naming the row."""
+    """`path` joined to `root`, normalised; a path that leaves `root` raises a `ValueError` naming the row.
+
+    Symlinks (in `path` and in `root`) are resolved before the check, so a link inside the root that points
+    outside it is refused like `..`. The path returned is the normalised joined path, not the link's target.
+    """
+    if "\x00" in os.fspath(path):
+        raise ValueError(f"Row {row_id!r}: media path {path!r} contains a NUL character.")
     root = os.path.normpath(os.path.abspath(root))
     resolved = os.path.normpath(os.path.join(root, os.fspath(path)))
-    if os.path.commonpath([root, resolved]) != root:
-        raise ValueError(f"Row {row_id!r}: media path {path!r} leaves the data root {root!r}; refusing to read it.")
+    real_root, real_path = os.path.realpath(root), os.path.realpath(resolved)
+    for inside, base in ((resolved, root), (real_path, real_root)):
+        if os.path.commonpath([base, inside]) != base:
+            target = "" if inside == resolved else f" (a symlink to {real_path!r})"
+            raise ValueError(
+                f"Row {row_id!r}: media path {path!r}{target} leaves the data root {root!r}; refusing to read it."
+            )
     return resolved
 
 
@@ -141,6 +156,65 @@ def _resolve_row(row: dict, root, media_columns: list[str]) -> dict:
     return row
 
 
+def _check_jsonl(path: str) -> None:
+    """Every non-blank line of a JSONL manifest must be a JSON object, and there must be one; else a `ValueError`
+    naming the file (and the line)."""
+    rows = 0
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Manifest {path!r}, line {number}: not valid JSON ({err.msg} at column {err.colno}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"Manifest {path!r}, line {number}: expected a JSON object (one row), got {type(row).__name__}.")
+    if rows == 0:
+        raise ValueError(f"Manifest {path!r} has no rows (only blank lines).")
+
+
+def _read_manifest_files(files: list[str], builder: str, cache_dir: str | None) -> datasets.Dataset:
+    """`datasets.load_dataset` on manifest files, with the errors a malformed file causes turned into `ValueError`s
+    that name it (JSONL lines are checked first, so a bad line is named by its number)."""
+    for f in files:
+        if not os.path.isfile(f):
+            raise ValueError(f"Manifest {f!r} does not exist (or is not a regular file).")
+        if os.path.getsize(f) == 0:
+            raise ValueError(f"Manifest {f!r} is empty: it has no rows.")
+        if f.lower().endswith(".jsonl"):
+            _check_jsonl(f)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
+        if "corresponds to no data" in str(err):  # datasets' words for a split without rows
+            raise ValueError(f"Manifest {', '.join(map(repr, files))} has no rows.") from err
+        cause = err.__cause__ or err  # DatasetGenerationError wraps the parser's error
+        raise ValueError(f"Manifest {', '.join(map(repr, files))} cannot be read as {builder}: {cause or type(cause).__name__}") from err
+    if len(dataset) == 0:
+        raise ValueError(f"Manifest {', '.join(map(repr, files))} has no rows.")
+    return dataset
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple)) and not value)
+
+
+def _check_required_values(dataset: datasets.Dataset, spec: TaskSpec, source: str) -> None:
+    """Each row must hold what its task trains on: its media and its response (or, for retrieval, its pair text)."""
+    text_field = spec.response_field or spec.pair_field
+    required = list(spec.media_fields.values()) + ([text_field] if text_field else [])
+    for column in required:
+        for position, value in enumerate(dataset[column]):
+            if _missing(value):
+                row_id = dataset[position]["id"]
+                raise ValueError(
+                    f"{source}, row {position} (id {row_id!r}): no {column!r} value, which task {spec.name!r} needs; "
+                    "fill it in or drop the row."
+                )
+
+
 def load_manifest(
     source: str | os.PathLike | list | datasets.Dataset,
     root: str | os.PathLike | None = None,
@@ -158,17 +232,15 @@ def load_manifest(
         lists in one column (`build_example` parses it).
     """
     if isinstance(source, datasets.Dataset):
-        dataset = source
+        dataset, source_name = source, "Manifest (in-memory dataset)"
     else:
         files = [os.fspath(f) for f in (source if isinstance(source, (list, tuple)) else [source])]
+        source_name = "Manifest " + ", ".join(map(repr, files))
         suffixes = {Path(f).suffix.lower() for f in files}
         if len(suffixes) != 1 or next(iter(suffixes)) not in MANIFEST_BUILDERS:
             raise ValueError(f"Manifest files {files}: expected one format among {sorted(MANIFEST_BUILDERS)}.")
-        for f in files:
-            if not os.path.isfile(f):
-                raise ValueError(f"Manifest {f!r} does not exist.")
         builder = MANIFEST_BUILDERS[suffixes.pop()]
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        dataset = _read_manifest_files(files, builder, cache_dir)
         root = root if root is not None else os.path.dirname(os.path.abspath(files[0]))
     if "id" not in dataset.column_names:
         dataset = dataset.add_column("id", [str(i) for i in range(len(dataset))])
@@ -180,7 +252,9 @@ def load_manifest(
     needed = media_columns + ([c for c in (spec.response_field, spec.pair_field, spec.ctc_field) if c] if spec else [])
     missing = sorted({c for c in needed if c not in dataset.column_names})
     if missing:
-        raise ValueError(f"Manifest has no column(s) {missing} that task {spec.name!r} reads; columns: {dataset.column_names}.")
+        raise ValueError(f"{source_name} has no column(s) {missing} that task {spec.name!r} reads; columns: {dataset.column_names}.")
+    if spec is not None:
+        _check_required_values(dataset, spec, source_name)
     has_paths = media_columns or "messages" in dataset.column_names
     if has_paths and root is None:
         raise ValueError("load_manifest: pass root= (the folder media paths are relative to) for an in-memory Dataset.")
@@ -240,7 +314,9 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
             value = row.get(spec.media_fields[modality]) if modality in spec.media_fields else None
             media[modality] = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
         messages = [{"role": "user", "content": _template_content(spec.prompt, row, media, row_id)}]
-        response = row[spec.response_field] if spec.response_field else None
+        response = row.get(spec.response_field) if spec.response_field else None
+        if spec.response_field and _missing(response):
+            raise ValueError(f"Row {row_id!r}: no {spec.response_field!r} value, which task {spec.name!r} trains on.")
         pair_text = row.get(spec.pair_field) if spec.pair_field else None
         ctc_text = row.get(spec.ctc_field) if spec.ctc_field else None
     if not messages:
@@ -266,14 +342,16 @@ def audio_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 1
     The processor resamples to `sampling_rate` (exactly round(n * target / source) samples), pads clips shorter
     than one FFT window to `n_fft`, and makes `samples // hop_length` frames (Whisper: 100 per second).
     """
-    try:
-        info = soundfile.info(path)
-        samples = round(info.frames * sampling_rate / info.samplerate)
-    except Exception:  # noqa: BLE001 - not a libsndfile format: ask ffmpeg for the duration
-        with av.open(path) as container:
-            stream = container.streams.audio[0]
-            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
-        samples = round(seconds * sampling_rate)
+    with open_media_file(path, f"audio file {path!r}") as source:  # a regular file: a FIFO would block the header read
+        try:
+            info = soundfile.info(source)
+            samples = round(info.frames * sampling_rate / info.samplerate)
+        except Exception:  # noqa: BLE001 - not a libsndfile format: ask ffmpeg for the duration
+            source.seek(0)
+            with av.open(source) as container:
+                stream = container.streams.audio[0]
+                seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
+            samples = round(seconds * sampling_rate)
     return max(samples, n_fft) // hop_length
 
 
@@ -325,7 +403,8 @@ class ExampleEncoder:
         for modality, items in media.items():
             for item in items:
                 if isinstance(item, str) and not os.path.isfile(item):
-                    raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} does not exist.")
+                    problem = "is not a regular file" if os.path.exists(item) else "does not exist"
+                    raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} {problem}.")
         try:
             return self.processor(
                 text=[prompt_text], images=media["image"] or None, audio=media["audio"] or None,

@@ -129,7 +129,7 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
         repeat = entry.get("repeat", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"data entry {entry}: repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
-        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root)
+        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root, task=entry.get("task"))
         if entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
         loaded.append((entry.get("task"), rows))
