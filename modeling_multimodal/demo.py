@@ -61,6 +61,8 @@ class DemoPlan:
     quick: dict
     targets: tuple[tuple[str, float, bool], ...]  # (metric key, goal, higher is better) on the test split
     data: dict = field(default_factory=dict)  # make_demo_data options (image size, ...)
+    rerank_top_k: int = RERANK_TOP_K
+    test_dtype: torch.dtype | None = None  # the reloaded model's dtype for the test split (None: as saved)
 
 
 SCRATCH = DemoPlan(
@@ -108,6 +110,8 @@ PRETRAINED = DemoPlan(
         ("english_nll_increase", 0.05, False),
     ),
     data={"image_size": 128, "video_size": 128},  # the processor's resize edge at 112 px crops: no resampling
+    rerank_top_k=5,  # each candidate pair is a 135M-parameter LM pass
+    test_dtype=torch.bfloat16,  # as trained (bf16 autocast); 2-3x faster than float32 on CPUs with AVX-512 BF16
 )
 PLANS = {plan.name: plan for plan in (PRETRAINED, SCRATCH)}
 TARGETS = SCRATCH.targets  # the from-scratch demo's targets (kept for existing callers)
@@ -177,15 +181,15 @@ def write_stages_report(out: Path, path: Path, overrides: list[str] = (), plan: 
     return write_report(train_history, eval_history, path, title, boundaries)
 
 
-def evaluate_on_test(model_dir: Path, data: Path, num_examples: int = 3) -> tuple[dict, dict]:
+def evaluate_on_test(model_dir: Path, data: Path, num_examples: int | None = 3, plan: DemoPlan = SCRATCH) -> tuple[dict, dict]:
     """Reload the saved model with `from_pretrained` and score it on every test set."""
-    model = MultimodalForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = MultimodalForConditionalGeneration.from_pretrained(model_dir, dtype=plan.test_dtype).eval()
     processor = MultimodalProcessor.from_pretrained(model_dir)
     scores, samples = {}, {}
     for task, manifest in TEST_SETS:
         rows = list(load_manifest(data / manifest, root=data))
         task_scores, task_samples = evaluate_task(
-            model, processor, rows, task, batch_size=32, num_examples=num_examples, rerank_top_k=RERANK_TOP_K
+            model, processor, rows, task, batch_size=32, num_examples=num_examples, rerank_top_k=plan.rerank_top_k
         )
         scores.update({f"{task}/{k}": v for k, v in task_scores.items()})
         scores[f"{task}/num_test_samples"] = len(rows)
@@ -284,7 +288,7 @@ def run_demo(
     timings["train"] = time.perf_counter() - mark
     mark = time.perf_counter()
     model_dir = out / "finetune" / "final"
-    scores, samples = evaluate_on_test(model_dir, data, num_examples=None)
+    scores, samples = evaluate_on_test(model_dir, data, num_examples=None, plan=chosen)
     if chosen is PRETRAINED:
         scores.update(english_nll_change(model_dir, parts["text"]))
         if (Path(parts["audio"]) / "tokenizer_config.json").is_file():  # a whole Whisper, not an encoder alone
@@ -334,7 +338,7 @@ def run_ablation(
         no_eval = {stage: 0 for stage, _ in chosen.stages}
         weights = [*component_overrides(parts), f"other_loss_weight={lam}", f"cross_loss_weight={alpha}"]
         train_demo_model(run_dir, data, {**budget, "eval_steps": no_eval}, weights, chosen)
-        scores, _ = evaluate_on_test(run_dir / "finetune" / "final", data)
+        scores, _ = evaluate_on_test(run_dir / "finetune" / "final", data, plan=chosen)
         rows.append({"run": name, "lambda": lam, "alpha": alpha, **{key: scores.get(key) for key in columns}})
         for stage, _ in chosen.stages[:-1]:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
