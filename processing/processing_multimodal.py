@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
+from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import _get_template_variables, render_jinja_template
 from transformers.video_processing_utils import VideoProcessorMixin
@@ -402,6 +402,28 @@ class MultimodalProcessor(ProcessorMixin):
             output["text_replacement_offsets"] = offsets
         return output
 
+    def _mel_frames(self, num_samples: int) -> int:
+        """Log-mel frames of a clip of `num_samples` samples at the feature extractor's rate."""
+        return max(num_samples, self.feature_extractor.n_fft) // self.feature_extractor.hop_length
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
+
+        image_sizes: (height, width) per image; video_sizes: (frames, height, width) per video (every image and
+        video is resized to the tower's crop and sampled to the layout's frame count, so only their number matters);
+        audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
+        as truncated).
+        """
+        layout, data = self.layout, {}
+        if image_sizes is not None:
+            data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        if video_sizes is not None:
+            data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
+        if audio_lengths is not None:
+            frames = [min(self._mel_frames(n), layout.max_audio_mel_frames()) for n in audio_lengths]
+            data["num_audio_tokens"] = [layout.audio_tokens(count) for count in frames]
+        return MultiModalData(**data)
+
     def _known_kwargs(self) -> set[str]:
         """Every flat or grouped argument `__call__` routes (the TypedDicts and the components' `valid_kwargs`)."""
         known = set(MultimodalProcessorKwargs.__annotations__) | {"common_kwargs"}
@@ -495,7 +517,7 @@ class MultimodalProcessor(ProcessorMixin):
                     samples = load_audio(item, sampling_rate, extractor.sampling_rate)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from err
-                frames = max(len(samples), extractor.n_fft) // extractor.hop_length
+                frames = self._mel_frames(len(samples))
                 if frames > max_frames:
                     seconds, limit = len(samples) / extractor.sampling_rate, max_frames * extractor.hop_length
                     message = (
