@@ -16,6 +16,12 @@ AutoModel.register(MultimodalConfig, MultimodalModel, exist_ok=True)
 AutoModelForImageTextToText.register(MultimodalConfig, MultimodalForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(MultimodalConfig, MultimodalForConditionalGeneration, exist_ok=True)
 register_processors()
+# Registered for their Auto classes as transformers' remote-code classes are, so a plain `save_pretrained` writes the
+# flattened code and `auto_map` next to the weights (see `hub.code_saved_flat`).
+MultimodalConfig.register_for_auto_class()
+MultimodalModel.register_for_auto_class("AutoModel")
+MultimodalForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+MultimodalProcessor.register_for_auto_class()
 
 __all__ = [
     "MediaTokenLayout",

@@ -146,6 +146,17 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
+        the folder also carries the flattened code and `auto_map`, so `trust_remote_code=True` loads it where the
+        package is not installed (`hub.code_saved_flat`)."""
+        try:
+            hub = importlib.import_module("modeling_multimodal.hub")
+        except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with hub.code_saved_flat(self, save_directory, kwargs.get("is_main_process", True)):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if getattr(module, "_torch_default_init", False):  # see projectors.keep_torch_default_init
