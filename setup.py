@@ -54,6 +54,6 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "trl==1.16.0"]},
     entry_points={"console_scripts": ["modeling-multimodal=modeling_multimodal.cli:main"]},
 )

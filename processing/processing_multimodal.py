@@ -24,6 +24,7 @@ Outputs (names of the model's `forward` arguments):
 """
 
 import bisect
+import importlib
 import re
 
 import numpy as np
@@ -168,6 +169,16 @@ class MultimodalProcessor(ProcessorMixin):
                     f"tokenizer.add_special_tokens(...) and resize the model's embeddings"
                 )
             self.media_token_ids[kind] = token_id
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `ProcessorMixin.save_pretrained`, writing the flattened code and `auto_map` as the model does
+        (`MultimodalPreTrainedModel.save_pretrained`)."""
+        try:
+            hub = importlib.import_module("modeling_multimodal.hub")
+        except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with hub.code_saved_flat(self, save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def check_argument_for_proper_class(self, argument_name, argument):
         """transformers 5.24 looks the video base class up through a torchvision-gated mapping; check it directly."""
@@ -730,10 +741,11 @@ class MultimodalProcessor(ProcessorMixin):
                 f"conversation {index}, message {position}: unknown content type {kind!r}; "
                 f"expected 'text', 'image', 'audio' or 'video'"
             )
-        value = item.get(kind, item.get("path", item.get("url")))
+        # the first key that holds a value: `datasets` gives every content item every key, None where unused
+        value = next((item[key] for key in (kind, "path", "url") if item.get(key) is not None), None)
         if value is None:
             raise ValueError(f"conversation {index}, message {position}: a {kind} item needs a {kind!r} (or 'path') value")
-        if kind == "audio" and "sampling_rate" in item and not isinstance(value, dict):
+        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
             value = {"array": value, "sampling_rate": item["sampling_rate"]}
         found[kind].append(value)
         return self.placeholder(kind)
