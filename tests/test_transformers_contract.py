@@ -173,3 +173,13 @@ def test_features_accept_return_dict_and_output_hidden_states(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(model(input_ids=ids, cache=DynamicCache(config=model.config.text_config)).logits, torch.Tensor)
+
+
+def test_static_cache_generation_equals_dynamic(model):
+    """Static cache holds (`cache_implementation="static"`). `torch.compile` is not declared (`_can_compile_fullgraph`
+    stays False): the prefill's placeholder checks read counts on the host."""
+    batch = collate([sample(model, images=1, audios=(100,)), sample(model, videos=1)])
+    dynamic = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    static = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    assert not model._can_compile_fullgraph
