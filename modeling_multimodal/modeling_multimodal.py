@@ -490,11 +490,12 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.model.language_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=output_hidden_states
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._encoder_output_flags(output_hidden_states, kwargs)
         )
         pooled = self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
         output = BaseModelOutputWithPooling(
-            last_hidden_state=hidden.last_hidden_state, pooler_output=pooled, hidden_states=hidden.hidden_states
+            last_hidden_state=hidden.last_hidden_state, pooler_output=pooled, hidden_states=hidden.hidden_states,
+            attentions=hidden.attentions,
         )
         return output if self._wants_dict(return_dict) else output.to_tuple()
 
@@ -522,11 +523,20 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
     def _wants_dict(self, return_dict: bool | None) -> bool:
         return return_dict if return_dict is not None else self.config.return_dict
 
-    def _vision_hidden_states(self, pixel_values: torch.Tensor, output_hidden_states: bool | None):
-        """The vision tower's hidden states for `output_hidden_states=True` (the features do not depend on them)."""
-        if not output_hidden_states:
-            return None
-        return self.model.vision_tower(pixel_values=pixel_values.to(self.model.vision_tower.dtype), output_hidden_states=True).hidden_states
+    def _encoder_output_flags(self, output_hidden_states: bool | None, kwargs: dict) -> dict:
+        """`output_hidden_states` / `output_attentions` from the call, else from the config (as transformers' models)."""
+        return {
+            "output_hidden_states": self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            "output_attentions": kwargs.get("output_attentions", self.config.output_attentions),
+        }
+
+    def _vision_tower_states(self, pixel_values: torch.Tensor, output_hidden_states: bool | None, kwargs: dict) -> dict:
+        """The vision tower's `hidden_states` / `attentions` when asked for (the features do not depend on them)."""
+        flags = self._encoder_output_flags(output_hidden_states, kwargs)
+        if not any(flags.values()):
+            return {}
+        outputs = self.model.vision_tower(pixel_values=pixel_values.to(self.model.vision_tower.dtype), **flags)
+        return {"hidden_states": outputs.hidden_states, "attentions": outputs.attentions}
 
     def get_image_features(
         self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs
@@ -534,7 +544,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         """(n, 3, H, W) -> `last_hidden_state` (n, image_tokens, d) LM-ready, `pooler_output` (n, contrastive_dim)."""
         features = MediaFeaturesOutput(
             last_hidden_state=self.model.encode_images(pixel_values),
-            hidden_states=self._vision_hidden_states(pixel_values, output_hidden_states),
+            **self._vision_tower_states(pixel_values, output_hidden_states, kwargs),
         )
         return self._media_features_output(features, return_dict)
 
@@ -547,7 +557,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         """
         features = MediaFeaturesOutput(
             last_hidden_state=self.model.encode_videos(pixel_values_videos),
-            hidden_states=self._vision_hidden_states(pixel_values_videos.flatten(0, 1), output_hidden_states),
+            **self._vision_tower_states(pixel_values_videos.flatten(0, 1), output_hidden_states, kwargs),
         )
         return self._media_features_output(features, return_dict)
 
@@ -566,7 +576,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         """
         clips, states, _ = self.model.encode_audio(input_features, input_features_mask)
         features = padded_features(clips)
-        if output_hidden_states:
+        if self._encoder_output_flags(output_hidden_states, kwargs)["output_hidden_states"]:
             features.hidden_states = (states,)
         return self._media_features_output(features, return_dict)
 

@@ -183,3 +183,15 @@ def test_static_cache_generation_equals_dynamic(model):
     static = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(static, dynamic)
     assert not model._can_compile_fullgraph
+
+
+def test_features_follow_the_configs_output_flags():
+    """`config.output_hidden_states` / `output_attentions` apply when the call does not say (transformers' rule)."""
+    model = build_model()
+    model.config.output_hidden_states = True
+    pixels = torch.randn(1, 3, 32, 32)
+    assert len(model.get_image_features(pixels).hidden_states) == model.config.vision_config.num_hidden_layers + 1
+    assert model.get_image_features(pixels, output_hidden_states=False).hidden_states is None
+    model.set_attn_implementation("eager")
+    attentions = model.get_text_features(torch.tensor([TEXT[:4]]), output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape[-1] == 4
