@@ -127,7 +127,7 @@ class MultimodalProcessor(ProcessorMixin):
 
     valid_processor_kwargs = MultimodalProcessorKwargs
     # Defaults, lowest priority (the tokenizer's own init kwargs and the call's arguments override them).
-    text_kwargs = {"padding": True, "add_special_tokens": True, "return_tensors": "pt"}
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
 
     def __init__(
         self,
@@ -614,9 +614,10 @@ class MultimodalProcessor(ProcessorMixin):
         A message is `{"role": "system" | "user" | "assistant", "content": str | list}` (or a message object with
         those fields); content items are `{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`,
         `{"type": "audio", "audio": ...}` (optionally with "sampling_rate") or `{"type": "video", "video": ...}`
-        (any form `__call__` accepts; "path" or "url" works as the key too). A list content is given to the template
-        as one string, its items joined by spaces and each media item written as its placeholder (`<image>` ...),
-        so any text LM's template (ChatML and the like) places the media inside its own turns.
+        (any form `__call__` accepts; "path" or "url" works as the key too). Templates that read a message's content
+        as a list of typed items (`DEFAULT_CHAT_TEMPLATE`, VLM templates) get the items; templates that read it as
+        one string (a text LM's own: ChatML and the like) get the items joined by spaces, each media item written as
+        its placeholder (`<image>` ...), so the media land inside the template's own turns.
 
         The template is the processor's `chat_template`: the tokenizer's own when it has one, else
         `DEFAULT_CHAT_TEMPLATE` (`role: content</s>\n` per message, `assistant:` as generation prompt); pass
@@ -677,6 +678,7 @@ class MultimodalProcessor(ProcessorMixin):
     def _render(self, conversations, render: dict, with_spans: bool):
         """Rendered texts, assistant character spans (before placeholder expansion, which happens later), media per sample."""
         media = {kind: [] for kind in MODALITIES}
+        structured = self._takes_structured_content(render["template"])
         flattened = []
         for index, messages in enumerate(conversations):
             found = {kind: [] for kind in MODALITIES}
@@ -686,7 +688,9 @@ class MultimodalProcessor(ProcessorMixin):
                     raise ValueError(f"conversation {index}, message {position}: expected {{'role': ..., 'content': ...}}")
                 content = message["content"]
                 if not isinstance(content, str):
-                    content = " ".join(self._content_item(index, position, item, found) for item in content)
+                    content = [self._content_item(index, position, item, found) for item in content]
+                    if not structured:
+                        content = " ".join(item["text"] if item["type"] == "text" else self.placeholder(item["type"]) for item in content)
                 clean.append({**message, "content": content})
             flattened.append(clean)
             for kind in MODALITIES:
@@ -731,11 +735,27 @@ class MultimodalProcessor(ProcessorMixin):
             spans.append((len(prompt), len(upto.rstrip())))
         return spans
 
-    def _content_item(self, index: int, position: int, item, found: dict) -> str:
-        """A content item as the text the template receives: its text, or its modality's placeholder (media kept)."""
+    def _takes_structured_content(self, template: str) -> bool:
+        """Whether `template` reads a message's content as a list of typed items rather than as one string.
+
+        Probed by rendering a one-item list: a string template prints the list's repr (or fails on it).
+        """
+        probe = "probe-7f3a"
+        try:
+            (rendered,), _ = render_jinja_template(
+                conversations=[[{"role": "user", "content": [{"type": "text", "text": probe}]}]],
+                chat_template=template,
+                **self.tokenizer.special_tokens_map,
+            )
+        except Exception:  # a template that cannot take a list (e.g. `content | trim`) takes strings
+            return False
+        return probe in rendered and "'type'" not in rendered
+
+    def _content_item(self, index: int, position: int, item, found: dict) -> dict:
+        """A content item as the template receives it (its media payload collected into `found`)."""
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text":
-            return item.get("text", "")
+            return {**item, "text": item.get("text") or ""}
         if kind not in MODALITIES:
             raise ValueError(
                 f"conversation {index}, message {position}: unknown content type {kind!r}; "
@@ -748,7 +768,7 @@ class MultimodalProcessor(ProcessorMixin):
         if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
             value = {"array": value, "sampling_rate": item["sampling_rate"]}
         found[kind].append(value)
-        return self.placeholder(kind)
+        return {**item, "type": kind}
 
     @staticmethod
     def _assistant_masks(token_offsets, expansions, attention_mask, spans) -> torch.Tensor:

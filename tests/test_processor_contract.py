@@ -154,3 +154,14 @@ def test_assistant_mask_refuses_a_template_that_is_not_prefix_stable():
     processor = chatml_processor(chat_template=template)
     with pytest.raises(ValueError, match="conversation 0, message 1: the chat template does not render"):
         processor.apply_chat_template(CONVERSATION[:2], tokenize=True, return_assistant_tokens_mask=True)
+
+
+def test_a_template_that_reads_content_items_gets_them(processor):
+    """VLM-style templates iterate over typed items (transformers' common test); string templates get the flat text."""
+    template = (
+        "{% for message in messages %}{{ message.role }}:"
+        "{% for block in message.content %} {{ block.type }}={{ block.url or block.text }}{% endfor %}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}}, {"type": "text", "text": "what is this?"}]}]
+    assert processor.apply_chat_template(messages, chat_template=template) == "user: image=cat.png text=what is this?"
+    assert chatml_processor().apply_chat_template(messages) == "<|im_start|>user\n<image> what is this?<|im_end|>\n"
