@@ -55,7 +55,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0"],
         # Converters of the shipped real weights (GGUF, ONNX) and the runtimes their parity tests compare with.
         "convert": ["gguf>=0.17,<1", "onnx>=1.17,<2", "ctranslate2>=4.5,<5", "onnxruntime>=1.20,<2"],
     },

@@ -158,7 +158,8 @@ def _generate(args):
     model, processor = _load_checkpoint(_checkpoint(args.checkpoint))
     content = [{"type": kind, kind: path} for kind in ("image", "audio", "video") for path in getattr(args, kind) or []]
     content.append({"type": "text", "text": args.prompt})
-    inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
+    messages = [{"role": "user", "content": content}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip())
 

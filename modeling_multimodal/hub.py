@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.resources import files as package_files
 from pathlib import Path
@@ -491,6 +491,25 @@ def save_custom_code(save_directory: str | Path) -> list[str]:
     for file_name, text in files.items():
         (save_directory / file_name).write_text(text, encoding="utf-8")
     return sorted(files)
+
+
+@contextmanager
+def code_saved_flat(obj: Any, save_directory: str | Path, is_main_process: bool = True) -> Iterator[None]:
+    """Around `save_pretrained` of a class registered with `register_for_auto_class` (the package registers its
+    config, models and processor on import): the folder gets the flattened code and `auto_map` (`save_custom_code`)
+    instead of transformers' copy of our modules as they are, whose package-relative imports (`from .configuration
+    import ...`) do not resolve in a flat folder. Unregistered objects save as usual."""
+    registered = [cls for cls in (type(obj), type(getattr(obj, "config", None))) if cls.__dict__.get("_auto_class")]
+    auto_classes = {cls: cls._auto_class for cls in registered}
+    for cls in registered:  # transformers copies module files only for classes with an _auto_class
+        cls._auto_class = None
+    try:
+        yield
+    finally:
+        for cls, auto_class in auto_classes.items():
+            cls._auto_class = auto_class
+    if type(obj) in auto_classes and is_main_process:
+        save_custom_code(save_directory)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def labelled_lm_loss(
     lm_head: nn.Module,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 4096,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy over positions whose (shifted) label is not -100.
 
@@ -35,10 +36,13 @@ def labelled_lm_loss(
     labelled positions, `chunk_size` rows at a time. The sum is divided by `num_items_in_batch` when
     given (the labelled tokens of a whole accumulation window across ranks, so that gradient
     accumulation and data parallelism weigh every token equally), else by this batch's count.
+    `shift_labels` (batch, seq), already aligned with `hidden_states` (sequence / context parallelism, where a
+    chunk's last target is the next chunk's first token), are used as they are instead of shifting `labels`.
     """
-    shift_labels = labels[:, 1:]
+    if shift_labels is None:
+        shift_labels, hidden_states = labels[:, 1:], hidden_states[:, :-1]
     keep = shift_labels != IGNORE_INDEX
-    hidden = hidden_states[:, :-1][keep]  # (n_labelled, d)
+    hidden = hidden_states[keep]  # (n_labelled, d)
     targets = shift_labels[keep]
     if targets.numel() == 0:
         return hidden_states.sum() * 0.0

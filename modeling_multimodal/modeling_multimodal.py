@@ -1,14 +1,17 @@
 """MultimodalModel / MultimodalForConditionalGeneration: images, video and audio into any causal LM.
 
 The merge follows LLaVA in three steps per modality: `encode_<modality>` (tower → pool → projector),
-`check_placeholder_counts` (per sample, raising a `ValueError` that names the sample and both counts),
-then `masked_scatter` into the token embeddings. What is unusual here:
+`get_placeholder_mask` (from `input_ids`, or by comparing `inputs_embeds` with the placeholder's embedding;
+counts checked per sample, a `ValueError` naming the sample and both counts), then `masked_scatter` into
+the token embeddings. The checks that read values on the host run at prefill only, never per decode step.
+What is unusual here:
 - audio runs at the clip's own length (see `encoders.encode_audio`), so its cost follows the clip;
 - video frames go through the vision tower, then temporal and spatial pooling;
 - the loss is `L_text + λ·L_other + α·L_cross`, each term returned on its own, and `L_text` computes
   logits only at labelled positions (`return_logits=False` skips the full logits entirely);
-- `get_{text,image,audio,video}_features` return L2-normalised embeddings of the shared retrieval space
-  (as CLIP does), not the per-token features the LM receives (those are `encode_*`).
+- `get_{text,image,audio,video}_features` return a `BaseModelOutputWithPooling` holding both meanings
+  transformers gives the name: `last_hidden_state` the LM-ready per-token features (LLaVA's),
+  `pooler_output` the L2-normalised embedding of the shared retrieval space (CLIP's).
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MultimodalConfig
 from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
@@ -31,12 +41,43 @@ from .projectors import MultiModalProjector, pool_patch_grid, pool_time
 from .vision_stem import use_conv_stem
 
 
+class _MediaHiddenStates:
+    """`image_hidden_states` / `video_hidden_states` / `audio_hidden_states`: the LM-ready features of each item.
+
+    Names as LLaVA and Qwen2-Audio outputs give them; the full encoder outputs are `<modality>_outputs`.
+    """
+
+    @property
+    def image_hidden_states(self) -> torch.Tensor | None:
+        return None if self.image_outputs is None else self.image_outputs.last_hidden_state
+
+    @property
+    def video_hidden_states(self) -> torch.Tensor | None:
+        return None if self.video_outputs is None else self.video_outputs.last_hidden_state
+
+    @property
+    def audio_hidden_states(self) -> torch.Tensor | None:
+        return None if self.audio_outputs is None else self.audio_outputs.last_hidden_state
+
+
 @dataclass
-class MultimodalModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+class MediaFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    What `get_<modality>_features` return, and each `<modality>_outputs` entry of the model's outputs.
+
+    last_hidden_state: (n, tokens, text_hidden) the LM-ready projected features of each item (what the LM reads
+        at its placeholders; audio clips are right-padded to the longest, see `feature_mask`).
+    pooler_output: (n, contrastive_dim) the L2-normalised retrieval embedding (from `get_*_features` only: it
+        takes a media-only LM pass, which `forward` does not run).
+    hidden_states: the encoder's hidden states when `output_hidden_states=True` (vision tower, or the LM for text).
+    feature_mask: (n, tokens) 1 on each item's real tokens.
+    """
+
+    feature_mask: torch.Tensor | None = None
+
+
+@dataclass
+class MultimodalModelOutput(_MediaHiddenStates, MultimodalBaseModelOutputWithPast):
     media_mask: torch.Tensor | None = None  # (batch, seq) True at every media placeholder
     inputs_embeds: torch.Tensor | None = None  # (batch, seq, d) the LM's input, media features merged in
     audio_encoder_states: torch.Tensor | None = None  # (n_audios, positions, d) before pooling
@@ -44,15 +85,10 @@ class MultimodalModelOutput(ModelOutput):
 
 
 @dataclass
-class MultimodalCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
+class MultimodalCausalLMOutput(_MediaHiddenStates, MultimodalCausalLMOutputWithPast):
     loss_text: torch.Tensor | None = None
     loss_other: torch.Tensor | None = None
     loss_cross: torch.Tensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], tokens_per_item: list[int]) -> None:
@@ -81,6 +117,27 @@ def _has_trainable_parameters(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
+def padded_features(items: list[torch.Tensor]) -> MediaFeaturesOutput:
+    """Items of different lengths [(tokens_i, d)] as `last_hidden_state` (n, max_tokens, d) and `feature_mask`."""
+    longest = max(item.shape[0] for item in items)
+    stacked = torch.stack([F.pad(item, (0, 0, 0, longest - item.shape[0])) for item in items])
+    lengths = torch.tensor([item.shape[0] for item in items], device=stacked.device)
+    mask = (torch.arange(longest, device=stacked.device) < lengths[:, None]).long()
+    return MediaFeaturesOutput(last_hidden_state=stacked, feature_mask=mask)
+
+
+def tokens_per_item(features: MediaFeaturesOutput) -> list[int]:
+    """Each item's number of LM tokens (all equal unless a `feature_mask` says otherwise)."""
+    if features.feature_mask is None:
+        return [features.last_hidden_state.shape[1]] * features.last_hidden_state.shape[0]
+    return features.feature_mask.sum(-1).tolist()
+
+
+def item_features(features: MediaFeaturesOutput) -> list[torch.Tensor]:
+    """Each item's real tokens [(tokens_i, d)]."""
+    return [hidden[:count] for hidden, count in zip(features.last_hidden_state, tokens_per_item(features))]
+
+
 class MultimodalPreTrainedModel(PreTrainedModel):
     config_class = MultimodalConfig
     config: MultimodalConfig
@@ -94,6 +151,17 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
     # A checkpoint trained with λ > 0 carries auxiliary heads that a model loaded with λ = 0 does not build.
     _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\."]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
+        the folder also carries the flattened code and `auto_map`, so `trust_remote_code=True` loads it where the
+        package is not installed (`hub.code_saved_flat`)."""
+        try:
+            hub = importlib.import_module("modeling_multimodal.hub")
+        except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with hub.code_saved_flat(self, save_directory, kwargs.get("is_main_process", True)):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -205,20 +273,55 @@ class MultimodalModel(MultimodalPreTrainedModel):
         return [projected[i, :count] for i, count in enumerate(token_counts.tolist())], states, positions
 
     # --- merge ------------------------------------------------------------------------------------
-    def _merge(self, input_ids, inputs_embeds, modality, token_id, item_features, is_prefill):
-        """Write each item's features at its sample's placeholders, after checking the counts."""
-        mask = input_ids == token_id  # (batch, seq)
-        if item_features is None:
-            if is_prefill and mask.any():
-                raise ValueError(
-                    f"input_ids contain <{modality}> placeholders (samples "
-                    f"{mask.any(-1).nonzero().flatten().tolist()}) but no {modality} inputs were given."
-                )
-            return inputs_embeds
-        check_placeholder_counts(modality, mask.sum(-1).tolist(), [f.shape[0] for f in item_features])
-        features = torch.cat(list(item_features)).to(inputs_embeds.device, inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(mask[..., None], features)
+    def encode_media(self, pixel_values=None, pixel_values_videos=None, input_features=None, input_features_mask=None):
+        """{modality: MediaFeaturesOutput} of the media given (LM-ready features, no retrieval pooling), and the
+        audio encoder's states (n, positions, d) and positions per clip (None without audio), for the CTC head."""
+        outputs, audio_states, audio_positions = {}, None, None
+        if pixel_values is not None:
+            outputs["image"] = MediaFeaturesOutput(last_hidden_state=self.encode_images(pixel_values))
+        if pixel_values_videos is not None:
+            outputs["video"] = MediaFeaturesOutput(last_hidden_state=self.encode_videos(pixel_values_videos))
+        if input_features is not None:
+            clips, audio_states, audio_positions = self.encode_audio(input_features, input_features_mask)
+            outputs["audio"] = padded_features(clips)
+        return outputs, audio_states, audio_positions
 
+    def get_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        modality: str,
+        tokens_per_item: list[int] | None = None,
+    ) -> torch.Tensor:
+        """(batch, seq) True at the `<modality>` placeholders; with `tokens_per_item`, counts checked per sample.
+
+        Without `input_ids` the placeholders are found as LLaVA finds them: positions whose embedding equals the
+        placeholder token's. The count check reads the counts on the host, so it runs only where features are
+        merged (prefill), never on a decode step.
+        """
+        token_id = getattr(self.config, f"{modality}_token_id")
+        if input_ids is not None:
+            mask = input_ids == token_id
+        else:
+            placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
+        if tokens_per_item is not None:
+            check_placeholder_counts(modality, mask.sum(-1).tolist(), tokens_per_item)
+        return mask
+
+    def _check_token_ids(self, input_ids: torch.LongTensor) -> None:
+        """A `ValueError` naming the sample and position of an id outside the embedding table (else an index error)."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if outside.any():
+            sample, position = outside.nonzero()[0].tolist()
+            raise ValueError(
+                f"input_ids[{sample}, {position}] = {int(input_ids[sample, position])} is outside the vocabulary "
+                f"(0..{vocab_size - 1}); was the text tokenized with this model's tokenizer?"
+            )
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -232,17 +335,19 @@ class MultimodalModel(MultimodalPreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         skip_language_model: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalModelOutput:
         r"""
+        Merge the media features into the token embeddings at their placeholders and run the LM.
+
+        input_ids / inputs_embeds: exactly one. With `inputs_embeds`, the placeholders are the positions holding
+            the placeholder token's embedding (LLaVA's convention), so `generate(inputs_embeds=..., pixel_values=...)` works.
+        cache: the KV cache (`past_key_values` is accepted with a deprecation warning).
         skip_language_model: encode and merge the media but do not run the LM (`last_hidden_state` is None):
             what the auxiliary heads need when only the encoders train (stage `encoders`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        has_media = pixel_values is not None or pixel_values_videos is not None or input_features is not None
-        if has_media and input_ids is None:
-            raise ValueError("Media inputs need input_ids, whose placeholders say where the media go.")
         for name, value, tower in (
             ("pixel_values", pixel_values, self.vision_tower),
             ("pixel_values_videos", pixel_values_videos, self.vision_tower if self.config.video_token_id is not None else None),
@@ -252,27 +357,41 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 raise ValueError(f"{name} was given but this model has no tower for it (config.modalities={self.config.modalities}).")
 
         is_prefill = cache is None or cache.get_seq_length() == 0
-        media_mask = None
-        audio_states = audio_positions = None
         if input_ids is not None:
+            if is_prefill:
+                self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            media = {}
-            if pixel_values is not None:
-                media["image"] = list(self.encode_images(pixel_values))
-            if pixel_values_videos is not None:
-                media["video"] = list(self.encode_videos(pixel_values_videos))
-            if input_features is not None:
-                media["audio"], audio_states, audio_positions = self.encode_audio(input_features, input_features_mask)
-            media_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            for modality in self.config.modalities:
-                token_id = getattr(self.config, f"{modality}_token_id")
-                inputs_embeds = self._merge(input_ids, inputs_embeds, modality, token_id, media.get(modality), is_prefill)
-                media_mask |= input_ids == token_id
+        encoder_outputs, audio_states, audio_positions = self.encode_media(
+            pixel_values, pixel_values_videos, input_features, input_features_mask
+        )
+        # Masks first, from the embeddings before any merge (an `inputs_embeds` search must see the placeholders).
+        masks = {}
+        for modality in self.config.modalities:
+            features = encoder_outputs.get(modality)
+            counts = None if features is None else tokens_per_item(features)
+            masks[modality] = self.get_placeholder_mask(input_ids, inputs_embeds, modality, counts)
+            if features is None and is_prefill and masks[modality].any():
+                raise ValueError(
+                    f"input_ids contain <{modality}> placeholders (samples "
+                    f"{masks[modality].any(-1).nonzero().flatten().tolist()}) but no {modality} inputs were given."
+                )
+        media_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        for modality, mask in masks.items():
+            media_mask |= mask
+            if modality in encoder_outputs:
+                flat = torch.cat(item_features(encoder_outputs[modality]))  # (tokens of all items, d)
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], flat.to(inputs_embeds.device, inputs_embeds.dtype))
 
+        media_outputs = {f"{modality}_outputs": value for modality, value in encoder_outputs.items()}
+        extras = dict(
+            media_mask=media_mask,
+            inputs_embeds=inputs_embeds,
+            audio_encoder_states=audio_states,
+            audio_positions=audio_positions,
+            **media_outputs,
+        )
         if skip_language_model:
-            return MultimodalModelOutput(
-                media_mask=media_mask, inputs_embeds=inputs_embeds, audio_encoder_states=audio_states, audio_positions=audio_positions
-            )
+            return MultimodalModelOutput(**extras)
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # Left padding: positions count real tokens only, so a sample's output does not depend on its batch.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
@@ -283,6 +402,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return MultimodalModelOutput(
@@ -290,10 +410,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            media_mask=media_mask,
-            inputs_embeds=inputs_embeds,
-            audio_encoder_states=audio_states,
-            audio_positions=audio_positions,
+            **extras,
         )
 
 
@@ -365,13 +482,28 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         self.train(was_training)
         return unused
 
-    # --- retrieval embeddings -----------------------------------------------------------------------
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Text-only LM pass, mean-pooled over real tokens, projected and L2-normalised: (n, contrastive_dim)."""
+    # --- features: LM-ready per-token features and retrieval embeddings ----------------------------------
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Text-only LM pass: `last_hidden_state` (n, seq, d) the LM's last hidden states, `pooler_output`
+        (n, contrastive_dim) their mean over real tokens, projected and L2-normalised (the retrieval embedding)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
+        hidden = self.model.language_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._encoder_output_flags(output_hidden_states, kwargs)
+        )
+        pooled = self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=hidden.last_hidden_state, pooler_output=pooled, hidden_states=hidden.hidden_states,
+            attentions=hidden.attentions,
+        )
+        return output if self._wants_dict(return_dict) else output.to_tuple()
 
     def get_media_features(self, media_tokens: list[torch.Tensor]) -> torch.Tensor:
         """Media-only LM pass over each item's projected tokens (n_i, d), mean-pooled, projected, L2-normalised.
@@ -390,20 +522,84 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         hidden = self.model.language_model(inputs_embeds=padded, attention_mask=mask.long(), use_cache=False)
         return self.retrieval_head.embed_media(masked_mean(hidden.last_hidden_state, mask))
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) -> (n, contrastive_dim), L2-normalised."""
-        return self.get_media_features(list(self.model.encode_images(pixel_values)))
+    def _media_features_output(self, features: MediaFeaturesOutput, return_dict: bool | None):
+        features.pooler_output = self.get_media_features(item_features(features))
+        return features if self._wants_dict(return_dict) else features.to_tuple()
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """(n, frames, 3, H, W) -> (n, contrastive_dim), L2-normalised."""
-        return self.get_media_features(list(self.model.encode_videos(pixel_values_videos)))
+    def _wants_dict(self, return_dict: bool | None) -> bool:
+        return return_dict if return_dict is not None else self.config.return_dict
 
-    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None):
-        """(n, n_mels, T) -> (n, contrastive_dim), L2-normalised."""
-        clips, _, _ = self.model.encode_audio(input_features, input_features_mask)
-        return self.get_media_features(list(clips))
+    def _encoder_output_flags(self, output_hidden_states: bool | None, kwargs: dict) -> dict:
+        """`output_hidden_states` / `output_attentions` from the call, else from the config (as transformers' models)."""
+        return {
+            "output_hidden_states": self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            "output_attentions": kwargs.get("output_attentions", self.config.output_attentions),
+        }
+
+    def _vision_tower_states(self, pixel_values: torch.Tensor, output_hidden_states: bool | None, kwargs: dict) -> dict:
+        """The vision tower's `hidden_states` / `attentions` when asked for (the features do not depend on them)."""
+        flags = self._encoder_output_flags(output_hidden_states, kwargs)
+        if not any(flags.values()):
+            return {}
+        outputs = self.model.vision_tower(pixel_values=pixel_values.to(self.model.vision_tower.dtype), **flags)
+        return {"hidden_states": outputs.hidden_states, "attentions": outputs.attentions}
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs
+    ) -> MediaFeaturesOutput | tuple:
+        """(n, 3, H, W) -> `last_hidden_state` (n, image_tokens, d) LM-ready, `pooler_output` (n, contrastive_dim)."""
+        features = MediaFeaturesOutput(
+            last_hidden_state=self.model.encode_images(pixel_values),
+            **self._vision_tower_states(pixel_values, output_hidden_states, kwargs),
+        )
+        return self._media_features_output(features, return_dict)
+
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs
+    ) -> MediaFeaturesOutput | tuple:
+        """(n, frames, 3, H, W) -> `last_hidden_state` (n, video_tokens, d), `pooler_output` (n, contrastive_dim).
+
+        `hidden_states` (with `output_hidden_states=True`) are the vision tower's over all frames (n * frames, ...).
+        """
+        features = MediaFeaturesOutput(
+            last_hidden_state=self.model.encode_videos(pixel_values_videos),
+            **self._vision_tower_states(pixel_values_videos.flatten(0, 1), output_hidden_states, kwargs),
+        )
+        return self._media_features_output(features, return_dict)
+
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MediaFeaturesOutput | tuple:
+        """(n, n_mels, T) -> `last_hidden_state` (n, max_tokens, d) right-padded with `feature_mask`, `pooler_output`.
+
+        The audio pass follows each clip's length and keeps only the selected encoder layer, so `hidden_states`
+        holds that layer alone: (n, positions, audio_d), padded past each clip's positions.
+        """
+        clips, states, _ = self.model.encode_audio(input_features, input_features_mask)
+        features = padded_features(clips)
+        if self._encoder_output_flags(output_hidden_states, kwargs)["output_hidden_states"]:
+            features.hidden_states = (states,)
+        return self._media_features_output(features, return_dict)
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media.
+
+        transformers runs an assistant model's first pass (assisted decoding) with `is_first_iteration=False`,
+        which would drop `pixel_values` & co. and leave the assistant placeholders without media.
+        """
+        is_first_iteration = is_first_iteration or cache is None or cache.get_seq_length() == 0
+        return super().prepare_inputs_for_generation(
+            input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
 
     # --- forward ------------------------------------------------------------------------------------
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -416,6 +612,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         ctc_labels: torch.LongTensor | None = None,
         pair_input_ids: torch.LongTensor | None = None,
         pair_attention_mask: torch.Tensor | None = None,
@@ -433,6 +630,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
     ) -> MultimodalCausalLMOutput:
         r"""
         labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media).
+        shift_labels: (batch, seq) targets already shifted (position t predicts shift_labels[:, t]), as transformers'
+            losses take them under sequence / context parallelism; used instead of shifting `labels`.
         ctc_labels: (n_audios, max_len) transcript token ids of each clip, -100 padded (`L_other`).
         pair_input_ids / pair_attention_mask: (n_samples, pair_len) the text paired with each sample's media
             (caption, transcript) for `L_cross`; all-padding rows take no part.
@@ -450,6 +649,13 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         skip_language_model: run only the encoders, projectors and auxiliary heads: the loss is `λ·L_other`
             alone (no logits, `L_text` or `L_cross`, which need the LM). Used by the `encoders` stage.
         """
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            if targets is not None and targets.shape != length:
+                raise ValueError(
+                    f"{name} has shape {tuple(targets.shape)} but the inputs are {tuple(length)} (batch, seq); "
+                    f"{name} must hold one target per input position (-100 where no loss is taken)."
+                )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -462,6 +668,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             input_features_mask=input_features_mask,
             use_cache=use_cache,
             skip_language_model=skip_language_model,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -470,8 +677,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss_text = loss_other = loss_cross = None
-        if labels is not None and not skip_language_model:
-            loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
+        if (labels is not None or shift_labels is not None) and not skip_language_model:
+            loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch, shift_labels=shift_labels)
         heads = self.auxiliary_heads
         wants_bow = self.config.other_loss_weight > 0 and "media_bow" in heads
         wants_cross = self.config.cross_loss_weight > 0 and not skip_language_model
@@ -518,6 +725,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            audio_outputs=outputs.audio_outputs,
         )
 
     def _media_text_pairs(self, outputs, pair_input_ids, pair_attention_mask, segment_ids):
@@ -551,7 +761,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         """InfoNCE between each sample's media (media-only LM pass) and its paired text (text-only LM pass)."""
         media_embeds = self.get_media_features(tokens)
         if tokens:
-            text_embeds = self.get_text_features(pair_input_ids, pair_attention_mask)
+            text_embeds = self.get_text_features(pair_input_ids, pair_attention_mask, return_dict=True).pooler_output
         else:
             text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
         if gather:

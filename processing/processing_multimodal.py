@@ -23,17 +23,17 @@ Outputs (names of the model's `forward` arguments):
     assistant_masks                    only from apply_chat_template(..., return_assistant_tokens_mask=True)
 """
 
-from __future__ import annotations
-
 import bisect
+import importlib
+import re
 
 import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
-from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.utils.chat_template_utils import _get_template_variables, render_jinja_template
 from transformers.video_processing_utils import VideoProcessorMixin
 
 from ..configuration.media_tokens import MediaTokenLayout
@@ -65,11 +65,29 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
 )
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # templates that mark the assistant's replies themselves
 # Image normalisation of the vision towers `MultimodalConfig` supports (what their own processors use).
 _CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 _HALF = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 _IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 VISION_NORMALIZATION = {"clip_vision_model": _CLIP, "siglip_vision_model": _HALF, "vit": _HALF, "dinov2": _IMAGENET}
+
+
+class MultimodalAudioKwargs(AudioKwargs, total=False):
+    """`AudioKwargs` plus `truncate_audio` (keep the first frames the encoder takes instead of raising)."""
+
+    sampling_rate: int | float | None  # checked (and a fractional rate refused, naming it) by `load_audio`
+    truncate_audio: bool | None
+
+
+class MultimodalProcessorKwargs(ProcessingKwargs, total=False):
+    """What `MultimodalProcessor.__call__` takes, flat (`do_rescale=False`, `padding="longest"`) or grouped
+    (`text_kwargs=`, `images_kwargs=`, `audio_kwargs=`, `videos_kwargs=`, `common_kwargs=`), routed by
+    `ProcessorMixin._merge_kwargs` as in transformers' own processors (the image and video processors' own
+    `valid_kwargs` included, e.g. `max_image_pixels`, `do_sample_frames`)."""
+
+    text_kwargs: TextKwargs
+    audio_kwargs: MultimodalAudioKwargs
 
 
 def _is_per_sample(media) -> bool:
@@ -102,9 +120,14 @@ class MultimodalProcessor(ProcessorMixin):
         feature_extractor (`WhisperFeatureExtractor`, *optional*): defaults to 80 mel bins, 16 kHz.
         video_processor (`MultimodalVideoProcessor`, *optional*): its `num_frames` is overridden by the layout's.
         token_layout (`dict`): `MediaTokenLayout.to_dict()`; the single source of each item's token count.
-        chat_template (`str`, *optional*): defaults to `DEFAULT_CHAT_TEMPLATE`.
+        chat_template (`str`, *optional*): defaults to the tokenizer's own chat template (SmolLM2's, Qwen's ChatML ...),
+            or `DEFAULT_CHAT_TEMPLATE` when it has none; pass `DEFAULT_CHAT_TEMPLATE` to use the package's template.
         image_token / audio_token / video_token (`str`): the placeholders.
     """
+
+    valid_processor_kwargs = MultimodalProcessorKwargs
+    # Defaults, lowest priority (the tokenizer's own init kwargs and the call's arguments override them).
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
 
     def __init__(
         self,
@@ -133,7 +156,7 @@ class MultimodalProcessor(ProcessorMixin):
             image_processor if image_processor is not None else MultimodalImageProcessor(),
             feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
             video_processor if video_processor is not None else MultimodalVideoProcessor(),
-            chat_template=chat_template if chat_template is not None else DEFAULT_CHAT_TEMPLATE,
+            chat_template=chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE,
             **kwargs,
         )
         self.media_token_ids = {}
@@ -146,6 +169,16 @@ class MultimodalProcessor(ProcessorMixin):
                     f"tokenizer.add_special_tokens(...) and resize the model's embeddings"
                 )
             self.media_token_ids[kind] = token_id
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `ProcessorMixin.save_pretrained`, writing the flattened code and `auto_map` as the model does
+        (`MultimodalPreTrainedModel.save_pretrained`)."""
+        try:
+            hub = importlib.import_module("modeling_multimodal.hub")
+        except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with hub.code_saved_flat(self, save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def check_argument_for_proper_class(self, argument_name, argument):
         """transformers 5.24 looks the video base class up through a torchvision-gated mapping; check it directly."""
@@ -208,7 +241,11 @@ class MultimodalProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Rebuild the components from `processor_config.json` (no Auto* lookup, so no torchvision is needed)."""
+        """Rebuild the components from `processor_config.json` (no Auto* lookup, so no torchvision is needed).
+
+        Options in `kwargs` reach every component that has them, as transformers' processors do:
+        `MultimodalProcessor.from_pretrained(path, do_normalize=False)` sets the image and the video processor's.
+        """
         processor_dict = processor_dict or {}
         subfolder = kwargs.pop("subfolder", "")
         tokenizer = cls._load_tokenizer_from_pretrained(
@@ -224,7 +261,11 @@ class MultimodalProcessor(ProcessorMixin):
             if not isinstance(values, dict):
                 raise ValueError(f"{pretrained_model_name_or_path}: processor_config.json has no {name!r} entry")
             values = {k: v for k, v in values.items() if not k.endswith("_type")}
-            components.append(component_class.from_dict(values))
+            options = {
+                key: value for key, value in kwargs.items()
+                if not key.startswith("_") and (key in values or hasattr(component_class, key))
+            }
+            components.append(component_class.from_dict({**values, **options}))
         return [tokenizer, *components]
 
     # --- small helpers ----------------------------------------------------------------------------
@@ -268,23 +309,7 @@ class MultimodalProcessor(ProcessorMixin):
         images=None,
         audio=None,
         videos=None,
-        *,
-        sampling_rate: int | None = None,
-        return_tensors: str = "pt",
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        truncation: bool | str = False,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        add_special_tokens: bool = True,
-        truncate_audio: bool = False,
-        fps: float | None = None,
-        return_metadata: bool = False,
-        return_offsets_mapping: bool = False,
-        return_text_replacement_offsets: bool = False,
-        images_kwargs: dict | None = None,
-        videos_kwargs: dict | None = None,
-        **kwargs,
+        **kwargs: Unpack[MultimodalProcessorKwargs],
     ) -> BatchFeature:
         r"""
         Tokenize `text`, expanding each placeholder to its item's token count, and turn the media into tensors.
@@ -296,24 +321,41 @@ class MultimodalProcessor(ProcessorMixin):
                 tensors (with `sampling_rate`), `{"array", "sampling_rate"}` dicts, paths or bytes (wav, flac, ogg, mp3,
                 or anything ffmpeg decodes). Videos: paths or bytes (mp4, webm, mkv, avi, ...), 4-D frame arrays, or
                 `{"frames", "fps"}` dicts. A Python list is never a single item.
-            sampling_rate: rate of the raw audio arrays (Hz); audio is resampled to the feature extractor's rate.
-            return_tensors: "pt" (default) or "np".
-            padding / padding_side / pad_to_multiple_of: as the tokenizer's (`padding_side="left"` for generation).
-            truncation / max_length: cut text to `max_length` tokens; a cut that would remove any media token
-                raises a `ValueError` instead (see `apply_chat_template(drop_trailing_turns=True)`).
-            add_special_tokens: let the tokenizer add its BOS/EOS (the chat template adds none itself).
-            truncate_audio: keep the first `layout.max_audio_mel_frames()` frames of longer clips (with a warning)
-                instead of raising.
-            fps: sample videos at this rate (then fit to the layout's `video_num_frames`); default uniform.
-            return_metadata: add `video_metadata` (frame indices and timestamps per video), a non-tensor entry.
-            images_kwargs / videos_kwargs: options for the image / video processor (`size`, `max_image_pixels`, ...).
-            return_offsets_mapping / return_text_replacement_offsets: add the tokenizer's character offsets (per
-                sample, unpadded) / where each placeholder was expanded in the text, as non-tensor entries.
+            **kwargs: `MultimodalProcessorKwargs`, flat or grouped as transformers' processors take them; defaults
+                come from `MultimodalProcessor.text_kwargs`, then the tokenizer's own init kwargs. The ones this
+                processor reads itself:
+                text: `return_tensors` ("pt" default, or "np"), `padding` (True) / `padding_side` / `pad_to_multiple_of`
+                    as the tokenizer's (`padding_side="left"` for generation); `truncation` / `max_length` cut text,
+                    but a cut that would remove any media token raises a `ValueError` (see
+                    `apply_chat_template(drop_trailing_turns=True)`); `add_special_tokens` (the tokenizer's BOS/EOS);
+                    `return_offsets_mapping` (per sample, unpadded, a non-tensor entry).
+                audio: `sampling_rate` of raw arrays (resampled to the feature extractor's rate); `truncate_audio`
+                    keeps the first `layout.max_audio_mel_frames()` frames of longer clips (with a warning) instead
+                    of raising.
+                videos: `fps` (sample at this rate, then fit to the layout's `video_num_frames`; default uniform),
+                    `return_metadata` (adds `video_metadata`, a non-tensor entry), and the video processor's options.
+                images: the image processor's options (`do_rescale`, `size`, `max_image_pixels`, ...).
+                `return_text_replacement_offsets`: where each placeholder was expanded in the text (non-tensor).
         """
-        if kwargs:
+        unknown = set(kwargs) - self._known_kwargs()
+        if unknown:
             raise TypeError(
-                f"unexpected arguments {sorted(kwargs)}; image and video options go in images_kwargs= / videos_kwargs="
+                f"unexpected arguments {sorted(unknown)}: not an option of the tokenizer, the image, audio or video "
+                "processor, nor of MultimodalProcessorKwargs"
             )
+        options = self._merge_kwargs(MultimodalProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_options, audio_options = options["text_kwargs"], options["audio_kwargs"]
+        images_kwargs = {k: v for k, v in options["images_kwargs"].items() if k != "return_tensors"}
+        videos_kwargs = {k: v for k, v in options["videos_kwargs"].items() if k not in ("return_tensors", "fps", "return_metadata")}
+        fps, return_metadata = options["videos_kwargs"].get("fps"), options["videos_kwargs"].get("return_metadata", False)
+        sampling_rate, truncate_audio = audio_options.get("sampling_rate"), audio_options.get("truncate_audio", False)
+        return_tensors = text_options.get("return_tensors") or "pt"
+        padding, padding_side = text_options.get("padding", True), text_options.get("padding_side")
+        truncation, max_length = text_options.get("truncation") or False, text_options.get("max_length")
+        pad_to_multiple_of = text_options.get("pad_to_multiple_of")
+        add_special_tokens = text_options.get("add_special_tokens", True)
+        return_offsets_mapping = bool(text_options.get("return_offsets_mapping"))
+        return_text_replacement_offsets = bool(options.get("return_text_replacement_offsets"))
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if text is None:
@@ -372,6 +414,37 @@ class MultimodalProcessor(ProcessorMixin):
         if return_text_replacement_offsets:
             output["text_replacement_offsets"] = offsets
         return output
+
+    def _mel_frames(self, num_samples: int) -> int:
+        """Log-mel frames of a clip of `num_samples` samples at the feature extractor's rate."""
+        return max(num_samples, self.feature_extractor.n_fft) // self.feature_extractor.hop_length
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
+
+        image_sizes: (height, width) per image; video_sizes: (frames, height, width) per video (every image and
+        video is resized to the tower's crop and sampled to the layout's frame count, so only their number matters);
+        audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
+        as truncated).
+        """
+        layout, data = self.layout, {}
+        if image_sizes is not None:
+            data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        if video_sizes is not None:
+            data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
+        if audio_lengths is not None:
+            frames = [min(self._mel_frames(n), layout.max_audio_mel_frames()) for n in audio_lengths]
+            data["num_audio_tokens"] = [layout.audio_tokens(count) for count in frames]
+        return MultiModalData(**data)
+
+    def _known_kwargs(self) -> set[str]:
+        """Every flat or grouped argument `__call__` routes (the TypedDicts and the components' `valid_kwargs`)."""
+        known = set(MultimodalProcessorKwargs.__annotations__) | {"common_kwargs"}
+        for group in ("text_kwargs", "images_kwargs", "audio_kwargs", "videos_kwargs"):
+            known |= set(MultimodalProcessorKwargs.__annotations__[group].__annotations__)
+        for component in (self.image_processor, self.video_processor):
+            known |= set(getattr(getattr(component, "valid_kwargs", None), "__annotations__", {}))
+        return known
 
     def _assign_media(self, kind: str, media, texts: list[str]) -> list[list]:
         """Media of one kind as one list per sample, checked against the placeholders of each text."""
@@ -460,7 +533,7 @@ class MultimodalProcessor(ProcessorMixin):
                     samples = load_audio(item, sampling_rate, extractor.sampling_rate, longest, truncate_audio)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from err
-                frames = max(len(samples), extractor.n_fft) // extractor.hop_length
+                frames = self._mel_frames(len(samples))
                 if frames > max_frames:
                     seconds, limit = len(samples) / extractor.sampling_rate, max_frames * extractor.hop_length
                     message = (
@@ -526,64 +599,92 @@ class MultimodalProcessor(ProcessorMixin):
         self,
         conversation,
         chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict[str, str]] | None = None,
         add_generation_prompt: bool = False,
-        tokenize: bool = False,
+        continue_final_message: bool = False,
         return_assistant_tokens_mask: bool = False,
+        tokenize: bool = False,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        processor_kwargs: dict | None = None,
         truncation: bool = False,
         max_length: int | None = None,
         drop_trailing_turns: bool = False,
-        **processor_kwargs,
+        **kwargs,
     ):
         r"""
-        Render chat messages (and, with `tokenize=True`, process them with their media).
+        Render chat messages (and, with `tokenize=True`, process them with their media), as `ProcessorMixin` does.
 
-        A message is `{"role": "system" | "user" | "assistant", "content": str | list}`; content items are
-        `{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`, `{"type": "audio", "audio": ...}`
-        (optionally with "sampling_rate") or `{"type": "video", "video": ...}` (any form `__call__` accepts; "path"
-        works as the key too). The default template renders `role: content</s>\n` per message and, with
-        `add_generation_prompt`, ends with `assistant:`; the assistant's reply is the text after `assistant:` up to
-        and including its EOS token.
+        A message is `{"role": "system" | "user" | "assistant", "content": str | list}` (or a message object with
+        those fields); content items are `{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`,
+        `{"type": "audio", "audio": ...}` (optionally with "sampling_rate") or `{"type": "video", "video": ...}`
+        (any form `__call__` accepts; "path" or "url" works as the key too). Templates that read a message's content
+        as a list of typed items (`DEFAULT_CHAT_TEMPLATE`, VLM templates) get the items; templates that read it as
+        one string (a text LM's own: ChatML and the like) get the items joined by spaces, each media item written as
+        its placeholder (`<image>` ...), so the media land inside the template's own turns.
 
-        Returns the rendered string(s) when `tokenize=False`; otherwise the `BatchFeature` of `__call__`, plus
-        `assistant_masks` (batch, seq) marking the assistant replies when `return_assistant_tokens_mask=True`.
+        The template is the processor's `chat_template`: the tokenizer's own when it has one, else
+        `DEFAULT_CHAT_TEMPLATE` (`role: content</s>\n` per message, `assistant:` as generation prompt); pass
+        `chat_template=DEFAULT_CHAT_TEMPLATE` here or when building the processor to use the package's template.
+
+        Returns the rendered string(s) when `tokenize=False`; with `tokenize=True` the `input_ids`, or with
+        `return_dict=True` the whole `BatchFeature` of `__call__`, plus `assistant_masks` (batch, seq) marking the
+        assistant replies (with their end-of-turn token) when `return_assistant_tokens_mask=True`. Templates with
+        `{% generation %}` blocks mark the replies themselves; for others (ChatML) each reply is the text a
+        conversation gains from its generation prompt to the end of that reply, rendered prefix by prefix.
+        `tools`, `documents`, `continue_final_message` and any template variable (`**kwargs` the template reads)
+        go to the template; `processor_kwargs` (and other `**kwargs`) go to `__call__`.
         With `truncation=True, max_length=N, drop_trailing_turns=True`, whole trailing turns (a user message and the
         replies after it) are dropped until each conversation fits; without `drop_trailing_turns` a cut through media
-        raises. `processor_kwargs` go to `__call__` (`padding_side`, `return_tensors`, `fps`, ...).
+        raises.
         """
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = [list(c) for c in conversation] if batched else [list(conversation)]
-        template = chat_template or self.chat_template
+        template = self._resolve_chat_template(chat_template)
+        variables = _get_template_variables(template)
+        template_kwargs = {key: value for key, value in kwargs.items() if key in variables}
+        processor_kwargs = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in variables}}
+        if return_tensors is not None:
+            processor_kwargs["return_tensors"] = return_tensors
+        if continue_final_message and (add_generation_prompt or return_assistant_tokens_mask):
+            raise ValueError("continue_final_message cannot be combined with add_generation_prompt or return_assistant_tokens_mask")
+        conversations, batched = self._normalize_conversations(conversation)
+        render = dict(
+            template=template, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tools=tools, documents=documents, template_kwargs=template_kwargs,
+        )
         if drop_trailing_turns:
             if not (tokenize and truncation and max_length):
                 raise ValueError("drop_trailing_turns needs tokenize=True, truncation=True and max_length")
             conversations = [
-                self._fit_turns(i, c, template, add_generation_prompt, max_length, processor_kwargs)
-                for i, c in enumerate(conversations)
+                self._fit_turns(i, c, render, max_length, processor_kwargs) for i, c in enumerate(conversations)
             ]
-        texts, spans, media = self._render(conversations, template, add_generation_prompt, return_assistant_tokens_mask)
+        texts, spans, media = self._render(conversations, render, return_assistant_tokens_mask)
         if not tokenize:
             return texts if batched else texts[0]
+        bos = self.tokenizer.bos_token
+        if bos is not None and all(text.startswith(bos) for text in texts):
+            processor_kwargs.setdefault("add_special_tokens", False)  # the template wrote the BOS itself
+        processor_kwargs.setdefault("truncation", truncation)
+        processor_kwargs.setdefault("max_length", max_length)
         output = self(
             texts,
             images=media["image"],
             audio=media["audio"],
             videos=media["video"],
-            truncation=truncation,
-            max_length=max_length,
             return_offsets_mapping=return_assistant_tokens_mask,
             return_text_replacement_offsets=return_assistant_tokens_mask,
             **processor_kwargs,
         )
         if return_assistant_tokens_mask:
             token_offsets, expansions = output.pop("offset_mapping"), output.pop("text_replacement_offsets")
-            attention_mask = output["attention_mask"]
-            output["assistant_masks"] = self._assistant_masks(token_offsets, expansions, attention_mask, spans)
-        return output
+            output["assistant_masks"] = self._assistant_masks(token_offsets, expansions, output["attention_mask"], spans)
+        return output if return_dict else output["input_ids"]
 
-    def _render(self, conversations, template, add_generation_prompt, with_spans):
-        """Rendered texts, assistant character spans (after placeholder expansion happens later), media per sample."""
+    def _render(self, conversations, render: dict, with_spans: bool):
+        """Rendered texts, assistant character spans (before placeholder expansion, which happens later), media per sample."""
         media = {kind: [] for kind in MODALITIES}
-        stripped = []
+        structured = self._takes_structured_content(render["template"])
+        flattened = []
         for index, messages in enumerate(conversations):
             found = {kind: [] for kind in MODALITIES}
             clean = []
@@ -593,36 +694,86 @@ class MultimodalProcessor(ProcessorMixin):
                 content = message["content"]
                 if not isinstance(content, str):
                     content = [self._content_item(index, position, item, found) for item in content]
-                clean.append({"role": message["role"], "content": content})
-            stripped.append(clean)
+                    if not structured:
+                        content = " ".join(item["text"] if item["type"] == "text" else self.placeholder(item["type"]) for item in content)
+                clean.append({**message, "content": content})
+            flattened.append(clean)
             for kind in MODALITIES:
                 media[kind].append(found[kind])
-        rendered, generation = render_jinja_template(
-            conversations=stripped,
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
-            return_assistant_tokens_mask=with_spans,
-            **self.tokenizer.special_tokens_map,
-        )
+        texts, spans = self._render_texts(flattened, render)
+        if with_spans and not GENERATION_BLOCK.search(render["template"]):
+            spans = [self._assistant_spans(index, messages, text, render) for index, (messages, text) in enumerate(zip(flattened, texts))]
         media = {kind: (lists if any(lists) else None) for kind, lists in media.items()}
-        return rendered, generation if with_spans else None, media
+        return texts, spans if with_spans else None, media
+
+    def _render_texts(self, conversations, render: dict, add_generation_prompt: bool | None = None):
+        return render_jinja_template(
+            conversations=conversations,
+            tools=render["tools"],
+            documents=render["documents"],
+            chat_template=render["template"],
+            add_generation_prompt=render["add_generation_prompt"] if add_generation_prompt is None else add_generation_prompt,
+            continue_final_message=render["continue_final_message"] if add_generation_prompt is None else False,
+            return_assistant_tokens_mask=GENERATION_BLOCK.search(render["template"]) is not None,
+            **{**self.tokenizer.special_tokens_map, **render["template_kwargs"]},
+        )
+
+    def _assistant_spans(self, index: int, messages: list[dict], text: str, render: dict) -> list[tuple[int, int]]:
+        """Character spans of the assistant replies of a template without `{% generation %}` blocks (ChatML).
+
+        Reply i spans what the conversation up to it adds to the conversation before it with the generation prompt,
+        trailing whitespace left out (the newline after ChatML's `<|im_end|>`). Each of these renderings must be a
+        prefix of the full text, which holds for templates that render a turn the same wherever it stands.
+        """
+        spans = []
+        for position, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            (prompt,), _ = self._render_texts([messages[:position]], render, add_generation_prompt=True)
+            (upto,), _ = self._render_texts([messages[: position + 1]], render, add_generation_prompt=False)
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise ValueError(
+                    f"conversation {index}, message {position}: the chat template does not render this conversation as "
+                    "a sequence of prefixes, so the assistant reply cannot be located; use a template with "
+                    "{% generation %} blocks (e.g. DEFAULT_CHAT_TEMPLATE) for return_assistant_tokens_mask"
+                )
+            spans.append((len(prompt), len(upto.rstrip())))
+        return spans
+
+    def _takes_structured_content(self, template: str) -> bool:
+        """Whether `template` reads a message's content as a list of typed items rather than as one string.
+
+        Probed by rendering a one-item list: a string template prints the list's repr (or fails on it).
+        """
+        probe = "probe-7f3a"
+        try:
+            (rendered,), _ = render_jinja_template(
+                conversations=[[{"role": "user", "content": [{"type": "text", "text": probe}]}]],
+                chat_template=template,
+                **self.tokenizer.special_tokens_map,
+            )
+        except Exception:  # a template that cannot take a list (e.g. `content | trim`) takes strings
+            return False
+        return probe in rendered and "'type'" not in rendered
 
     def _content_item(self, index: int, position: int, item, found: dict) -> dict:
+        """A content item as the template receives it (its media payload collected into `found`)."""
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text":
-            return {"type": "text", "text": item.get("text", "")}
+            return {**item, "text": item.get("text") or ""}
         if kind not in MODALITIES:
             raise ValueError(
                 f"conversation {index}, message {position}: unknown content type {kind!r}; "
                 f"expected 'text', 'image', 'audio' or 'video'"
             )
-        value = item.get(kind, item.get("path", item.get("url")))
+        # the first key that holds a value: `datasets` gives every content item every key, None where unused
+        value = next((item[key] for key in (kind, "path", "url") if item.get(key) is not None), None)
         if value is None:
             raise ValueError(f"conversation {index}, message {position}: a {kind} item needs a {kind!r} (or 'path') value")
-        if kind == "audio" and "sampling_rate" in item and not isinstance(value, dict):
+        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
             value = {"array": value, "sampling_rate": item["sampling_rate"]}
         found[kind].append(value)
-        return {"type": kind}
+        return {**item, "type": kind}
 
     @staticmethod
     def _assistant_masks(token_offsets, expansions, attention_mask, spans) -> torch.Tensor:
@@ -648,11 +799,11 @@ class MultimodalProcessor(ProcessorMixin):
                     masks[sample, position] = 1
         return masks
 
-    def _fit_turns(self, index, messages, template, add_generation_prompt, max_length, processor_kwargs):
+    def _fit_turns(self, index, messages, render: dict, max_length, processor_kwargs):
         """Drop whole trailing turns (a user message and everything after it) until the conversation fits."""
         while True:
-            texts, _, media = self._render([messages], template, add_generation_prompt, False)
-            skip = ("padding", "return_tensors", "padding_side")
+            texts, _, media = self._render([messages], render, False)
+            skip = ("padding", "return_tensors", "padding_side", "truncation", "max_length")
             options = {k: v for k, v in processor_kwargs.items() if k not in skip}
             length = self(texts, images=media["image"], audio=media["audio"], videos=media["video"], **options)[
                 "input_ids"

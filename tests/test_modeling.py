@@ -370,15 +370,15 @@ def test_no_split_modules_cover_every_tower():
 def test_retrieval_embeddings_are_normalised_and_consistent():
     model = build_model()
     pixels = torch.randn(3, 3, 32, 32)
-    image = model.get_image_features(pixels)
-    text = model.get_text_features(**TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt"))
-    audio = model.get_audio_features(torch.randn(2, 80, 100))
-    video = model.get_video_features(torch.randn(2, 4, 3, 32, 32))
+    image = model.get_image_features(pixels).pooler_output
+    text = model.get_text_features(**TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt")).pooler_output
+    audio = model.get_audio_features(torch.randn(2, 80, 100)).pooler_output
+    video = model.get_video_features(torch.randn(2, 4, 3, 32, 32)).pooler_output
     for embeds, n in ((image, 3), (text, 2), (audio, 2), (video, 2)):
         assert embeds.shape == (n, 32)
         torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(n))
     # An image's embedding does not depend on the other images of the batch.
-    torch.testing.assert_close(model.get_image_features(pixels[:1]), image[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.get_image_features(pixels[:1]).pooler_output, image[:1], rtol=1e-5, atol=1e-5)
 
 
 BACKBONE_CASES = [
@@ -429,11 +429,11 @@ def test_training_contrastive_loss_uses_the_retrieval_embeddings():
     batch = collate(samples, padding_side="right")
     loss = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_cross
     media = torch.cat([
-        model.get_image_features(batch["pixel_values"]),
-        model.get_audio_features(batch["input_features"], batch["input_features_mask"]),
-        model.get_video_features(batch["pixel_values_videos"]),
+        model.get_image_features(batch["pixel_values"]).pooler_output,
+        model.get_audio_features(batch["input_features"], batch["input_features_mask"]).pooler_output,
+        model.get_video_features(batch["pixel_values_videos"]).pooler_output,
     ])
-    text = model.get_text_features(pair["input_ids"], pair["attention_mask"])
+    text = model.get_text_features(pair["input_ids"], pair["attention_mask"]).pooler_output
     torch.testing.assert_close(loss, model.retrieval_head.contrastive_loss(media, text), rtol=1e-5, atol=1e-5)
 
 

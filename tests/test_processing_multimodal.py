@@ -172,7 +172,7 @@ def test_chat_template_renders(processor):
 
 def test_chat_tokenized_with_assistant_mask(processor):
     out = processor.apply_chat_template(
-        [CONVERSATION, CONVERSATION[:3]], tokenize=True, return_assistant_tokens_mask=True, padding_side="left"
+        [CONVERSATION, CONVERSATION[:3]], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, padding_side="left"
     )
     assert out["pixel_values"].shape[0] == 2 and out["input_features"].shape[0] == 1
     replies = [
@@ -187,10 +187,10 @@ def test_chat_tokenized_with_assistant_mask(processor):
 
 
 def test_drop_trailing_turns(processor):
-    full = processor.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"].shape[1]
-    first_two_turns = processor.apply_chat_template(CONVERSATION[:3], tokenize=True)["input_ids"].shape[1]
+    full = processor.apply_chat_template(CONVERSATION, tokenize=True).shape[1]
+    first_two_turns = processor.apply_chat_template(CONVERSATION[:3], tokenize=True).shape[1]
     out = processor.apply_chat_template(
-        CONVERSATION, tokenize=True, truncation=True, max_length=first_two_turns + 1, drop_trailing_turns=True
+        CONVERSATION, tokenize=True, return_dict=True, truncation=True, max_length=first_two_turns + 1, drop_trailing_turns=True
     )
     assert out["input_ids"].shape[1] == first_two_turns < full and "input_features" not in out
     with pytest.raises(ValueError, match="would cut a media span"):
@@ -290,7 +290,7 @@ BAD_INPUTS = [  # (name, build the call's arguments from a tmp dir, error patter
     ("video_array_wrong_rank", lambda t: dict(text="<video>", videos=np.zeros((8, 8, 3), np.uint8)), r"a video array must be 4-D"),
     ("media_span_cut_by_truncation", lambda t: dict(text="a red square <image>", images=IMG, truncation=True, max_length=8), r"sample 0 .* would cut a media span"),
     ("num_frames_disagrees_with_layout", lambda t: dict(text="<video>", videos=np.zeros((4, 8, 8, 3), np.uint8), videos_kwargs={"num_frames": 2}), r"the model takes exactly 4 frames"),
-    ("unknown_argument", lambda t: dict(text="hi", size=32), r"unexpected arguments \['size'\]"),
+    ("unknown_argument", lambda t: dict(text="hi", colour="red"), r"unexpected arguments \['colour'\]"),
 ]
 
 

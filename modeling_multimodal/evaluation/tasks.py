@@ -125,12 +125,14 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     for chunk in _batches(encoded, batch_size):
         inputs = {key: value.to(model.device) for key, value in collate_media(chunk, tokenizer.pad_token_id).items()}
         if "pixel_values" in inputs:
-            media_embeds.append(model.get_image_features(inputs["pixel_values"]))
+            media = model.get_image_features(inputs["pixel_values"], return_dict=True)
         elif "pixel_values_videos" in inputs:
-            media_embeds.append(model.get_video_features(inputs["pixel_values_videos"]))
+            media = model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
         else:
-            media_embeds.append(model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]))
-        text_embeds.append(model.get_text_features(inputs["pair_input_ids"], inputs["pair_attention_mask"]))
+            media = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"], return_dict=True)
+        media_embeds.append(media.pooler_output)  # the L2-normalised retrieval embedding
+        text = model.get_text_features(inputs["pair_input_ids"], inputs["pair_attention_mask"], return_dict=True)
+        text_embeds.append(text.pooler_output)
     similarity = cosine_similarity(torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu())
     scores = retrieval_recall(similarity)
     if rerank_top_k > 0:
