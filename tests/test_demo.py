@@ -102,6 +102,6 @@ def test_quick_pretrained_plan_composes_parts_trains_and_reports(tmp_path):
     assert scores["english_nll_base"] > 0 and scores["english_nll_increase"] == scores["english_nll_finetuned"] / scores["english_nll_base"] - 1
     assert "speech_transcription/whisper_baseline_wer" not in scores  # this Whisper folder has no tokenizer
     model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "out" / "finetune" / "final")
-    assert model.config.vision_config.image_size == 224 and model.config.vision_feature_layers == [4, -1]
+    assert model.config.vision_config.image_size == 112 and model.config.vision_feature_layers == [4, -1]  # the recipe's image_size
     assert sorted(model.auxiliary_heads) == ["media_bow"]
     assert len(results["samples"]["image_caption"]) == scores["image_caption/num_test_samples"] == 6
