@@ -53,3 +53,17 @@ def tiny_config(tokenizer=None, vision: bool = True, audio: bool = True, video: 
         kwargs["audio_token_id"] = ids["audio"]
     kwargs.update(overrides)
     return MultimodalConfig(**kwargs)
+
+
+# The start of a script run in a subprocess as a user without this package would: it hides the editable
+# install, then sets `package_hidden` (True when `import modeling_multimodal` fails, as it should).
+WITHOUT_PACKAGE_PRELUDE = """import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h)]
+sys.path_importer_cache.clear()
+try:
+    import modeling_multimodal
+    package_hidden = False
+except ImportError:
+    package_hidden = True
+"""

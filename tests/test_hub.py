@@ -36,7 +36,7 @@ from modeling_multimodal.hub import (
     training_card_inputs,
     write_model_card_inputs,
 )
-from modeling_multimodal.testing_utils import tiny_tokenizer
+from modeling_multimodal.testing_utils import WITHOUT_PACKAGE_PRELUDE, tiny_tokenizer
 from modeling_multimodal.training.recipe import load_recipe
 from modeling_multimodal.training.stages import apply_stage
 
@@ -285,18 +285,8 @@ LOADS = [
     ("trained run pushed by push_to_hub", "org/tiny-trained-auto", None, "trained"),
 ]
 OUR_MODELS = {"multimodal", "trained", "multimodal lora"}  # references that come with a processor and media outputs
-LOAD_SCRIPT = textwrap.dedent(
+LOAD_SCRIPT = WITHOUT_PACKAGE_PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    # A user without modeling-multimodal: hide its editable install (and run outside the repository).
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h)]
-    sys.path_importer_cache.clear()
-    try:
-        import modeling_multimodal
-        package_hidden = False
-    except ImportError:
-        package_hidden = True
     import torch
     from huggingface_hub import HfApi, hf_hub_download, metadata_load
     from peft import PeftModel

@@ -13,19 +13,10 @@ from test_modeling import TOKENIZER, build_model
 from test_processing_common import random_image, tone
 
 from modeling_multimodal import MultimodalProcessor
+from modeling_multimodal.testing_utils import WITHOUT_PACKAGE_PRELUDE
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = WITHOUT_PACKAGE_PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    # A user without modeling-multimodal: hide its editable install (and run outside the repository).
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h)]
-    sys.path_importer_cache.clear()
-    try:
-        import modeling_multimodal
-        hidden = False
-    except ImportError:
-        hidden = True
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -40,7 +31,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         save_file({"logits": model(**inputs).logits, "reloaded": reloaded(**inputs).logits,
                    "input_ids": inputs["input_ids"]}, out)
-    print(json.dumps({"hidden": hidden, "model": type(model).__module__, "processor": type(processor).__module__}))
+    print(json.dumps({"hidden": package_hidden, "model": type(model).__module__, "processor": type(processor).__module__}))
     """
 )
 
