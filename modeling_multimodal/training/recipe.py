@@ -81,7 +81,8 @@ class TrainingRecipe:
     save_total_limit: int | None = 2
     eval_steps: int = 0
     logging_steps: int = 10
-    resume: bool = False
+    resume: bool = False  # continue from output_dir's latest checkpoint (an error when there is none)
+    overwrite_output_dir: bool = False  # replace another run's checkpoints and outputs in output_dir
     report: bool = True
     init_from: str | None = None  # a previous run's final/ directory: start from its weights (stage chaining)
     push_to_hub: str | None = None  # a Hub repo id: final/ is pushed there (with its card) at the end of training

@@ -9,8 +9,13 @@ What a reader should know:
   mixed-modality batches do not hang DDP / FSDP / ZeRO-3, and one process gives its optimizer the same
   zero gradients as several would; parameters no forward can reach are frozen before wrapping.
 - Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
-  (epoch, batch) are restored; the sampler is seeded per epoch, and RNG is restored after the data
-  iterator is rebuilt, so the loss curve after a resume equals an uninterrupted run.
+  (epoch, batch) are restored; the sampler is seeded per epoch through the prepared loader's
+  `set_epoch` (Accelerate's `DataLoaderShard` re-applies its own epoch counter on every `__iter__`, and a
+  resumed process would restart that counter at 0). A checkpoint is written after the next window is
+  fetched and RNG is restored after the resumed iterator fetches its first window, so both runs draw
+  their step's randomness from the same state: the loss curve after a resume equals an uninterrupted run.
+- One run per output folder (`run_folder.py`): a lock held for the run, no new run over another run's
+  checkpoints, no `--resume` without a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -34,11 +40,12 @@ from ..configuration import MultimodalConfig
 from ..modeling_multimodal import MultimodalForConditionalGeneration
 from ..processing.processing_multimodal import MultimodalProcessor
 from ..tokenization import build_tokenizer
-from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpointing import load_checkpoint, save_checkpoint, set_rng_state
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
 from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe
+from .run_folder import RunLock, prepare_output_dir
 from .stages import apply_stage, base_model, parameter_groups
 from .tracking import JSONLTracker
 
@@ -257,7 +264,7 @@ class Trainer:
     def _batches(self, loader, epoch: int, skip: int):
         """(epoch, index, batch) forever; the first epoch starts `skip` batches in."""
         while True:
-            self.batch_sampler.set_epoch(epoch)
+            loader.set_epoch(epoch)  # the loader's counter, not just the sampler's: its __iter__ re-applies it
             source = self.accelerator.skip_first_batches(loader, skip) if skip else loader
             for index, batch in enumerate(source, start=skip):
                 yield epoch, index + 1, batch
@@ -357,10 +364,19 @@ class Trainer:
 
     # --- main ---
     def train(self) -> dict:
+        """Train under the output folder's lock (released however training ends)."""
+        lock = RunLock(self.output_dir) if self.accelerator.is_main_process else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         recipe, accelerator = self.recipe, self.accelerator
         optim = recipe.optim
-        if optim.gradient_accumulation_steps < 1 or optim.max_steps < 1:
-            raise ValueError("optim.gradient_accumulation_steps and optim.max_steps must be >= 1")
+        checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
+        accelerator.wait_for_everyone()  # the main process may have cleared the folder
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
         loader = self._train_loader()
@@ -368,11 +384,15 @@ class Trainer:
         accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
 
         step, epoch, skip, rng = 0, 0, 0, None
-        if recipe.resume and (checkpoints := list_checkpoints(self.output_dir)):
-            state, rng = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, accelerator.process_index)
+        self.run_id = uuid.uuid4().hex
+        if checkpoint is not None:
+            state, rng = load_checkpoint(
+                checkpoint, accelerator.unwrap_model(self.model), _torch_optimizer(self.optimizer), self.scheduler, accelerator.process_index
+            )
             step, epoch, skip = state["step"], state["epoch"], state["batch"]
             self.log_history, self.eval_history = state["log_history"], state["eval_history"]
-            logger.info("Resumed from %s at step %d", checkpoints[-1], step)
+            self.run_id = state.get("run_id") or self.run_id
+            logger.info("Resumed from %s at step %d", checkpoint, step)
         batches = self._batches(loader, epoch, skip)
         window_source = _windows(batches, optim.gradient_accumulation_steps)
         first_window = next(window_source) if step < optim.max_steps else None
@@ -396,10 +416,11 @@ class Trainer:
             progress.update(1)
             if recipe.eval_steps and step % recipe.eval_steps == 0 and step < optim.max_steps and self.eval_rows:
                 self.evaluate(step)
-            if recipe.save_steps and step % recipe.save_steps == 0 and step < optim.max_steps:
-                self._save_checkpoint(step, epoch, batch_index)
-            if step < optim.max_steps:
-                window = next(window_source)
+            # Fetch the next window before saving: a resumed run restores RNG after its first fetch.
+            next_window = next(window_source) if step < optim.max_steps else None
+            if recipe.save_steps and (step % recipe.save_steps == 0 or step == optim.max_steps):
+                self._save_checkpoint(step, epoch, batch_index)  # also at the end: a later run can extend max_steps
+            window = next_window
         progress.close()
         elapsed = time.perf_counter() - started
         final = self.evaluate(step) if self.eval_rows else {"scores": {}, "samples": {}}
@@ -417,9 +438,12 @@ class Trainer:
             self.output_dir,
             step,
             accelerator.unwrap_model(self.model),
-            self.optimizer,
+            _torch_optimizer(self.optimizer),
             self.scheduler,
-            {"step": step, "epoch": epoch, "batch": batch_index, "log_history": self.log_history, "eval_history": self.eval_history},
+            {
+                "step": step, "epoch": epoch, "batch": batch_index, "run_id": self.run_id,
+                "log_history": self.log_history, "eval_history": self.eval_history,
+            },
             rank=accelerator.process_index,
             is_main=accelerator.is_main_process,
             total_limit=self.recipe.save_total_limit,
@@ -454,6 +478,11 @@ class Trainer:
 
             paths["report"] = str(write_report(self.log_history, self.eval_history, self.output_dir / "report.png"))
         return paths
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's wrapper (what `torch.distributed.checkpoint.state_dict` expects)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _windows(batches, size: int):
