@@ -20,11 +20,15 @@ def _train(args):
     from .training.trainer import train
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    overrides += (["overwrite_output_dir=true"] if args.overwrite else []) + ([f"threads={args.threads}"] if args.threads else [])
     result = train(load_recipe(args.recipe, overrides))
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
 
 
 def _evaluate(args):
+    from .threads import set_threads
+
+    set_threads(args.threads, request=True)
     from .evaluation.tasks import evaluate_task
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
@@ -68,6 +72,9 @@ def _push(args):
 
 
 def _demo(args):
+    from .threads import set_threads
+
+    set_threads(args.threads, request=True)
     from .demo import run_ablation, run_demo
 
     if args.ablation:
@@ -93,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train from a YAML recipe; key=value pairs override it")
     p.add_argument("--recipe", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in output_dir")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=50 stage=finetune")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="score a checkpoint on a manifest")
@@ -108,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also re-rank each retrieval query's top k candidates by log p(text | media) (reranked_* scores)",
     )
     p.add_argument("--out")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("generate", help="answer one prompt about media files")
@@ -137,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout", choices=("combinations", "pairs"), default="combinations",
         help="the test split's rule (see make-demo-data --holdout); 'pairs' is the stricter colour+shape hold-out",
     )
+    p.add_argument("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
     p.set_defaults(func=_demo)
     return parser
 

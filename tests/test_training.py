@@ -393,3 +393,51 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(data_roo
     done = torchrun(tmp_path / "resumed", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_stages_chain_in_one_call_and_resume_skips_finished_stages(data_root, tmp_path, monkeypatch):
+    """stages: [align, finetune] in one train(); killed in the second stage, resumed without re-running the first."""
+    from modeling_multimodal.training.trainer import train
+
+    chain = "stages=[{stage: align, optim.max_steps: 2}, {stage: finetune, optim.max_steps: 3, lora.r: 4}]"
+    run = [*SMALL, "save_steps=1", chain]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", killed_at(4))  # the finetune stage's second step
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe(data_root, tmp_path, *run))
+    assert (tmp_path / "1-align" / "final" / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "2-finetune")] == ["checkpoint-1"]
+    steps = []
+    original = Trainer._step
+    monkeypatch.setattr(Trainer, "_step", lambda self, window: steps.append(self.recipe.stage) or original(self, window))
+    result = train(recipe(data_root, tmp_path, *run, "resume=true"))
+    assert steps == ["finetune", "finetune"]  # align finished: not run again; finetune resumed at step 1
+    assert result["final_dir"] == str(tmp_path / "2-finetune" / "final") and result["steps"] == 3
+    saved = json.loads((tmp_path / "2-finetune" / "final" / "training_recipe.json").read_text())
+    assert saved["init_from"] == str(tmp_path / "1-align" / "final") and saved["lora"]["r"] == 4
+    assert [r["step"] for r in history(tmp_path / "2-finetune")] == [1, 2, 3]
+    steps.clear()
+    assert train(recipe(data_root, tmp_path, *run, "resume=true"))["steps"] == 3 and steps == []  # all finished
+
+
+def test_trainer_sets_torch_threads(data_root, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        Trainer(recipe(data_root, tmp_path, "threads=1", "data.eval=[]"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_runs_on_one_folder_are_kept_apart(data_root, tmp_path):
+    """A new run over another run's checkpoints is refused (or replaced when asked); --resume needs a checkpoint."""
+    run = [*SMALL, "optim.max_steps=2", "save_steps=2"]
+    with pytest.raises(ValueError, match="holds no complete checkpoint to resume from"):
+        Trainer(recipe(data_root, tmp_path, *run, "resume=true")).train()
+    Trainer(recipe(data_root, tmp_path, *run)).train()
+    with pytest.raises(ValueError, match="holds another run's checkpoints \\(checkpoint-2\\): pass --resume"):
+        Trainer(recipe(data_root, tmp_path, *run)).train()
+    first_run = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["run_id"]
+    Trainer(recipe(data_root, tmp_path, *run, "overwrite_output_dir=true")).train()
+    assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["run_id"] != first_run
+    assert [r["step"] for r in history(tmp_path)] == [1, 2]

@@ -39,12 +39,13 @@ from transformers import get_cosine_schedule_with_warmup
 from ..configuration import MultimodalConfig
 from ..modeling_multimodal import MultimodalForConditionalGeneration
 from ..processing.processing_multimodal import MultimodalProcessor
+from ..threads import set_threads
 from ..tokenization import build_tokenizer
-from .checkpointing import load_checkpoint, save_checkpoint, set_rng_state
+from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
 from .packing import PackedBatchSampler, PackingCollator
-from .recipe import TrainingRecipe
+from .recipe import TrainingRecipe, stage_recipes
 from .run_folder import RunLock, prepare_output_dir
 from .stages import apply_stage, base_model, parameter_groups
 from .tracking import JSONLTracker
@@ -120,20 +121,12 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
 def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
     """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
 
-    A training entry's `repeat` (checked here, applied by the training loader) weights a task in the
+    A training entry's `repeat` (applied by the training loader) weights a task in the
     mixture: its rows appear that many times per epoch, each decoded once when examples are cached. An
     evaluation entry scores each row once, so `repeat` there is refused rather than ignored.
     """
     loaded = []
-    allowed = {"manifest", "task", "max_samples"} | ({"repeat"} if training else set())
-    for entry in entries:
-        unknown = set(entry) - allowed
-        if unknown or "manifest" not in entry:
-            optional = "max_samples, repeat" if training else "max_samples; repeat is for data.train only"
-            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional {optional})")
-        repeat = entry.get("repeat", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-            raise ValueError(f"data entry {entry}: repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
+    for entry in entries:  # checked by the recipe (`check_data_entries`)
         rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root)
         if entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
@@ -198,6 +191,8 @@ class _MixedDataset(torch.utils.data.Dataset):
 # --- the loop -----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, recipe: TrainingRecipe):
+        if recipe.stages:
+            raise ValueError("a recipe with `stages` runs through train(recipe), which starts one Trainer per stage")
         self.recipe = recipe
         self.output_dir = Path(recipe.output_dir)
         # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
@@ -214,6 +209,7 @@ class Trainer:
             log_with=[JSONLTracker(self.output_dir / "logs"), "tensorboard"],
             project_dir=str(self.output_dir / "logs"),
         )
+        set_threads(recipe.threads)
         set_seed(recipe.seed)
         self.train_rows = load_rows(recipe, recipe.data.train)
         self.eval_rows = load_rows(recipe, recipe.data.eval, training=False)
@@ -240,8 +236,6 @@ class Trainer:
             encoder = ExampleEncoder(self.processor, task, max_length=recipe.data.max_length)
             parts.append(EncodedDataset(rows, encoder))
             lengths += encoder.estimate_lengths(rows) * repeat
-        if recipe.data.cache_in_memory and recipe.data.num_workers:
-            raise ValueError("data.cache_in_memory needs data.num_workers=0 (each worker would keep its own copy)")
         dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory, repeats=repeats)
         pad_id = self.processor.tokenizer.pad_token_id
         batch_size = recipe.optim.batch_size
@@ -511,4 +505,37 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 
 def train(recipe: TrainingRecipe) -> dict:
-    return Trainer(recipe).train()
+    """Train `recipe`, or each stage of its `stages` chain in turn; returns the (last) run's result."""
+    if not recipe.stages:
+        return Trainer(recipe).train()
+    result = None
+    for stage in stage_recipes(recipe):
+        if recipe.resume and finished(stage):
+            logger.info("Stage %s in %s is finished; not run again", stage.stage, stage.output_dir)
+            result = finished_result(stage)
+            continue
+        stage.resume = recipe.resume and latest_checkpoint(stage.output_dir) is not None
+        result = Trainer(stage).train()
+    return result
+
+
+def finished(recipe: TrainingRecipe) -> bool:
+    """Whether a run wrote its final/ model after all its steps (its log history is written last)."""
+    history = Path(recipe.output_dir) / "log_history.json"
+    if not (Path(recipe.output_dir) / "final" / "eval_results.json").is_file() or not history.is_file():
+        return False
+    records = json.loads(history.read_text())["train"]
+    return bool(records) and records[-1]["step"] >= recipe.optim.max_steps
+
+
+def finished_result(recipe: TrainingRecipe) -> dict:
+    """`Trainer.train()`'s result for a finished run, from its files."""
+    output_dir = Path(recipe.output_dir)
+    records = json.loads((output_dir / "log_history.json").read_text())["train"]
+    evaluation = json.loads((output_dir / "final" / "eval_results.json").read_text())
+    paths = {"final_dir": str(output_dir / "final")}
+    if (output_dir / "final" / "adapter").is_dir():
+        paths["adapter_dir"] = str(output_dir / "final" / "adapter")
+    if (output_dir / "report.png").is_file():
+        paths["report"] = str(output_dir / "report.png")
+    return {"steps": records[-1]["step"], "seconds": 0.0, "final_loss": records[-1]["loss"], **evaluation, **paths}
