@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -369,6 +369,11 @@ class Trainer:
     def _train(self) -> dict:
         recipe, accelerator = self.recipe, self.accelerator
         optim = recipe.optim
+        if accelerator.distributed_type == DistributedType.DEEPSPEED and (recipe.save_steps or recipe.resume):
+            raise ValueError(
+                "save_steps / resume under DeepSpeed: checkpoints gather through torch.distributed.checkpoint, which does "
+                "not know ZeRO-3's partitions; use FSDP2 (examples/accelerate/fsdp.yaml) for a run that must resume"
+            )
         checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
         accelerator.wait_for_everyone()  # the main process may have cleared the folder
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
