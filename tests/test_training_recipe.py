@@ -111,6 +111,10 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch)
     path.write_text(yaml.safe_dump(values))
     assert load_recipe(path).init_from == "org/not-a-folder"
     assert load_recipe(path, ["data.root=here"]).data.root == "here"  # command-line overrides: as typed
+    values["stages"] = [{"stage": "align", "data.root": "stage_data"}, "finetune"]
+    path.write_text(yaml.safe_dump(values))
+    first, second = stage_recipes(load_recipe(path))
+    assert Path(first.data.root) == folder / "stage_data" and Path(second.data.root) == folder / "../data"
 
 
 def test_chained_stages_expand_with_their_overrides(tmp_path):

@@ -9,7 +9,7 @@ recipe file is at most 1 MiB and 100k values once YAML aliases are expanded (an 
 
 Paths: relative `data.root`, `init_from`, `model.checkpoint` and `model.components` paths in a YAML file
 resolve against the file's folder (a `model.checkpoint` / `init_from` / component that is not a folder
-there is left as given: a Hub id). `output_dir` resolves against the current directory, like any
+there is left as given: a Hub id), a chained stage's own `data.root` / `model.*` paths too. `output_dir` resolves against the current directory, like any
 command's output option, so one recipe in a shared (or installed, read-only) folder serves many runs.
 Overrides given on the command line are taken as typed: relative to the current directory.
 
@@ -39,6 +39,7 @@ import yaml
 STAGES = ("encoders", "align", "finetune", "full")
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_VALUES = 100_000  # after YAML aliases are expanded
+PATH_KEYS = ("data.root", "model.checkpoint", "model.components.text", "model.components.vision", "model.components.audio")
 
 
 # --- value checks (each names the key) ------------------------------------------------------------------
@@ -384,6 +385,10 @@ def resolve_paths(values: dict, base: Path) -> dict:
             for part in ("text", "vision", "audio"):
                 if part in model["components"]:
                     model["components"][part] = local(model["components"][part], always=False)
+    for entry in values.get("stages") or []:  # a stage's own dotted paths
+        if isinstance(entry, dict):
+            for key in [k for k in entry if k in PATH_KEYS]:
+                entry[key] = local(entry[key], always=key == "data.root")
     return values
 
 
