@@ -8,10 +8,10 @@ learning rate, `max_grad_norm` > 0 or null to switch clipping off), and unknown 
 recipe file is at most 1 MiB and 100k values once YAML aliases are expanded (an alias bomb is refused).
 
 Paths: relative `data.root`, `init_from`, `model.checkpoint` and `model.components` paths in a YAML file
-resolve against the file's folder (a `model.checkpoint` / `init_from` / component that is not a folder
-there is left as given: a Hub id), a chained stage's own `data.root` / `model.*` paths too. `output_dir` resolves against the current directory, like any
-command's output option, so one recipe in a shared (or installed, read-only) folder serves many runs.
-Overrides given on the command line are taken as typed: relative to the current directory.
+(a chained stage's own ones too) resolve against the file's folder; a `model.checkpoint` / `init_from` /
+component that is not a folder there is left as given (a Hub id). `output_dir` resolves against the
+current directory, like any command's output option, so one recipe in a shared (or installed,
+read-only) folder serves many runs. Overrides on the command line are taken as typed (current directory).
 
 Keys a reader may not guess:
 - `threads`: torch intra-op threads per process; default the cores this process may run on
