@@ -336,11 +336,7 @@ def assert_same_run(straight_dir, resumed_dir):
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize(
-    "name,overrides,kills",
-    [pytest.param(*case, marks=pytest.mark.slow if case[0] != "plain" else ()) for case in RESUME_CASES],
-    ids=[c[0] for c in RESUME_CASES],
-)
+@pytest.mark.parametrize("name,overrides,kills", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
 def test_resume_is_exact_anywhere(data_root, tmp_path, monkeypatch, name, overrides, kills):
     """Killed mid-run, resumed: the loss curve, epochs and final weights equal an uninterrupted run's."""
     Trainer(recipe(data_root, tmp_path / "straight", *SMALL, *overrides)).train()
