@@ -159,6 +159,11 @@ def set_rng_state(state: dict) -> None:
 
 
 # --- model and optimizer state ------------------------------------------------------------------------
+def gather_full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict as full CPU tensors on rank 0 (empty elsewhere); every rank must call it."""
+    return get_model_state_dict(model, options=GATHER)
+
+
 def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
@@ -206,7 +211,7 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f"checkpoint-{step}.tmp"
     names = trainable_names(model)
-    weights = {k: v for k, v in get_model_state_dict(model, options=GATHER).items() if k in names}
+    weights = {k: v for k, v in gather_full_state(model).items() if k in names}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=GATHER)
     if is_main:
         shutil.rmtree(temporary, ignore_errors=True)

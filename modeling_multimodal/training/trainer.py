@@ -9,9 +9,9 @@ What a reader should know:
   mixed-modality batches do not hang DDP / FSDP / ZeRO-3, and one process gives its optimizer the same
   zero gradients as several would; parameters no forward can reach are frozen before wrapping.
 - Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
-  (epoch, batch) are restored; the sampler is seeded per epoch through the prepared loader's
-  `set_epoch` (Accelerate's `DataLoaderShard` re-applies its own epoch counter on every `__iter__`, and a
-  resumed process would restart that counter at 0). A checkpoint is written after the next window is
+  (epoch, batch) are restored; the sampler is seeded per epoch, and so is the prepared loader's counter
+  (Accelerate's `DataLoaderShard` re-applies its own epoch on every `__iter__`, and a resumed process
+  would restart that counter at 0). A checkpoint is written after the next window is
   fetched and RNG is restored after the resumed iterator fetches its first window, so both runs draw
   their step's randomness from the same state: the loss curve after a resume equals an uninterrupted run.
 - One run per output folder (`run_folder.py`): a lock held for the run, no new run over another run's
@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -41,7 +42,7 @@ from ..modeling_multimodal import MultimodalForConditionalGeneration
 from ..processing.processing_multimodal import MultimodalProcessor
 from ..threads import set_threads
 from ..tokenization import build_tokenizer
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpointing import gather_full_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
 from .packing import PackedBatchSampler, PackingCollator
@@ -258,7 +259,11 @@ class Trainer:
     def _batches(self, loader, epoch: int, skip: int):
         """(epoch, index, batch) forever; the first epoch starts `skip` batches in."""
         while True:
-            loader.set_epoch(epoch)  # the loader's counter, not just the sampler's: its __iter__ re-applies it
+            # Both: the loader's own counter (its __iter__ re-applies it to the samplers it can reach, which is ours
+            # in one process) and our sampler directly (several processes wrap it in a BatchSamplerShard that
+            # Accelerate's set_epoch does not reach).
+            loader.set_epoch(epoch)
+            self.batch_sampler.set_epoch(epoch)
             source = self.accelerator.skip_first_batches(loader, skip) if skip else loader
             for index, batch in enumerate(source, start=skip):
                 yield epoch, index + 1, batch
@@ -374,6 +379,11 @@ class Trainer:
                 "save_steps / resume under DeepSpeed: checkpoints gather through torch.distributed.checkpoint, which does "
                 "not know ZeRO-3's partitions; use FSDP2 (examples/accelerate/fsdp.yaml) for a run that must resume"
             )
+        if accelerator.distributed_type == DistributedType.FSDP and recipe.stage == "finetune":
+            raise ValueError(
+                "stage=finetune under FSDP: the final export merges the LoRA adapter into the model, which is not "
+                "implemented for sharded parameters; train stage=full (or align) under FSDP, or finetune with DDP"
+            )
         checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
         accelerator.wait_for_everyone()  # the main process may have cleared the folder
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
@@ -454,15 +464,17 @@ class Trainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         paths = {"final_dir": str(self.output_dir / "final")}
+        model = accelerator.unwrap_model(self.model)
+        # FSDP2 parameters are shards: gather full tensors (every rank takes part) for rank 0 to save.
+        full_state = gather_full_state(model) if any(isinstance(p, DTensor) for p in model.parameters()) else None
         if not accelerator.is_main_process:
             return paths
-        model = accelerator.unwrap_model(self.model)
         final_dir = self.output_dir / "final"
         if hasattr(model, "merge_and_unload"):
             model.save_pretrained(final_dir / "adapter")
             paths["adapter_dir"] = str(final_dir / "adapter")
             model = model.merge_and_unload()
-        model.save_pretrained(final_dir)
+        model.save_pretrained(final_dir, state_dict=full_state)
         self.processor.save_pretrained(final_dir)
         (final_dir / "training_recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
         (final_dir / "eval_results.json").write_text(json.dumps(final, indent=2, default=str))
