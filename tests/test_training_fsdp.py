@@ -174,6 +174,8 @@ def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
     done = run("resumed", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
+    refused = run("with_eval", "data.eval=[{manifest: image_validation.jsonl, task: image_caption}]")
+    assert refused.returncode != 0 and "data.eval under FSDP: evaluation is not sharded" in refused.stderr
     histories = {name: json.loads((tmp_path / name / "log_history.json").read_text())["train"] for name in ("one", "two", "resumed")}
     for name, tolerance in (("two", 1e-5), ("resumed", 1e-6)):
         reference = histories["one" if name == "two" else "two"]

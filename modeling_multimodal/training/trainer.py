@@ -379,11 +379,17 @@ class Trainer:
                 "save_steps / resume under DeepSpeed: checkpoints gather through torch.distributed.checkpoint, which does "
                 "not know ZeRO-3's partitions; use FSDP2 (examples/accelerate/fsdp.yaml) for a run that must resume"
             )
-        if accelerator.distributed_type == DistributedType.FSDP and recipe.stage == "finetune":
-            raise ValueError(
-                "stage=finetune under FSDP: the final export merges the LoRA adapter into the model, which is not "
-                "implemented for sharded parameters; train stage=full (or align) under FSDP, or finetune with DDP"
-            )
+        if accelerator.distributed_type == DistributedType.FSDP:
+            if recipe.stage == "finetune":
+                raise ValueError(
+                    "stage=finetune under FSDP: the final export merges the LoRA adapter into the model, which is not "
+                    "implemented for sharded parameters; train stage=full (or align) under FSDP, or finetune with DDP"
+                )
+            if recipe.data.eval:  # evaluation runs on the main process alone: a sharded forward would wait for the others
+                raise ValueError(
+                    "data.eval under FSDP: evaluation is not sharded; set data.eval=[] and score final/ afterwards "
+                    "with `modeling-multimodal evaluate`"
+                )
         checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
         accelerator.wait_for_everyone()  # the main process may have cleared the folder
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
