@@ -14,9 +14,10 @@ current directory, like any command's output option, so one recipe in a shared (
 read-only) folder serves many runs. Overrides on the command line are taken as typed (current directory).
 
 Keys a reader may not guess:
-- `threads`: torch intra-op threads per process; default the cores this process may run on
-  (`os.sched_getaffinity`) divided by the processes on this machine (`LOCAL_WORLD_SIZE`). The
-  `--threads` flag of `train`, `evaluate` and `demo` overrides it.
+- `threads`: torch intra-op threads per process; default `OMP_NUM_THREADS` when set, else the cores
+  this process may run on (`os.sched_getaffinity`) divided by the processes on this machine
+  (`LOCAL_WORLD_SIZE`). The `--threads` flag of `train`, `evaluate` and `demo` overrides it
+  (`modeling_multimodal/threads.py`).
 - `stages`: chain stages in one run, e.g. `[align, finetune]` or
   `[{stage: align, optim.max_steps: 40}, {stage: finetune, lora.r: 16}]` (dotted overrides per stage).
   Stage n trains in `output_dir/<n>-<stage>/` (n from 1), initialised from stage n-1's `final/`; with
