@@ -208,3 +208,51 @@ def test_output_folder_rules(tmp_path, present, resume, overwrite, expected):
             prepare_output_dir(tmp_path, resume, overwrite)
         assert expected in str(error.value) and str(tmp_path) in str(error.value)
         shutil.rmtree(tmp_path / "final")
+
+
+def edit_json(path, name, change):
+    value = json.loads((path / name).read_text())
+    change(value)
+    (path / name).write_text(json.dumps(value))
+    manifest = json.loads((path / "COMPLETE").read_text())
+    manifest["files"][name] = (path / name).stat().st_size
+    (path / "COMPLETE").write_text(json.dumps(manifest))
+
+
+DAMAGED_CASES = [
+    # (file, change to its JSON, error fragment): valid JSON, wrong content
+    ("trainer_state.json", lambda v: v.update(step="2"), "expected non-negative integers"),
+    ("trainer_state.json", lambda v: v.update(batch=-1), "expected non-negative integers"),
+    ("trainer_state.json", lambda v: v.update(log_history={"a": 1}), "log_history must be a list of records"),
+    ("scheduler.json", lambda v: v.update(base_lrs="abc"), "scheduler.json: base_lrs: expected a list of 2"),
+    ("scheduler.json", lambda v: v.update(last_epoch=float("nan")), "last_epoch: expected a number"),
+    ("scheduler.json", lambda v: v.update(extra=1), "scheduler.json: expected the keys"),
+    ("rng_state_0.json", lambda v: v.update(torch=[1, 2, 3]), "rng_state_0.json: not a generator state"),
+    ("rng_state_0.json", lambda v: v.update(numpy="x"), "rng_state_0.json: not a generator state"),
+    ("optimizer.json", lambda v: v["param_groups"].pop(), "the optimizer state does not fit"),
+    ("optimizer.json", lambda v: v.update(scalars=[]), "expected {param_groups, scalars}"),
+]
+
+
+@pytest.mark.parametrize("name,change,fragment", DAMAGED_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DAMAGED_CASES)])
+def test_damaged_checkpoint_content_is_a_clear_error(tmp_path, name, change, fragment):
+    path = save(tmp_path, 2)
+    edit_json(path, name, change)
+    model, optimizer, scheduler = tiny_run(seed=1)
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(path, model, optimizer, scheduler)
+    assert fragment in str(error.value), error.value
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_weights_of_the_wrong_shape_are_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = save(tmp_path, 2)
+    save_file({"2.weight": torch.zeros(3, 9), "2.bias": torch.zeros(3)}, path / "model.safetensors")
+    manifest = json.loads((path / "COMPLETE").read_text())
+    manifest["files"]["model.safetensors"] = (path / "model.safetensors").stat().st_size
+    (path / "COMPLETE").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="model.safetensors does not fit this recipe's model"):
+        load_checkpoint(path, *tiny_run(seed=1))

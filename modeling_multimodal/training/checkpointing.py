@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -244,7 +245,9 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict]:
     """Load weights, optimizer and scheduler; return (trainer_state, rng_state) — RNG is restored by the caller.
 
-    Only safetensors and JSON are read. Every rank calls it with the unwrapped model and the torch optimizer.
+    Only safetensors and JSON are read, and every value is checked before anything is changed, so a
+    crafted or damaged checkpoint is a ValueError naming its file. Every rank calls it with the
+    unwrapped model and the torch optimizer.
     """
     path = Path(path)
     problem = checkpoint_problem(path) if (path / "COMPLETE").is_file() else "it has no COMPLETE marker"
@@ -262,17 +265,78 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
             f"Checkpoint {path} does not match the model built from this recipe: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}. Resume with the recipe that wrote it."
         )
-    set_model_state_dict(model, weights, options=SCATTER)
-    optimizer_state = _join_optimizer_state(optimizer_tensors, read_json(path / "optimizer.json"))
+    optimizer_rest = read_json(path / "optimizer.json")
+    schedule = read_json(path / "scheduler.json")
+    state = read_json(path / "trainer_state.json")
+    rng_file = path / f"rng_state_{rank}.json"
+    rng_file = rng_file if rng_file.exists() else path / "rng_state_0.json"
+    rng = read_json(rng_file)
+    check_trainer_state(state, path / "trainer_state.json")
+    check_like(schedule, scheduler.state_dict(), str(path / "scheduler.json"))
+    check_rng_state(rng, rng_file)
+    if not isinstance(optimizer_rest, dict) or not isinstance(optimizer_rest.get("scalars"), dict):
+        raise ValueError(f"Checkpoint file {path / 'optimizer.json'}: expected {{param_groups, scalars}}")
+    groups = optimizer_rest.get("param_groups")
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if not isinstance(groups, list) or [len(g.get("params", ())) if isinstance(g, dict) else None for g in groups] != sizes:
+        raise ValueError(
+            f"Checkpoint {path}: the optimizer state does not fit this recipe's optimizer "
+            f"(expected {len(sizes)} parameter groups of {sizes} parameters in optimizer.json)"
+        )
     try:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=SCATTER)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"Checkpoint {path}: the optimizer state does not fit this recipe's optimizer ({error})") from error
+        set_model_state_dict(model, weights, options=SCATTER)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"Checkpoint file {path / 'model.safetensors'} does not fit this recipe's model ({error})") from None
+    try:
+        set_optimizer_state_dict(model, optimizer, _join_optimizer_state(optimizer_tensors, optimizer_rest), options=SCATTER)
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(f"Checkpoint {path}: the optimizer state does not fit this recipe's optimizer ({error!r})") from None
     for group in optimizer.param_groups:  # JSON has no tuples; Adam's betas were one
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-    scheduler.load_state_dict(read_json(path / "scheduler.json"))
-    state = read_json(path / "trainer_state.json")
-    rng_file = path / f"rng_state_{rank}.json"
-    rng = read_json(rng_file if rng_file.exists() else path / "rng_state_0.json")
+    scheduler.load_state_dict(schedule)
     return state, rng
+
+
+# --- checks of the JSON files (a crafted value must not reach torch as a surprise) ---------------------
+def check_trainer_state(state, file: Path) -> None:
+    counters = ("step", "epoch", "batch")
+    if not isinstance(state, dict) or any(type(state.get(k)) is not int or state[k] < 0 for k in counters):
+        raise ValueError(f"Checkpoint file {file}: expected non-negative integers {counters}")
+    for key in ("log_history", "eval_history"):
+        if not isinstance(state.get(key), list) or not all(isinstance(r, dict) for r in state[key]):
+            raise ValueError(f"Checkpoint file {file}: {key} must be a list of records")
+    if not isinstance(state.get("run_id", ""), (str, type(None))):
+        raise ValueError(f"Checkpoint file {file}: run_id must be a string")
+
+
+def check_like(saved, current, where: str) -> None:
+    """`saved` has the structure and value kinds of `current` (a state dict of the same object, as JSON)."""
+    current = json.loads(json.dumps(current))
+    if isinstance(current, dict):
+        if not isinstance(saved, dict) or set(saved) != set(current):
+            raise ValueError(f"Checkpoint file {where}: expected the keys {sorted(current)}")
+        for key in current:
+            check_like(saved[key], current[key], f"{where}: {key}")
+    elif isinstance(current, list):
+        if not isinstance(saved, list) or len(saved) != len(current):
+            raise ValueError(f"Checkpoint file {where}: expected a list of {len(current)}")
+        for index, (a, b) in enumerate(zip(saved, current)):
+            check_like(a, b, f"{where}[{index}]")
+    elif isinstance(current, bool) or current is None or isinstance(current, str):
+        if type(saved) is not type(current):
+            raise ValueError(f"Checkpoint file {where}: expected {type(current).__name__}, got {saved!r}")
+    elif isinstance(current, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not math.isfinite(saved):
+            raise ValueError(f"Checkpoint file {where}: expected a number, got {saved!r}")
+
+
+def check_rng_state(rng, file: Path) -> None:
+    """Try the states (then put the current ones back): a malformed one is a ValueError, not a torch error."""
+    current = rng_state()
+    try:
+        set_rng_state(rng)
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, OverflowError) as error:
+        raise ValueError(f"Checkpoint file {file}: not a generator state ({error!r})") from None
+    finally:
+        set_rng_state(current)
