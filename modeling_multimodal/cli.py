@@ -102,6 +102,7 @@ def _train(args):
     from .training.trainer import train
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    overrides += (["overwrite_output_dir=true"] if args.overwrite else []) + ([f"threads={args.threads}"] if args.threads else [])
     if os.path.exists(args.recipe) and not os.path.isfile(args.recipe):  # a FIFO would block the read
         raise ValueError(f"recipe {args.recipe} is not a regular file")
     try:
@@ -127,6 +128,9 @@ def _write_predictions(out: str, checkpoint: str, results: list[dict]) -> None:
 
 
 def _evaluate(args):
+    from .threads import set_threads
+
+    set_threads(args.threads, request=True)
     from .evaluation.tasks import evaluate_task
     from .training.data import load_manifest
 
@@ -176,6 +180,9 @@ def _push(args):
 
 
 def _demo(args):
+    from .threads import set_threads
+
+    set_threads(args.threads, request=True)
     from .demo import run_ablation, run_demo
 
     options = dict(quick=args.quick, holdout=args.holdout, plan=args.plan, weights_dir=args.weights_dir)
@@ -227,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train from a YAML recipe; key=value pairs override it")
     p.add_argument("--recipe", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in output_dir")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.max_steps=50 stage=finetune")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
     p.set_defaults(func=_train)
 
     p = commands.add_parser("evaluate", help="score a checkpoint on one or more manifests (one model load)")
@@ -246,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also re-rank each retrieval query's top k candidates by log p(text | media) (reranked_* scores)",
     )
     p.add_argument("--out", help="write every prediction here: .jsonl (one per line) or .json (with the scores)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("generate", help="answer one prompt about media files")
@@ -281,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout", choices=("combinations", "pairs"), default="combinations",
         help="the test split's rule (see make-demo-data --holdout); 'pairs' is the stricter colour+shape hold-out",
     )
+    p.add_argument("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
     p.set_defaults(func=_demo)
 
     p = commands.add_parser("convert", help="convert GGUF / CTranslate2 / ONNX weights (or every installed weight package) to Hugging Face folders")

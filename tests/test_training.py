@@ -170,7 +170,7 @@ def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
 def test_training_writes_logs_checkpoints_and_report(data_root, tmp_path):
     run = recipe(data_root, tmp_path, "report=true", "save_steps=2", "eval_steps=3", "optim.max_steps=4", "save_total_limit=1")
     result = Trainer(run).train()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]  # checkpoint-4 is the final save
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]  # the last step is saved too (a later run can extend it)
     lines = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss_text" in line for line in lines) and any("eval/image_caption/exact_match" in line for line in lines)
     assert list((tmp_path / "logs" / "train").rglob("events.out.tfevents.*"))
@@ -295,3 +295,153 @@ def test_recipe_options_train_and_save(name, overrides, data_root, tmp_path):
     assert model.config.text_config.hidden_size == 32
     if name == "lora_finetune":
         assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+# --- exact resume anywhere ------------------------------------------------------------------------
+SMALL = [  # 4 rows in batches of 2: 2 batches per epoch, 6 steps = 3 epochs
+    "data.train=[{manifest: image_train.jsonl, task: image_caption, max_samples: 4}]",
+    "data.eval=[]", "optim.batch_size=2", "optim.max_steps=6", "report=false",
+    "model.config.text_config.attention_dropout=0.3", "model.config.vision_config.attention_dropout=0.3",  # RNG matters
+]
+RESUME_CASES = [
+    # (name, overrides, [(save_steps, killed during step), ...]) sharing one uninterrupted run
+    ("plain", [], [(2, 4), (5, 6)]),  # resumed at the end of epoch 0; mid-epoch after two epochs
+    ("workers", ["data.num_workers=2"], [(3, 5)]),
+    ("packing", ["data.packing=true", "data.max_length=256"], [(3, 5)]),
+]
+
+
+def killed_at(step):
+    """Replace Trainer._step by one that raises KeyboardInterrupt during the given step (a kill)."""
+    original, calls = Trainer._step, {"n": 0}
+
+    def step_or_die(self, window):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt(f"killed during step {step}")
+        return original(self, window)
+
+    return step_or_die
+
+
+def assert_same_run(straight_dir, resumed_dir):
+    straight, resumed = history(straight_dir), history(resumed_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in straight]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a, b)
+    weights_a = load_file(Path(straight_dir) / "final" / "model.safetensors")
+    weights_b = load_file(Path(resumed_dir) / "final" / "model.safetensors")
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name,overrides,kills", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_resume_is_exact_anywhere(data_root, tmp_path, monkeypatch, name, overrides, kills):
+    """Killed mid-run, resumed: the loss curve, epochs and final weights equal an uninterrupted run's."""
+    Trainer(recipe(data_root, tmp_path / "straight", *SMALL, *overrides)).train()
+    if name != "packing":
+        assert [r["epoch"] for r in history(tmp_path / "straight")] == [0, 0, 1, 1, 2, 2]
+    for save_steps, kill in kills:
+        run = [*SMALL, *overrides, f"save_steps={save_steps}"]
+        out = tmp_path / f"killed_{kill}"
+        with monkeypatch.context() as patch:
+            patch.setattr(Trainer, "_step", killed_at(kill))
+            with pytest.raises(KeyboardInterrupt):
+                Trainer(recipe(data_root, out, *run)).train()
+        assert list_checkpoints(out)[-1].name == f"checkpoint-{(kill - 1) // save_steps * save_steps}"
+        Trainer(recipe(data_root, out, *run, "resume=true")).train()
+        assert_same_run(tmp_path / "straight", out)
+
+
+KILLING_TRAIN = """
+import os, sys
+from modeling_multimodal.cli import main
+from modeling_multimodal.training.trainer import Trainer
+original, calls = Trainer._step, [0]
+def step_or_die(self, window):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_DURING_STEP"]):
+        os._exit(3)  # no clean-up, no finally: as a kill
+    return original(self, window)
+Trainer._step = step_or_die
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(data_root, tmp_path):
+    """torchrun --nproc_per_node 2 equals one process over 3 epochs; killed during step 5 (checkpoint at 3,
+    mid-epoch) and resumed, it equals itself uninterrupted."""
+    script = tmp_path / "killing_train.py"
+    script.write_text(KILLING_TRAIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KILL_DURING_STEP": "0"}
+    # No dropout: one process draws other masks than two would (RNG restore is covered by the in-process tests).
+    no_dropout = ["model.config.text_config.attention_dropout=0", "model.config.vision_config.attention_dropout=0"]
+    common = [f"data.root={data_root}", *SMALL, *no_dropout, "save_steps=3"]
+
+    def torchrun(output_dir, *extra, kill=0):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                   "--recipe", str(RECIPE), *common, f"output_dir={output_dir}", *extra]
+        return subprocess.run(command, env={**env, "KILL_DURING_STEP": str(kill)}, capture_output=True, text=True, timeout=600)
+
+    done = torchrun(tmp_path / "straight")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = [sys.executable, "-m", "modeling_multimodal.train", "--recipe", str(RECIPE), *common, f"output_dir={tmp_path / 'one'}"]
+    done = subprocess.run(one, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(history(tmp_path / "one"), history(tmp_path / "straight"), strict=True):  # every epoch's order
+        assert (a["epoch"], a["loss"]) == (b["epoch"], pytest.approx(b["loss"], rel=1e-5, abs=1e-5)), (a, b)
+    assert torchrun(tmp_path / "resumed", kill=5).returncode != 0
+    assert list_checkpoints(tmp_path / "resumed")[-1].name == "checkpoint-3"
+    done = torchrun(tmp_path / "resumed", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_stages_chain_in_one_call_and_resume_skips_finished_stages(data_root, tmp_path, monkeypatch):
+    """stages: [align, finetune] in one train(); killed in the second stage, resumed without re-running the first."""
+    from modeling_multimodal.training.trainer import train
+
+    chain = "stages=[{stage: align, optim.max_steps: 2}, {stage: finetune, optim.max_steps: 3, lora.r: 4}]"
+    run = [*SMALL, "save_steps=1", chain]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", killed_at(4))  # the finetune stage's second step
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe(data_root, tmp_path, *run))
+    assert (tmp_path / "1-align" / "final" / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "2-finetune")] == ["checkpoint-1"]
+    steps = []
+    original = Trainer._step
+    monkeypatch.setattr(Trainer, "_step", lambda self, window: steps.append(self.recipe.stage) or original(self, window))
+    result = train(recipe(data_root, tmp_path, *run, "resume=true"))
+    assert steps == ["finetune", "finetune"]  # align finished: not run again; finetune resumed at step 1
+    assert result["final_dir"] == str(tmp_path / "2-finetune" / "final") and result["steps"] == 3
+    saved = json.loads((tmp_path / "2-finetune" / "final" / "training_recipe.json").read_text())
+    assert saved["init_from"] == str(tmp_path / "1-align" / "final") and saved["lora"]["r"] == 4
+    assert [r["step"] for r in history(tmp_path / "2-finetune")] == [1, 2, 3]
+    steps.clear()
+    assert train(recipe(data_root, tmp_path, *run, "resume=true"))["steps"] == 3 and steps == []  # all finished
+
+
+def test_trainer_sets_torch_threads(data_root, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        Trainer(recipe(data_root, tmp_path, "threads=1", "data.eval=[]"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_runs_on_one_folder_are_kept_apart(data_root, tmp_path):
+    """A new run over another run's checkpoints is refused (or replaced when asked); --resume needs a checkpoint."""
+    run = [*SMALL, "optim.max_steps=2", "save_steps=2"]
+    with pytest.raises(ValueError, match="holds no complete checkpoint to resume from"):
+        Trainer(recipe(data_root, tmp_path, *run, "resume=true")).train()
+    Trainer(recipe(data_root, tmp_path, *run)).train()
+    with pytest.raises(ValueError, match="holds another run's checkpoints \\(checkpoint-2\\): pass --resume"):
+        Trainer(recipe(data_root, tmp_path, *run)).train()
+    first_run = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["run_id"]
+    Trainer(recipe(data_root, tmp_path, *run, "overwrite_output_dir=true")).train()
+    assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["run_id"] != first_run
+    assert [r["step"] for r in history(tmp_path)] == [1, 2]

@@ -1,14 +1,36 @@
 """Training recipes: a YAML file, overridable from the command line with dotted `key=value` pairs.
 
 A recipe names the model (a saved checkpoint, components to compose, or a config to build from
-scratch), the data, the stage and the hyper-parameters. Unknown keys are errors, so a typo in a
-recipe or an override never silently falls back to a default.
+scratch), the data, the stage and the hyper-parameters. Every value is checked where the recipe is
+read, naming its key: types (YAML's `1e-3` is a number here, as in YAML 1.2), ranges (no negative
+learning rate, `max_grad_norm` > 0 or null to switch clipping off), and unknown keys at every level,
+`model.config` and its sub-configs included, so a typo never silently falls back to a default. A
+recipe file is at most 1 MiB and 100k values once YAML aliases are expanded (an alias bomb is refused).
+
+Paths: relative `data.root`, `init_from`, `model.checkpoint` and `model.components` paths in a YAML file
+(a chained stage's own ones too) resolve against the file's folder; a `model.checkpoint` / `init_from` /
+component that is not a folder there is left as given (a Hub id). `output_dir` resolves against the
+current directory, like any command's output option, so one recipe in a shared (or installed,
+read-only) folder serves many runs. Overrides on the command line are taken as typed (current directory).
+
+Keys a reader may not guess:
+- `threads`: torch intra-op threads per process; default `OMP_NUM_THREADS` when set, else the cores
+  this process may run on (`os.sched_getaffinity`) divided by the processes on this machine
+  (`LOCAL_WORLD_SIZE`). The `--threads` flag of `train`, `evaluate` and `demo` overrides it
+  (`modeling_multimodal/threads.py`).
+- `stages`: chain stages in one run, e.g. `[align, finetune]` or
+  `[{stage: align, optim.max_steps: 40}, {stage: finetune, lora.r: 16}]` (dotted overrides per stage).
+  Stage n trains in `output_dir/<n>-<stage>/` (n from 1), initialised from stage n-1's `final/`; with
+  `resume`, finished stages are skipped and an interrupted one resumes from its checkpoint.
+- `overwrite_output_dir`: start afresh in a folder that holds another run's checkpoints (otherwise refused).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +38,102 @@ from typing import Any
 import yaml
 
 STAGES = ("encoders", "align", "finetune", "full")
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000  # after YAML aliases are expanded
+PATH_KEYS = ("data.root", "model.checkpoint", "model.components.text", "model.components.vision", "model.components.audio")
 
 
+# --- value checks (each names the key) ------------------------------------------------------------------
+def check_number(key: str, value, *, integer: bool = False, minimum=None, above=None, below=None, optional: bool = False):
+    """An int (or float) within range; ints are accepted for floats, integral floats (`1e3`) for ints."""
+    if value is None and optional:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{key}={value!r}: expected {kind}{' or null' if optional else ''}")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        value = int(value)
+    else:
+        value = float(value)
+    for bound, fails, words in ((minimum, lambda b: value < b, ">="), (above, lambda b: value <= b, ">"), (below, lambda b: value >= b, "<")):
+        if bound is not None and fails(bound):
+            raise ValueError(f"{key}={value!r}: must be {words} {bound}")
+    return value
+
+
+def check_flag(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+def check_text(key: str, value, *, optional: bool = False, choices=None):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key}={value!r}: expected a non-empty string{' or null' if optional else ''}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{key}={value!r}; expected one of {tuple(choices)}")
+    return value
+
+
+def check_keys(key: str, values, known, required=()) -> dict:
+    if not isinstance(values, dict):
+        raise ValueError(f"{key}={values!r}: expected a mapping")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown recipe key(s) {unknown} in {key}; known: {sorted(known)}")
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ValueError(f"{key}: missing required key(s) {missing}")
+    return values
+
+
+def _config_fields(config_class) -> set[str]:
+    fields = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
+    return fields | set(getattr(config_class, "attribute_map", {})) | {"model_type"}
+
+
+def check_model_config(key: str, values) -> dict:
+    """MultimodalConfig keys (and each sub-config's keys for its model type); values are checked by the configs."""
+    from transformers import CONFIG_MAPPING, PreTrainedConfig
+
+    from ..configuration import MultimodalConfig
+
+    check_keys(key, values, _config_fields(MultimodalConfig) | _config_fields(PreTrainedConfig))
+    for name, spec in MultimodalConfig.sub_configs_defaults.items():
+        sub = values.get(name)
+        if sub is None or not isinstance(sub, dict):
+            continue
+        model_type = sub.get("model_type", spec.model_type)
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"{key}.{name}.model_type={model_type!r}: not a model type transformers knows")
+        check_keys(f"{key}.{name}", sub, _config_fields(CONFIG_MAPPING[model_type]) | _config_fields(PreTrainedConfig))
+    return values
+
+
+def check_data_entries(key: str, entries, training: bool) -> list:
+    """[{manifest, task, max_samples, repeat}]: `repeat` weights a training task; evaluation scores each row once."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{key}={entries!r}: expected a list of {{manifest, task}} entries")
+    allowed = {"manifest", "task", "max_samples"} | ({"repeat"} if training else set())
+    for index, entry in enumerate(entries):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict) or set(entry) - allowed or "manifest" not in entry:
+            optional = "max_samples, repeat" if training else "max_samples; repeat is for data.train only"
+            raise ValueError(f"data entry {entry} ({where}): expected keys manifest, task (optional {optional})")
+        check_text(f"{where}.manifest", entry["manifest"])
+        check_text(f"{where}.task", entry.get("task"), optional=True)
+        check_number(f"{where}.max_samples", entry.get("max_samples"), integer=True, minimum=1, optional=True)
+        repeat = entry.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"data entry {entry} ({where}): repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
+    return entries
+
+
+# --- the recipe ---------------------------------------------------------------------------------------
 @dataclass
 class ModelSpec:
     checkpoint: str | None = None  # a saved MultimodalForConditionalGeneration (+ processor)
@@ -26,6 +142,31 @@ class ModelSpec:
     tokenizer: dict | None = None  # from scratch: {"kind": "word"|"bpe", "vocab_size": N} trained on the data's text
     image_size: int | None = None  # from scratch: image processor size (defaults to the vision tower's)
     overrides: dict = field(default_factory=dict)  # MultimodalConfig overrides for checkpoint/components
+
+    def __post_init__(self):
+        import inspect
+
+        from ..configuration import MultimodalConfig
+        from ..composition import from_pretrained_components
+
+        check_text("model.checkpoint", self.checkpoint, optional=True)
+        if self.components is not None:
+            parameters = inspect.signature(from_pretrained_components).parameters
+            known = {n for n, p in parameters.items() if n != "cls" and p.kind is not p.VAR_KEYWORD}
+            if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+                known |= _config_fields(MultimodalConfig)
+            check_keys("model.components", self.components, known, required=("text",))
+            for part in ("text", "vision", "audio"):
+                check_text(f"model.components.{part}", self.components.get(part), optional=part != "text")
+        if self.config is not None:
+            check_model_config("model.config", self.config)
+        if self.tokenizer is not None:
+            check_keys("model.tokenizer", self.tokenizer, {"kind", "vocab_size", "media_tokens"})
+            check_text("model.tokenizer.kind", self.tokenizer.get("kind", "word"), choices=("word", "bpe"))
+            check_number("model.tokenizer.vocab_size", self.tokenizer.get("vocab_size", 1000), integer=True, minimum=1)
+            check_flag("model.tokenizer.media_tokens", self.tokenizer.get("media_tokens", True))
+        self.image_size = check_number("model.image_size", self.image_size, integer=True, minimum=1, optional=True)
+        check_model_config("model.overrides", self.overrides)
 
 
 @dataclass
@@ -40,6 +181,18 @@ class DataSpec:
     cache_in_memory: bool = False  # keep encoded examples after their first use (small data sets, many epochs)
     eval_max_samples: int | None = 64
 
+    def __post_init__(self):
+        check_text("data.root", self.root)
+        check_data_entries("data.train", self.train, training=True)
+        check_data_entries("data.eval", self.eval, training=False)
+        self.max_length = check_number("data.max_length", self.max_length, integer=True, minimum=1)
+        self.num_workers = check_number("data.num_workers", self.num_workers, integer=True, minimum=0)
+        self.eval_max_samples = check_number("data.eval_max_samples", self.eval_max_samples, integer=True, minimum=1, optional=True)
+        for name in ("packing", "group_by_length", "cache_in_memory"):
+            check_flag(f"data.{name}", getattr(self, name))
+        if self.cache_in_memory and self.num_workers:
+            raise ValueError("data.cache_in_memory needs data.num_workers=0 (each worker would keep its own copy)")
+
 
 @dataclass
 class LoraSpec:
@@ -48,6 +201,17 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: str | None = None  # a regex over module names; default: every Linear of the LM
     encoders: bool = False  # also LoRA on the vision / audio towers' Linear layers
+
+    def __post_init__(self):
+        self.r = check_number("lora.r", self.r, integer=True, minimum=1)
+        self.alpha = check_number("lora.alpha", self.alpha, above=0)
+        self.dropout = check_number("lora.dropout", self.dropout, minimum=0, below=1)
+        if check_text("lora.target_modules", self.target_modules, optional=True) is not None:
+            try:
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ValueError(f"lora.target_modules={self.target_modules!r}: not a valid regex ({error})") from None
+        check_flag("lora.encoders", self.encoders)
 
 
 @dataclass
@@ -61,7 +225,15 @@ class OptimSpec:
     lr_lm: float = 2e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
+            setattr(self, name, check_number(f"optim.{name}", getattr(self, name), integer=True, minimum=1))
+        for name in ("lr_projector", "lr_lora", "lr_encoder", "lr_lm", "weight_decay"):
+            setattr(self, name, check_number(f"optim.{name}", getattr(self, name), minimum=0))
+        self.warmup_steps = check_number("optim.warmup_steps", self.warmup_steps, integer=True, minimum=0)
+        self.max_grad_norm = check_number("optim.max_grad_norm", self.max_grad_norm, above=0, optional=True)
 
 
 @dataclass
@@ -69,6 +241,7 @@ class TrainingRecipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     stage: str = "align"
+    stages: list | None = None  # chain: [align, finetune] or [{stage: align, optim.max_steps: 40}, ...] (module docstring)
     lora: LoraSpec = field(default_factory=LoraSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     other_loss_weight: float | None = None  # λ; None keeps the model config's value
@@ -76,22 +249,37 @@ class TrainingRecipe:
     mixed_precision: str = "no"  # "no" | "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0
+    threads: int | None = None  # torch threads per process; None: the cores available / processes on this machine
     output_dir: str = "outputs/run"
     save_steps: int = 0  # 0: only the final save
     save_total_limit: int | None = 2
     eval_steps: int = 0
     logging_steps: int = 10
-    resume: bool = False
+    resume: bool = False  # continue from output_dir's latest checkpoint (an error when there is none)
+    overwrite_output_dir: bool = False  # replace another run's checkpoints and outputs in output_dir
     report: bool = True
     init_from: str | None = None  # a previous run's final/ directory: start from its weights (stage chaining)
     push_to_hub: str | None = None  # a Hub repo id: final/ is pushed there (with its card) at the end of training
     hub_private: bool = False  # create that repo private
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r}; expected one of {STAGES}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}; expected 'no' or 'bf16'")
+        check_text("stage", self.stage, choices=STAGES)
+        check_text("mixed_precision", self.mixed_precision, choices=("no", "bf16"))
+        for name in ("other_loss_weight", "cross_loss_weight"):
+            setattr(self, name, check_number(name, getattr(self, name), minimum=0, optional=True))
+        self.seed = check_number("seed", self.seed, integer=True, minimum=0)
+        self.threads = check_number("threads", self.threads, integer=True, minimum=1, optional=True)
+        for name in ("save_steps", "eval_steps"):
+            setattr(self, name, check_number(name, getattr(self, name), integer=True, minimum=0))
+        self.logging_steps = check_number("logging_steps", self.logging_steps, integer=True, minimum=1)
+        self.save_total_limit = check_number("save_total_limit", self.save_total_limit, integer=True, minimum=1, optional=True)
+        for name in ("gradient_checkpointing", "resume", "overwrite_output_dir", "report", "hub_private"):
+            check_flag(name, getattr(self, name))
+        check_text("output_dir", self.output_dir)
+        for name in ("init_from", "push_to_hub"):
+            check_text(name, getattr(self, name), optional=True)
+        if self.stages is not None and (not isinstance(self.stages, list) or not self.stages):
+            raise ValueError(f"stages={self.stages!r}: expected a non-empty list of stage names or {{stage: name, key: value}}")
         sources = [s for s in ("checkpoint", "components", "config") if getattr(self.model, s) is not None]
         if len(sources) != 1 and self.init_from is None:
             raise ValueError(f"model: give exactly one of checkpoint / components / config (got {sources or 'none'})")
@@ -102,18 +290,56 @@ class TrainingRecipe:
         return dataclasses.asdict(self)
 
 
+SECTIONS = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "optim": OptimSpec}
+
+
 def _build(cls, values: dict, where: str):
-    values = dict(values or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"Unknown recipe key(s) {unknown} in {where or 'the recipe'}; known: {sorted(known)}")
-    for name, value in list(values.items()):
-        sub = {ModelSpec: "model", DataSpec: "data", LoraSpec: "lora", OptimSpec: "optim"}
-        for sub_cls, sub_name in sub.items():
-            if name == sub_name and cls is TrainingRecipe:
-                values[name] = _build(sub_cls, value, f"{where}.{name}".lstrip("."))
+    values = dict(check_keys(where or "the recipe", values if values is not None else {}, [f.name for f in dataclasses.fields(cls)]))
+    if cls is TrainingRecipe:
+        for name, section in SECTIONS.items():
+            if name in values:
+                values[name] = _build(section, values[name], name)
     return cls(**values)
+
+
+# --- YAML -----------------------------------------------------------------------------------------------
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: `1e-3` (no dot) is a number, not the string '1e-3'."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, where: str):
+    """Safe YAML with bounded size and alias expansion; a recipe's values as plain, unshared data."""
+    if len(text.encode()) > MAX_RECIPE_BYTES:
+        raise ValueError(f"{where}: {len(text.encode())} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+    try:
+        value = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: not valid YAML ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply") from None
+    budget = [MAX_RECIPE_VALUES]
+
+    def expand(node, depth=0):  # a fresh copy, counting every value an alias repeats
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 100:
+            raise ValueError(
+                f"{where}: more than {MAX_RECIPE_VALUES} values (or 100 levels) once YAML aliases are expanded; "
+                "a recipe is small (is this an alias bomb?)"
+            )
+        if isinstance(node, dict):
+            return {key: expand(item, depth + 1) for key, item in node.items()}
+        if isinstance(node, list):
+            return [expand(item, depth + 1) for item in node]
+        return node
+
+    return expand(value)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -123,30 +349,102 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         if "=" not in override:
             raise ValueError(f"Override {override!r} must look like key.sub=value")
         key, raw = override.split("=", 1)
-        node = values
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"Override {override!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        set_dotted(values, key, parse_yaml(raw, f"Override {override!r}"), f"Override {override!r}")
+    return values
+
+
+def set_dotted(values: dict, key: str, value, where: str) -> None:
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{where}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+# --- paths ----------------------------------------------------------------------------------------------
+def resolve_paths(values: dict, base: Path) -> dict:
+    """Relative paths of a recipe file made relative to its folder (see the module docstring)."""
+    values = copy.deepcopy(values)
+
+    def local(value, always: bool):
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        candidate = base / value
+        return str(candidate) if always or candidate.exists() else value
+
+    data, model = values.get("data"), values.get("model")
+    if isinstance(data, dict) and "root" in data:
+        data["root"] = local(data["root"], always=True)
+    if "init_from" in values:
+        values["init_from"] = local(values["init_from"], always=False)
+    if isinstance(model, dict):
+        if "checkpoint" in model:
+            model["checkpoint"] = local(model["checkpoint"], always=False)
+        if isinstance(model.get("components"), dict):
+            for part in ("text", "vision", "audio"):
+                if part in model["components"]:
+                    model["components"][part] = local(model["components"][part], always=False)
+    for entry in values.get("stages") or []:  # a stage's own dotted paths
+        if isinstance(entry, dict):
+            for key in [k for k in entry if k in PATH_KEYS]:
+                entry[key] = local(entry[key], always=key == "data.root")
     return values
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None) -> TrainingRecipe:
-    """Read a recipe from YAML (or a dict), apply overrides, validate; relative paths resolve against the YAML's folder."""
+    """Read a recipe from YAML (or a dict), apply overrides, validate (every stage of a chain too)."""
     if path is not None:
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"Recipe {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise ValueError(f"Recipe {path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+        values = parse_yaml(path.read_text(), f"Recipe {path}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"Recipe {path}: expected a mapping of keys, got {type(values).__name__}")
+        values = resolve_paths(values, path.resolve().parent)
     values = apply_overrides(values or {}, list(overrides))
     recipe = _build(TrainingRecipe, values, "")
+    stage_recipes(recipe)  # a chain's stages are checked now, not when a stage starts
     return recipe
 
 
 def recipe_from_dict(values: dict, overrides: list[str] = ()) -> TrainingRecipe:
     return load_recipe(values=values, overrides=overrides)
+
+
+# --- chained stages -------------------------------------------------------------------------------------
+def stage_recipes(recipe: TrainingRecipe) -> list[TrainingRecipe]:
+    """The recipe of each stage of `recipe.stages` (or [recipe] itself): see the module docstring."""
+    if not recipe.stages:
+        return [recipe]
+    base = recipe.to_dict()
+    base["stages"] = None
+    recipes, previous = [], recipe.init_from
+    for number, entry in enumerate(recipe.stages, start=1):
+        where = f"stages[{number - 1}]"
+        if isinstance(entry, str):
+            entry = {"stage": entry}
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise ValueError(f"{where}={entry!r}: expected a stage name or {{stage: name, key.sub: value, ...}}")
+        values = copy.deepcopy(base)
+        for key, value in entry.items():
+            if key.split(".")[0] in ("stages", "output_dir", "init_from", "resume", "overwrite_output_dir"):
+                raise ValueError(f"{where}: {key} is set for the whole chain, not per stage")
+            set_dotted(values, key, copy.deepcopy(value), where)
+        name = check_text(f"{where}.stage", entry["stage"], choices=STAGES)
+        values["output_dir"] = str(Path(recipe.output_dir) / f"{number}-{name}")
+        values["init_from"] = None if previous is None else str(previous)
+        try:
+            recipes.append(_build(TrainingRecipe, values, ""))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        previous = Path(values["output_dir"]) / "final"
+    return recipes
 
 
 def describe(recipe: TrainingRecipe) -> dict[str, Any]:

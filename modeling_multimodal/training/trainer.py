@@ -9,8 +9,13 @@ What a reader should know:
   mixed-modality batches do not hang DDP / FSDP / ZeRO-3, and one process gives its optimizer the same
   zero gradients as several would; parameters no forward can reach are frozen before wrapping.
 - Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
-  (epoch, batch) are restored; the sampler is seeded per epoch, and RNG is restored after the data
-  iterator is rebuilt, so the loss curve after a resume equals an uninterrupted run.
+  (epoch, batch) are restored; the sampler is seeded per epoch, and so is the prepared loader's counter
+  (Accelerate's `DataLoaderShard` re-applies its own epoch on every `__iter__`, and a resumed process
+  would restart that counter at 0). A checkpoint is written after the next window is
+  fetched and RNG is restored after the resumed iterator fetches its first window, so both runs draw
+  their step's randomness from the same state: the loss curve after a resume equals an uninterrupted run.
+- One run per output folder (`run_folder.py`): a lock held for the run, no new run over another run's
+  checkpoints, no `--resume` without a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -33,12 +40,14 @@ from transformers import get_cosine_schedule_with_warmup
 from ..configuration import MultimodalConfig
 from ..modeling_multimodal import MultimodalForConditionalGeneration
 from ..processing.processing_multimodal import MultimodalProcessor
+from ..threads import set_threads
 from ..tokenization import build_tokenizer
-from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpointing import gather_full_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
 from .packing import PackedBatchSampler, PackingCollator
-from .recipe import TrainingRecipe
+from .recipe import TrainingRecipe, stage_recipes
+from .run_folder import RunLock, prepare_output_dir
 from .stages import apply_stage, base_model, parameter_groups
 from .tracking import JSONLTracker
 
@@ -115,20 +124,12 @@ def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[
 def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
     """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
 
-    A training entry's `repeat` (checked here, applied by the training loader) weights a task in the
+    A training entry's `repeat` (applied by the training loader) weights a task in the
     mixture: its rows appear that many times per epoch, each decoded once when examples are cached. An
     evaluation entry scores each row once, so `repeat` there is refused rather than ignored.
     """
     loaded = []
-    allowed = {"manifest", "task", "max_samples"} | ({"repeat"} if training else set())
-    for entry in entries:
-        unknown = set(entry) - allowed
-        if unknown or "manifest" not in entry:
-            optional = "max_samples, repeat" if training else "max_samples; repeat is for data.train only"
-            raise ValueError(f"data entry {entry}: expected keys manifest, task (optional {optional})")
-        repeat = entry.get("repeat", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-            raise ValueError(f"data entry {entry}: repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
+    for entry in entries:  # checked by the recipe (`check_data_entries`)
         rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root, task=entry.get("task"))
         if entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
@@ -193,6 +194,8 @@ class _MixedDataset(torch.utils.data.Dataset):
 # --- the loop -----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, recipe: TrainingRecipe):
+        if recipe.stages:
+            raise ValueError("a recipe with `stages` runs through train(recipe), which starts one Trainer per stage")
         self.recipe = recipe
         self.output_dir = Path(recipe.output_dir)
         # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
@@ -209,6 +212,7 @@ class Trainer:
             log_with=[JSONLTracker(self.output_dir / "logs"), "tensorboard"],
             project_dir=str(self.output_dir / "logs"),
         )
+        set_threads(recipe.threads)
         set_seed(recipe.seed)
         self.train_rows = load_rows(recipe, recipe.data.train)
         self.eval_rows = load_rows(recipe, recipe.data.eval, training=False)
@@ -235,8 +239,6 @@ class Trainer:
             encoder = ExampleEncoder(self.processor, task, max_length=recipe.data.max_length)
             parts.append(EncodedDataset(rows, encoder))
             lengths += encoder.estimate_lengths(rows) * repeat
-        if recipe.data.cache_in_memory and recipe.data.num_workers:
-            raise ValueError("data.cache_in_memory needs data.num_workers=0 (each worker would keep its own copy)")
         dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory, repeats=repeats)
         pad_id = self.processor.tokenizer.pad_token_id
         batch_size = recipe.optim.batch_size
@@ -259,6 +261,10 @@ class Trainer:
     def _batches(self, loader, epoch: int, skip: int):
         """(epoch, index, batch) forever; the first epoch starts `skip` batches in."""
         while True:
+            # Both: the loader's own counter (its __iter__ re-applies it to the samplers it can reach, which is ours
+            # in one process) and our sampler directly (several processes wrap it in a BatchSamplerShard that
+            # Accelerate's set_epoch does not reach).
+            loader.set_epoch(epoch)
             self.batch_sampler.set_epoch(epoch)
             source = self.accelerator.skip_first_batches(loader, skip) if skip else loader
             for index, batch in enumerate(source, start=skip):
@@ -359,10 +365,35 @@ class Trainer:
 
     # --- main ---
     def train(self) -> dict:
+        """Train under the output folder's lock (released however training ends)."""
+        lock = RunLock(self.output_dir) if self.accelerator.is_main_process else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         recipe, accelerator = self.recipe, self.accelerator
         optim = recipe.optim
-        if optim.gradient_accumulation_steps < 1 or optim.max_steps < 1:
-            raise ValueError("optim.gradient_accumulation_steps and optim.max_steps must be >= 1")
+        if accelerator.distributed_type == DistributedType.DEEPSPEED and (recipe.save_steps or recipe.resume):
+            raise ValueError(
+                "save_steps / resume under DeepSpeed: checkpoints gather through torch.distributed.checkpoint, which does "
+                "not know ZeRO-3's partitions; use FSDP2 (examples/accelerate/fsdp.yaml) for a run that must resume"
+            )
+        if accelerator.distributed_type == DistributedType.FSDP:
+            if recipe.stage == "finetune":
+                raise ValueError(
+                    "stage=finetune under FSDP: the final export merges the LoRA adapter into the model, which is not "
+                    "implemented for sharded parameters; train stage=full (or align) under FSDP, or finetune with DDP"
+                )
+            if recipe.data.eval:  # evaluation runs on the main process alone: a sharded forward would wait for the others
+                raise ValueError(
+                    "data.eval under FSDP: evaluation is not sharded; set data.eval=[] and score final/ afterwards "
+                    "with `modeling-multimodal evaluate`"
+                )
+        checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
+        accelerator.wait_for_everyone()  # the main process may have cleared the folder
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
         loader = self._train_loader()
@@ -370,11 +401,15 @@ class Trainer:
         accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
 
         step, epoch, skip, rng = 0, 0, 0, None
-        if recipe.resume and (checkpoints := list_checkpoints(self.output_dir)):
-            state, rng = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, accelerator.process_index)
+        self.run_id = uuid.uuid4().hex
+        if checkpoint is not None:
+            state, rng = load_checkpoint(
+                checkpoint, accelerator.unwrap_model(self.model), _torch_optimizer(self.optimizer), self.scheduler, accelerator.process_index
+            )
             step, epoch, skip = state["step"], state["epoch"], state["batch"]
             self.log_history, self.eval_history = state["log_history"], state["eval_history"]
-            logger.info("Resumed from %s at step %d", checkpoints[-1], step)
+            self.run_id = state.get("run_id") or self.run_id
+            logger.info("Resumed from %s at step %d", checkpoint, step)
         batches = self._batches(loader, epoch, skip)
         window_source = _windows(batches, optim.gradient_accumulation_steps)
         first_window = next(window_source) if step < optim.max_steps else None
@@ -398,10 +433,11 @@ class Trainer:
             progress.update(1)
             if recipe.eval_steps and step % recipe.eval_steps == 0 and step < optim.max_steps and self.eval_rows:
                 self.evaluate(step)
-            if recipe.save_steps and step % recipe.save_steps == 0 and step < optim.max_steps:
-                self._save_checkpoint(step, epoch, batch_index)
-            if step < optim.max_steps:
-                window = next(window_source)
+            # Fetch the next window before saving: a resumed run restores RNG after its first fetch.
+            next_window = next(window_source) if step < optim.max_steps else None
+            if recipe.save_steps and (step % recipe.save_steps == 0 or step == optim.max_steps):
+                self._save_checkpoint(step, epoch, batch_index)  # also at the end: a later run can extend max_steps
+            window = next_window
         progress.close()
         elapsed = time.perf_counter() - started
         final = self.evaluate(step) if self.eval_rows else {"scores": {}, "samples": {}}
@@ -419,9 +455,12 @@ class Trainer:
             self.output_dir,
             step,
             accelerator.unwrap_model(self.model),
-            self.optimizer,
+            _torch_optimizer(self.optimizer),
             self.scheduler,
-            {"step": step, "epoch": epoch, "batch": batch_index, "log_history": self.log_history, "eval_history": self.eval_history},
+            {
+                "step": step, "epoch": epoch, "batch": batch_index, "run_id": self.run_id,
+                "log_history": self.log_history, "eval_history": self.eval_history,
+            },
             rank=accelerator.process_index,
             is_main=accelerator.is_main_process,
             total_limit=self.recipe.save_total_limit,
@@ -433,15 +472,17 @@ class Trainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         paths = {"final_dir": str(self.output_dir / "final")}
+        model = accelerator.unwrap_model(self.model)
+        # FSDP2 parameters are shards: gather full tensors (every rank takes part) for rank 0 to save.
+        full_state = gather_full_state(model) if any(isinstance(p, DTensor) for p in model.parameters()) else None
         if not accelerator.is_main_process:
             return paths
-        model = accelerator.unwrap_model(self.model)
         final_dir = self.output_dir / "final"
         if hasattr(model, "merge_and_unload"):
             model.save_pretrained(final_dir / "adapter")
             paths["adapter_dir"] = str(final_dir / "adapter")
             model = model.merge_and_unload()
-        model.save_pretrained(final_dir)
+        model.save_pretrained(final_dir, state_dict=full_state)
         self.processor.save_pretrained(final_dir)
         (final_dir / "training_recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
         (final_dir / "eval_results.json").write_text(json.dumps(final, indent=2, default=str))
@@ -456,6 +497,11 @@ class Trainer:
 
             paths["report"] = str(write_report(self.log_history, self.eval_history, self.output_dir / "report.png"))
         return paths
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's wrapper (what `torch.distributed.checkpoint.state_dict` expects)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _windows(batches, size: int):
@@ -484,4 +530,37 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 
 def train(recipe: TrainingRecipe) -> dict:
-    return Trainer(recipe).train()
+    """Train `recipe`, or each stage of its `stages` chain in turn; returns the (last) run's result."""
+    if not recipe.stages:
+        return Trainer(recipe).train()
+    result = None
+    for stage in stage_recipes(recipe):
+        if recipe.resume and finished(stage):
+            logger.info("Stage %s in %s is finished; not run again", stage.stage, stage.output_dir)
+            result = finished_result(stage)
+            continue
+        stage.resume = recipe.resume and latest_checkpoint(stage.output_dir) is not None
+        result = Trainer(stage).train()
+    return result
+
+
+def finished(recipe: TrainingRecipe) -> bool:
+    """Whether a run wrote its final/ model after all its steps (its log history is written last)."""
+    history = Path(recipe.output_dir) / "log_history.json"
+    if not (Path(recipe.output_dir) / "final" / "eval_results.json").is_file() or not history.is_file():
+        return False
+    records = json.loads(history.read_text())["train"]
+    return bool(records) and records[-1]["step"] >= recipe.optim.max_steps
+
+
+def finished_result(recipe: TrainingRecipe) -> dict:
+    """`Trainer.train()`'s result for a finished run, from its files."""
+    output_dir = Path(recipe.output_dir)
+    records = json.loads((output_dir / "log_history.json").read_text())["train"]
+    evaluation = json.loads((output_dir / "final" / "eval_results.json").read_text())
+    paths = {"final_dir": str(output_dir / "final")}
+    if (output_dir / "final" / "adapter").is_dir():
+        paths["adapter_dir"] = str(output_dir / "final" / "adapter")
+    if (output_dir / "report.png").is_file():
+        paths["report"] = str(output_dir / "report.png")
+    return {"steps": records[-1]["step"], "seconds": 0.0, "final_loss": records[-1]["loss"], **evaluation, **paths}
