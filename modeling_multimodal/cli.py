@@ -96,8 +96,6 @@ def _make_demo_data(args):
 
 
 def _train(args):
-    import yaml
-
     from .training.recipe import load_recipe
     from .training.trainer import train
 
@@ -105,11 +103,7 @@ def _train(args):
     overrides += (["overwrite_output_dir=true"] if args.overwrite else []) + ([f"threads={args.threads}"] if args.threads else [])
     if os.path.exists(args.recipe) and not os.path.isfile(args.recipe):  # a FIFO would block the read
         raise ValueError(f"recipe {args.recipe} is not a regular file")
-    try:
-        recipe = load_recipe(args.recipe, overrides)
-    except yaml.YAMLError as err:
-        raise ValueError(f"recipe {args.recipe} is not valid YAML: {err}") from err
-    result = train(recipe)
+    result = train(load_recipe(args.recipe, overrides))  # load_recipe names YAML syntax errors itself
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
 
 

@@ -83,7 +83,7 @@ USER_ERRORS = [  # (name, argv built from (checkpoint, data, tmp), pattern the o
     ("missing_recipe", lambda c, d, t: ["train", "--recipe", t / "nope.yaml"], r"Recipe .*nope.yaml does not exist"),
     ("recipe_is_a_directory", lambda c, d, t: ["train", "--recipe", t], r"recipe .* is not a regular file"),
     ("recipe_is_a_fifo", lambda c, d, t: ["train", "--recipe", _fifo(t)], r"recipe .*recipe.yaml is not a regular file"),
-    ("recipe_yaml_syntax", lambda c, d, t: ["train", "--recipe", _write(t, "broken.yaml", "optim:\n  lr: [1, 2\nstage: align\n")], r"recipe .*broken.yaml is not valid YAML: .*line \d+"),
+    ("recipe_yaml_syntax", lambda c, d, t: ["train", "--recipe", _write(t, "broken.yaml", "optim:\n  lr: [1, 2\nstage: align\n")], r"[Rr]ecipe .*broken.yaml: not valid YAML .*line \d+"),
     ("bad_override", lambda c, d, t: ["train", "--recipe", "recipes/tiny_test.yaml", "nonsense"], r"nonsense"),
     ("demo_data_over_other_files", lambda c, d, t: ["make-demo-data", _write(t, "x.txt", "mine").parent, "--sizes", "image.test=1"], r"is not empty and holds no demo data"),
     ("unknown_demo_data_task", lambda c, d, t: ["make-demo-data", t / "new", "--sizes", "audio.train=3"], r"Unknown task 'audio' in sizes"),

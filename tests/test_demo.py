@@ -32,7 +32,7 @@ def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
                "--root", str(tmp_path / "data"), "--manifest", "image_test.jsonl", "--task", "image_caption",
                "--batch-size", "32", "--rerank-top-k", "10", "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True)
-    scores = json.loads(out.read_text())["scores"]
+    scores = json.loads(out.read_text())["results"][0]["scores"]
     for key in ("exact_match", "text_to_media_recall@1", "reranked_text_to_media_recall@1", "reranked_media_to_text_recall@1"):
         assert scores[key] == saved["scores"][f"image_caption/{key}"]
 
