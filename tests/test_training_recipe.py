@@ -79,6 +79,14 @@ def test_yaml_1_2_numbers(tmp_path):
     assert load_recipe(path).optim.lr_projector == 0.003
 
 
+def test_mixed_precision_no_as_yaml_writes_it():
+    """`mixed_precision=no` (YAML 1.1 reads a bare no as false) means no mixed precision; other values stay refused."""
+    assert load_recipe(RECIPE, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_recipe(RECIPE, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision=True"):
+        load_recipe(RECIPE, ["mixed_precision=yes"])
+
+
 def test_alias_bomb_and_huge_recipes_are_refused(tmp_path):
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]

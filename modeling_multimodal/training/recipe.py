@@ -264,6 +264,8 @@ class TrainingRecipe:
 
     def __post_init__(self):
         check_text("stage", self.stage, choices=STAGES)
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` (as in `mixed_precision=no`) as false
+            self.mixed_precision = "no"
         check_text("mixed_precision", self.mixed_precision, choices=("no", "bf16"))
         for name in ("other_loss_weight", "cross_loss_weight"):
             setattr(self, name, check_number(name, getattr(self, name), minimum=0, optional=True))
