@@ -149,7 +149,8 @@ class RetrievalHead(nn.Module):
         super().__init__()
         self.media_projection = nn.Linear(hidden_size, embed_dim, bias=False)
         self.text_projection = nn.Linear(hidden_size, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # Shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / init_temperature)]))
         self.init_temperature = init_temperature
 
     def embed_media(self, pooled: torch.Tensor) -> torch.Tensor:

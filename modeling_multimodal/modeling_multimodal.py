@@ -799,7 +799,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             total = total + self.auxiliary_heads["media_bow"](like.new_zeros(1, self.config.text_config.hidden_size)).sum()
         if not used["retrieval"]:
             head, zeros = self.retrieval_head, like.new_zeros(1, self.config.text_config.hidden_size)
-            total = total + head.media_projection(zeros).sum() + head.text_projection(zeros).sum() + head.logit_scale
+            total = total + head.media_projection(zeros).sum() + head.text_projection(zeros).sum() + head.logit_scale.sum()
         return total
 
 __all__ = ["MultimodalForConditionalGeneration", "MultimodalModel", "MultimodalPreTrainedModel"]

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from modeling_multimodal import MultimodalForConditionalGeneration
@@ -105,3 +106,21 @@ def test_quick_pretrained_plan_composes_parts_trains_and_reports(tmp_path):
     assert model.config.vision_config.image_size == 112 and model.config.vision_feature_layers == [4, -1]  # the recipe's image_size
     assert sorted(model.auxiliary_heads) == ["media_bow"]
     assert len(results["samples"]["image_caption"]) == scores["image_caption/num_test_samples"] == 6
+
+
+@pytest.mark.slow
+def test_quick_pretrained_demo_on_the_converted_weights(tmp_path):
+    """`demo --plan pretrained --quick` on the real weights: convert, compose, align, LoRA, reload, score."""
+    from modeling_multimodal.conversion import missing_requirements
+    from modeling_multimodal.demo import PRETRAINED_PARTS
+
+    missing = [reason for _, name in PRETRAINED_PARTS for reason in missing_requirements(name)]
+    if missing:
+        pytest.skip("; ".join(missing))
+    results = run_demo(tmp_path, quick=True, plan="pretrained")
+    scores = results["scores"]
+    assert results["train_steps"] == {"align": 2, "finetune": 2}
+    assert scores["english_nll_base"] == pytest.approx(scores["english_nll_finetuned"], rel=0.5)
+    assert 0.0 <= scores["speech_transcription/whisper_baseline_wer"] <= 1.0  # Whisper tiny.en on the same clips
+    model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
+    assert model.config.text_config.num_hidden_layers == 30 and model.config.vision_config.image_size == 112

@@ -100,7 +100,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from modeling_multimodal.cli import main
-from modeling_multimodal.training.stages import base_model
 from modeling_multimodal.training.trainer import Trainer
 
 original_init = Accelerator.__init__
@@ -116,16 +115,6 @@ def init(self, *args, **kwargs):  # what `accelerate launch --config_file exampl
         )
 
 
-original_prepare = Trainer._prepare_model
-
-
-def prepare_model(self, model):  # fully_shard refuses scalar parameters: the retrieval temperature becomes shape (1,)
-    model = original_prepare(self, model)
-    head = base_model(model).retrieval_head
-    head.logit_scale = torch.nn.Parameter(head.logit_scale.detach().reshape(1), requires_grad=head.logit_scale.requires_grad)
-    return model
-
-
 original_step, calls = Trainer._step, [0]
 
 
@@ -136,7 +125,7 @@ def step_or_die(self, window):
     return original_step(self, window)
 
 
-Accelerator.__init__, Trainer._prepare_model, Trainer._step = init, prepare_model, step_or_die
+Accelerator.__init__, Trainer._step = init, step_or_die
 sys.exit(main(["train", *sys.argv[1:]]))
 '''
 
@@ -146,9 +135,8 @@ def test_trainer_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
     """The trainer on 2 CPU processes with Accelerate's FSDP2 (per-layer fully_shard): same losses and final
     weights as 1 process; killed during step 4 and resumed from checkpoint-2: the same again.
 
-    Two stand-ins, both in this test's launcher: Accelerate 1.15 picks FSDP only for accelerator devices, so
-    the launcher sets it as `accelerate launch` would on GPUs; and the model's scalar `retrieval_head.logit_scale`
-    (which `fully_shard` refuses) is made shape (1,) in every run.
+    One stand-in, in this test's launcher: Accelerate 1.15 picks FSDP only for accelerator devices, so the
+    launcher sets it as `accelerate launch` would on GPUs.
     """
     from modeling_multimodal.demo_data import make_demo_data
 
