@@ -203,6 +203,8 @@ def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
 
     straight, resumed = history(tmp_path / "straight"), history(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == list(range(1, 8))
+    logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(logged) and len([s for s in logged if s == 5]) == len([s for s in logged if s == 3])  # no step twice
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a, b)
     weights_a = load_file(tmp_path / "straight" / "final" / "model.safetensors")

@@ -36,3 +36,15 @@ class JSONLTracker(GeneralTracker):
         record = {"step": step, "time": time.time(), **{k: float(v) if hasattr(v, "item") else v for k, v in values.items()}}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    @on_main_process
+    def drop_after(self, step: int) -> None:
+        """Forget the lines logged after `step` (a resumed run logs those steps again), by an atomic rewrite."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if (json.loads(line).get("step") or 0) <= step]
+        if len(kept) != len(lines):
+            partial = self.path.with_suffix(".jsonl.partial")
+            partial.write_text("".join(kept))
+            partial.replace(self.path)
