@@ -228,8 +228,9 @@ def whisper_baseline_wer(whisper_dir: str, data: Path, batch_size: int = 16) -> 
     rows = list(load_manifest(data / "speech_test.jsonl", root=data))
     predictions = []
     for start in range(0, len(rows), batch_size):
-        clips = [load_audio(row["audio"]) for row in rows[start : start + batch_size]]
-        features = processor.feature_extractor(clips, sampling_rate=16000, return_tensors="pt").input_features
+        rate = processor.feature_extractor.sampling_rate
+        clips = [load_audio(row["audio"], None, rate) for row in rows[start : start + batch_size]]
+        features = processor.feature_extractor(clips, sampling_rate=rate, return_tensors="pt").input_features
         tokens = model.generate(features, max_new_tokens=64)
         predictions += processor.batch_decode(tokens, skip_special_tokens=True)
     return word_error_rate(predictions, [row["transcript"] for row in rows])
