@@ -64,8 +64,12 @@ def encode_audio(
 
 def select_vision_features(hidden_states: tuple[torch.Tensor, ...], layers: list[int], drop_cls: bool) -> torch.Tensor:
     """(n, 1 + patches, d * len(layers)): the hidden states of `layers` side by side, without CLS when `drop_cls`."""
-    selected = torch.cat([hidden_states[layer] for layer in layers], dim=-1)
+    selected = hidden_states[layers[0]] if len(layers) == 1 else torch.cat([hidden_states[layer] for layer in layers], dim=-1)
     return selected[:, 1:] if drop_cls else selected
+
+
+def has_trainable_parameters(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def run_frozen_aware(tower: nn.Module, fn, *args, **kwargs):
@@ -74,7 +78,7 @@ def run_frozen_aware(tower: nn.Module, fn, *args, **kwargs):
     A frozen encoder then keeps no activations (the `align` stage's memory win); with LoRA or full
     training on the tower, gradients flow as usual.
     """
-    if torch.is_grad_enabled() and not any(p.requires_grad for p in tower.parameters()):
+    if torch.is_grad_enabled() and not has_trainable_parameters(tower):
         with torch.no_grad():
             return fn(*args, **kwargs)
     return fn(*args, **kwargs)

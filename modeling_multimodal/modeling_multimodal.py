@@ -35,7 +35,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MultimodalConfig
-from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
+from .encoders import build_audio_tower, encode_audio, has_trainable_parameters, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, gather_rows_across_ranks, labelled_lm_loss, masked_mean
 from .projectors import MultiModalProjector, pool_patch_grid, pool_time
 from .vision_stem import use_conv_stem
@@ -111,10 +111,6 @@ def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], 
             f"{len(tokens_per_item) - item} {modality} item(s) ({leftover} feature tokens) were given but no sample "
             f"has <{modality}> placeholders left for them (placeholders per sample: {placeholders_per_sample})."
         )
-
-
-def _has_trainable_parameters(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def padded_features(items: list[torch.Tensor]) -> MediaFeaturesOutput:
@@ -777,7 +773,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if model.vision_tower is not None:
             vision = self.config.vision_config
             if not used["image"]:
-                if _has_trainable_parameters(model.vision_tower):
+                if has_trainable_parameters(model.vision_tower):
                     total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
                 else:
                     total = total + model.multi_modal_projector["image"](like.new_zeros(1, 1, self.config.vision_feature_dim)).sum()
@@ -786,7 +782,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if model.audio_tower is not None:
             states = None
             if not used["audio"]:
-                if _has_trainable_parameters(model.audio_tower):
+                if has_trainable_parameters(model.audio_tower):
                     mels = like.new_zeros(1, self.config.audio_config.num_mel_bins, 2)
                     clips, states, _ = model.encode_audio(mels)
                     total = total + clips[0].sum()
