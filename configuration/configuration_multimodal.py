@@ -44,6 +44,9 @@ class MultimodalConfig(PreTrainedConfig):
         image_projector / audio_projector / video_projector: "linear" or "mlp" (two layers); video_projector may
             also be "image": video frames go through the image projector (one projector for both, as in
             LLaVA-NeXT-Video), so what the LM learns to read from images carries over to frames.
+        projector_input_standardize: standardise each projector's input per channel with a mean and standard
+            deviation estimated from training data when training starts (`training.calibration`), saved with the
+            model. For pretrained towers, whose features a fresh projector otherwise learns to read slowly.
         image_pool_stride: average-pool the image patch grid by this factor per side (token compression).
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
         video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
@@ -79,6 +82,7 @@ class MultimodalConfig(PreTrainedConfig):
     audio_projector: str = "mlp"
     video_projector: str = "mlp"
     projector_hidden_act: str = "gelu"
+    projector_input_standardize: bool = False
     image_pool_stride: int = 1
     audio_pool_stride: int = 2
     video_num_frames: int = 8

@@ -163,6 +163,8 @@ class MultimodalPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if getattr(module, "_torch_default_init", False):  # see projectors.keep_torch_default_init
             module.reset_parameters()
+        if isinstance(module, MultiModalProjector):
+            module.reset_standardization()
         if isinstance(module, RetrievalHead):
             with torch.no_grad():
                 module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
@@ -183,16 +185,18 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 use_conv_stem(self.vision_tower, config.vision_config.patch_size)
             vision_hidden = config.vision_feature_dim
             projectors["image"] = MultiModalProjector(
-                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act
+                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act, config.projector_input_standardize
             )
             if config.video_token_id is not None and config.video_projector != "image":
                 projectors["video"] = MultiModalProjector(
-                    vision_hidden, text_hidden, config.video_projector, config.projector_hidden_act
+                    vision_hidden, text_hidden, config.video_projector, config.projector_hidden_act,
+                    config.projector_input_standardize,
                 )
         if config.audio_config is not None:
             self.audio_tower = build_audio_tower(config.audio_config)
             projectors["audio"] = MultiModalProjector(
-                config.audio_config.d_model, text_hidden, config.audio_projector, config.projector_hidden_act
+                config.audio_config.d_model, text_hidden, config.audio_projector, config.projector_hidden_act,
+                config.projector_input_standardize,
             )
         self.multi_modal_projector = nn.ModuleDict(projectors)
         self.language_model = AutoModel.from_config(config.text_config)

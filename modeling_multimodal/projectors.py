@@ -31,18 +31,50 @@ def keep_torch_default_init(module: nn.Module) -> None:
 
 
 class MultiModalProjector(nn.Module):
-    """`linear`: one Linear; `mlp`: Linear → activation → Linear (LLaVA-1.5's projector), PyTorch's default init."""
+    """`linear`: one Linear; `mlp`: Linear → activation → Linear (LLaVA-1.5's projector), PyTorch's default init.
 
-    def __init__(self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu"):
+    standardize: subtract a per-channel mean and divide by a per-channel standard deviation before the first
+    Linear. A pretrained tower's features are badly conditioned for a freshly initialised projector: most of
+    their energy is a per-channel offset shared by every input, and channels differ in scale by an order of
+    magnitude, so Adam spends its first hundreds of steps on the scale instead of on what varies between
+    inputs. The statistics are buffers (saved with the model), estimated once from training data by
+    `training.calibration.calibrate_projectors`; until then they are the identity (mean 0, std 1).
+    """
+
+    def __init__(self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu", standardize: bool = False):
         super().__init__()
         self.kind = kind
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("input_mean", torch.zeros(in_features))
+            self.register_buffer("input_std", torch.ones(in_features))
+            self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.linear_1 = nn.Linear(in_features, out_features)
         if kind == "mlp":
             self.act = ACT2FN[act]
             self.linear_2 = nn.Linear(out_features, out_features)
         keep_torch_default_init(self)
 
+    def reset_standardization(self) -> None:
+        """Back to the identity, not calibrated."""
+        if self.standardize:
+            with torch.no_grad():
+                self.input_mean.zero_()
+                self.input_std.fill_(1.0)
+                self.calibrated.fill_(False)
+
+    @torch.no_grad()
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Use `mean` and `std` (per input channel) from now on; std is floored so no channel is blown up."""
+        if not self.standardize:
+            raise ValueError("this projector was built with standardize=False (config.projector_input_standardize)")
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp(min=1e-6 * float(std.max().clamp(min=1e-12)) + 1e-12))
+        self.calibrated.fill_(True)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
         hidden = self.linear_1(features)
         if self.kind == "mlp":
             hidden = self.linear_2(self.act(hidden))

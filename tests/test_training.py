@@ -310,6 +310,8 @@ RESUME_CASES = [
     ("plain", [], [(2, 4), (5, 6)]),  # resumed at the end of epoch 0; mid-epoch after two epochs
     ("workers", ["data.num_workers=2"], [(3, 5)]),
     ("packing", ["data.packing=true", "data.max_length=256"], [(3, 5)]),
+    # the projectors' input statistics are estimated once, at the start, and restored (not re-estimated) on resume
+    ("standardised projectors", ["model.config.projector_input_standardize=true"], [(3, 5)]),
 ]
 
 

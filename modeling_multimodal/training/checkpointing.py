@@ -169,6 +169,13 @@ def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
+def run_state_names(model: torch.nn.Module) -> set[str]:
+    """What a checkpoint keeps of the model: the trained parameters and every persistent buffer (state a run may
+    set without gradients, such as the projectors' input statistics); frozen parameters come from the recipe."""
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return trainable_names(model) | (set(model.state_dict()) - parameters)
+
+
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """{"state": {param: {name: value}}, "param_groups": [...]} -> (tensors, JSON-ready rest)."""
     tensors, scalars = {}, {}
@@ -211,7 +218,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f"checkpoint-{step}.tmp"
-    names = trainable_names(model)
+    names = run_state_names(model)
     weights = {k: v for k, v in gather_full_state(model).items() if k in names}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=GATHER)
     if is_main:
@@ -258,7 +265,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
         optimizer_tensors = load_file(path / "optimizer.safetensors")
     except (SafetensorError, OSError) as error:
         raise ValueError(f"Checkpoint {path} is unreadable: {error}") from error
-    names = trainable_names(model)
+    names = run_state_names(model)
     missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
     if missing or unexpected:
         raise ValueError(

@@ -42,6 +42,7 @@ from ..modeling_multimodal import MultimodalForConditionalGeneration
 from ..processing.processing_multimodal import MultimodalProcessor
 from ..threads import set_threads
 from ..tokenization import build_tokenizer
+from .calibration import calibrate_projectors, calibration_batches, projectors_to_calibrate
 from .checkpointing import gather_full_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
@@ -158,6 +159,10 @@ def encoding_fingerprint(part: EncodedDataset) -> str:
 _SHARED_CACHE: dict = {"key": None, "examples": {}}
 
 
+# Samples per training task whose media features set the projectors' input statistics (`training.calibration`).
+CALIBRATION_SAMPLES_PER_TASK = 64
+
+
 class _MixedDataset(torch.utils.data.Dataset):
     """Several tasks' encoded datasets behind one index, optionally memoised (decoding media once).
 
@@ -240,6 +245,7 @@ class Trainer:
             parts.append(EncodedDataset(rows, encoder))
             lengths += encoder.estimate_lengths(rows) * repeat
         dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory, repeats=repeats)
+        self.train_parts = parts
         pad_id = self.processor.tokenizer.pad_token_id
         batch_size = recipe.optim.batch_size
         if recipe.data.packing:  # batch_size counts packed rows
@@ -397,6 +403,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
         loader = self._train_loader()
+        if checkpoint is None and projectors_to_calibrate(self.model):
+            collate = MultimodalCollator(pad_token_id=self.processor.tokenizer.pad_token_id, padding_side="right")
+            seen = calibrate_projectors(
+                self.model,
+                calibration_batches(self.train_parts, collate, CALIBRATION_SAMPLES_PER_TASK, recipe.optim.batch_size),
+                reduce=lambda t: accelerator.reduce(t, "sum"),
+            )
+            logger.info("Projector input statistics from %s feature rows", seen)
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
 
@@ -409,7 +423,8 @@ class Trainer:
             step, epoch, skip = state["step"], state["epoch"], state["batch"]
             self.log_history, self.eval_history = state["log_history"], state["eval_history"]
             self.run_id = state.get("run_id") or self.run_id
-            accelerator.get_tracker("jsonl", unwrap=False).drop_after(step)  # those steps are logged again
+            if accelerator.is_main_process:  # other ranks hold a placeholder tracker
+                accelerator.get_tracker("jsonl", unwrap=False).drop_after(step)  # those steps are logged again
             logger.info("Resumed from %s at step %d", checkpoint, step)
         batches = self._batches(loader, epoch, skip)
         window_source = _windows(batches, optim.gradient_accumulation_steps)
