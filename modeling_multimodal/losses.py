@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .constants import IGNORE_INDEX
 from .projectors import keep_torch_default_init
-
-IGNORE_INDEX = -100
 
 
 def labelled_lm_loss(

@@ -41,7 +41,7 @@ import datasets
 import soundfile
 import torch
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from ..processing.media_files import open_media_file
 from ..tokenization import MEDIA_TOKENS
 
