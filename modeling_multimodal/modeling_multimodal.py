@@ -151,9 +151,9 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
         the folder also carries the flattened code and `auto_map`, so `trust_remote_code=True` loads it where the
-        package is not installed (`hub.code_saved_flat`)."""
+        package is not installed (`hub.custom_code.code_saved_flat`)."""
         try:
-            hub = importlib.import_module("modeling_multimodal.hub")
+            hub = importlib.import_module("modeling_multimodal.hub.custom_code")
         except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
             return super().save_pretrained(save_directory, *args, **kwargs)
         with hub.code_saved_flat(self, save_directory, kwargs.get("is_main_process", True)):
