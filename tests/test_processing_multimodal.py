@@ -199,6 +199,29 @@ def test_drop_trailing_turns(processor):
         processor.apply_chat_template(CONVERSATION, tokenize=True, truncation=True, max_length=5, drop_trailing_turns=True)
 
 
+
+def test_drop_trailing_turns_decodes_the_media_once(tokenizer, monkeypatch):
+    """Each dropped turn is measured from the first pass's placeholder expansions, not by processing the media
+    again; the kept conversation equals the one processed without dropping."""
+    processor = MultimodalProcessor.from_config_and_components(tiny_config(tokenizer), tokenizer)
+    turns = [{"role": "system", "content": "describe the picture"}]
+    for answer in ("a red square", "a blue circle", "a green star"):
+        turns += [
+            {"role": "user", "content": [{"type": "image", "image": random_image(40, 40)}, {"type": "text", "text": "and this?"}]},
+            {"role": "assistant", "content": answer},
+        ]
+    expected = processor.apply_chat_template(turns[:5], tokenize=True, return_dict=True)
+    calls = []
+    images_to_tensors = processor._images_to_tensors
+    monkeypatch.setattr(processor, "_images_to_tensors", lambda *a, **k: calls.append(1) or images_to_tensors(*a, **k))
+    out = processor.apply_chat_template(
+        turns, tokenize=True, return_dict=True, truncation=True, max_length=expected["input_ids"].shape[1],
+        drop_trailing_turns=True,
+    )  # fmt: skip
+    assert len(calls) == 2  # once to measure the whole conversation, once for the kept turns
+    assert torch.equal(out["input_ids"], expected["input_ids"])
+    assert torch.equal(out["pixel_values"], expected["pixel_values"])
+
 # --- save / load ---------------------------------------------------------------------------------------
 def test_save_load_round_trip_and_auto_processor(processor, tmp_path, mp4):
     processor.save_pretrained(tmp_path)
