@@ -34,6 +34,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .encoders import build_audio_tower, encode_audio, has_trainable_parameters, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, gather_rows_across_ranks, labelled_lm_loss, masked_mean
@@ -152,6 +153,8 @@ class MultimodalPreTrainedModel(PreTrainedModel):
         """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
         the folder also carries the flattened code and `auto_map`, so `trust_remote_code=True` loads it where the
         package is not installed (`hub.custom_code.code_saved_flat`)."""
+        # By name, not `from ..hub import`: the packager reads the installed package's sources and is not part of
+        # the flattened code it writes; loaded as remote code, there is no package to import it from.
         try:
             hub = importlib.import_module("modeling_multimodal.hub.custom_code")
         except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
@@ -441,8 +444,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         preprocessing config (tokenizer, `preprocessor_config.json`, Whisper feature extractor) builds the
         processor. Projectors and heads start fresh. See `modeling_multimodal.composition`.
         """
-        composition = importlib.import_module("modeling_multimodal.composition")
-        return composition.from_pretrained_components(cls, text, vision, audio, dtype, **config_overrides)
+        return from_pretrained_components(cls, text, vision, audio, dtype, **config_overrides)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

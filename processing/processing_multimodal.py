@@ -149,6 +149,8 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `ProcessorMixin.save_pretrained`, writing the flattened code and `auto_map` as the model does
         (`MultimodalPreTrainedModel.save_pretrained`)."""
+        # By name, not `from ..hub import`: the packager reads the installed package's sources and is not part of
+        # the flattened code it writes; loaded as remote code, there is no package to import it from.
         try:
             hub = importlib.import_module("modeling_multimodal.hub.custom_code")
         except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
