@@ -51,7 +51,7 @@ def test_ablation_runs_without_l_other_skip_the_encoders_stage():
     from modeling_multimodal.demo import demo_stages
 
     assert [name for name, _ in demo_stages()] == ["encoders", "pretrain", "align", "finetune"]
-    assert [name for name, _ in demo_stages(["other_loss_weight=0.0", "cross_loss_weight=0.2"])] == ["pretrain", "align", "finetune"]
+    assert [name for name, _ in demo_stages(["auxiliary_loss_weight=0.0", "contrastive_loss_weight=0.2"])] == ["pretrain", "align", "finetune"]
 
 
 def test_shape_learning_diagnostic_runs_on_demo_data(tmp_path):

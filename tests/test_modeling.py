@@ -138,7 +138,7 @@ LOSS_CASES = [
 
 @pytest.mark.parametrize("name,lam,alpha,expect_other,expect_cross", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
 def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, monkeypatch):
-    model = build_model(other_loss_weight=lam, cross_loss_weight=alpha, auxiliary_tasks=["audio_ctc", "media_bow"])
+    model = build_model(auxiliary_loss_weight=lam, contrastive_loss_weight=alpha, auxiliary_tasks=["audio_ctc", "media_bow"])
     batch = collate([sample(model, audios=(200,)), sample(model, images=1), sample(model, audios=(160,))])
     calls = {"audio_ctc": 0, "media_bow": 0, "text_pass": 0}
     for task, head in model.auxiliary_heads.items():
@@ -182,7 +182,7 @@ def test_labelled_loss_matches_full_logits_cross_entropy():
 
 
 def test_ctc_loss_matches_torch_reference():
-    model = build_model(other_loss_weight=1.0)
+    model = build_model(auxiliary_loss_weight=1.0)
     batch = collate([sample(model, audios=(200,))])
     ctc_labels = torch.tensor([TEXT[:5]])
     out = model(**batch, ctc_labels=ctc_labels)
@@ -195,7 +195,7 @@ def test_ctc_loss_matches_torch_reference():
 
 
 def test_media_bag_of_words_loss_matches_reference():
-    model = build_model(other_loss_weight=1.0, auxiliary_tasks=["media_bow"])
+    model = build_model(auxiliary_loss_weight=1.0, auxiliary_tasks=["media_bow"])
     batch = collate([sample(model, images=1), sample(model, audios=(160,), videos=1), sample(model)])
     texts = ["a red circle red", "the green triangle", "a big blue square"]  # the third sample has no media
     pair = TOKENIZER(texts, padding=True, return_tensors="pt")
@@ -213,7 +213,7 @@ def test_media_bag_of_words_loss_matches_reference():
 
 
 def test_gradients_reach_exactly_the_unfrozen_modules():
-    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_language_model=True).train()
+    model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, freeze_language_model=True).train()
     batch = collate([sample(model, images=1, audios=(160,), videos=1), sample(model, images=1, audios=(100,), videos=1)])
     pair = TOKENIZER(["a small red circle", "a big blue square"], padding=True, return_tensors="pt")
     out = model(
@@ -290,7 +290,7 @@ def test_batched_left_padded_generation_equals_one_by_one():
 
 
 def test_save_and_load_gives_identical_logits(tmp_path):
-    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.2)
+    model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.2)
     batch = collate([sample(model, images=1, audios=(150,), videos=1)])
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
@@ -406,7 +406,7 @@ def test_backbones_plug_in_and_batch_invariance_holds(name, overrides, tmp_path)
 
 
 def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
-    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
+    model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
     unused = model.freeze_unused_parameters()
     # vision_feature_layer=-2: the tower's last layer and post-layernorm can never receive a gradient.
     assert unused and all(n.startswith("model.vision_tower.") and ("layers.1." in n or "post_layernorm" in n) for n in unused), unused
@@ -422,7 +422,7 @@ def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_ch
 
 def test_training_contrastive_loss_uses_the_retrieval_embeddings():
     """L_cross in forward is InfoNCE over exactly what get_*_features / get_text_features return."""
-    model = build_model(cross_loss_weight=1.0)
+    model = build_model(contrastive_loss_weight=1.0)
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, videos=1)]
     texts = ["a small red circle", "a big blue square", "a green star moving left"]
     pair = TOKENIZER(texts, padding=True, return_tensors="pt")
@@ -438,7 +438,7 @@ def test_training_contrastive_loss_uses_the_retrieval_embeddings():
 
 
 def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():
-    model = build_model(cross_loss_weight=1.0)
+    model = build_model(contrastive_loss_weight=1.0)
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, images=1, text=TEXT[:1])]
     pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
     rows = collate(samples, padding_side="right")
@@ -549,7 +549,7 @@ def test_conv_stem_config_errors(overrides, message):
 
 def test_projectors_and_bag_of_words_head_keep_torch_default_init():
     """Projectors and the media bag-of-words head start at PyTorch's Linear init (as LLaVA's own code), not N(0, 0.02)."""
-    model = build_model(other_loss_weight=0.5, auxiliary_tasks=["audio_ctc", "media_bow"])
+    model = build_model(auxiliary_loss_weight=0.5, auxiliary_tasks=["audio_ctc", "media_bow"])
     layers = [m for p in model.model.multi_modal_projector.values() for m in p.modules() if isinstance(m, torch.nn.Linear)]
     layers.append(model.auxiliary_heads["media_bow"].classifier)
     for layer in layers:

@@ -57,9 +57,9 @@ STAGE_CASES = [
 @pytest.mark.parametrize("stage,encoders,trained,frozen", STAGE_CASES, ids=[f"{c[0]}-encoders{c[1]}" for c in STAGE_CASES])
 def test_each_stage_trains_exactly_the_intended_parameters(stage, encoders, trained, frozen):
     torch.manual_seed(0)
-    config = tiny_config(tiny_tokenizer(), other_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
+    config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
     if stage != "encoders":  # the other stages keep the towers the config freezes frozen
-        config = tiny_config(tiny_tokenizer(), other_loss_weight=0.5)
+        config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5)
     model = MultimodalForConditionalGeneration(config)
     values = {"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": stage, "lora": {"encoders": encoders}}
     trainable = apply_stage(model, load_recipe(values=values))
@@ -96,8 +96,8 @@ def test_lora_adapter_carries_the_projectors(tmp_path):
 
 def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data_root, tmp_path):
     run = recipe(
-        data_root, tmp_path, "stage=encoders", "data.eval=[]", "optim.max_steps=6", "other_loss_weight=1.0",
-        "cross_loss_weight=0.5", "model.config.auxiliary_tasks=[audio_ctc, media_bow]",
+        data_root, tmp_path, "stage=encoders", "data.eval=[]", "optim.max_steps=6", "auxiliary_loss_weight=1.0",
+        "contrastive_loss_weight=0.5", "model.config.auxiliary_tasks=[audio_ctc, media_bow]",
         "model.config.freeze_vision_tower=false", "model.config.freeze_audio_tower=false", "optim.lr_encoder=0.01",
     )
     trainer = Trainer(run)
@@ -114,7 +114,7 @@ def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data
     assert {"model.vision_tower", "model.audio_tower", "model.multi_modal_projector"} <= changed
     assert not any(n.startswith(("model.language_model", "lm_head", "retrieval_head")) for n, p in model.named_parameters() if not torch.equal(p, before[n]))
     with pytest.raises(ValueError, match="stage=encoders trains on L_other alone"):
-        Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "other_loss_weight=0"))
+        Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "auxiliary_loss_weight=0"))
 
 
 def test_chained_stages_in_one_process_decode_each_example_once(data_root, tmp_path, monkeypatch):
@@ -157,7 +157,7 @@ def test_repeat_weights_a_task_in_the_mixture_and_decodes_each_row_once(data_roo
 def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
     run = recipe(
         data_root, tmp_path, "data.train=[{manifest: image_train.jsonl, task: image_caption}]", "data.eval=[]",
-        "optim.max_steps=30", "optim.batch_size=8", "cross_loss_weight=0", "other_loss_weight=0",
+        "optim.max_steps=30", "optim.batch_size=8", "contrastive_loss_weight=0", "auxiliary_loss_weight=0",
         "optim.lr_lm=0.01", "optim.lr_projector=0.01",
     )
     result = Trainer(run).train()
