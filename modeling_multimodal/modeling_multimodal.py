@@ -4,10 +4,10 @@ The merge follows LLaVA in three steps per modality: `encode_<modality>` (tower 
 `get_placeholder_mask` (from `input_ids`, or by comparing `inputs_embeds` with the placeholder's embedding;
 counts checked per sample, a `ValueError` naming the sample and both counts), then `masked_scatter` into
 the token embeddings. The checks that read values on the host run at prefill only, never per decode step.
-What is unusual here:
+Where it departs from LLaVA:
 - audio runs at the clip's own length (see `encoders.encode_audio`), so its cost follows the clip;
 - video frames go through the vision tower, then temporal and spatial pooling;
-- the loss is `L_text + λ·L_other + α·L_cross`, each term returned on its own, and `L_text` computes
+- the loss is `L_text + λ·L_auxiliary + α·L_contrastive`, each term returned on its own, and `L_text` computes
   logits only at labelled positions (`return_logits=False` skips the full logits entirely);
 - `get_{text,image,audio,video}_features` return a `BaseModelOutputWithPooling` holding both meanings
   transformers gives the name: `last_hidden_state` the LM-ready per-token features (LLaVA's),
@@ -508,8 +508,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
 
         The media side of retrieval reads its tokens through the LM, as the text side reads its words: the
         LM sees the tokens in order, so where something is in an image (and when, in a video) survives
-        into the embedding; a plain mean over an image's patch tokens loses it (measured on the demo: a
-        bag-of-words probe on mean-pooled patch tokens names the row of a shape no better than chance).
+        into the embedding; a plain mean over an image's patch tokens loses it.
         Each item is its own sequence, so an embedding never depends on the rest of the batch.
         """
         if not media_tokens:

@@ -1,7 +1,5 @@
 """MultimodalProcessor: text with `<image>`/`<audio>`/`<video>` placeholders plus media -> the model's inputs.
 
-What is unusual here:
-
 - Every placeholder is expanded to exactly the number of tokens the model produces for that item,
   computed by `MediaTokenLayout` (the model checks its placeholders with the same functions). The
   layout is saved in `processor_config.json` as `token_layout`; build a processor that agrees with
@@ -10,8 +8,8 @@ What is unusual here:
   batch is right-padded with zeros and `input_features_mask` marks the real mel frames.
 - Everything is checked (placeholder counts, files, arrays, modalities, lengths) before anything is
   returned, and errors name the sample, the item and the file.
-- Truncation never cuts a media span: it raises instead, or, in `apply_chat_template`, drops whole
-  trailing turns when `drop_trailing_turns=True`.
+- Truncation never cuts a media span (`truncation.py`): it raises instead, or, in `apply_chat_template`
+  (`chat_template.py`), drops whole trailing turns when `drop_trailing_turns=True`.
 
 Outputs (names of the model's `forward` arguments):
     input_ids, attention_mask          (batch, seq)
