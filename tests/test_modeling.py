@@ -92,10 +92,15 @@ def test_forward_each_modality(name, content):
 
 
 def test_mixed_batch_of_text_only_and_media_samples():
+    """In a batch mixing text-only, image, audio and video samples, each sample's logits are its logits alone."""
     model = build_model()
-    batch = collate([sample(model), sample(model, images=1), sample(model, audios=(90,)), sample(model, videos=1)])
-    out = model(**batch)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    samples = [sample(model), sample(model, images=1), sample(model, audios=(90,)), sample(model, videos=1)]
+    batch = collate(samples, padding_side="right")  # real tokens at positions 0..n-1, as when alone
+    with torch.no_grad():
+        together = model(**batch).logits
+        for index, one in enumerate(samples):
+            alone = model(**collate([one])).logits[0]
+            torch.testing.assert_close(together[index, : len(one[0])], alone, rtol=1e-4, atol=1e-5, msg=f"sample {index}")
 
 
 def test_audio_tokens_follow_clip_length_not_30_seconds():
