@@ -246,15 +246,20 @@ def test_frozen_towers_keep_no_activations():
 
 
 def greedy_reference(model, batch, steps):
-    """Greedy decoding by hand with the KV cache: prefill once (media encoded once), then one token per step."""
+    """Greedy decoding by hand with the KV cache: prefill once (media encoded once), then one token per step.
+    EOS is never picked, as `generate(..., min_new_tokens=steps)` forbids it."""
+
+    def pick(logits):
+        return logits[:, -1].index_fill(-1, torch.tensor([TOKENIZER.eos_token_id]), float("-inf")).argmax(-1)
+
     out = model(**batch, use_cache=True)
     cache, mask = out.cache, batch["attention_mask"]
-    tokens = [out.logits[:, -1].argmax(-1)]
+    tokens = [pick(out.logits)]
     for _ in range(steps - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[-1][:, None], attention_mask=mask, cache=cache, use_cache=True)
         cache = out.cache
-        tokens.append(out.logits[:, -1].argmax(-1))
+        tokens.append(pick(out.logits))
     return torch.stack(tokens, dim=1)
 
 
