@@ -187,6 +187,3 @@ def code_saved_flat(obj: Any, save_directory: str | Path, is_main_process: bool 
             cls._auto_class = auto_class
     if type(obj) in auto_classes and is_main_process:
         save_custom_code(save_directory)
-
-
-# ---------------------------------------------------------------------------------------------------

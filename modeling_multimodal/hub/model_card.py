@@ -43,7 +43,6 @@ DEFAULT_TASK_BY_METRIC = {
 }
 
 
-
 def template_path() -> Path:
     """The card template, shipped as package data of `modeling_multimodal.model_cards` (see setup.py)."""
     path = Path(str(package_files("modeling_multimodal.model_cards") / TEMPLATE_NAME))
@@ -52,9 +51,6 @@ def template_path() -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------------
 def _eval_rows(eval_results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Normalize results to one row per metric: {task, dataset, dataset_name, split, metric, value}.
 

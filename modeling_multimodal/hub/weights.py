@@ -49,9 +49,6 @@ def merge_adapter_checkpoint(
     return output_dir
 
 
-# ---------------------------------------------------------------------------------------------------
-
-
 def reshard_weights(checkpoint_dir: str | Path, output_dir: str | Path, max_shard_size: int | str) -> list[str]:
     """Write the folder's model weights to `output_dir` as safetensors shards of at most `max_shard_size`
     (`"5GB"`, `"200MB"` or bytes) named like `save_pretrained`'s, with `model.safetensors.index.json` when there
