@@ -8,6 +8,7 @@ invalid combinations raise a `ValueError` at construction rather than deep insid
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -22,6 +23,8 @@ VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
 PROJECTOR_TYPES = ("linear", "mlp")
 VISION_STEMS = ("patch", "conv")
 AUXILIARY_TASKS = ("audio_ctc", "media_bow")
+# Old config keys -> their current names. Saved configs and call sites with the old keys still work (FutureWarning).
+DEPRECATED_NAMES = {"other_loss_weight": "auxiliary_loss_weight", "cross_loss_weight": "contrastive_loss_weight"}
 
 
 class MultimodalConfig(PreTrainedConfig):
@@ -51,8 +54,9 @@ class MultimodalConfig(PreTrainedConfig):
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
         video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
         video_temporal_pool_stride / video_spatial_pool_stride: pooling of video frame features.
-        other_loss_weight: λ, the weight of the auxiliary tasks' losses (`L_other`, e.g. audio CTC).
-        cross_loss_weight: α, the weight of the contrastive media-text alignment loss (`L_cross`).
+        auxiliary_loss_weight: λ, the weight of the auxiliary loss (the auxiliary tasks' heads, e.g. audio CTC).
+        contrastive_loss_weight: α, the weight of the contrastive media-text loss (InfoNCE in the retrieval space).
+            `other_loss_weight` / `cross_loss_weight` are their deprecated names (still read, with a FutureWarning).
         auxiliary_tasks: auxiliary heads to build, from `AUXILIARY_TASKS` ("audio_ctc": CTC transcription on the
             audio encoder; "media_bow": the paired text's bag of words from the pooled media tokens); those whose
             modality is absent are skipped.
@@ -88,8 +92,8 @@ class MultimodalConfig(PreTrainedConfig):
     video_num_frames: int = 8
     video_temporal_pool_stride: int = 1
     video_spatial_pool_stride: int = 2
-    other_loss_weight: float | int = 0.0
-    cross_loss_weight: float | int = 0.0
+    auxiliary_loss_weight: float | int = 0.0
+    contrastive_loss_weight: float | int = 0.0
     auxiliary_tasks: list[str] | tuple[str, ...] = ("audio_ctc",)
     contrastive_dim: int | None = None
     contrastive_init_temperature: float = 0.07
@@ -99,6 +103,10 @@ class MultimodalConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for old, new in DEPRECATED_NAMES.items():
+            if old in kwargs:
+                warnings.warn(f"MultimodalConfig: {old} is deprecated, use {new}", FutureWarning, stacklevel=3)
+                setattr(self, new, kwargs.pop(old))
         # Accept a whole CLIPConfig / SiglipConfig and keep its vision half.
         if isinstance(self.vision_config, PreTrainedConfig) and self.vision_config.model_type in VISION_HALF_OF:
             self.vision_config = getattr(self.vision_config, VISION_HALF_OF[self.vision_config.model_type])
@@ -171,17 +179,17 @@ class MultimodalConfig(PreTrainedConfig):
         for name in ("image_pool_stride", "audio_pool_stride", "video_temporal_pool_stride", "video_spatial_pool_stride"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.other_loss_weight < 0 or self.cross_loss_weight < 0:
-            errors.append("other_loss_weight (λ) and cross_loss_weight (α) must be >= 0")
+        if self.auxiliary_loss_weight < 0 or self.contrastive_loss_weight < 0:
+            errors.append("auxiliary_loss_weight (λ) and contrastive_loss_weight (α) must be >= 0")
         unknown = [task for task in self.auxiliary_tasks if task not in AUXILIARY_TASKS]
         if unknown:
             errors.append(f"unknown auxiliary_tasks {unknown}; known: {AUXILIARY_TASKS}")
-        if self.other_loss_weight > 0 and not self.active_auxiliary_tasks:
+        if self.auxiliary_loss_weight > 0 and not self.active_auxiliary_tasks:
             errors.append(
-                "other_loss_weight (λ) > 0 but no auxiliary task applies (audio_ctc needs an audio_config, media_bow any media tower)"
+                "auxiliary_loss_weight (λ) > 0 but no auxiliary task applies (audio_ctc needs an audio_config, media_bow any media tower)"
             )
-        if self.cross_loss_weight > 0 and self.vision_config is None and self.audio_config is None:
-            errors.append("cross_loss_weight (α) > 0 needs at least one media tower to align with text")
+        if self.contrastive_loss_weight > 0 and self.vision_config is None and self.audio_config is None:
+            errors.append("contrastive_loss_weight (α) > 0 needs at least one media tower to align with text")
         if self.contrastive_init_temperature <= 0:
             errors.append("contrastive_init_temperature must be > 0")
         if errors:
@@ -197,6 +205,14 @@ class MultimodalConfig(PreTrainedConfig):
     def vision_feature_dim(self) -> int:
         """Width of the vision features the image / video projectors receive."""
         return self.vision_config.hidden_size * len(self.vision_feature_layers)
+
+    # Deprecated names, read and written through to the current ones (code that still uses them: see DEPRECATED_NAMES).
+    other_loss_weight = property(
+        lambda self: self.auxiliary_loss_weight, lambda self, value: setattr(self, "auxiliary_loss_weight", value)
+    )
+    cross_loss_weight = property(
+        lambda self: self.contrastive_loss_weight, lambda self, value: setattr(self, "contrastive_loss_weight", value)
+    )
 
     @property
     def active_auxiliary_tasks(self) -> list[str]:

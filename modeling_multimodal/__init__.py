@@ -17,7 +17,7 @@ AutoModelForImageTextToText.register(MultimodalConfig, MultimodalForConditionalG
 AutoModelForMultimodalLM.register(MultimodalConfig, MultimodalForConditionalGeneration, exist_ok=True)
 register_processors()
 # Registered for their Auto classes as transformers' remote-code classes are, so a plain `save_pretrained` writes the
-# flattened code and `auto_map` next to the weights (see `hub.code_saved_flat`).
+# flattened code and `auto_map` next to the weights (see `hub.custom_code.code_saved_flat`).
 MultimodalConfig.register_for_auto_class()
 MultimodalModel.register_for_auto_class("AutoModel")
 MultimodalForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -163,7 +163,7 @@ def _generate(args):
 
 
 def _push(args):
-    from .hub import push_checkpoint
+    from .hub.push import push_checkpoint
 
     info = push_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,

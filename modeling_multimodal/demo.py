@@ -163,7 +163,7 @@ def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] =
 
 def demo_stages(overrides: list[str] = (), plan: DemoPlan = SCRATCH) -> tuple[tuple[str, str], ...]:
     """(run name, stage) in order; without L_other (λ = 0) the `encoders` stage has nothing to train."""
-    lam = load_recipe(recipe_path(plan.recipe), list(overrides)).other_loss_weight
+    lam = load_recipe(recipe_path(plan.recipe), list(overrides)).auxiliary_loss_weight
     return tuple((name, stage) for name, stage in plan.stages if stage != "encoders" or lam > 0)
 
 
@@ -333,11 +333,11 @@ def run_ablation(
     columns = (*(key for key, _, _ in chosen.targets if "/" in key), "image_caption/text_to_media_recall@1", "image_caption/media_to_text_recall@1")
     rows = []
     for name, lam, alpha in ABLATIONS:
-        lam = defaults.other_loss_weight if lam is None else lam
-        alpha = defaults.cross_loss_weight if alpha is None else alpha
+        lam = defaults.auxiliary_loss_weight if lam is None else lam
+        alpha = defaults.contrastive_loss_weight if alpha is None else alpha
         run_dir = out / name.split(" ")[0].replace("λ", "lambda").replace("α", "alpha")
         no_eval = {stage: 0 for stage, _ in chosen.stages}
-        weights = [*component_overrides(parts), f"other_loss_weight={lam}", f"cross_loss_weight={alpha}"]
+        weights = [*component_overrides(parts), f"auxiliary_loss_weight={lam}", f"contrastive_loss_weight={alpha}"]
         train_demo_model(run_dir, data, {**budget, "eval_steps": no_eval}, weights, chosen)
         scores, _ = evaluate_on_test(run_dir / "finetune" / "final", data, plan=chosen)
         rows.append({"run": name, "lambda": lam, "alpha": alpha, **{key: scores.get(key) for key in columns}})

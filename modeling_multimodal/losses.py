@@ -1,12 +1,12 @@
-"""The three loss terms of `L = L_text + λ·L_other + α·L_cross`.
+"""The three loss terms of `L = L_text + λ·L_auxiliary + α·L_contrastive`.
 
 - `labelled_lm_loss`: next-token cross-entropy computed only at labelled positions, in chunks, so the
   (sequence × vocabulary) logits of prompt and media positions are never materialised.
-- `AUXILIARY_HEADS`: a small registry of the other modalities' own tasks (`L_other`); each head
+- `AUXILIARY_HEADS`: a small registry of the other modalities' own tasks (the auxiliary loss); each head
   declares its modality and computes its loss from that modality's encoder output (`audio_ctc`: CTC
   transcription on the audio encoder) or from the pooled media tokens (`media_bow`: the paired text's
   bag of words, i.e. image/video tagging and keyword spotting).
-- `RetrievalHead`: the shared retrieval space and the symmetric InfoNCE (`L_cross`).
+- `RetrievalHead`: the shared retrieval space and the symmetric InfoNCE over it (the contrastive loss).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .constants import IGNORE_INDEX
 from .projectors import keep_torch_default_init
-
-IGNORE_INDEX = -100
 
 
 def labelled_lm_loss(
@@ -110,7 +109,7 @@ class MediaBagOfWordsHead(nn.Module):
     LM vocabulary (SuperClass, Huang et al. 2024: softmax cross-entropy against the normalised bag of
     the text's token ids). Unlike the caption loss, the target does not depend on word order or on the
     previous words, so the towers must see every attribute themselves instead of leaning on the LM's
-    word-to-word statistics; unlike `L_cross` it needs no negatives from the batch.
+    word-to-word statistics; unlike the contrastive loss it needs no negatives from the batch.
     """
 
     modality = "media"

@@ -4,10 +4,10 @@ The merge follows LLaVA in three steps per modality: `encode_<modality>` (tower 
 `get_placeholder_mask` (from `input_ids`, or by comparing `inputs_embeds` with the placeholder's embedding;
 counts checked per sample, a `ValueError` naming the sample and both counts), then `masked_scatter` into
 the token embeddings. The checks that read values on the host run at prefill only, never per decode step.
-What is unusual here:
+Where it departs from LLaVA:
 - audio runs at the clip's own length (see `encoders.encode_audio`), so its cost follows the clip;
 - video frames go through the vision tower, then temporal and spatial pooling;
-- the loss is `L_text + λ·L_other + α·L_cross`, each term returned on its own, and `L_text` computes
+- the loss is `L_text + λ·L_auxiliary + α·L_contrastive`, each term returned on its own, and `L_text` computes
   logits only at labelled positions (`return_logits=False` skips the full logits entirely);
 - `get_{text,image,audio,video}_features` return a `BaseModelOutputWithPooling` holding both meanings
   transformers gives the name: `last_hidden_state` the LM-ready per-token features (LLaVA's),
@@ -34,6 +34,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .encoders import build_audio_tower, encode_audio, has_trainable_parameters, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, gather_rows_across_ranks, labelled_lm_loss, masked_mean
@@ -151,9 +152,11 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
         the folder also carries the flattened code and `auto_map`, so `trust_remote_code=True` loads it where the
-        package is not installed (`hub.code_saved_flat`)."""
+        package is not installed (`hub.custom_code.code_saved_flat`)."""
+        # By name, not `from ..hub import`: the packager reads the installed package's sources and is not part of
+        # the flattened code it writes; loaded as remote code, there is no package to import it from.
         try:
-            hub = importlib.import_module("modeling_multimodal.hub")
+            hub = importlib.import_module("modeling_multimodal.hub.custom_code")
         except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
             return super().save_pretrained(save_directory, *args, **kwargs)
         with hub.code_saved_flat(self, save_directory, kwargs.get("is_main_process", True)):
@@ -445,8 +448,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         preprocessing config (tokenizer, `preprocessor_config.json`, Whisper feature extractor) builds the
         processor. Projectors and heads start fresh. See `modeling_multimodal.composition`.
         """
-        composition = importlib.import_module("modeling_multimodal.composition")
-        return composition.from_pretrained_components(cls, text, vision, audio, dtype, **config_overrides)
+        return from_pretrained_components(cls, text, vision, audio, dtype, **config_overrides)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -510,8 +512,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
 
         The media side of retrieval reads its tokens through the LM, as the text side reads its words: the
         LM sees the tokens in order, so where something is in an image (and when, in a video) survives
-        into the embedding; a plain mean over an image's patch tokens loses it (measured on the demo: a
-        bag-of-words probe on mean-pooled patch tokens names the row of a shape no better than chance).
+        into the embedding; a plain mean over an image's patch tokens loses it.
         Each item is its own sequence, so an embedding never depends on the rest of the batch.
         """
         if not media_tokens:

@@ -17,12 +17,10 @@ def keep_torch_default_init(module: nn.Module) -> None:
     """Mark every Linear under `module` to keep PyTorch's default initialisation in `post_init`.
 
     transformers' `_init_weights` draws Linear weights from N(0, 0.02), the LM's scheme. Two such layers in
-    a row shrink a signal more than 20-fold, and a tower trained from scratch behind them gets almost no
-    useful gradient until they have grown: on the demo's images a from-scratch tower (convolutional stem)
-    behind such a projector and bag-of-words head named 0.27 of test shapes after 750 steps, against 0.88
-    with PyTorch's init (examples/diagnostics/shape_learning.py). The original LLaVA code builds its
-    projector from plain `nn.Linear`s, which keep PyTorch's default (Kaiming-uniform) initialisation; so do
-    ours and the bag-of-words head.
+    a row shrink a signal many-fold, so a tower trained from scratch behind them gets little useful gradient
+    until they have grown (docs/RESULTS.md has the measurement; `examples/diagnostics/shape_learning.py`
+    reproduces it). The original LLaVA code builds its projector from plain `nn.Linear`s, which keep
+    PyTorch's default (Kaiming-uniform) initialisation; so do ours and the bag-of-words head.
     `MultimodalPreTrainedModel._init_weights` honours the mark.
     """
     for child in module.modules():

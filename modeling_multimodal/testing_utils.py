@@ -14,11 +14,14 @@ TINY_CORPUS = [
     "describe the image",
     "what is said in the audio",
     "what happens in the video",
+    "user: assistant: system: what is in this picture? a red square on white.",
+    "describe the audio and the video. hello world, this is a long sentence with many words.",
 ]
 
 
-def tiny_tokenizer():
-    return build_tokenizer(TINY_CORPUS, kind="word")
+def tiny_tokenizer(kind: str = "word"):
+    """A tokenizer trained on `TINY_CORPUS`: "word" (whole words) or "bpe" (byte-level, 300 entries)."""
+    return build_tokenizer(TINY_CORPUS, kind=kind, vocab_size=300)
 
 
 def tiny_config(tokenizer=None, vision: bool = True, audio: bool = True, video: bool = True, **overrides) -> MultimodalConfig:

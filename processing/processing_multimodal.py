@@ -1,7 +1,5 @@
 """MultimodalProcessor: text with `<image>`/`<audio>`/`<video>` placeholders plus media -> the model's inputs.
 
-What is unusual here:
-
 - Every placeholder is expanded to exactly the number of tokens the model produces for that item,
   computed by `MediaTokenLayout` (the model checks its placeholders with the same functions). The
   layout is saved in `processor_config.json` as `token_layout`; build a processor that agrees with
@@ -10,8 +8,8 @@ What is unusual here:
   batch is right-padded with zeros and `input_features_mask` marks the real mel frames.
 - Everything is checked (placeholder counts, files, arrays, modalities, lengths) before anything is
   returned, and errors name the sample, the item and the file.
-- Truncation never cuts a media span: it raises instead, or, in `apply_chat_template`, drops whole
-  trailing turns when `drop_trailing_turns=True`.
+- Truncation never cuts a media span (`truncation.py`): it raises instead, or, in `apply_chat_template`
+  (`chat_template.py`), drops whole trailing turns when `drop_trailing_turns=True`.
 
 Outputs (names of the model's `forward` arguments):
     input_ids, attention_mask          (batch, seq)
@@ -23,9 +21,7 @@ Outputs (names of the model's `forward` arguments):
     assistant_masks                    only from apply_chat_template(..., return_assistant_tokens_mask=True)
 """
 
-import bisect
 import importlib
-import re
 
 import numpy as np
 import torch
@@ -33,39 +29,17 @@ from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import AudioKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
-from transformers.utils.chat_template_utils import _get_template_variables, render_jinja_template
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from ..configuration.media_tokens import MediaTokenLayout
+from ..configuration.media_tokens import MODALITIES, MediaTokenLayout
 from .audio_loading import load_audio, log_mel
+from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin
 from .image_processing_multimodal import MediaInputError, MultimodalImageProcessor, describe
+from .truncation import truncate_outside_media
 from .video_processing_multimodal import MultimodalVideoProcessor
 
 logger = logging.get_logger(__name__)
 
-MODALITIES = ("image", "audio", "video")
-# Plain-word role markers, so that tiny word-level tokenizers handle the template; each message ends with the
-# tokenizer's EOS token. The assistant's reply is the text between ASSISTANT_PREFIX and its EOS (inclusive of
-# the EOS), which `return_assistant_tokens_mask=True` marks through the `{% generation %}` block.
-ASSISTANT_PREFIX = "assistant:"
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ ' ' + content }}"
-    "{%- else -%}{%- for item in content -%}"
-    "{%- if item['type'] == 'text' -%}{{ ' ' + item['text'] }}"
-    "{%- else -%}{{ ' <' + item['type'] + '>' }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ 'assistant:' }}{% generation %}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ message['role'] + ':' }}{{ render(message['content']) }}{{ eos_token }}{{ '\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
-)
-GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # templates that mark the assistant's replies themselves
 # Image normalisation of the vision towers `MultimodalConfig` supports (what their own processors use).
 _CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 _HALF = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
@@ -104,7 +78,7 @@ def _flatten(media, kind: str) -> list:
     return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
-class MultimodalProcessor(ProcessorMixin):
+class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
     r"""
     Tokenizer + image processor + Whisper feature extractor + video processor, with token counts from `MediaTokenLayout`.
 
@@ -173,8 +147,10 @@ class MultimodalProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `ProcessorMixin.save_pretrained`, writing the flattened code and `auto_map` as the model does
         (`MultimodalPreTrainedModel.save_pretrained`)."""
+        # By name, not `from ..hub import`: the packager reads the installed package's sources and is not part of
+        # the flattened code it writes; loaded as remote code, there is no package to import it from.
         try:
-            hub = importlib.import_module("modeling_multimodal.hub")
+            hub = importlib.import_module("modeling_multimodal.hub.custom_code")
         except ImportError:  # loaded as remote code: the files are already flat, transformers copies them
             return super().save_pretrained(save_directory, *args, **kwargs)
         with hub.code_saved_flat(self, save_directory):
@@ -391,7 +367,8 @@ class MultimodalProcessor(ProcessorMixin):
         self._check_token_counts(encoded["input_ids"], per_sample, data)
         if truncation:
             max_length = max_length or self.tokenizer.model_max_length
-            encoded = self._truncate(encoded, max_length)
+            media_ids = set(self.media_token_ids.values())
+            encoded = truncate_outside_media(encoded, max_length, media_ids, self.tokenizer.truncation_side == "left")
         offset_mapping = encoded.pop("offset_mapping", None)
         padded = self.tokenizer.pad(
             dict(encoded),
@@ -572,251 +549,5 @@ class MultimodalProcessor(ProcessorMixin):
                         f"sample {sample}: {found} {self.placeholder(kind)} tokens after tokenization but its {kind}s "
                         f"need {expected}; the tokenizer must treat {self.placeholder(kind)} as one special token"
                     )
-
-    def _truncate(self, encoded, max_length: int):
-        """Cut each sample to `max_length` tokens on the tokenizer's truncation side, never through a media span."""
-        media_ids = set(self.media_token_ids.values())
-        left = self.tokenizer.truncation_side == "left"
-        for sample, ids in enumerate(encoded["input_ids"]):
-            if len(ids) <= max_length:
-                continue
-            cut = len(ids) - max_length if left else max_length  # left: drop ids[:cut]; right: drop ids[cut:]
-            dropped = ids[:cut] if left else ids[cut:]
-            if media_ids.intersection(dropped):
-                positions = [i for i, token_id in enumerate(ids) if token_id in media_ids]
-                raise ValueError(
-                    f"sample {sample} has {len(ids)} tokens with media tokens at positions {positions[0]}..{positions[-1]}; "
-                    f"truncating to max_length={max_length} would cut a media span. Raise max_length, shorten the "
-                    "text, or drop whole turns with apply_chat_template(..., drop_trailing_turns=True)"
-                )
-            for key in list(encoded.keys()):
-                values = encoded[key][sample]
-                encoded[key][sample] = values[cut:] if left else values[:cut]
-        return encoded
-
-    # --- chat ---------------------------------------------------------------------------------------
-    def apply_chat_template(
-        self,
-        conversation,
-        chat_template: str | None = None,
-        tools: list[dict] | None = None,
-        documents: list[dict[str, str]] | None = None,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
-        return_assistant_tokens_mask: bool = False,
-        tokenize: bool = False,
-        return_tensors: str | None = None,
-        return_dict: bool = False,
-        processor_kwargs: dict | None = None,
-        truncation: bool = False,
-        max_length: int | None = None,
-        drop_trailing_turns: bool = False,
-        **kwargs,
-    ):
-        r"""
-        Render chat messages (and, with `tokenize=True`, process them with their media), as `ProcessorMixin` does.
-
-        A message is `{"role": "system" | "user" | "assistant", "content": str | list}` (or a message object with
-        those fields); content items are `{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`,
-        `{"type": "audio", "audio": ...}` (optionally with "sampling_rate") or `{"type": "video", "video": ...}`
-        (any form `__call__` accepts; "path" or "url" works as the key too). Templates that read a message's content
-        as a list of typed items (`DEFAULT_CHAT_TEMPLATE`, VLM templates) get the items; templates that read it as
-        one string (a text LM's own: ChatML and the like) get the items joined by spaces, each media item written as
-        its placeholder (`<image>` ...), so the media land inside the template's own turns.
-
-        The template is the processor's `chat_template`: the tokenizer's own when it has one, else
-        `DEFAULT_CHAT_TEMPLATE` (`role: content</s>\n` per message, `assistant:` as generation prompt); pass
-        `chat_template=DEFAULT_CHAT_TEMPLATE` here or when building the processor to use the package's template.
-
-        Returns the rendered string(s) when `tokenize=False`; with `tokenize=True` the `input_ids`, or with
-        `return_dict=True` the whole `BatchFeature` of `__call__`, plus `assistant_masks` (batch, seq) marking the
-        assistant replies (with their end-of-turn token) when `return_assistant_tokens_mask=True`. Templates with
-        `{% generation %}` blocks mark the replies themselves; for others (ChatML) each reply is the text a
-        conversation gains from its generation prompt to the end of that reply, rendered prefix by prefix.
-        `tools`, `documents`, `continue_final_message` and any template variable (`**kwargs` the template reads)
-        go to the template; `processor_kwargs` (and other `**kwargs`) go to `__call__`.
-        With `truncation=True, max_length=N, drop_trailing_turns=True`, whole trailing turns (a user message and the
-        replies after it) are dropped until each conversation fits; without `drop_trailing_turns` a cut through media
-        raises.
-        """
-        template = self._resolve_chat_template(chat_template)
-        variables = _get_template_variables(template)
-        template_kwargs = {key: value for key, value in kwargs.items() if key in variables}
-        processor_kwargs = {**(processor_kwargs or {}), **{k: v for k, v in kwargs.items() if k not in variables}}
-        if return_tensors is not None:
-            processor_kwargs["return_tensors"] = return_tensors
-        if continue_final_message and (add_generation_prompt or return_assistant_tokens_mask):
-            raise ValueError("continue_final_message cannot be combined with add_generation_prompt or return_assistant_tokens_mask")
-        conversations, batched = self._normalize_conversations(conversation)
-        render = dict(
-            template=template, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            tools=tools, documents=documents, template_kwargs=template_kwargs,
-        )
-        if drop_trailing_turns:
-            if not (tokenize and truncation and max_length):
-                raise ValueError("drop_trailing_turns needs tokenize=True, truncation=True and max_length")
-            conversations = [
-                self._fit_turns(i, c, render, max_length, processor_kwargs) for i, c in enumerate(conversations)
-            ]
-        texts, spans, media = self._render(conversations, render, return_assistant_tokens_mask)
-        if not tokenize:
-            return texts if batched else texts[0]
-        bos = self.tokenizer.bos_token
-        if bos is not None and all(text.startswith(bos) for text in texts):
-            processor_kwargs.setdefault("add_special_tokens", False)  # the template wrote the BOS itself
-        processor_kwargs.setdefault("truncation", truncation)
-        processor_kwargs.setdefault("max_length", max_length)
-        output = self(
-            texts,
-            images=media["image"],
-            audio=media["audio"],
-            videos=media["video"],
-            return_offsets_mapping=return_assistant_tokens_mask,
-            return_text_replacement_offsets=return_assistant_tokens_mask,
-            **processor_kwargs,
-        )
-        if return_assistant_tokens_mask:
-            token_offsets, expansions = output.pop("offset_mapping"), output.pop("text_replacement_offsets")
-            output["assistant_masks"] = self._assistant_masks(token_offsets, expansions, output["attention_mask"], spans)
-        return output if return_dict else output["input_ids"]
-
-    def _render(self, conversations, render: dict, with_spans: bool):
-        """Rendered texts, assistant character spans (before placeholder expansion, which happens later), media per sample."""
-        media = {kind: [] for kind in MODALITIES}
-        structured = self._takes_structured_content(render["template"])
-        flattened = []
-        for index, messages in enumerate(conversations):
-            found = {kind: [] for kind in MODALITIES}
-            clean = []
-            for position, message in enumerate(messages):
-                if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                    raise ValueError(f"conversation {index}, message {position}: expected {{'role': ..., 'content': ...}}")
-                content = message["content"]
-                if not isinstance(content, str):
-                    content = [self._content_item(index, position, item, found) for item in content]
-                    if not structured:
-                        content = " ".join(item["text"] if item["type"] == "text" else self.placeholder(item["type"]) for item in content)
-                clean.append({**message, "content": content})
-            flattened.append(clean)
-            for kind in MODALITIES:
-                media[kind].append(found[kind])
-        texts, spans = self._render_texts(flattened, render)
-        if with_spans and not GENERATION_BLOCK.search(render["template"]):
-            spans = [self._assistant_spans(index, messages, text, render) for index, (messages, text) in enumerate(zip(flattened, texts))]
-        media = {kind: (lists if any(lists) else None) for kind, lists in media.items()}
-        return texts, spans if with_spans else None, media
-
-    def _render_texts(self, conversations, render: dict, add_generation_prompt: bool | None = None):
-        return render_jinja_template(
-            conversations=conversations,
-            tools=render["tools"],
-            documents=render["documents"],
-            chat_template=render["template"],
-            add_generation_prompt=render["add_generation_prompt"] if add_generation_prompt is None else add_generation_prompt,
-            continue_final_message=render["continue_final_message"] if add_generation_prompt is None else False,
-            return_assistant_tokens_mask=GENERATION_BLOCK.search(render["template"]) is not None,
-            **{**self.tokenizer.special_tokens_map, **render["template_kwargs"]},
-        )
-
-    def _assistant_spans(self, index: int, messages: list[dict], text: str, render: dict) -> list[tuple[int, int]]:
-        """Character spans of the assistant replies of a template without `{% generation %}` blocks (ChatML).
-
-        Reply i spans what the conversation up to it adds to the conversation before it with the generation prompt,
-        trailing whitespace left out (the newline after ChatML's `<|im_end|>`). Each of these renderings must be a
-        prefix of the full text, which holds for templates that render a turn the same wherever it stands.
-        """
-        spans = []
-        for position, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            (prompt,), _ = self._render_texts([messages[:position]], render, add_generation_prompt=True)
-            (upto,), _ = self._render_texts([messages[: position + 1]], render, add_generation_prompt=False)
-            if not (upto.startswith(prompt) and text.startswith(upto)):
-                raise ValueError(
-                    f"conversation {index}, message {position}: the chat template does not render this conversation as "
-                    "a sequence of prefixes, so the assistant reply cannot be located; use a template with "
-                    "{% generation %} blocks (e.g. DEFAULT_CHAT_TEMPLATE) for return_assistant_tokens_mask"
-                )
-            spans.append((len(prompt), len(upto.rstrip())))
-        return spans
-
-    def _takes_structured_content(self, template: str) -> bool:
-        """Whether `template` reads a message's content as a list of typed items rather than as one string.
-
-        Probed by rendering a one-item list: a string template prints the list's repr (or fails on it).
-        """
-        probe = "probe-7f3a"
-        try:
-            (rendered,), _ = render_jinja_template(
-                conversations=[[{"role": "user", "content": [{"type": "text", "text": probe}]}]],
-                chat_template=template,
-                **self.tokenizer.special_tokens_map,
-            )
-        except Exception:  # a template that cannot take a list (e.g. `content | trim`) takes strings
-            return False
-        return probe in rendered and "'type'" not in rendered
-
-    def _content_item(self, index: int, position: int, item, found: dict) -> dict:
-        """A content item as the template receives it (its media payload collected into `found`)."""
-        kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "text":
-            return {**item, "text": item.get("text") or ""}
-        if kind not in MODALITIES:
-            raise ValueError(
-                f"conversation {index}, message {position}: unknown content type {kind!r}; "
-                f"expected 'text', 'image', 'audio' or 'video'"
-            )
-        # the first key that holds a value: `datasets` gives every content item every key, None where unused
-        value = next((item[key] for key in (kind, "path", "url") if item.get(key) is not None), None)
-        if value is None:
-            raise ValueError(f"conversation {index}, message {position}: a {kind} item needs a {kind!r} (or 'path') value")
-        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
-            value = {"array": value, "sampling_rate": item["sampling_rate"]}
-        found[kind].append(value)
-        return {**item, "type": kind}
-
-    @staticmethod
-    def _assistant_masks(token_offsets, expansions, attention_mask, spans) -> torch.Tensor:
-        """1 on tokens inside the template's {% generation %} spans, mapped through placeholder expansion.
-
-        `spans` are character spans in the rendered text; `expansions` say where placeholders grew, which moves
-        later characters; `token_offsets` are each real token's characters in the expanded text.
-        """
-        attention_mask = torch.as_tensor(attention_mask)
-        masks = torch.zeros_like(attention_mask)
-        for sample, (offsets, sample_spans) in enumerate(zip(token_offsets, spans)):
-            ends = [entry["span"][1] for entry in expansions[sample]]
-            growth = [0]
-            for entry in expansions[sample]:
-                growth.append(growth[-1] + len(entry["replacement"]) - len(entry["text"]))
-            moved = [
-                (start + growth[bisect.bisect_right(ends, start)], end + growth[bisect.bisect_right(ends, end - 1)])
-                for start, end in sample_spans
-            ]
-            positions = attention_mask[sample].nonzero().flatten().tolist()  # real tokens, whatever the padding side
-            for position, (start, end) in zip(positions, offsets):
-                if end > start and any(low <= start < high for low, high in moved):
-                    masks[sample, position] = 1
-        return masks
-
-    def _fit_turns(self, index, messages, render: dict, max_length, processor_kwargs):
-        """Drop whole trailing turns (a user message and everything after it) until the conversation fits."""
-        while True:
-            texts, _, media = self._render([messages], render, False)
-            skip = ("padding", "return_tensors", "padding_side", "truncation", "max_length")
-            options = {k: v for k, v in processor_kwargs.items() if k not in skip}
-            length = self(texts, images=media["image"], audio=media["audio"], videos=media["video"], **options)[
-                "input_ids"
-            ].shape[1]
-            if length <= max_length:
-                return messages
-            user_turns = [i for i, message in enumerate(messages) if message["role"] == "user"]
-            if len(user_turns) <= 1:
-                raise ValueError(
-                    f"conversation {index}: its first turn alone takes {length} tokens, more than max_length={max_length}"
-                )
-            logger.info(f"conversation {index}: dropping its last turn to fit max_length={max_length}")
-            messages = messages[: user_turns[-1]]
-
 
 __all__ = ["MultimodalProcessor", "DEFAULT_CHAT_TEMPLATE", "ASSISTANT_PREFIX"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from test_processing_common import tiny_processor, tone
+from media_builders import tiny_processor, tone
 from transformers import WhisperFeatureExtractor
 
 from modeling_multimodal.processing.audio_loading import load_audio, log_mel

@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import soundfile
 import torch
-from test_processing_common import make_video, random_image, tiny_processor, tone
+from media_builders import make_video, random_image, tiny_processor, tone
 
 from modeling_multimodal.processing.image_processing_multimodal import load_image
 from modeling_multimodal.processing.video_processing_multimodal import load_video

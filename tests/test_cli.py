@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from test_processing_common import tiny_config, tiny_tokenizer
 
+from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal import cli
 
 ERROR_PREFIX = "modeling-multimodal: error: "

@@ -143,7 +143,7 @@ def test_auxiliary_heads_exist_only_with_lambda_and_the_audio_encoder_is_whole(p
     plain, _ = MultimodalForConditionalGeneration.from_pretrained_components(text=str(root / "lm"), audio=str(root / "whisper"))
     assert len(plain.auxiliary_heads) == 0
     joint, _ = MultimodalForConditionalGeneration.from_pretrained_components(
-        text=str(root / "lm"), audio=str(root / "whisper"), other_loss_weight=0.5
+        text=str(root / "lm"), audio=str(root / "whisper"), auxiliary_loss_weight=0.5
     )
     assert set(joint.auxiliary_heads) == {"audio_ctc"}
     expected = whisper.model.encoder.state_dict()

@@ -45,8 +45,8 @@ INVALID_CASES = [
     ("pool_does_not_divide_grid", dict(image_pool_stride=3), "image_pool_stride=3 must divide the patch grid (4)"),
     ("temporal_pool_does_not_divide_frames", dict(video_num_frames=5), "must divide video_num_frames=5"),
     ("unknown_projector", dict(image_projector="qformer"), "image_projector='qformer'"),
-    ("negative_lambda", dict(other_loss_weight=-1.0), "must be >= 0"),
-    ("lambda_without_audio", dict(audio=False, other_loss_weight=0.5), "no auxiliary task applies"),
+    ("negative_lambda", dict(auxiliary_loss_weight=-1.0), "must be >= 0"),
+    ("lambda_without_audio", dict(audio=False, auxiliary_loss_weight=0.5), "no auxiliary task applies"),
     ("image_token_without_vision", dict(vision=False, video=False, image_token_id=5), "image_token_id is set but there is no vision_config"),
     ("audio_token_without_audio", dict(audio=False, audio_token_id=6), "audio_token_id is set but there is no audio_config"),
     ("vision_without_image_token", dict(image_token_id=None), "image_token_id is None"),
@@ -76,3 +76,15 @@ def test_whisper_audio_config_keeps_encoder_limits():
     config = tiny_config(TOKENIZER, audio_config=WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=100))
     assert config.token_layout.max_audio_mel_frames() == 200
     assert config.token_layout.audio_tokens(500) == 50
+
+
+def test_deprecated_loss_weight_names_still_load(tmp_path):
+    """Configs saved with `other_loss_weight` / `cross_loss_weight` load into the current names, with a FutureWarning."""
+    saved = tiny_config(TOKENIZER, auxiliary_loss_weight=0.5, contrastive_loss_weight=0.2).to_dict()
+    saved["other_loss_weight"], saved["cross_loss_weight"] = saved.pop("auxiliary_loss_weight"), saved.pop("contrastive_loss_weight")
+    with pytest.warns(FutureWarning, match="other_loss_weight is deprecated, use auxiliary_loss_weight"):
+        config = MultimodalConfig.from_dict(saved)
+    assert (config.auxiliary_loss_weight, config.contrastive_loss_weight) == (0.5, 0.2)
+    assert "other_loss_weight" not in config.to_dict() and "cross_loss_weight" not in config.to_dict()
+    config.save_pretrained(tmp_path)
+    assert MultimodalConfig.from_pretrained(tmp_path).auxiliary_loss_weight == 0.5

@@ -9,7 +9,7 @@ import torch
 from modeling_multimodal.demo_data import make_demo_data
 from modeling_multimodal.evaluation.functional import retrieval_recall
 from modeling_multimodal.evaluation.tasks import reranked_recall, response_log_likelihoods, retrieval_scores
-from modeling_multimodal.losses import IGNORE_INDEX
+from modeling_multimodal.constants import IGNORE_INDEX
 from modeling_multimodal.training.collator import MultimodalCollator
 from modeling_multimodal.training.data import ExampleEncoder, load_manifest
 from modeling_multimodal.training.recipe import load_recipe

@@ -113,9 +113,14 @@ def test_render_model_card_rejects(name, kwargs, message):
         render_model_card("org/demo", **kwargs)
 
 
-def test_template_is_the_repository_one():
-    assert template_path().name == "multimodal_model_card.md"
-    assert template_path().parent.name == "model_cards"
+def test_cards_are_rendered_from_the_repository_template():
+    """The installed package data is the repository's template, and a rendered card is that template filled in."""
+    repository_template = Path(__file__).resolve().parents[1] / "model_cards" / "multimodal_model_card.md"
+    assert template_path().read_text(encoding="utf-8") == repository_template.read_text(encoding="utf-8")
+    card = str(render_model_card("org/demo", {"text": "HuggingFaceTB/SmolLM2-135M-Instruct"}, ["image"]))
+    headings = [line for line in repository_template.read_text(encoding="utf-8").splitlines() if line.startswith("## ")]
+    assert headings and all(heading in card for heading in headings if "{" not in heading)
+    assert "{{" not in card and "{%" not in card  # every template variable and block was rendered
 
 
 CHECKPOINT_FILE_CASES = [
@@ -443,7 +448,8 @@ def test_card_inputs_file_round_trips(checkpoints):
 
 CODE_FILES = {
     "configuration_multimodal.py", "media_tokens.py", "modeling_multimodal.py", "encoders.py", "losses.py", "projectors.py", "vision_stem.py",
-    "processing_multimodal.py", "image_processing_multimodal.py", "video_processing_multimodal.py", "audio_loading.py", "media_files.py",
+    "constants.py", "processing_multimodal.py", "image_processing_multimodal.py", "video_processing_multimodal.py", "audio_loading.py",
+    "media_files.py", "chat_template.py", "truncation.py", "composition.py", "tokenization.py",
 }  # fmt: skip
 
 

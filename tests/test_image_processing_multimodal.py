@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_processing_common import random_image
+from media_builders import random_image
 from transformers import CLIPImageProcessorPil
 
 from modeling_multimodal.processing import MediaInputError, MultimodalImageProcessor

@@ -92,10 +92,15 @@ def test_forward_each_modality(name, content):
 
 
 def test_mixed_batch_of_text_only_and_media_samples():
+    """In a batch mixing text-only, image, audio and video samples, each sample's logits are its logits alone."""
     model = build_model()
-    batch = collate([sample(model), sample(model, images=1), sample(model, audios=(90,)), sample(model, videos=1)])
-    out = model(**batch)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    samples = [sample(model), sample(model, images=1), sample(model, audios=(90,)), sample(model, videos=1)]
+    batch = collate(samples, padding_side="right")  # real tokens at positions 0..n-1, as when alone
+    with torch.no_grad():
+        together = model(**batch).logits
+        for index, one in enumerate(samples):
+            alone = model(**collate([one])).logits[0]
+            torch.testing.assert_close(together[index, : len(one[0])], alone, rtol=1e-4, atol=1e-5, msg=f"sample {index}")
 
 
 def test_audio_tokens_follow_clip_length_not_30_seconds():
@@ -138,7 +143,7 @@ LOSS_CASES = [
 
 @pytest.mark.parametrize("name,lam,alpha,expect_other,expect_cross", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
 def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, monkeypatch):
-    model = build_model(other_loss_weight=lam, cross_loss_weight=alpha, auxiliary_tasks=["audio_ctc", "media_bow"])
+    model = build_model(auxiliary_loss_weight=lam, contrastive_loss_weight=alpha, auxiliary_tasks=["audio_ctc", "media_bow"])
     batch = collate([sample(model, audios=(200,)), sample(model, images=1), sample(model, audios=(160,))])
     calls = {"audio_ctc": 0, "media_bow": 0, "text_pass": 0}
     for task, head in model.auxiliary_heads.items():
@@ -182,7 +187,7 @@ def test_labelled_loss_matches_full_logits_cross_entropy():
 
 
 def test_ctc_loss_matches_torch_reference():
-    model = build_model(other_loss_weight=1.0)
+    model = build_model(auxiliary_loss_weight=1.0)
     batch = collate([sample(model, audios=(200,))])
     ctc_labels = torch.tensor([TEXT[:5]])
     out = model(**batch, ctc_labels=ctc_labels)
@@ -195,7 +200,7 @@ def test_ctc_loss_matches_torch_reference():
 
 
 def test_media_bag_of_words_loss_matches_reference():
-    model = build_model(other_loss_weight=1.0, auxiliary_tasks=["media_bow"])
+    model = build_model(auxiliary_loss_weight=1.0, auxiliary_tasks=["media_bow"])
     batch = collate([sample(model, images=1), sample(model, audios=(160,), videos=1), sample(model)])
     texts = ["a red circle red", "the green triangle", "a big blue square"]  # the third sample has no media
     pair = TOKENIZER(texts, padding=True, return_tensors="pt")
@@ -213,7 +218,7 @@ def test_media_bag_of_words_loss_matches_reference():
 
 
 def test_gradients_reach_exactly_the_unfrozen_modules():
-    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_language_model=True).train()
+    model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, freeze_language_model=True).train()
     batch = collate([sample(model, images=1, audios=(160,), videos=1), sample(model, images=1, audios=(100,), videos=1)])
     pair = TOKENIZER(["a small red circle", "a big blue square"], padding=True, return_tensors="pt")
     out = model(
@@ -241,15 +246,20 @@ def test_frozen_towers_keep_no_activations():
 
 
 def greedy_reference(model, batch, steps):
-    """Greedy decoding by hand with the KV cache: prefill once (media encoded once), then one token per step."""
+    """Greedy decoding by hand with the KV cache: prefill once (media encoded once), then one token per step.
+    EOS is never picked, as `generate(..., min_new_tokens=steps)` forbids it."""
+
+    def pick(logits):
+        return logits[:, -1].index_fill(-1, torch.tensor([TOKENIZER.eos_token_id]), float("-inf")).argmax(-1)
+
     out = model(**batch, use_cache=True)
     cache, mask = out.cache, batch["attention_mask"]
-    tokens = [out.logits[:, -1].argmax(-1)]
+    tokens = [pick(out.logits)]
     for _ in range(steps - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[-1][:, None], attention_mask=mask, cache=cache, use_cache=True)
         cache = out.cache
-        tokens.append(out.logits[:, -1].argmax(-1))
+        tokens.append(pick(out.logits))
     return torch.stack(tokens, dim=1)
 
 
@@ -290,7 +300,7 @@ def test_batched_left_padded_generation_equals_one_by_one():
 
 
 def test_save_and_load_gives_identical_logits(tmp_path):
-    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.2)
+    model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.2)
     batch = collate([sample(model, images=1, audios=(150,), videos=1)])
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
@@ -406,7 +416,7 @@ def test_backbones_plug_in_and_batch_invariance_holds(name, overrides, tmp_path)
 
 
 def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
-    model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
+    model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
     unused = model.freeze_unused_parameters()
     # vision_feature_layer=-2: the tower's last layer and post-layernorm can never receive a gradient.
     assert unused and all(n.startswith("model.vision_tower.") and ("layers.1." in n or "post_layernorm" in n) for n in unused), unused
@@ -422,7 +432,7 @@ def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_ch
 
 def test_training_contrastive_loss_uses_the_retrieval_embeddings():
     """L_cross in forward is InfoNCE over exactly what get_*_features / get_text_features return."""
-    model = build_model(cross_loss_weight=1.0)
+    model = build_model(contrastive_loss_weight=1.0)
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, videos=1)]
     texts = ["a small red circle", "a big blue square", "a green star moving left"]
     pair = TOKENIZER(texts, padding=True, return_tensors="pt")
@@ -438,7 +448,7 @@ def test_training_contrastive_loss_uses_the_retrieval_embeddings():
 
 
 def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():
-    model = build_model(cross_loss_weight=1.0)
+    model = build_model(contrastive_loss_weight=1.0)
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, images=1, text=TEXT[:1])]
     pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
     rows = collate(samples, padding_side="right")
@@ -549,7 +559,7 @@ def test_conv_stem_config_errors(overrides, message):
 
 def test_projectors_and_bag_of_words_head_keep_torch_default_init():
     """Projectors and the media bag-of-words head start at PyTorch's Linear init (as LLaVA's own code), not N(0, 0.02)."""
-    model = build_model(other_loss_weight=0.5, auxiliary_tasks=["audio_ctc", "media_bow"])
+    model = build_model(auxiliary_loss_weight=0.5, auxiliary_tasks=["audio_ctc", "media_bow"])
     layers = [m for p in model.model.multi_modal_projector.values() for m in p.modules() if isinstance(m, torch.nn.Linear)]
     layers.append(model.auxiliary_heads["media_bow"].classifier)
     for layer in layers:

@@ -138,7 +138,7 @@ def test_packed_losses_equal_unpacked_losses(examples, attention):
 
 def test_contrastive_loss_runs_on_packed_rows(examples):
     torch.manual_seed(0)
-    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, cross_loss_weight=1.0, other_loss_weight=1.0)).eval()
+    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, contrastive_loss_weight=1.0, auxiliary_loss_weight=1.0)).eval()
     out = model(**PackingCollator(PAD, max_length=100)(examples), use_cache=False)
     assert torch.isfinite(out.loss_cross) and torch.isfinite(out.loss_other)
 

@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from test_modeling import TOKENIZER, build_model
-from test_processing_common import random_image, tone
+from media_builders import random_image, tone
 from transformers import pipeline
 
 from modeling_multimodal import MultimodalProcessor

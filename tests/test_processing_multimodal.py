@@ -6,9 +6,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_processing_common import make_video, random_image, tiny_config, tiny_processor, tiny_tokenizer, tone
+from media_builders import make_video, random_image, tiny_processor, tone
 from transformers import AutoProcessor
 
+from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.configuration import MediaTokenLayout
 from modeling_multimodal.processing import MultimodalImageProcessor, MultimodalProcessor, register_processors
 
@@ -35,13 +36,14 @@ def count(output, processor, kind, sample=None):
 
 # --- placeholder expansion follows MediaTokenLayout -------------------------------------------------
 LAYOUTS = [  # (name, config overrides, expected image / video tokens, computed by hand)
-    ("default", {}, 16, 4 * 4),  # grid 4x4; video: 4 frames, spatial pool 2 -> 2x2 each
-    ("image_pool_2", {"image_pool_stride": 2}, 4, 16),
-    ("keep_cls", {"vision_feature_select_strategy": "full"}, 17, 16),
-    ("video_no_pool", {"video_spatial_pool_stride": 1}, 16, 64),
-    ("video_temporal_pool", {"video_temporal_pool_stride": 2, "video_spatial_pool_stride": 1}, 16, 32),
-    ("audio_pool_1", {"audio_pool_stride": 1}, 16, 16),
-    ("audio_pool_3", {"audio_pool_stride": 3}, 16, 16),
+    ("default", {}, 16, 2 * 4),  # grid 4x4; video: 4 frames pooled 2 in time, 2x2 in space -> 2 steps of 2x2
+    ("image_pool_2", {"image_pool_stride": 2}, 4, 8),
+    ("keep_cls", {"vision_feature_select_strategy": "full"}, 17, 8),
+    ("video_no_pool", {"video_spatial_pool_stride": 1}, 16, 2 * 16),
+    ("video_no_temporal_pool", {"video_temporal_pool_stride": 1}, 16, 4 * 4),
+    ("video_no_pool_at_all", {"video_temporal_pool_stride": 1, "video_spatial_pool_stride": 1}, 16, 64),
+    ("audio_pool_1", {"audio_pool_stride": 1}, 16, 8),
+    ("audio_pool_3", {"audio_pool_stride": 3}, 16, 8),
 ]
 DURATIONS = [0.01, 0.5, 1.234, 3.0]
 
@@ -198,6 +200,29 @@ def test_drop_trailing_turns(processor):
     with pytest.raises(ValueError, match="conversation 0: its first turn alone takes"):
         processor.apply_chat_template(CONVERSATION, tokenize=True, truncation=True, max_length=5, drop_trailing_turns=True)
 
+
+
+def test_drop_trailing_turns_decodes_the_media_once(tokenizer, monkeypatch):
+    """Each dropped turn is measured from the first pass's placeholder expansions, not by processing the media
+    again; the kept conversation equals the one processed without dropping."""
+    processor = MultimodalProcessor.from_config_and_components(tiny_config(tokenizer), tokenizer)
+    turns = [{"role": "system", "content": "describe the picture"}]
+    for answer in ("a red square", "a blue circle", "a green star"):
+        turns += [
+            {"role": "user", "content": [{"type": "image", "image": random_image(40, 40)}, {"type": "text", "text": "and this?"}]},
+            {"role": "assistant", "content": answer},
+        ]
+    expected = processor.apply_chat_template(turns[:5], tokenize=True, return_dict=True)
+    calls = []
+    images_to_tensors = processor._images_to_tensors
+    monkeypatch.setattr(processor, "_images_to_tensors", lambda *a, **k: calls.append(1) or images_to_tensors(*a, **k))
+    out = processor.apply_chat_template(
+        turns, tokenize=True, return_dict=True, truncation=True, max_length=expected["input_ids"].shape[1],
+        drop_trailing_turns=True,
+    )  # fmt: skip
+    assert len(calls) == 2  # once to measure the whole conversation, once for the kept turns
+    assert torch.equal(out["input_ids"], expected["input_ids"])
+    assert torch.equal(out["pixel_values"], expected["pixel_values"])
 
 # --- save / load ---------------------------------------------------------------------------------------
 def test_save_load_round_trip_and_auto_processor(processor, tmp_path, mp4):

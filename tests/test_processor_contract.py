@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from test_processing_common import random_image, tiny_config, tiny_processor, tiny_tokenizer, tone
+from media_builders import random_image, tiny_processor, tone
 
+from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.processing import DEFAULT_CHAT_TEMPLATE, MultimodalProcessor
 
 IMAGE = random_image(40, 40)

@@ -10,7 +10,7 @@ import textwrap
 import torch
 from safetensors.torch import load_file, save_file
 from test_modeling import TOKENIZER, build_model
-from test_processing_common import random_image, tone
+from media_builders import random_image, tone
 
 from modeling_multimodal import MultimodalProcessor
 from modeling_multimodal.testing_utils import WITHOUT_PACKAGE_PRELUDE

@@ -57,9 +57,9 @@ STAGE_CASES = [
 @pytest.mark.parametrize("stage,encoders,trained,frozen", STAGE_CASES, ids=[f"{c[0]}-encoders{c[1]}" for c in STAGE_CASES])
 def test_each_stage_trains_exactly_the_intended_parameters(stage, encoders, trained, frozen):
     torch.manual_seed(0)
-    config = tiny_config(tiny_tokenizer(), other_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
+    config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
     if stage != "encoders":  # the other stages keep the towers the config freezes frozen
-        config = tiny_config(tiny_tokenizer(), other_loss_weight=0.5)
+        config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5)
     model = MultimodalForConditionalGeneration(config)
     values = {"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": stage, "lora": {"encoders": encoders}}
     trainable = apply_stage(model, load_recipe(values=values))
@@ -96,8 +96,8 @@ def test_lora_adapter_carries_the_projectors(tmp_path):
 
 def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data_root, tmp_path):
     run = recipe(
-        data_root, tmp_path, "stage=encoders", "data.eval=[]", "optim.max_steps=6", "other_loss_weight=1.0",
-        "cross_loss_weight=0.5", "model.config.auxiliary_tasks=[audio_ctc, media_bow]",
+        data_root, tmp_path, "stage=encoders", "data.eval=[]", "optim.max_steps=6", "auxiliary_loss_weight=1.0",
+        "contrastive_loss_weight=0.5", "model.config.auxiliary_tasks=[audio_ctc, media_bow]",
         "model.config.freeze_vision_tower=false", "model.config.freeze_audio_tower=false", "optim.lr_encoder=0.01",
     )
     trainer = Trainer(run)
@@ -114,7 +114,7 @@ def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data
     assert {"model.vision_tower", "model.audio_tower", "model.multi_modal_projector"} <= changed
     assert not any(n.startswith(("model.language_model", "lm_head", "retrieval_head")) for n, p in model.named_parameters() if not torch.equal(p, before[n]))
     with pytest.raises(ValueError, match="stage=encoders trains on L_other alone"):
-        Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "other_loss_weight=0"))
+        Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "auxiliary_loss_weight=0"))
 
 
 def test_chained_stages_in_one_process_decode_each_example_once(data_root, tmp_path, monkeypatch):
@@ -157,7 +157,7 @@ def test_repeat_weights_a_task_in_the_mixture_and_decodes_each_row_once(data_roo
 def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
     run = recipe(
         data_root, tmp_path, "data.train=[{manifest: image_train.jsonl, task: image_caption}]", "data.eval=[]",
-        "optim.max_steps=30", "optim.batch_size=8", "cross_loss_weight=0", "other_loss_weight=0",
+        "optim.max_steps=30", "optim.batch_size=8", "contrastive_loss_weight=0", "auxiliary_loss_weight=0",
         "optim.lr_lm=0.01", "optim.lr_projector=0.01",
     )
     result = Trainer(run).train()
@@ -280,10 +280,7 @@ def test_recipe_errors_name_the_problem(overrides, fragment):
 
 RUN_OPTIONS = [
     # (name, overrides): options a recipe turns on; each must train and save a loadable model
-    ("packing", ["data.packing=true", "data.max_length=256", "optim.batch_size=2"]),
     ("bf16_mixed_precision", ["mixed_precision=bf16"]),
-    ("gradient_checkpointing", ["gradient_checkpointing=true", "stage=full", "model.config.freeze_vision_tower=false"]),
-    ("gradient_accumulation", ["optim.gradient_accumulation_steps=2", "optim.batch_size=2"]),
     ("lora_finetune", ["stage=finetune", "lora.r=4", "lora.encoders=true"]),
 ]
 
@@ -297,6 +294,46 @@ def test_recipe_options_train_and_save(name, overrides, data_root, tmp_path):
     assert model.config.text_config.hidden_size == 32
     if name == "lora_finetune":
         assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+# One optimizer step on the same 8 image samples: the reference (one batch of 8), and each option that must not change
+# the step. The contrastive loss is off: InfoNCE over 8 pairs is another loss than over two sets of 4 (by design).
+ONE_STEP = [
+    "data.train=[{manifest: image_train.jsonl, task: image_caption, max_samples: 8}]", "data.eval=[]",
+    "optim.max_steps=1", "optim.warmup_steps=0", "contrastive_loss_weight=0", "stage=full",
+    "model.config.freeze_vision_tower=false",
+]
+SAME_STEP = [
+    # (name, overrides against the reference's optim.batch_size=8, tolerance)
+    ("gradient_accumulation_2x4", ["optim.batch_size=4", "optim.gradient_accumulation_steps=2"], 1e-5),
+    ("packing", ["data.packing=true", "data.max_length=512", "optim.batch_size=1"], 1e-4),  # all 8 in one packed row
+    ("gradient_checkpointing", ["optim.batch_size=8", "gradient_checkpointing=true"], 1e-5),
+]
+
+
+@pytest.fixture(scope="module")
+def one_step_reference(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_step")
+    Trainer(recipe(data_root, out / "reference", *ONE_STEP, "optim.batch_size=8")).train()
+    Trainer(recipe(data_root, out / "no_step", *ONE_STEP, "optim.batch_size=8", "optim.lr_projector=0", "optim.lr_lm=0",
+                   "optim.lr_encoder=0")).train()  # fmt: skip
+    return out / "reference", out / "no_step"
+
+
+@pytest.mark.parametrize("name, overrides, tolerance", SAME_STEP, ids=[c[0] for c in SAME_STEP])
+def test_option_gives_the_same_step_as_one_batch(one_step_reference, data_root, tmp_path, name, overrides, tolerance):
+    """Loss terms, gradient norm and the weights after the optimizer step equal those of one batch of 8."""
+    reference, no_step = one_step_reference
+    Trainer(recipe(data_root, tmp_path, *ONE_STEP, *overrides)).train()
+    (expected,), (got,) = history(reference), history(tmp_path)
+    for key in ("loss", "loss_text", "grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=tolerance), (key, got, expected)
+    assert got["tokens"] == expected["tokens"]
+    before = load_file(no_step / "final" / "model.safetensors")
+    after, weights = load_file(reference / "final" / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    assert any(not torch.equal(before[key], after[key]) for key in after)  # the step moved the weights
+    for key in after:
+        torch.testing.assert_close(weights[key], after[key], rtol=tolerance, atol=tolerance, msg=key)
 
 
 # --- exact resume anywhere ------------------------------------------------------------------------

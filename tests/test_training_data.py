@@ -287,7 +287,7 @@ def test_collator_pads_and_orders_media_by_sample(root, side):
 
 def test_mixed_batch_runs_through_the_model_with_all_three_losses(root):
     torch.manual_seed(0)
-    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, other_loss_weight=0.5, cross_loss_weight=0.5)).eval()
+    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5)).eval()
     batch = MultimodalCollator(TOKENIZER.pad_token_id)(encoded_batch(root))
     out = model(**batch, use_cache=False)
     assert all(torch.isfinite(term) for term in (out.loss, out.loss_text, out.loss_other, out.loss_cross))

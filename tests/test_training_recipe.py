@@ -36,8 +36,8 @@ BAD_VALUES = [
     (["lora.r=0"], "lora.r=0: must be >= 1"),
     (["lora.dropout=1"], "lora.dropout=1.0: must be < 1"),
     (["lora.target_modules=(unclosed"], "lora.target_modules='(unclosed': not a valid regex"),
-    (["other_loss_weight=-1"], "other_loss_weight=-1.0: must be >= 0"),
-    (["cross_loss_weight=[1]"], "cross_loss_weight=[1]: expected a number"),
+    (["auxiliary_loss_weight=-1"], "auxiliary_loss_weight=-1.0: must be >= 0"),
+    (["contrastive_loss_weight=[1]"], "contrastive_loss_weight=[1]: expected a number"),
     (["seed=-1"], "seed=-1: must be >= 0"),
     (["threads=0"], "threads=0: must be >= 1"),
     (["save_total_limit=0"], "save_total_limit=0: must be >= 1"),
@@ -70,10 +70,10 @@ def test_bad_values_are_refused_naming_the_key(overrides, fragment):
 def test_yaml_1_2_numbers(tmp_path):
     """`1e-3` is a string to PyYAML (YAML 1.1) and a number to us; integral floats count as integers."""
     assert yaml.safe_load("x: 1e-3")["x"] == "1e-3"
-    recipe = load_recipe(RECIPE, ["optim.lr_projector=1e-3", "optim.max_steps=1e2", "optim.lr_lm=2E-5", "cross_loss_weight=1"])
+    recipe = load_recipe(RECIPE, ["optim.lr_projector=1e-3", "optim.max_steps=1e2", "optim.lr_lm=2E-5", "contrastive_loss_weight=1"])
     assert recipe.optim.lr_projector == 0.001 and recipe.optim.lr_lm == 2e-5
     assert recipe.optim.max_steps == 100 and isinstance(recipe.optim.max_steps, int)
-    assert isinstance(recipe.cross_loss_weight, float)
+    assert isinstance(recipe.contrastive_loss_weight, float)
     path = tmp_path / "r.yaml"
     path.write_text(RECIPE.read_text().replace("lr_projector: 0.003", "lr_projector: 3e-3"))
     assert load_recipe(path).optim.lr_projector == 0.003
@@ -176,3 +176,19 @@ def test_cli_threads_and_overwrite_flags_reach_the_recipe(monkeypatch, tmp_path)
     assert cli.main(["train", "--recipe", str(RECIPE), "--threads", "1", "--overwrite", f"output_dir={tmp_path}"]) == 0
     assert seen["recipe"].threads == 1 and seen["recipe"].overwrite_output_dir is True
     json.dumps(seen["recipe"].to_dict())
+
+
+@pytest.mark.parametrize("old, new", [("other_loss_weight", "auxiliary_loss_weight"), ("cross_loss_weight", "contrastive_loss_weight")])
+def test_deprecated_loss_weight_keys_still_load(tmp_path, old, new):
+    """Old recipe keys load under their current names, with a FutureWarning: in the YAML, an override, a stage."""
+    values = yaml.safe_load(RECIPE.read_text())
+    values[old] = values.pop(new)
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.warns(FutureWarning, match=f"recipe key {old} is deprecated, use {new}"):
+        assert getattr(load_recipe(path), new) == values[old]
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated"):
+        assert getattr(load_recipe(RECIPE, [f"{old}=0.75"]), new) == 0.75
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated"):
+        chained = load_recipe(RECIPE, [f"stages=[align, {{stage: finetune, {old}: 0.25}}]"])
+        assert [getattr(stage, new) for stage in stage_recipes(chained)] == [getattr(chained, new), 0.25]

@@ -8,7 +8,7 @@ import soundfile
 import torch
 from safetensors.torch import load_file
 from test_modeling import TOKENIZER, build_model
-from test_processing_common import random_image, tone
+from media_builders import random_image, tone
 
 from modeling_multimodal import MultimodalProcessor
 from modeling_multimodal.training.stages import default_lora_targets, modules_to_save

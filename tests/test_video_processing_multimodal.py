@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_processing_common import frame_levels, make_video
+from media_builders import frame_levels, make_video
 
 from modeling_multimodal.processing import MultimodalImageProcessor, MultimodalVideoProcessor
 from modeling_multimodal.processing.video_processing_multimodal import load_video, sample_indices

@@ -3,7 +3,7 @@
 Trains the demo's CLIP-style tower (96 wide, 2 layers, 64 px, 8-px patches) from scratch on the demo's
 training images alone and prints the share of test images whose shape (circle, square, triangle, star)
 it names, every 250 steps. What sits between the tower and the loss is chosen on the command line, which
-is how the README's table under "What fixed video" was measured (750 steps, one torch thread):
+is how the table under "What fixed video" in docs/RESULTS.md was measured (750 steps, one torch thread):
 
     python examples/diagnostics/shape_learning.py --data demo_output/data --stem conv --loss bag \
         --projector torch --steps 750

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from ..training.collator import MultimodalCollator, collate_media
 from ..training.data import MEDIA_TENSOR_KEYS, ExampleEncoder, build_example, get_task
 from .functional import bleu, character_error_rate, cosine_similarity, exact_match, retrieval_recall, word_error_rate

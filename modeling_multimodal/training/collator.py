@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 
 
 def pad_sequences(sequences: list[torch.Tensor], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:

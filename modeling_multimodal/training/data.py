@@ -41,7 +41,7 @@ import datasets
 import soundfile
 import torch
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from ..processing.media_files import open_media_file
 from ..tokenization import MEDIA_TOKENS
 
@@ -62,8 +62,8 @@ class TaskSpec:
         is filled from the row (e.g. "<image> {question}").
     response_field: the column holding the trained response (None: no LM target, e.g. retrieval only).
     media_fields: modality -> column holding one path (or a list of paths, one per placeholder).
-    pair_field: column with the text paired with the media for the contrastive loss (`L_cross`).
-    ctc_field: column with the transcript for the audio CTC loss (`L_other`).
+    pair_field: column with the text paired with the media for the contrastive loss.
+    ctc_field: column with the transcript for the audio CTC loss (an auxiliary task).
     """
 
     name: str
@@ -88,7 +88,7 @@ TASKS = {
             "speech_transcription", "<audio> what is said in the audio?", "transcript", {"audio": "audio"},
             pair_field="transcript", ctc_field="transcript",
         ),
-        # Retrieval only: the image alone, no LM target; the row trains `L_cross` (and nothing else).
+        # Retrieval only: the image alone, no LM target; the row trains the contrastive loss (and nothing else).
         TaskSpec("image_text_pair", "<image>", None, {"image": "image"}, pair_field="caption"),
     )
 }

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Sampler
 
-from ..losses import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 from .collator import collate_media, pad_sequences
 
 

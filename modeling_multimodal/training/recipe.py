@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,8 @@ class TrainingRecipe:
     stages: list | None = None  # chain: [align, finetune] or [{stage: align, optim.max_steps: 40}, ...] (module docstring)
     lora: LoraSpec = field(default_factory=LoraSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
-    other_loss_weight: float | None = None  # λ; None keeps the model config's value
-    cross_loss_weight: float | None = None  # α
+    auxiliary_loss_weight: float | None = None  # λ; None keeps the model config's value
+    contrastive_loss_weight: float | None = None  # α
     mixed_precision: str = "no"  # "no" | "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -267,7 +268,7 @@ class TrainingRecipe:
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` (as in `mixed_precision=no`) as false
             self.mixed_precision = "no"
         check_text("mixed_precision", self.mixed_precision, choices=("no", "bf16"))
-        for name in ("other_loss_weight", "cross_loss_weight"):
+        for name in ("auxiliary_loss_weight", "contrastive_loss_weight"):
             setattr(self, name, check_number(name, getattr(self, name), minimum=0, optional=True))
         self.seed = check_number("seed", self.seed, integer=True, minimum=0)
         self.threads = check_number("threads", self.threads, integer=True, minimum=1, optional=True)
@@ -291,7 +292,13 @@ class TrainingRecipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # Deprecated names of the two loss weights (read-only), for code that still uses them.
+    other_loss_weight = property(lambda self: self.auxiliary_loss_weight)
+    cross_loss_weight = property(lambda self: self.contrastive_loss_weight)
 
+
+# Old top-level keys -> their current names; recipes with the old keys still load (FutureWarning).
+DEPRECATED_KEYS = {"other_loss_weight": "auxiliary_loss_weight", "cross_loss_weight": "contrastive_loss_weight"}
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "optim": OptimSpec}
 
 
@@ -355,7 +362,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def current_key(key: str, where: str) -> str:
+    """`key` under its current name (a deprecated top-level key is renamed, with a FutureWarning)."""
+    if key in DEPRECATED_KEYS:
+        warnings.warn(f"{where}: recipe key {key} is deprecated, use {DEPRECATED_KEYS[key]}", FutureWarning, stacklevel=4)
+        return DEPRECATED_KEYS[key]
+    return key
+
+
 def set_dotted(values: dict, key: str, value, where: str) -> None:
+    key = current_key(key, where)
     node = values
     parts = key.split(".")
     for part in parts[:-1]:
@@ -409,6 +425,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), value
         if not isinstance(values, dict):
             raise ValueError(f"Recipe {path}: expected a mapping of keys, got {type(values).__name__}")
         values = resolve_paths(values, path.resolve().parent)
+    if isinstance(values, dict):
+        values = {current_key(key, f"Recipe {path}" if path else "the recipe"): value for key, value in values.items()}
     values = apply_overrides(values or {}, list(overrides))
     recipe = _build(TrainingRecipe, values, "")
     stage_recipes(recipe)  # a chain's stages are checked now, not when a stage starts

@@ -1,6 +1,6 @@
 """Training stages as LLaVA / LLaMA-Factory users know them, and the optimizer's parameter groups.
 
-- `encoders`: the towers, projectors and auxiliary heads train on `L_other` alone (CTC, bag of words) and
+- `encoders`: the towers, projectors and auxiliary heads train on the auxiliary loss alone (CTC, bag of words) and
   the LM does not even run: a cheap way to teach towers built from scratch to see and hear before they
   are connected to the LM (towers the model config freezes stay frozen).
 - `align`: only the projectors (and the auxiliary and retrieval heads) train; towers and LM are frozen.

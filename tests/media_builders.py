@@ -1,49 +1,16 @@
-"""Builders shared by the processing tests: a tiny tokenizer and config, media made on the fly (no tests here)."""
+"""Media made on the fly for the tests (images, tones, encoded videos) and the tiny processor."""
 
 from __future__ import annotations
 
 import av
 import numpy as np
-from transformers import CLIPVisionConfig, LlamaConfig, WhisperConfig
 
-from modeling_multimodal.configuration import MultimodalConfig
 from modeling_multimodal.processing import MultimodalProcessor
-from modeling_multimodal.tokenization import build_tokenizer
-
-CORPUS = [
-    "user: assistant: system: what is in this picture? a red square on white.",
-    "describe the audio and the video. hello world, this is a long sentence with many words.",
-]
-
-
-def tiny_tokenizer(kind: str = "word"):
-    return build_tokenizer(CORPUS, kind=kind, vocab_size=300)
-
-
-def tiny_config(tokenizer, audio: bool = True, video: bool = True, **overrides) -> MultimodalConfig:
-    """The brief's tiny config: CLIP 32 px / patch 8 (4x4 grid), Whisper 80 mels, 4 video frames."""
-    ids = {kind: tokenizer.convert_tokens_to_ids(f"<{kind}>") for kind in ("image", "audio", "video")}
-    return MultimodalConfig(
-        text_config=LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=len(tokenizer),
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-        ),
-        audio_config=WhisperConfig(
-            d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=80,
-            max_source_positions=1500,
-        ) if audio else None,
-        image_token_id=ids["image"],
-        audio_token_id=ids["audio"] if audio else None,
-        video_token_id=ids["video"] if video else None,
-        video_num_frames=4,
-        **overrides,
-    )
+from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 
 
 def tiny_processor(tokenizer=None, **config_overrides) -> MultimodalProcessor:
+    """The processor of `testing_utils.tiny_config` (CLIP 32 px / patch 8, Whisper 80 mels, 4 video frames)."""
     tokenizer = tokenizer or tiny_tokenizer()
     return MultimodalProcessor.from_config_and_components(tiny_config(tokenizer, **config_overrides), tokenizer)
 
