@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from modeling_multimodal import MultimodalConfig, MultimodalForConditionalGeneration, MultimodalModel
 from modeling_multimodal.encoders import encode_audio
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
+from modeling_multimodal.training.objective import TrainingObjective, freeze_unreachable_parameters
 
 TOKENIZER = tiny_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -208,7 +209,8 @@ def test_media_bag_of_words_loss_matches_reference():
         words = sorted(set(TOKENIZER(texts[row], add_special_tokens=False)["input_ids"]))  # "red" counts once
         per_sample.append(-log_probs[words].mean())
     torch.testing.assert_close(out.loss_other, torch.stack(per_sample).mean())
-    halved = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"], num_pair_items_in_batch=4)
+    # The training objective divides by the pairs of a whole window (here 4, twice this batch's 2).
+    halved = TrainingObjective(model)(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"], num_items={"media_bow": 4})
     torch.testing.assert_close(halved.loss_other, out.loss_other / 2)
 
 
@@ -405,16 +407,17 @@ def test_backbones_plug_in_and_batch_invariance_holds(name, overrides, tmp_path)
     torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
 
 
-def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
+def test_training_objective_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
     model = build_model(other_loss_weight=0.5, cross_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
-    unused = model.freeze_unused_parameters()
+    unused = freeze_unreachable_parameters(model)
     # vision_feature_layer=-2: the tower's last layer and post-layernorm can never receive a gradient.
     assert unused and all(n.startswith("model.vision_tower.") and ("layers.1." in n or "post_layernorm" in n) for n in unused), unused
     batch = collate([sample(model), sample(model)])  # text only: no tower, projector or aux head is used
     labels = text_labels(batch, model)
     plain = model(**batch, labels=labels)
-    touched = model(**batch, labels=labels, touch_all_modules=True)
+    touched = TrainingObjective(model)(**batch, labels=labels)
     torch.testing.assert_close(touched.loss, plain.loss)
+    torch.testing.assert_close(touched.loss_text, plain.loss_text)
     touched.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == [], missing

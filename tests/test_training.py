@@ -17,8 +17,8 @@ from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.training import checkpointing
 from modeling_multimodal.training.checkpointing import list_checkpoints
 from modeling_multimodal.training.recipe import load_recipe
-from modeling_multimodal.training.stages import apply_stage
-from modeling_multimodal.training.trainer import Trainer
+from modeling_multimodal.training.stages import apply_stage, base_model
+from modeling_multimodal.training.trainer import Trainer, build_model_and_processor, load_rows
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
 SIZES = {
@@ -178,6 +178,25 @@ def test_training_writes_logs_checkpoints_and_report(data_root, tmp_path):
     scores = result["scores"]
     assert {"image_caption/exact_match", "image_caption/bleu", "image_caption/text_to_media_recall@1", "speech_transcription/wer"} <= set(scores)
     assert (tmp_path / "final" / "processor_config.json").exists() and (tmp_path / "final" / "model.safetensors").exists()
+
+
+KEY_CASES = [("full", "model.language_model."), ("finetune", "base_model.model.model.language_model.")]
+
+
+@pytest.mark.parametrize("stage,lm_prefix", KEY_CASES, ids=[c[0] for c in KEY_CASES])
+def test_checkpoints_and_exports_are_keyed_by_the_models_own_names(data_root, tmp_path, stage, lm_prefix):
+    """The trainer wraps the model in its TrainingObjective; what it saves stays keyed as the model (or PeftModel)
+    names its parameters, so checkpoints written before the wrapper existed still resume."""
+    run = recipe(data_root, tmp_path, f"stage={stage}", "save_steps=2", "optim.max_steps=2", "data.eval=[]")
+    Trainer(run).train()
+    reference = apply_stage(build_model_and_processor(run, load_rows(run, run.data.train))[0], run)
+    trainable = {name for name, param in reference.named_parameters() if param.requires_grad}
+    saved = set(load_file(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert saved == trainable and any(name.startswith(lm_prefix) for name in saved)
+    optimizer = json.loads((tmp_path / "checkpoint-2" / "optimizer.json").read_text())
+    assert {name for group in optimizer["param_groups"] for name in group["params"]} == trainable
+    exported = set(load_file(tmp_path / "final" / "model.safetensors"))
+    assert exported == set(MultimodalForConditionalGeneration(base_model(reference).config).state_dict())
 
 
 def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ What a reader should know:
   labelled tokens of the whole window on every rank, and every micro-batch divides its summed token
   loss by that count. Gradient accumulation and data parallelism then weigh every token equally
   (a 2-process run equals the 1-process run with the same global batch).
-- Every rank runs every module in every step (`touch_all_modules`, a zero-weight pass), so
+- Every rank runs every module in every step (the `TrainingObjective`'s zero-weight touch pass), so
   mixed-modality batches do not hang DDP / FSDP / ZeRO-3, and one process gives its optimizer the same
   zero gradients as several would; parameters no forward can reach are frozen before wrapping.
 - Resume is exact: trainable weights, optimizer, scheduler, each rank's RNG and the data position
@@ -45,6 +45,7 @@ from ..tokenization import build_tokenizer
 from .checkpointing import gather_full_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .collator import LengthGroupedBatchSampler, MultimodalCollator
 from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
+from .objective import TrainingObjective, freeze_unreachable_parameters, window_item_counts
 from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe, stage_recipes
 from .run_folder import RunLock, prepare_output_dir
@@ -53,10 +54,6 @@ from .tracking import JSONLTracker
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = {
-    "input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "pixel_values_videos", "input_features",
-    "input_features_mask", "ctc_labels", "pair_input_ids", "pair_attention_mask", "segment_ids",
-}
 
 
 # --- model and data ---------------------------------------------------------------------------------
@@ -224,7 +221,7 @@ class Trainer:
     def _prepare_model(self, model):
         recipe = self.recipe
         model = apply_stage(model, recipe)
-        unused = base_model(model).freeze_unused_parameters()
+        unused = freeze_unreachable_parameters(base_model(model))
         if unused:
             logger.info("Froze %d parameters no forward pass reaches (e.g. %s)", len(unused), unused[0])
         if recipe.gradient_checkpointing:
@@ -277,58 +274,38 @@ class Trainer:
 
         The token, CTC and bag-of-words losses are sums divided by the window's global counts (all ranks), and the
         contrastive loss gathers every rank's pairs, so the update equals the one-process update on the
-        same global batch. `objective` multiplies the summed terms by the world size to undo DDP's average.
+        same global batch. `total` multiplies the summed terms by the world size to undo DDP's average.
         """
-        accelerator, model = self.accelerator, self.model
-        config = base_model(accelerator.unwrap_model(model)).config
+        accelerator, objective = self.accelerator, self.objective
+        config = base_model(self.model).config
         world, steps = accelerator.num_processes, len(window)
-        local = torch.tensor(
-            [
-                sum(float((b["labels"][:, 1:] != -100).sum()) for b in window),
-                sum(float((b["ctc_labels"] != -100).any(-1).sum()) for b in window if "ctc_labels" in b),
-                sum(float(b["pair_attention_mask"].any(-1).sum()) for b in window if "pair_attention_mask" in b),
-            ],
-            device=accelerator.device,
-        )
-        text_items, ctc_items, pair_items = accelerator.reduce(local, "sum").clamp(min=1).unbind()
+        num_items = window_item_counts(window, lambda counts: accelerator.reduce(counts, "sum"))
         # loss_text, loss_other, loss_cross summed over the window, then how many micro-batches had each term
         totals = torch.zeros(6, device=accelerator.device)
         for i, batch in enumerate(window):
-            context = accelerator.no_sync(model) if i < steps - 1 and world > 1 else contextlib.nullcontext()
+            context = accelerator.no_sync(objective) if i < steps - 1 and world > 1 else contextlib.nullcontext()
             with context:
-                out = model(
-                    **{k: v for k, v in batch.items() if k in MODEL_INPUTS},
-                    num_items_in_batch=text_items,
-                    num_ctc_items_in_batch=ctc_items,
-                    num_pair_items_in_batch=pair_items,
-                    gather_contrastive=world > 1,
-                    return_logits=False,
-                    use_cache=False,
-                    # Every module in every step: DDP / FSDP / ZeRO-3 need it, and one process does the same so
-                    # that the optimizer sees the same (zero) gradients whatever the number of processes.
-                    touch_all_modules=True,
-                    skip_language_model=self.recipe.stage == "encoders",
-                )
-                objective = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
+                out = objective(**batch, num_items=num_items, gather=world > 1)
+                total = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
                 if out.loss_text is not None:
-                    objective = objective + world * out.loss_text
+                    total = total + world * out.loss_text
                     totals[0] += out.loss_text.detach()
                     totals[3] += 1
                 if out.loss_other is not None:
-                    objective = objective + world * config.other_loss_weight * out.loss_other
+                    total = total + world * config.other_loss_weight * out.loss_other
                     totals[1] += out.loss_other.detach()
                     totals[4] += 1
                 if out.loss_cross is not None:
-                    objective = objective + config.cross_loss_weight * out.loss_cross / steps
+                    total = total + config.cross_loss_weight * out.loss_cross / steps
                     totals[2] += out.loss_cross.detach() / steps / world  # the same value on every rank
                     totals[5] += 1
-                accelerator.backward(objective)
+                accelerator.backward(total)
         reduced = accelerator.reduce(totals, "sum").tolist()
         # A term no micro-batch of any rank had is None (not 0) in the logs.
         loss_text, loss_other, loss_cross = (value if seen else None for value, seen in zip(reduced[:3], reduced[3:]))
         grad_norm = 0.0
         if self.recipe.optim.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm))
+            grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), self.recipe.optim.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -340,7 +317,7 @@ class Trainer:
             "loss_cross": loss_cross,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
-            "tokens": float(text_items),
+            "tokens": float(num_items["text"]),
         }
 
     # --- evaluation ---
@@ -348,7 +325,7 @@ class Trainer:
         from ..evaluation.tasks import evaluate_task
 
         results, samples = {}, {}
-        model = base_model(self.accelerator.unwrap_model(self.model))
+        model = base_model(self.model)
         if self.accelerator.is_main_process:
             for task, rows in self.eval_rows:
                 limit = self.recipe.data.eval_max_samples
@@ -397,14 +374,17 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
         loader = self._train_loader()
-        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        # The objective is what runs each step, so it is what DDP / FSDP2 / ZeRO-3 wrap; self.model stays the
+        # model inside it (FSDP2 shards it in place), which checkpoints and exports save under its own names.
+        self.objective = TrainingObjective(self.model, run_language_model=recipe.stage != "encoders")
+        self.objective, self.optimizer = accelerator.prepare(self.objective, self.optimizer)
         accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
 
         step, epoch, skip, rng = 0, 0, 0, None
         self.run_id = uuid.uuid4().hex
         if checkpoint is not None:
             state, rng = load_checkpoint(
-                checkpoint, accelerator.unwrap_model(self.model), _torch_optimizer(self.optimizer), self.scheduler, accelerator.process_index
+                checkpoint, self.model, _torch_optimizer(self.optimizer), self.scheduler, accelerator.process_index
             )
             step, epoch, skip = state["step"], state["epoch"], state["batch"]
             self.log_history, self.eval_history = state["log_history"], state["eval_history"]
@@ -416,7 +396,7 @@ class Trainer:
         first_window = next(window_source) if step < optim.max_steps else None
         if rng is not None:
             set_rng_state(rng)  # after the data iterator drew its seeds, exactly as at the checkpoint
-        self.model.train()
+        self.objective.train()
         progress = tqdm(total=optim.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
         window = first_window
         started = time.perf_counter()
@@ -455,7 +435,7 @@ class Trainer:
         save_checkpoint(
             self.output_dir,
             step,
-            accelerator.unwrap_model(self.model),
+            self.model,
             _torch_optimizer(self.optimizer),
             self.scheduler,
             {
@@ -473,7 +453,7 @@ class Trainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         paths = {"final_dir": str(self.output_dir / "final")}
-        model = accelerator.unwrap_model(self.model)
+        model = self.model
         # FSDP2 parameters are shards: gather full tensors (every rank takes part) for rank 0 to save.
         full_state = gather_full_state(model) if any(isinstance(p, DTensor) for p in model.parameters()) else None
         if not accelerator.is_main_process:
