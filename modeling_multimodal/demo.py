@@ -34,9 +34,10 @@ from .demo_data import make_demo_data
 from .evaluation.tasks import evaluate_task
 from .modeling_multimodal import MultimodalForConditionalGeneration
 from .processing import MultimodalProcessor
-from .training.data import load_manifest
+from .data.examples import load_manifest
 from .training.recipe import load_recipe
 from .training.report import write_report
+from .training.mixture import ExampleCache
 from .training.trainer import train
 
 TEST_SETS = (("image_caption", "image_test.jsonl"), ("video_caption", "video_test.jsonl"), ("speech_transcription", "speech_test.jsonl"))
@@ -148,7 +149,7 @@ def component_overrides(parts: dict[str, str] | None) -> list[str]:
 def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] = (), plan: DemoPlan = SCRATCH) -> dict:
     """The plan's stages in order, each initialised from the previous one's final model."""
     common = [f"data.root={data}", "data.cache_in_memory=true", *overrides]
-    results, previous = {}, None
+    results, previous, examples = {}, None, ExampleCache()  # each example decoded once for all stages
     for name, stage in demo_stages(overrides, plan):
         run = [*common, f"stage={stage}", f"output_dir={out / name}", f"optim.max_steps={budget['steps'][name]}"]
         run += [f"eval_steps={budget['eval_steps'][name]}", "report=false"]
@@ -156,7 +157,7 @@ def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] =
             run.append(f"init_from={previous}")
         if name != "finetune":
             run.append("data.eval=[]" if not budget["eval_steps"][name] else "data.eval_max_samples=40")
-        results[name] = train(load_recipe(recipe_path(plan.recipe), run))
+        results[name] = train(load_recipe(recipe_path(plan.recipe), run), examples)
         previous = out / name / "final"
     return results
 

@@ -14,15 +14,8 @@ from torch.utils.data import DataLoader
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.processing import MultimodalProcessor
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
-from modeling_multimodal.training import (
-    EncodedDataset,
-    ExampleEncoder,
-    MultimodalCollator,
-    PackedBatchSampler,
-    PackingCollator,
-    first_fit,
-    load_manifest,
-)
+from modeling_multimodal.data import EncodedDataset, ExampleEncoder, MultimodalCollator, load_manifest
+from modeling_multimodal.training import PackedBatchSampler, PackingCollator, first_fit
 
 TOKENIZER = tiny_tokenizer()
 CONFIG = tiny_config(TOKENIZER)

@@ -18,7 +18,9 @@ from modeling_multimodal.training import checkpointing
 from modeling_multimodal.training.checkpointing import list_checkpoints
 from modeling_multimodal.training.recipe import load_recipe
 from modeling_multimodal.training.stages import apply_stage, base_model
-from modeling_multimodal.training.trainer import Trainer, build_model_and_processor, load_rows
+from modeling_multimodal.training.mixture import ExampleCache, load_rows
+from modeling_multimodal.training.model_builder import build_model_and_processor
+from modeling_multimodal.training.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
 SIZES = {
@@ -118,24 +120,27 @@ def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data
 
 
 def test_chained_stages_in_one_process_decode_each_example_once(data_root, tmp_path, monkeypatch):
-    from modeling_multimodal.training.data import ExampleEncoder
+    from modeling_multimodal.data import ExampleEncoder
 
     calls = []
     original = ExampleEncoder.__call__
     monkeypatch.setattr(ExampleEncoder, "__call__", lambda self, row: calls.append(row["id"]) or original(self, row))
     common = ["data.cache_in_memory=true", "data.eval=[]", "optim.max_steps=12"]  # 40 samples, batch 4: > 1 epoch
-    first = Trainer(recipe(data_root, tmp_path / "a", *common)).train()
+    cache = ExampleCache()  # what train() gives every stage of a chain, and the demo all its runs
+    first = Trainer(recipe(data_root, tmp_path / "a", *common), cache).train()
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 40
-    Trainer(recipe(data_root, tmp_path / "b", *common, "stage=align", f"init_from={first['final_dir']}")).train()
+    Trainer(recipe(data_root, tmp_path / "b", *common, "stage=align", f"init_from={first['final_dir']}"), cache).train()
     assert len(calls) == 40  # same rows, task and (reloaded) processor: nothing decoded again
-    Trainer(recipe(data_root, tmp_path / "c", *common, "data.max_length=400")).train()
+    Trainer(recipe(data_root, tmp_path / "c", *common, "data.max_length=400"), cache).train()
     assert len(calls) == 80  # another encoding: decoded afresh
+    Trainer(recipe(data_root, tmp_path / "d", *common)).train()
+    assert len(calls) == 120  # a run given no cache keeps its own: nothing global is shared
 
 
 def test_repeat_weights_a_task_in_the_mixture_and_decodes_each_row_once(data_root, tmp_path, monkeypatch):
     from collections import Counter
 
-    from modeling_multimodal.training.data import ExampleEncoder
+    from modeling_multimodal.data import ExampleEncoder
 
     calls = []
     original = ExampleEncoder.__call__

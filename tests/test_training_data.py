@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.processing import MultimodalProcessor
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
-from modeling_multimodal.training import (
+from modeling_multimodal.data import (
     EncodedDataset,
     ExampleEncoder,
     LengthGroupedBatchSampler,

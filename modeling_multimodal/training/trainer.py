@@ -21,7 +21,6 @@ What a reader should know:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -33,20 +32,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..configuration import MultimodalConfig
-from ..modeling_multimodal import MultimodalForConditionalGeneration
-from ..processing.processing_multimodal import MultimodalProcessor
+from ..evaluation.tasks import evaluate_task
+from ..hub import push_checkpoint
 from ..threads import set_threads
-from ..tokenization import build_tokenizer
 from .checkpointing import gather_full_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .collator import LengthGroupedBatchSampler, MultimodalCollator
-from .data import EncodedDataset, ExampleEncoder, build_example, get_task, load_manifest
+from .export import export_run, finished, finished_result
+from .mixture import ExampleCache, build_train_loader, load_rows
+from .model_builder import build_model_and_processor
 from .objective import TrainingObjective, freeze_unreachable_parameters, window_item_counts
-from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe, stage_recipes
 from .run_folder import RunLock, prepare_output_dir
 from .stages import apply_stage, base_model, parameter_groups
@@ -55,145 +51,16 @@ from .tracking import JSONLTracker
 logger = logging.getLogger(__name__)
 
 
-
-# --- model and data ---------------------------------------------------------------------------------
-def _corpus(rows_by_task) -> list[str]:
-    """Every text a from-scratch tokenizer must know: prompts, responses, paired texts, chat roles."""
-    texts = ["user: assistant: system:"]
-    for task, rows in rows_by_task:
-        spec = get_task(task)
-        if spec is not None:
-            texts.append(spec.prompt)
-        for row in rows:
-            example = build_example(row, task)
-            texts += [t for t in (example["response"], example["pair_text"], example["ctc_text"]) if t]
-            for message in example["prompt"]:
-                content = message["content"]
-                texts += [content] if isinstance(content, str) else [i["text"] for i in content if i.get("type") == "text"]
-    return texts
-
-
-def build_model_and_processor(recipe: TrainingRecipe, rows_by_task=()) -> tuple[MultimodalForConditionalGeneration, MultimodalProcessor]:
-    """The recipe's model: a previous run (`init_from`), a checkpoint, pretrained components, or a config from scratch."""
-    spec = recipe.model
-    source = recipe.init_from or spec.checkpoint
-    # λ and α go into the config before the model is built: the auxiliary heads exist only when λ > 0.
-    loss_weights = {
-        name: float(getattr(recipe, name)) for name in ("other_loss_weight", "cross_loss_weight") if getattr(recipe, name) is not None
-    }
-    overrides = {**spec.overrides, **loss_weights}
-    if source:
-        model = MultimodalForConditionalGeneration.from_pretrained(source, **overrides)
-        processor = MultimodalProcessor.from_pretrained(source)
-    elif spec.components is not None:
-        model, processor = MultimodalForConditionalGeneration.from_pretrained_components(**spec.components, **overrides)
-    else:
-        tokenizer_spec = dict(spec.tokenizer or {"kind": "word"})
-        tokenizer = build_tokenizer(_corpus(rows_by_task), **tokenizer_spec)
-        config_values = json.loads(json.dumps(spec.config))  # a deep copy
-        text = config_values.setdefault("text_config", {"model_type": "llama"})
-        text.update(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        ids = {m: tokenizer.convert_tokens_to_ids(f"<{m}>") for m in ("image", "audio", "video")}
-        if config_values.get("vision_config") is not None:
-            config_values.setdefault("image_token_id", ids["image"])
-            config_values.setdefault("video_token_id", ids["video"])
-        if config_values.get("audio_config") is not None:
-            config_values.setdefault("audio_token_id", ids["audio"])
-        config = MultimodalConfig(**{**config_values, **loss_weights})
-        model = MultimodalForConditionalGeneration(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        processor = MultimodalProcessor.from_config_and_components(config, tokenizer)
-    if recipe.stage == "encoders" and model.config.other_loss_weight <= 0:
-        raise ValueError("stage=encoders trains on L_other alone: set other_loss_weight (λ) > 0")
-    if model.config.other_loss_weight > 0 and not model.config.active_auxiliary_tasks:
-        raise ValueError(
-            "other_loss_weight (λ) > 0 but the model has no auxiliary head (audio_ctc needs an audio tower, media_bow any media tower)"
-        )
-    return model, processor
-
-
-def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
-    """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
-
-    A training entry's `repeat` (applied by the training loader) weights a task in the
-    mixture: its rows appear that many times per epoch, each decoded once when examples are cached. An
-    evaluation entry scores each row once, so `repeat` there is refused rather than ignored.
-    """
-    loaded = []
-    for entry in entries:  # checked by the recipe (`check_data_entries`)
-        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root, task=entry.get("task"))
-        if entry.get("max_samples"):
-            rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
-        loaded.append((entry.get("task"), rows))
-    return loaded
-
-
-def encoding_fingerprint(part: EncodedDataset) -> str:
-    """What decides a part's encoded examples: its rows, the task, max_length and the whole processor."""
-    encoder, digest = part.encoder, hashlib.sha256()
-    tokenizer = encoder.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    settings = json.loads(encoder.processor.to_json_string())
-    for sub in [settings, *(v for v in settings.values() if isinstance(v, dict))]:
-        sub.pop("auto_map", None)  # where the code lives (added when a checkpoint is exported), not what it does
-    for text in (json.dumps(settings, sort_keys=True), vocabulary, repr(encoder.task), repr(encoder.max_length)):
-        digest.update(text.encode() + b"\0")
-    for row in part.rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\0")
-    return digest.hexdigest()
-
-
-# Memoised examples of the last data set a Trainer of this process encoded with `data.cache_in_memory`:
-# chained stages (the demo's four) and repeated runs on the same data decode each media file once.
-_SHARED_CACHE: dict = {"key": None, "examples": {}}
-
-
-class _MixedDataset(torch.utils.data.Dataset):
-    """Several tasks' encoded datasets behind one index, optionally memoised (decoding media once).
-
-    The memo is shared with later Trainers of the same process while the data, tasks and processor are
-    the same (`encoding_fingerprint`); a different data set replaces it, so at most one is kept.
-    """
-
-    def __init__(self, parts: list[EncodedDataset], cache: bool = False, repeats: list[int] | None = None):
-        self.parts = parts
-        self.offsets = [0]
-        for part, repeat in zip(parts, repeats or [1] * len(parts)):
-            self.offsets.append(self.offsets[-1] + len(part) * repeat)
-        self.cache = None
-        if cache:
-            key = tuple(encoding_fingerprint(part) for part in parts)
-            if _SHARED_CACHE["key"] != key:
-                _SHARED_CACHE.update(key=key, examples={})
-            self.cache = _SHARED_CACHE["examples"]
-
-    def __len__(self):
-        return self.offsets[-1]
-
-    def __getitem__(self, index):
-        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
-        key = (part, (index - self.offsets[part]) % len(self.parts[part]))  # a repeated row is one example
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
-        example = self.parts[key[0]][key[1]]
-        if self.cache is not None:
-            self.cache[key] = example
-        return example
-
-
 # --- the loop -----------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, recipe: TrainingRecipe):
+    """One run of a recipe (one stage). example_cache: the encoded examples to reuse (`data.cache_in_memory`);
+    give the same one to later runs on the same data (a stage chain, the demo) to decode each example once."""
+
+    def __init__(self, recipe: TrainingRecipe, example_cache: ExampleCache | None = None):
         if recipe.stages:
             raise ValueError("a recipe with `stages` runs through train(recipe), which starts one Trainer per stage")
         self.recipe = recipe
+        self.example_cache = example_cache if example_cache is not None else ExampleCache()
         self.output_dir = Path(recipe.output_dir)
         # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
         # the demo's stages, tests) may ask for another mixed precision, so start from a clean one.
@@ -230,29 +97,7 @@ class Trainer:
 
     # --- data ---
     def _train_loader(self):
-        recipe = self.recipe
-        parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in recipe.data.train]
-        for (task, rows), repeat in zip(self.train_rows, repeats):
-            encoder = ExampleEncoder(self.processor, task, max_length=recipe.data.max_length)
-            parts.append(EncodedDataset(rows, encoder))
-            lengths += encoder.estimate_lengths(rows) * repeat
-        dataset = _MixedDataset(parts, cache=recipe.data.cache_in_memory, repeats=repeats)
-        pad_id = self.processor.tokenizer.pad_token_id
-        batch_size = recipe.optim.batch_size
-        if recipe.data.packing:  # batch_size counts packed rows
-            collator = PackingCollator(pad_token_id=pad_id, max_length=recipe.data.max_length)
-            self.batch_sampler = PackedBatchSampler(lengths, recipe.data.max_length, rows_per_batch=batch_size, seed=recipe.seed)
-        else:
-            collator = MultimodalCollator(pad_token_id=pad_id, padding_side="right")
-            groups = 50 if recipe.data.group_by_length else 1
-            self.batch_sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=recipe.seed, group_batches=groups)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=self.batch_sampler,
-            collate_fn=collator,
-            num_workers=recipe.data.num_workers,
-            generator=torch.Generator().manual_seed(recipe.seed),  # keeps the global RNG (dropout) untouched
-        )
+        loader, self.batch_sampler = build_train_loader(self.recipe, self.processor, self.train_rows, self.example_cache)
         return self.accelerator.prepare_data_loader(loader)
 
     def _batches(self, loader, epoch: int, skip: int):
@@ -322,8 +167,6 @@ class Trainer:
 
     # --- evaluation ---
     def evaluate(self, step: int) -> dict:
-        from ..evaluation.tasks import evaluate_task
-
         results, samples = {}, {}
         model = base_model(self.model)
         if self.accelerator.is_main_process:
@@ -424,8 +267,6 @@ class Trainer:
         final = self.evaluate(step) if self.eval_rows else {"scores": {}, "samples": {}}
         paths = self._save_final(final)
         if recipe.push_to_hub and accelerator.is_main_process:
-            from ..hub import push_checkpoint
-
             paths["hub_commit"] = push_checkpoint(paths["final_dir"], recipe.push_to_hub, private=recipe.hub_private).oid
         accelerator.end_training()
         return {"steps": step, "seconds": elapsed, "final_loss": self.log_history[-1]["loss"] if self.log_history else None, **final, **paths}
@@ -449,35 +290,16 @@ class Trainer:
         )
 
     def _save_final(self, final: dict) -> dict:
-        """final/: a merged model + processor that `from_pretrained` loads; final/adapter/: the LoRA adapter."""
-        accelerator = self.accelerator
-        accelerator.wait_for_everyone()
-        paths = {"final_dir": str(self.output_dir / "final")}
-        model = self.model
+        """final/ and the rest of `export.export_run`; every rank takes part in gathering FSDP2 shards."""
+        self.accelerator.wait_for_everyone()
         # FSDP2 parameters are shards: gather full tensors (every rank takes part) for rank 0 to save.
-        full_state = gather_full_state(model) if any(isinstance(p, DTensor) for p in model.parameters()) else None
-        if not accelerator.is_main_process:
-            return paths
-        final_dir = self.output_dir / "final"
-        if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(final_dir / "adapter")
-            paths["adapter_dir"] = str(final_dir / "adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(final_dir, state_dict=full_state)
-        self.processor.save_pretrained(final_dir)
-        (final_dir / "training_recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
-        (final_dir / "eval_results.json").write_text(json.dumps(final, indent=2, default=str))
-        from ..hub import save_custom_code, training_card_inputs, write_model_card_inputs
-
-        save_custom_code(final_dir)  # flat code + auto_map: final/ loads where the package is not installed
-        card_inputs = training_card_inputs(self.recipe.to_dict(), model.config.to_dict(), final["scores"])
-        write_model_card_inputs(final_dir, **card_inputs)  # what `modeling-multimodal push` puts on the card
-        (self.output_dir / "log_history.json").write_text(json.dumps({"train": self.log_history, "eval": self.eval_history}, indent=2))
-        if self.recipe.report:
-            from .report import write_report
-
-            paths["report"] = str(write_report(self.log_history, self.eval_history, self.output_dir / "report.png"))
-        return paths
+        sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
+        full_state = gather_full_state(self.model) if sharded else None
+        if not self.accelerator.is_main_process:
+            return {"final_dir": str(self.output_dir / "final")}
+        return export_run(
+            self.output_dir, self.model, self.processor, self.recipe, final, self.log_history, self.eval_history, full_state
+        )
 
 
 def _torch_optimizer(optimizer):
@@ -510,10 +332,15 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def train(recipe: TrainingRecipe) -> dict:
-    """Train `recipe`, or each stage of its `stages` chain in turn; returns the (last) run's result."""
+def train(recipe: TrainingRecipe, example_cache: ExampleCache | None = None) -> dict:
+    """Train `recipe`, or each stage of its `stages` chain in turn; returns the (last) run's result.
+
+    The stages share one `ExampleCache` (with `data.cache_in_memory`), so each example is decoded once for
+    the chain; pass one to share it with later calls too.
+    """
+    example_cache = example_cache if example_cache is not None else ExampleCache()
     if not recipe.stages:
-        return Trainer(recipe).train()
+        return Trainer(recipe, example_cache).train()
     result = None
     for stage in stage_recipes(recipe):
         if recipe.resume and finished(stage):
@@ -521,27 +348,5 @@ def train(recipe: TrainingRecipe) -> dict:
             result = finished_result(stage)
             continue
         stage.resume = recipe.resume and latest_checkpoint(stage.output_dir) is not None
-        result = Trainer(stage).train()
+        result = Trainer(stage, example_cache).train()
     return result
-
-
-def finished(recipe: TrainingRecipe) -> bool:
-    """Whether a run wrote its final/ model after all its steps (its log history is written last)."""
-    history = Path(recipe.output_dir) / "log_history.json"
-    if not (Path(recipe.output_dir) / "final" / "eval_results.json").is_file() or not history.is_file():
-        return False
-    records = json.loads(history.read_text())["train"]
-    return bool(records) and records[-1]["step"] >= recipe.optim.max_steps
-
-
-def finished_result(recipe: TrainingRecipe) -> dict:
-    """`Trainer.train()`'s result for a finished run, from its files."""
-    output_dir = Path(recipe.output_dir)
-    records = json.loads((output_dir / "log_history.json").read_text())["train"]
-    evaluation = json.loads((output_dir / "final" / "eval_results.json").read_text())
-    paths = {"final_dir": str(output_dir / "final")}
-    if (output_dir / "final" / "adapter").is_dir():
-        paths["adapter_dir"] = str(output_dir / "final" / "adapter")
-    if (output_dir / "report.png").is_file():
-        paths["report"] = str(output_dir / "report.png")
-    return {"steps": records[-1]["step"], "seconds": 0.0, "final_loss": records[-1]["loss"], **evaluation, **paths}
