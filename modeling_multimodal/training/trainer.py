@@ -232,7 +232,8 @@ class Trainer:
             step, epoch, skip = state["step"], state["epoch"], state["batch"]
             self.log_history, self.eval_history = state["log_history"], state["eval_history"]
             self.run_id = state.get("run_id") or self.run_id
-            accelerator.get_tracker("jsonl", unwrap=False).drop_after(step)  # those steps are logged again
+            if accelerator.is_main_process:  # trackers live on the main process (other ranks get a stub)
+                accelerator.get_tracker("jsonl", unwrap=False).drop_after(step)  # those steps are logged again
             logger.info("Resumed from %s at step %d", checkpoint, step)
         batches = self._batches(loader, epoch, skip)
         window_source = _windows(batches, optim.gradient_accumulation_steps)
