@@ -79,7 +79,7 @@ class MediaFeaturesOutput(BaseModelOutputWithPooling):
 
 @dataclass
 class MultimodalModelOutput(_MediaHiddenStates, MultimodalBaseModelOutputWithPast):
-    media_mask: torch.Tensor | None = None  # (batch, seq) True at every media placeholder
+    media_mask: torch.Tensor | None = None  # (batch, seq) 1 at every media placeholder (long, like attention_mask)
     inputs_embeds: torch.Tensor | None = None  # (batch, seq, d) the LM's input, media features merged in
     audio_encoder_states: torch.Tensor | None = None  # (n_audios, positions, d) before pooling
     audio_positions: torch.Tensor | None = None  # (n_audios,)
@@ -380,7 +380,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 flat = torch.cat(item_features(encoder_outputs[modality]))  # (tokens of all items, d)
                 inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], flat.to(inputs_embeds.device, inputs_embeds.dtype))
         return MultimodalModelOutput(
-            media_mask=media_mask,
+            media_mask=media_mask.long(),
             inputs_embeds=inputs_embeds,
             audio_encoder_states=audio_states,
             audio_positions=audio_positions,
@@ -759,7 +759,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         order), not hidden states: the text side of `L_cross` must not see the media, nor the media side
         the text.
         """
-        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask
+        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask.bool()
         if pair_input_ids is None:  # this rank has no pairs, but may join the other ranks' gather
             pair_input_ids = torch.zeros(0, 1, dtype=torch.long, device=embeds.device)
         if pair_attention_mask is None:

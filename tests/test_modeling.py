@@ -204,7 +204,7 @@ def test_media_bag_of_words_loss_matches_reference():
     inner = model.model(**batch)
     head, per_sample = model.auxiliary_heads["media_bow"], []
     for row in range(2):
-        pooled = inner.inputs_embeds[row][inner.media_mask[row]].mean(0)
+        pooled = inner.inputs_embeds[row][inner.media_mask[row].bool()].mean(0)
         log_probs = head(pooled).log_softmax(-1)
         words = sorted(set(TOKENIZER(texts[row], add_special_tokens=False)["input_ids"]))  # "red" counts once
         per_sample.append(-log_probs[words].mean())
