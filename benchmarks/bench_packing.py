@@ -15,7 +15,8 @@ import random
 import numpy as np
 import torch
 
-from modeling_multimodal.training import LengthGroupedBatchSampler, MultimodalCollator, PackingCollator
+from modeling_multimodal.data import LengthGroupedBatchSampler, MultimodalCollator
+from modeling_multimodal.training import PackingCollator
 
 from .bench_training import make_train_step
 from .common import interleaved_medians

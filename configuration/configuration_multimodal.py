@@ -206,14 +206,6 @@ class MultimodalConfig(PreTrainedConfig):
         """Width of the vision features the image / video projectors receive."""
         return self.vision_config.hidden_size * len(self.vision_feature_layers)
 
-    # Deprecated names, read and written through to the current ones (code that still uses them: see DEPRECATED_NAMES).
-    other_loss_weight = property(
-        lambda self: self.auxiliary_loss_weight, lambda self, value: setattr(self, "auxiliary_loss_weight", value)
-    )
-    cross_loss_weight = property(
-        lambda self: self.contrastive_loss_weight, lambda self, value: setattr(self, "contrastive_loss_weight", value)
-    )
-
     @property
     def active_auxiliary_tasks(self) -> list[str]:
         """Auxiliary tasks whose modality this model has."""

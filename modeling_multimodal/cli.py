@@ -72,7 +72,7 @@ def _sizes(value: str) -> dict[str, dict[str, int]]:
 
 def _manifest_and_task(value: str, default_task: str | None) -> tuple[str, str | None]:
     """"speech_test.jsonl:speech_transcription" -> (manifest, task); without ":TASK", `default_task` (--task)."""
-    from .training.data import TASKS
+    from .data.examples import TASKS
 
     manifest, _, task = value.rpartition(":")
     if manifest and task in TASKS:
@@ -126,7 +126,7 @@ def _evaluate(args):
 
     set_threads(args.threads, request=True)
     from .evaluation.tasks import evaluate_task
-    from .training.data import load_manifest
+    from .data.examples import load_manifest
 
     checkpoint = _checkpoint(args.checkpoint)
     if args.out:  # before the slow part, so an unwritable --out fails at once

@@ -1,7 +1,7 @@
 """The offline demo: real data made on this machine → train → test → reload → report.
 
 `run_demo` is the README's first command. It makes the demo data (Pillow shapes, PyAV videos,
-espeak-ng speech), builds a model, trains it with `L_text + λ·L_other + α·L_cross`, reloads the saved
+espeak-ng speech), builds a model, trains it with `L_text + λ·L_auxiliary + α·L_contrastive`, reloads the saved
 model with `from_pretrained`, scores it on the held-out test split (attribute combinations and a voice
 never seen in training), prints a results table and sample outputs, and writes `results.json` and the
 report image. `run_ablation` repeats the training with λ and α switched off and on, at the same budget
@@ -13,9 +13,9 @@ and seeds. Two plans:
   the LM) stages. Besides the targets it reports Whisper tiny.en's own WER on the same clips and how
   much the LM's per-token NLL on a fixed English text moved.
 - `scratch`: a 1M-parameter model built from configs. With no pretrained part, the towers first learn
-  to see and hear on their own tasks (stage `encoders`: `L_other` alone, the LM does not run), then
+  to see and hear on their own tasks (stage `encoders`: `L_auxiliary` alone, the LM does not run), then
   every part is pretrained (stage `full`), then `align` and `finetune` run on top. With λ = 0 there is
-  no `L_other`, so its ablation's λ = 0 runs skip the `encoders` stage.
+  no `L_auxiliary`, so its ablation's λ = 0 runs skip the `encoders` stage.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from .demo_data import make_demo_data
 from .evaluation.tasks import evaluate_task
 from .modeling_multimodal import MultimodalForConditionalGeneration
 from .processing import MultimodalProcessor
-from .training.data import load_manifest
+from .data.examples import load_manifest
 from .training.recipe import load_recipe
 from .training.report import write_report
+from .training.mixture import ExampleCache
 from .training.trainer import train
 
 TEST_SETS = (("image_caption", "image_test.jsonl"), ("video_caption", "video_test.jsonl"), ("speech_transcription", "speech_test.jsonl"))
@@ -148,7 +149,7 @@ def component_overrides(parts: dict[str, str] | None) -> list[str]:
 def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] = (), plan: DemoPlan = SCRATCH) -> dict:
     """The plan's stages in order, each initialised from the previous one's final model."""
     common = [f"data.root={data}", "data.cache_in_memory=true", *overrides]
-    results, previous = {}, None
+    results, previous, examples = {}, None, ExampleCache()  # each example decoded once for all stages
     for name, stage in demo_stages(overrides, plan):
         run = [*common, f"stage={stage}", f"output_dir={out / name}", f"optim.max_steps={budget['steps'][name]}"]
         run += [f"eval_steps={budget['eval_steps'][name]}", "report=false"]
@@ -156,13 +157,13 @@ def train_demo_model(out: Path, data: Path, budget: dict, overrides: list[str] =
             run.append(f"init_from={previous}")
         if name != "finetune":
             run.append("data.eval=[]" if not budget["eval_steps"][name] else "data.eval_max_samples=40")
-        results[name] = train(load_recipe(recipe_path(plan.recipe), run))
+        results[name] = train(load_recipe(recipe_path(plan.recipe), run), examples)
         previous = out / name / "final"
     return results
 
 
 def demo_stages(overrides: list[str] = (), plan: DemoPlan = SCRATCH) -> tuple[tuple[str, str], ...]:
-    """(run name, stage) in order; without L_other (λ = 0) the `encoders` stage has nothing to train."""
+    """(run name, stage) in order; without L_auxiliary (λ = 0) the `encoders` stage has nothing to train."""
     lam = load_recipe(recipe_path(plan.recipe), list(overrides)).auxiliary_loss_weight
     return tuple((name, stage) for name, stage in plan.stages if stage != "encoders" or lam > 0)
 

@@ -17,7 +17,8 @@ Where it departs from LLaVA:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,8 +37,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
-from .encoders import build_audio_tower, encode_audio, has_trainable_parameters, run_frozen_aware, select_vision_features
-from .losses import AUXILIARY_HEADS, RetrievalHead, gather_rows_across_ranks, labelled_lm_loss, masked_mean
+from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
+from .losses import AUXILIARY_HEADS, RetrievalHead, labelled_lm_loss, masked_mean
 from .projectors import MultiModalProjector, pool_patch_grid, pool_time
 from .vision_stem import use_conv_stem
 
@@ -79,7 +80,7 @@ class MediaFeaturesOutput(BaseModelOutputWithPooling):
 
 @dataclass
 class MultimodalModelOutput(_MediaHiddenStates, MultimodalBaseModelOutputWithPast):
-    media_mask: torch.Tensor | None = None  # (batch, seq) True at every media placeholder
+    media_mask: torch.Tensor | None = None  # (batch, seq) 1 at every media placeholder (long, like attention_mask)
     inputs_embeds: torch.Tensor | None = None  # (batch, seq, d) the LM's input, media features merged in
     audio_encoder_states: torch.Tensor | None = None  # (n_audios, positions, d) before pooling
     audio_positions: torch.Tensor | None = None  # (n_audios,)
@@ -88,8 +89,21 @@ class MultimodalModelOutput(_MediaHiddenStates, MultimodalBaseModelOutputWithPas
 @dataclass
 class MultimodalCausalLMOutput(_MediaHiddenStates, MultimodalCausalLMOutputWithPast):
     loss_text: torch.Tensor | None = None
-    loss_other: torch.Tensor | None = None
-    loss_cross: torch.Tensor | None = None
+    loss_auxiliary: torch.Tensor | None = None
+    loss_contrastive: torch.Tensor | None = None
+
+
+@dataclass
+class LossTerms:
+    """The loss terms of one batch: `text` (L_text), `other` (L_auxiliary per auxiliary task), `cross` (L_contrastive)."""
+
+    text: torch.Tensor | None = None
+    other: dict[str, torch.Tensor] = field(default_factory=dict)
+    cross: torch.Tensor | None = None
+
+    @property
+    def other_total(self) -> torch.Tensor | None:
+        return sum(self.other.values()) if self.other else None
 
 
 def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], tokens_per_item: list[int]) -> None:
@@ -323,31 +337,21 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 f"(0..{vocab_size - 1}); was the text tokenized with this model's tokenizer?"
             )
 
-    @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
+    def merge_media(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        skip_language_model: bool = False,
-        **kwargs: Unpack[TransformersKwargs],
+        is_prefill: bool = True,
     ) -> MultimodalModelOutput:
-        r"""
-        Merge the media features into the token embeddings at their placeholders and run the LM.
+        """The LM's input: token embeddings with the media features written at their placeholders.
 
-        input_ids / inputs_embeds: exactly one. With `inputs_embeds`, the placeholders are the positions holding
-            the placeholder token's embedding (LLaVA's convention), so `generate(inputs_embeds=..., pixel_values=...)` works.
-        cache: the KV cache (`past_key_values` is accepted with a deprecation warning).
-        skip_language_model: encode and merge the media but do not run the LM (`last_hidden_state` is None):
-            what the auxiliary heads need when only the encoders train (stage `encoders`).
+        Returns a `MultimodalModelOutput` without LM outputs (`last_hidden_state` is None): `inputs_embeds`,
+        `media_mask`, each modality's `<modality>_outputs` and the audio encoder's states for the CTC head.
+        `forward` runs the LM on it; the `encoders` training stage stops here (the auxiliary heads need no LM).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -358,8 +362,6 @@ class MultimodalModel(MultimodalPreTrainedModel):
         ):
             if value is not None and tower is None:
                 raise ValueError(f"{name} was given but this model has no tower for it (config.modalities={self.config.modalities}).")
-
-        is_prefill = cache is None or cache.get_seq_length() == 0
         if input_ids is not None:
             if is_prefill:
                 self._check_token_ids(input_ids)
@@ -384,17 +386,47 @@ class MultimodalModel(MultimodalPreTrainedModel):
             if modality in encoder_outputs:
                 flat = torch.cat(item_features(encoder_outputs[modality]))  # (tokens of all items, d)
                 inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], flat.to(inputs_embeds.device, inputs_embeds.dtype))
-
-        media_outputs = {f"{modality}_outputs": value for modality, value in encoder_outputs.items()}
-        extras = dict(
-            media_mask=media_mask,
+        return MultimodalModelOutput(
+            media_mask=media_mask.long(),
             inputs_embeds=inputs_embeds,
             audio_encoder_states=audio_states,
             audio_positions=audio_positions,
-            **media_outputs,
+            **{f"{modality}_outputs": value for modality, value in encoder_outputs.items()},
         )
-        if skip_language_model:
-            return MultimodalModelOutput(**extras)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MultimodalModelOutput:
+        r"""
+        Merge the media features into the token embeddings at their placeholders (`merge_media`) and run the LM.
+
+        input_ids / inputs_embeds: exactly one. With `inputs_embeds`, the placeholders are the positions holding
+            the placeholder token's embedding (LLaVA's convention), so `generate(inputs_embeds=..., pixel_values=...)` works.
+        cache: the KV cache (`past_key_values` is accepted with a deprecation warning).
+        """
+        merged = self.merge_media(
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            pixel_values_videos,
+            input_features,
+            input_features_mask,
+            is_prefill=cache is None or cache.get_seq_length() == 0,
+        )
+        inputs_embeds = merged.inputs_embeds
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # Left padding: positions count real tokens only, so a sample's output does not depend on its batch.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
@@ -413,7 +445,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **extras,
+            **dict(merged.items()),  # the fields merge_media set, in the dataclass's order
         )
 
 
@@ -426,7 +458,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         heads = {}  # only with λ > 0: a head nobody trains would only cost memory (audio_ctc: d_audio x vocab)
-        for task in config.active_auxiliary_tasks if config.other_loss_weight > 0 else ():
+        for task in config.active_auxiliary_tasks if config.auxiliary_loss_weight > 0 else ():
             in_features = config.audio_config.d_model if task == "audio_ctc" else text.hidden_size
             heads[task] = AUXILIARY_HEADS[task](in_features, text.vocab_size)
         self.auxiliary_heads = nn.ModuleDict(heads)
@@ -461,28 +493,6 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    def freeze_unused_parameters(self) -> list[str]:
-        """Freeze trainable parameters that no forward pass can reach, and return their names.
-
-        Taking features from an inner layer (LLaVA's `vision_feature_layer=-2`) leaves the tower's last
-        layers and pooling heads without gradients; DDP then fails ("parameters that were not used in
-        producing loss") and FSDP / ZeRO-3 can hang. One tiny forward/backward through every module
-        finds them, so the trainer can freeze them before wrapping the model.
-        """
-        was_training = self.training
-        self.train()
-        self.zero_grad(set_to_none=True)
-        ids = torch.tensor([[0, 0]], device=self.device)
-        loss = self(input_ids=ids, labels=ids, touch_all_modules=True, return_logits=False, use_cache=False).loss
-        loss.backward()
-        unused = [name for name, param in self.named_parameters() if param.requires_grad and param.grad is None]
-        for name, param in self.named_parameters():
-            if name in unused:
-                param.requires_grad_(False)
-        self.zero_grad(set_to_none=True)
-        self.train(was_training)
-        return unused
 
     # --- features: LM-ready per-token features and retrieval embeddings ----------------------------------
     def get_text_features(
@@ -619,36 +629,27 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         pair_attention_mask: torch.Tensor | None = None,
         segment_ids: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        num_ctc_items_in_batch: int | torch.Tensor | None = None,
-        num_pair_items_in_batch: int | torch.Tensor | None = None,
-        gather_contrastive: bool = False,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
-        touch_all_modules: bool = False,
-        skip_language_model: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalCausalLMOutput:
         r"""
-        labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media).
+        The loss is `L_text + λ·L_auxiliary + α·L_contrastive` with λ = `config.auxiliary_loss_weight`, α = `config.contrastive_loss_weight`
+        (a weight of 0 skips its term's computation); each term is also returned on its own. Which terms are taken
+        follows the targets given, as CLIP's `return_loss` does for its contrastive loss.
+
+        labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media): `L_text`.
         shift_labels: (batch, seq) targets already shifted (position t predicts shift_labels[:, t]), as transformers'
             losses take them under sequence / context parallelism; used instead of shifting `labels`.
-        ctc_labels: (n_audios, max_len) transcript token ids of each clip, -100 padded (`L_other`).
+        ctc_labels: (n_audios, max_len) transcript token ids of each clip, -100 padded: the `audio_ctc` part of `L_auxiliary`.
         pair_input_ids / pair_attention_mask: (n_samples, pair_len) the text paired with each sample's media
-            (caption, transcript) for `L_cross`; all-padding rows take no part.
+            (caption, transcript): `L_contrastive` and the `media_bow` part of `L_auxiliary`; all-padding rows take no part.
         segment_ids: (batch, seq) index of the sample each position belongs to, -1 on padding; needed when
             several samples are packed into one row (default: one sample per row).
         num_items_in_batch: divide the summed token loss by this (labelled tokens of the whole accumulation
-            window across ranks) instead of this batch's count.
-        num_ctc_items_in_batch: likewise for the CTC loss (clips with transcripts, window and ranks).
-        num_pair_items_in_batch: likewise for the bag-of-words loss (samples with a pair text, window and ranks).
-        gather_contrastive: compute `L_cross` over the pairs of all ranks (torch.distributed), as one process
-            would over the whole batch; every rank then runs this collective in every step.
+            window across ranks) instead of this batch's count, as transformers' Trainer passes it.
         return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
-        touch_all_modules: add 0 × a tiny pass through every module this batch did not use, so that every
-            rank of a DDP / FSDP / ZeRO-3 job runs every module it owns whatever mix of modalities it drew.
-        skip_language_model: run only the encoders, projectors and auxiliary heads: the loss is `λ·L_other`
-            alone (no logits, `L_text` or `L_cross`, which need the LM). Used by the `encoders` stage.
         """
         length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
@@ -668,61 +669,28 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             input_features=input_features,
             input_features_mask=input_features_mask,
             use_cache=use_cache,
-            skip_language_model=skip_language_model,
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
         logits = None
-        if return_logits and not skip_language_model:
-            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-
-        loss_text = loss_other = loss_cross = None
-        if (labels is not None or shift_labels is not None) and not skip_language_model:
-            loss_text = labelled_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch, shift_labels=shift_labels)
-        heads = self.auxiliary_heads
-        wants_bow = self.config.other_loss_weight > 0 and "media_bow" in heads
-        wants_cross = self.config.cross_loss_weight > 0 and not skip_language_model
-        pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
-        if (wants_bow or wants_cross) and outputs.media_mask is not None and (pair_input_ids is not None or gather_contrastive):
-            pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
-        other_terms = {}
-        if self.config.other_loss_weight > 0:
-            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_encoder_states is not None:
-                other_terms["audio_ctc"] = heads["audio_ctc"].loss(
-                    outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_ctc_items_in_batch
-                )
-            if wants_bow and pairs is not None:
-                other_terms["media_bow"] = self._bag_of_words_loss(*pairs, num_pair_items_in_batch)
-            other_terms = {task: value for task, value in other_terms.items() if value is not None}
-            if other_terms:
-                loss_other = sum(other_terms.values())
-        if wants_cross and pairs is not None:
-            loss_cross = self._contrastive_loss(*pairs, gather_contrastive)
-
-        loss = None
-        if loss_text is not None or loss_other is not None or loss_cross is not None:
-            loss = loss_text if loss_text is not None else outputs.inputs_embeds.new_zeros((), dtype=torch.float32)
-            if loss_other is not None:
-                loss = loss + self.config.other_loss_weight * loss_other
-            if loss_cross is not None:
-                loss = loss + self.config.cross_loss_weight * loss_cross
-        if touch_all_modules and loss is not None:
-            used = {
-                "image": pixel_values is not None,
-                "video": pixel_values_videos is not None,
-                "audio": input_features is not None,
-                "audio_ctc": "audio_ctc" in other_terms,
-                "media_bow": "media_bow" in other_terms,
-                "retrieval": loss_cross is not None,
-            }
-            loss = loss + 0.0 * self._touch_unused_modules(used, outputs.inputs_embeds)
+        if return_logits:
+            logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        terms = self.loss_terms(
+            outputs,
+            labels=labels,
+            shift_labels=shift_labels,
+            ctc_labels=ctc_labels,
+            pair_input_ids=pair_input_ids,
+            pair_attention_mask=pair_attention_mask,
+            segment_ids=segment_ids,
+            num_items={"text": num_items_in_batch},
+        )
         return MultimodalCausalLMOutput(
-            loss=loss,
+            loss=self.weighted_loss(terms, like=outputs.inputs_embeds),
             logits=logits,
-            loss_text=loss_text,
-            loss_other=loss_other,
-            loss_cross=loss_cross,
+            loss_text=terms.text,
+            loss_auxiliary=terms.other_total,
+            loss_contrastive=terms.cross,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -731,14 +699,72 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             audio_outputs=outputs.audio_outputs,
         )
 
+    # --- the loss terms ------------------------------------------------------------------------------
+    def loss_terms(
+        self,
+        outputs: MultimodalModelOutput,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        ctc_labels: torch.LongTensor | None = None,
+        pair_input_ids: torch.LongTensor | None = None,
+        pair_attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        num_items: dict[str, int | torch.Tensor | None] | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> LossTerms:
+        """The three terms from `MultimodalModel`'s outputs and the targets given (see `forward`).
+
+        The training objective (`training/objective.py`) calls this with what a data-parallel step needs and
+        `forward` does not: `num_items` divides each summed term by its count over a whole accumulation window
+        and all ranks (keys "text", "audio_ctc", "media_bow"; default: this batch's count), and `gather` collects
+        every rank's embedding rows for `L_contrastive` (every rank then calls it in every step, pairs or not).
+        Outputs of `MultimodalModel.merge_media` alone (no LM run, `last_hidden_state` None) give only `L_auxiliary`:
+        `L_text` and `L_contrastive` need the LM.
+        """
+        num_items = num_items or {}
+        terms = LossTerms()
+        runs_language_model = outputs.last_hidden_state is not None
+        if (labels is not None or shift_labels is not None) and runs_language_model:
+            terms.text = labelled_lm_loss(
+                outputs.last_hidden_state, labels, self.lm_head, num_items.get("text"), shift_labels=shift_labels
+            )
+        heads = self.auxiliary_heads
+        wants_bow = self.config.auxiliary_loss_weight > 0 and "media_bow" in heads
+        wants_cross = self.config.contrastive_loss_weight > 0 and runs_language_model
+        pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
+        if (wants_bow or wants_cross) and (pair_input_ids is not None or gather is not None):
+            pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
+        if self.config.auxiliary_loss_weight > 0:
+            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_encoder_states is not None:
+                terms.other["audio_ctc"] = heads["audio_ctc"].loss(
+                    outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_items.get("audio_ctc")
+                )
+            if wants_bow and pairs is not None:
+                terms.other["media_bow"] = self._bag_of_words_loss(*pairs, num_items.get("media_bow"))
+            terms.other = {task: value for task, value in terms.other.items() if value is not None}
+        if wants_cross and pairs is not None:
+            terms.cross = self._contrastive_loss(*pairs, gather)
+        return terms
+
+    def weighted_loss(self, terms: LossTerms, like: torch.Tensor) -> torch.Tensor | None:
+        """`L_text + λ·L_auxiliary + α·L_contrastive` over the terms present (None when there is none)."""
+        if terms.text is None and terms.other_total is None and terms.cross is None:
+            return None
+        loss = terms.text if terms.text is not None else like.new_zeros((), dtype=torch.float32)
+        if terms.other_total is not None:
+            loss = loss + self.config.auxiliary_loss_weight * terms.other_total
+        if terms.cross is not None:
+            loss = loss + self.config.contrastive_loss_weight * terms.cross
+        return loss
+
     def _media_text_pairs(self, outputs, pair_input_ids, pair_attention_mask, segment_ids):
         """(media tokens per sample, pair ids (n, S), pair mask (n, S)) of the samples with media and a pair text.
 
         A sample's media tokens are its merged media features (the LM's input at its placeholders, in
-        order), not hidden states: the text side of `L_cross` must not see the media, nor the media side
+        order), not hidden states: the text side of `L_contrastive` must not see the media, nor the media side
         the text.
         """
-        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask
+        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask.bool()
         if pair_input_ids is None:  # this rank has no pairs, but may join the other ranks' gather
             pair_input_ids = torch.zeros(0, 1, dtype=torch.long, device=embeds.device)
         if pair_attention_mask is None:
@@ -758,49 +784,18 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         pooled = torch.stack([t.mean(0) for t in tokens])
         return self.auxiliary_heads["media_bow"].loss(pooled, pair_input_ids, pair_attention_mask, num_items)
 
-    def _contrastive_loss(self, tokens, pair_input_ids, pair_attention_mask, gather=False) -> torch.Tensor | None:
+    def _contrastive_loss(self, tokens, pair_input_ids, pair_attention_mask, gather=None) -> torch.Tensor | None:
         """InfoNCE between each sample's media (media-only LM pass) and its paired text (text-only LM pass)."""
         media_embeds = self.get_media_features(tokens)
         if tokens:
             text_embeds = self.get_text_features(pair_input_ids, pair_attention_mask, return_dict=True).pooler_output
         else:
             text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
-        if gather:
-            media_embeds, text_embeds = gather_rows_across_ranks(media_embeds), gather_rows_across_ranks(text_embeds)
+        if gather is not None:
+            media_embeds, text_embeds = gather(media_embeds), gather(text_embeds)
         if media_embeds.shape[0] < 2:
             return None
         return self.retrieval_head.contrastive_loss(media_embeds, text_embeds)
 
-    def _touch_unused_modules(self, used: dict[str, bool], like: torch.Tensor) -> torch.Tensor:
-        """Sum of a tiny pass through each module this batch left unused (to be multiplied by 0)."""
-        model, total = self.model, like.new_zeros((), dtype=torch.float32)
-        # A frozen tower has nothing to synchronise: only its projector is touched, never the tower itself.
-        if model.vision_tower is not None:
-            vision = self.config.vision_config
-            if not used["image"]:
-                if has_trainable_parameters(model.vision_tower):
-                    total = total + model.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
-                else:
-                    total = total + model.multi_modal_projector["image"](like.new_zeros(1, 1, self.config.vision_feature_dim)).sum()
-            if self.config.video_token_id is not None and not used["video"]:
-                total = total + model.video_projector(like.new_zeros(1, 1, self.config.vision_feature_dim)).sum()
-        if model.audio_tower is not None:
-            states = None
-            if not used["audio"]:
-                if has_trainable_parameters(model.audio_tower):
-                    mels = like.new_zeros(1, self.config.audio_config.num_mel_bins, 2)
-                    clips, states, _ = model.encode_audio(mels)
-                    total = total + clips[0].sum()
-                else:
-                    total = total + model.multi_modal_projector["audio"](like.new_zeros(1, 1, self.config.audio_config.d_model)).sum()
-            if "audio_ctc" in self.auxiliary_heads and not used["audio_ctc"]:
-                states = states if states is not None else like.new_zeros(1, 1, self.config.audio_config.d_model)
-                total = total + self.auxiliary_heads["audio_ctc"](states).sum()
-        if "media_bow" in self.auxiliary_heads and not used["media_bow"]:
-            total = total + self.auxiliary_heads["media_bow"](like.new_zeros(1, self.config.text_config.hidden_size)).sum()
-        if not used["retrieval"]:
-            head, zeros = self.retrieval_head, like.new_zeros(1, self.config.text_config.hidden_size)
-            total = total + head.media_projection(zeros).sum() + head.text_projection(zeros).sum() + head.logit_scale.sum()
-        return total
 
 __all__ = ["MultimodalForConditionalGeneration", "MultimodalModel", "MultimodalPreTrainedModel"]

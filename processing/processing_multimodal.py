@@ -313,12 +313,13 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                 images: the image processor's options (`do_rescale`, `size`, `max_image_pixels`, ...).
                 `return_text_replacement_offsets`: where each placeholder was expanded in the text (non-tensor).
         """
-        unknown = set(kwargs) - self._known_kwargs()
-        if unknown:
-            raise TypeError(
-                f"unexpected arguments {sorted(unknown)}: not an option of the tokenizer, the image, audio or video "
-                "processor, nor of MultimodalProcessorKwargs"
+        unknown = sorted(set(kwargs) - self._known_kwargs())
+        if unknown:  # as transformers' processors: warned and ignored (pipelines pass options meant for others)
+            logger.warning(
+                f"Keyword arguments {unknown} are not options of the tokenizer, the image, audio or video processor, "
+                "nor of MultimodalProcessorKwargs, and are ignored."
             )
+            kwargs = {key: value for key, value in kwargs.items() if key not in unknown}
         options = self._merge_kwargs(MultimodalProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_options, audio_options = options["text_kwargs"], options["audio_kwargs"]
         images_kwargs = {k: v for k, v in options["images_kwargs"].items() if k != "return_tensors"}

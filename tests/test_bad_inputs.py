@@ -309,7 +309,7 @@ MANIFEST_CASES = [  # (name, write the manifest under tmp/root and return (path,
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name, make_manifest, pattern", MANIFEST_CASES, ids=[case[0] for case in MANIFEST_CASES])
 def test_bad_manifests_raise_clear_errors(tmp_path, name, make_manifest, pattern):
-    from modeling_multimodal.training.data import load_manifest
+    from modeling_multimodal.data.examples import load_manifest
 
     path, task = make_manifest(tmp_path)
     with pytest.raises(ValueError, match=pattern):
@@ -318,7 +318,7 @@ def test_bad_manifests_raise_clear_errors(tmp_path, name, make_manifest, pattern
 
 def test_symlinks_inside_the_root_are_followed(tmp_path):
     """A link whose target stays in the root is fine, and so is a root that is itself a link."""
-    from modeling_multimodal.training.data import load_manifest
+    from modeling_multimodal.data.examples import load_manifest
 
     real = tmp_path / "real"
     (real / "media").mkdir(parents=True)
@@ -331,7 +331,7 @@ def test_symlinks_inside_the_root_are_followed(tmp_path):
 
 
 def test_build_example_refuses_a_row_without_its_response():
-    from modeling_multimodal.training.data import build_example
+    from modeling_multimodal.data.examples import build_example
 
     with pytest.raises(ValueError, match=r"Row '7': no 'caption' value, which task 'image_caption' trains on"):
         build_example({"id": "7", "image": "a.png", "caption": ""}, "image_caption")
@@ -374,7 +374,7 @@ def test_push_keeps_links_inside_the_folder_and_skips_linked_folders(tmp_path):
 @pytest.mark.timeout(60)
 def test_length_estimates_never_block_on_a_fifo(tmp_path):
     """The trainer estimates every row's length from audio headers before training: a FIFO is refused there too."""
-    from modeling_multimodal.training.data import audio_mel_frames
+    from modeling_multimodal.data.examples import audio_mel_frames
 
     with pytest.raises(ValueError, match=r"audio file '.*pipe.wav' is a FIFO"):
         audio_mel_frames(_fifo(tmp_path, "pipe.wav"))

@@ -12,6 +12,7 @@ from transformers import (
 from modeling_multimodal import MultimodalForConditionalGeneration, MultimodalProcessor
 from modeling_multimodal.testing_utils import TINY_CORPUS
 from modeling_multimodal.tokenization import build_tokenizer
+from modeling_multimodal.training.objective import TrainingObjective
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_touch_pass_does_not_run_a_frozen_tower(parts):
     model.model.vision_tower.register_forward_hook(lambda *args: calls.append("vision"))
     model.model.audio_tower.conv1.register_forward_hook(lambda *args: calls.append("audio"))
     ids = torch.tensor([[5, 6, 7]])
-    loss = model.train()(input_ids=ids, labels=ids, touch_all_modules=True).loss
+    loss = TrainingObjective(model.train())(input_ids=ids, labels=ids).loss
     loss.backward()
     assert calls == []
     assert model.model.multi_modal_projector["image"].linear_1.weight.grad is not None

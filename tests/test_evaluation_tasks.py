@@ -10,10 +10,10 @@ from modeling_multimodal.demo_data import make_demo_data
 from modeling_multimodal.evaluation.functional import retrieval_recall
 from modeling_multimodal.evaluation.tasks import reranked_recall, response_log_likelihoods, retrieval_scores
 from modeling_multimodal.constants import IGNORE_INDEX
-from modeling_multimodal.training.collator import MultimodalCollator
-from modeling_multimodal.training.data import ExampleEncoder, load_manifest
+from modeling_multimodal.data import ExampleEncoder, MultimodalCollator, load_manifest
 from modeling_multimodal.training.recipe import load_recipe
-from modeling_multimodal.training.trainer import build_model_and_processor, load_rows
+from modeling_multimodal.training.mixture import load_rows
+from modeling_multimodal.training.model_builder import build_model_and_processor
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
 

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from modeling_multimodal import MultimodalConfig, MultimodalForConditionalGeneration, MultimodalModel
 from modeling_multimodal.encoders import encode_audio
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
+from modeling_multimodal.training.objective import TrainingObjective, freeze_unreachable_parameters
 
 TOKENIZER = tiny_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -165,11 +166,11 @@ def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, mo
         pair_input_ids=pair["input_ids"],
         pair_attention_mask=pair["attention_mask"],
     )
-    assert (out.loss_other is not None) == expect_other
+    assert (out.loss_auxiliary is not None) == expect_other
     assert calls["audio_ctc"] == calls["media_bow"] == int(expect_other)
     assert calls.get("pairs", 0) == int(expect_other or expect_cross)  # λ = α = 0: no media pooling at all
-    assert (out.loss_cross is not None) == expect_cross and calls["text_pass"] == int(expect_cross)
-    expected = out.loss_text + lam * (out.loss_other if expect_other else 0) + alpha * (out.loss_cross if expect_cross else 0)
+    assert (out.loss_contrastive is not None) == expect_cross and calls["text_pass"] == int(expect_cross)
+    expected = out.loss_text + lam * (out.loss_auxiliary if expect_other else 0) + alpha * (out.loss_contrastive if expect_cross else 0)
     torch.testing.assert_close(out.loss, expected)
 
 
@@ -196,7 +197,7 @@ def test_ctc_loss_matches_torch_reference():
     reference = torch.nn.functional.ctc_loss(
         log_probs, ctc_labels, positions, torch.tensor([5]), blank=model.config.text_config.vocab_size
     )
-    torch.testing.assert_close(out.loss_other, reference)
+    torch.testing.assert_close(out.loss_auxiliary, reference)
 
 
 def test_media_bag_of_words_loss_matches_reference():
@@ -208,13 +209,14 @@ def test_media_bag_of_words_loss_matches_reference():
     inner = model.model(**batch)
     head, per_sample = model.auxiliary_heads["media_bow"], []
     for row in range(2):
-        pooled = inner.inputs_embeds[row][inner.media_mask[row]].mean(0)
+        pooled = inner.inputs_embeds[row][inner.media_mask[row].bool()].mean(0)
         log_probs = head(pooled).log_softmax(-1)
         words = sorted(set(TOKENIZER(texts[row], add_special_tokens=False)["input_ids"]))  # "red" counts once
         per_sample.append(-log_probs[words].mean())
-    torch.testing.assert_close(out.loss_other, torch.stack(per_sample).mean())
-    halved = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"], num_pair_items_in_batch=4)
-    torch.testing.assert_close(halved.loss_other, out.loss_other / 2)
+    torch.testing.assert_close(out.loss_auxiliary, torch.stack(per_sample).mean())
+    # The training objective divides by the pairs of a whole window (here 4, twice this batch's 2).
+    halved = TrainingObjective(model)(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"], num_items={"media_bow": 4})
+    torch.testing.assert_close(halved.loss_auxiliary, out.loss_auxiliary / 2)
 
 
 def test_gradients_reach_exactly_the_unfrozen_modules():
@@ -415,29 +417,30 @@ def test_backbones_plug_in_and_batch_invariance_holds(name, overrides, tmp_path)
     torch.testing.assert_close(reloaded(**batch).logits, logits, rtol=0, atol=0)
 
 
-def test_touch_all_modules_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
+def test_training_objective_gives_every_trainable_parameter_a_gradient_without_changing_the_loss():
     model = build_model(auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False).train()
-    unused = model.freeze_unused_parameters()
+    unused = freeze_unreachable_parameters(model)
     # vision_feature_layer=-2: the tower's last layer and post-layernorm can never receive a gradient.
     assert unused and all(n.startswith("model.vision_tower.") and ("layers.1." in n or "post_layernorm" in n) for n in unused), unused
     batch = collate([sample(model), sample(model)])  # text only: no tower, projector or aux head is used
     labels = text_labels(batch, model)
     plain = model(**batch, labels=labels)
-    touched = model(**batch, labels=labels, touch_all_modules=True)
+    touched = TrainingObjective(model)(**batch, labels=labels)
     torch.testing.assert_close(touched.loss, plain.loss)
+    torch.testing.assert_close(touched.loss_text, plain.loss_text)
     touched.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == [], missing
 
 
 def test_training_contrastive_loss_uses_the_retrieval_embeddings():
-    """L_cross in forward is InfoNCE over exactly what get_*_features / get_text_features return."""
+    """L_contrastive in forward is InfoNCE over exactly what get_*_features / get_text_features return."""
     model = build_model(contrastive_loss_weight=1.0)
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, videos=1)]
     texts = ["a small red circle", "a big blue square", "a green star moving left"]
     pair = TOKENIZER(texts, padding=True, return_tensors="pt")
     batch = collate(samples, padding_side="right")
-    loss = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_cross
+    loss = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_contrastive
     media = torch.cat([
         model.get_image_features(batch["pixel_values"]).pooler_output,
         model.get_audio_features(batch["input_features"], batch["input_features_mask"]).pooler_output,
@@ -452,7 +455,7 @@ def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, images=1, text=TEXT[:1])]
     pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
     rows = collate(samples, padding_side="right")
-    per_row = model(**rows, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_cross
+    per_row = model(**rows, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_contrastive
     # The same three samples packed into one row, positions restarting per sample.
     ids = torch.cat([torch.tensor(s[0]) for s in samples])[None]
     segment_ids = torch.cat([torch.full((len(s[0]),), i) for i, s in enumerate(samples)])[None]
@@ -461,7 +464,7 @@ def test_contrastive_loss_with_packed_segments_equals_one_sample_per_row():
         input_ids=ids, position_ids=position_ids, segment_ids=segment_ids, use_cache=False,
         pixel_values=rows["pixel_values"], input_features=rows["input_features"], input_features_mask=rows["input_features_mask"],
         pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"],
-    ).loss_cross
+    ).loss_contrastive
     torch.testing.assert_close(packed, per_row, rtol=1e-5, atol=1e-5)
 
 

@@ -14,15 +14,8 @@ from torch.utils.data import DataLoader
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.processing import MultimodalProcessor
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
-from modeling_multimodal.training import (
-    EncodedDataset,
-    ExampleEncoder,
-    MultimodalCollator,
-    PackedBatchSampler,
-    PackingCollator,
-    first_fit,
-    load_manifest,
-)
+from modeling_multimodal.data import EncodedDataset, ExampleEncoder, MultimodalCollator, load_manifest
+from modeling_multimodal.training import PackedBatchSampler, PackingCollator, first_fit
 
 TOKENIZER = tiny_tokenizer()
 CONFIG = tiny_config(TOKENIZER)
@@ -140,7 +133,7 @@ def test_contrastive_loss_runs_on_packed_rows(examples):
     torch.manual_seed(0)
     model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, contrastive_loss_weight=1.0, auxiliary_loss_weight=1.0)).eval()
     out = model(**PackingCollator(PAD, max_length=100)(examples), use_cache=False)
-    assert torch.isfinite(out.loss_cross) and torch.isfinite(out.loss_other)
+    assert torch.isfinite(out.loss_contrastive) and torch.isfinite(out.loss_auxiliary)
 
 
 def test_packed_loader_with_two_workers(root):

@@ -166,3 +166,28 @@ def test_a_template_that_reads_content_items_gets_them(processor):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}}, {"type": "text", "text": "what is this?"}]}]
     assert processor.apply_chat_template(messages, chat_template=template) == "user: image=cat.png text=what is this?"
     assert chatml_processor().apply_chat_template(messages) == "<|im_start|>user\n<image> what is this?<|im_end|>\n"
+
+
+def test_unknown_kwargs_are_warned_about_and_ignored(processor):
+    """As transformers' processors (pipelines pass options meant for other components): the output is the same."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    plain = processor(text="<image> hello", images=IMAGE)
+    with CaptureLogger(logging.get_logger("modeling_multimodal.processing.processing_multimodal")) as captured:
+        with_unknown = processor(text="<image> hello", images=IMAGE, colour="red", text_kwargs={"padding": True})
+    assert "['colour']" in captured.out and "ignored" in captured.out
+    assert set(with_unknown) == set(plain)
+    for key in plain:
+        torch.testing.assert_close(with_unknown[key], plain[key], rtol=0, atol=0)
+
+
+def test_raw_audio_without_sampling_rate_is_an_error_not_a_guess(processor):
+    """transformers' Whisper feature extractor warns and assumes its own rate; a clip recorded at another rate then
+    gives silently wrong features (a 44.1 kHz clip read as 16 kHz is 2.8 times too long and pitched down), so a raw
+    array without a rate is refused. Files, bytes and {"array", "sampling_rate"} dicts carry their rate."""
+    with pytest.raises(ValueError, match="without a sampling rate; pass sampling_rate="):
+        processor(text="<audio>", audio=tone(0.5))
+    given = processor(text="<audio>", audio=tone(0.5), sampling_rate=16000)
+    as_dict = processor(text="<audio>", audio={"array": tone(0.5), "sampling_rate": 16000})
+    torch.testing.assert_close(as_dict["input_features"], given["input_features"], rtol=0, atol=0)

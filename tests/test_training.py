@@ -17,7 +17,9 @@ from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.training import checkpointing
 from modeling_multimodal.training.checkpointing import list_checkpoints
 from modeling_multimodal.training.recipe import load_recipe
-from modeling_multimodal.training.stages import apply_stage
+from modeling_multimodal.training.stages import apply_stage, base_model
+from modeling_multimodal.training.mixture import ExampleCache, load_rows
+from modeling_multimodal.training.model_builder import build_model_and_processor
 from modeling_multimodal.training.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
@@ -107,35 +109,38 @@ def test_encoders_stage_trains_the_towers_on_l_other_without_running_the_lm(data
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
     records = history(tmp_path)
-    assert all(r["loss_text"] is None and r["loss_cross"] is None for r in records)
-    assert all(r["loss_other"] is not None and r["loss_other"] > 0 for r in records)
-    assert not lm_calls  # not even for L_cross's text pass
+    assert all(r["loss_text"] is None and r["loss_contrastive"] is None for r in records)
+    assert all(r["loss_auxiliary"] is not None and r["loss_auxiliary"] > 0 for r in records)
+    assert not lm_calls  # not even for L_contrastive's text pass
     changed = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert {"model.vision_tower", "model.audio_tower", "model.multi_modal_projector"} <= changed
     assert not any(n.startswith(("model.language_model", "lm_head", "retrieval_head")) for n, p in model.named_parameters() if not torch.equal(p, before[n]))
-    with pytest.raises(ValueError, match="stage=encoders trains on L_other alone"):
+    with pytest.raises(ValueError, match="stage=encoders trains on L_auxiliary alone"):
         Trainer(recipe(data_root, tmp_path / "again", "stage=encoders", "auxiliary_loss_weight=0"))
 
 
 def test_chained_stages_in_one_process_decode_each_example_once(data_root, tmp_path, monkeypatch):
-    from modeling_multimodal.training.data import ExampleEncoder
+    from modeling_multimodal.data import ExampleEncoder
 
     calls = []
     original = ExampleEncoder.__call__
     monkeypatch.setattr(ExampleEncoder, "__call__", lambda self, row: calls.append(row["id"]) or original(self, row))
     common = ["data.cache_in_memory=true", "data.eval=[]", "optim.max_steps=12"]  # 40 samples, batch 4: > 1 epoch
-    first = Trainer(recipe(data_root, tmp_path / "a", *common)).train()
+    cache = ExampleCache()  # what train() gives every stage of a chain, and the demo all its runs
+    first = Trainer(recipe(data_root, tmp_path / "a", *common), cache).train()
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 40
-    Trainer(recipe(data_root, tmp_path / "b", *common, "stage=align", f"init_from={first['final_dir']}")).train()
+    Trainer(recipe(data_root, tmp_path / "b", *common, "stage=align", f"init_from={first['final_dir']}"), cache).train()
     assert len(calls) == 40  # same rows, task and (reloaded) processor: nothing decoded again
-    Trainer(recipe(data_root, tmp_path / "c", *common, "data.max_length=400")).train()
+    Trainer(recipe(data_root, tmp_path / "c", *common, "data.max_length=400"), cache).train()
     assert len(calls) == 80  # another encoding: decoded afresh
+    Trainer(recipe(data_root, tmp_path / "d", *common)).train()
+    assert len(calls) == 120  # a run given no cache keeps its own: nothing global is shared
 
 
 def test_repeat_weights_a_task_in_the_mixture_and_decodes_each_row_once(data_root, tmp_path, monkeypatch):
     from collections import Counter
 
-    from modeling_multimodal.training.data import ExampleEncoder
+    from modeling_multimodal.data import ExampleEncoder
 
     calls = []
     original = ExampleEncoder.__call__
@@ -178,6 +183,25 @@ def test_training_writes_logs_checkpoints_and_report(data_root, tmp_path):
     scores = result["scores"]
     assert {"image_caption/exact_match", "image_caption/bleu", "image_caption/text_to_media_recall@1", "speech_transcription/wer"} <= set(scores)
     assert (tmp_path / "final" / "processor_config.json").exists() and (tmp_path / "final" / "model.safetensors").exists()
+
+
+KEY_CASES = [("full", "model.language_model."), ("finetune", "base_model.model.model.language_model.")]
+
+
+@pytest.mark.parametrize("stage,lm_prefix", KEY_CASES, ids=[c[0] for c in KEY_CASES])
+def test_checkpoints_and_exports_are_keyed_by_the_models_own_names(data_root, tmp_path, stage, lm_prefix):
+    """The trainer wraps the model in its TrainingObjective; what it saves stays keyed as the model (or PeftModel)
+    names its parameters, so checkpoints written before the wrapper existed still resume."""
+    run = recipe(data_root, tmp_path, f"stage={stage}", "save_steps=2", "optim.max_steps=2", "data.eval=[]")
+    Trainer(run).train()
+    reference = apply_stage(build_model_and_processor(run, load_rows(run, run.data.train))[0], run)
+    trainable = {name for name, param in reference.named_parameters() if param.requires_grad}
+    saved = set(load_file(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert saved == trainable and any(name.startswith(lm_prefix) for name in saved)
+    optimizer = json.loads((tmp_path / "checkpoint-2" / "optimizer.json").read_text())
+    assert {name for group in optimizer["param_groups"] for name in group["params"]} == trainable
+    exported = set(load_file(tmp_path / "final" / "model.safetensors"))
+    assert exported == set(MultimodalForConditionalGeneration(base_model(reference).config).state_dict())
 
 
 def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
@@ -247,7 +271,7 @@ def test_two_processes_equal_one_process(data_root, tmp_path):
     a, b = history(tmp_path / "one"), history(tmp_path / "two")
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
-        for key in ("loss", "loss_text", "loss_other", "loss_cross", "tokens"):
+        for key in ("loss", "loss_text", "loss_auxiliary", "loss_contrastive", "tokens"):
             if x[key] is None or y[key] is None:  # a term no batch of the step had (e.g. CTC without audio)
                 assert x[key] is None and y[key] is None, (key, x, y)
             else:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.processing import MultimodalProcessor
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
-from modeling_multimodal.training import (
+from modeling_multimodal.data import (
     EncodedDataset,
     ExampleEncoder,
     LengthGroupedBatchSampler,
@@ -290,7 +290,7 @@ def test_mixed_batch_runs_through_the_model_with_all_three_losses(root):
     model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5)).eval()
     batch = MultimodalCollator(TOKENIZER.pad_token_id)(encoded_batch(root))
     out = model(**batch, use_cache=False)
-    assert all(torch.isfinite(term) for term in (out.loss, out.loss_text, out.loss_other, out.loss_cross))
+    assert all(torch.isfinite(term) for term in (out.loss, out.loss_text, out.loss_auxiliary, out.loss_contrastive))
 
 
 def test_batch_holds_only_the_modalities_present(root):

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..training.collator import MultimodalCollator, collate_media
-from ..training.data import MEDIA_TENSOR_KEYS, ExampleEncoder, build_example, get_task
+from ..data.collator import MultimodalCollator, collate_media
+from ..data.examples import MEDIA_TENSOR_KEYS, ExampleEncoder, build_example, get_task
 from .functional import bleu, character_error_rate, cosine_similarity, exact_match, retrieval_recall, word_error_rate
 
 MEDIA_ARGUMENTS = (("images", "image"), ("audio", "audio"), ("videos", "video"))

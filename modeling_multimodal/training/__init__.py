@@ -1,23 +1,18 @@
-"""Training: data (manifests, task templates, encoding), batching (collator, length grouping), packing.
+"""Training: recipes, the model a recipe builds, the data mixture, packing, the objective, the loop, exports.
 
-The trainer loop (`trainer.py`) builds on these public names.
+One job per module, imports flowing one way (`trainer` at the top):
+    recipe.py         the YAML recipe and its checks
+    model_builder.py  the recipe's model and processor (a tokenizer trained on the rows when from scratch)
+    stages.py         what trains per stage (LoRA through PEFT) and the optimizer's parameter groups
+    mixture.py        the training data mixture: manifests → one dataset, its example cache, the loader
+    packing.py        several samples per row
+    objective.py      the module Accelerate wraps: touch pass, cross-rank gather, global item counts
+    checkpointing.py  exact, pickle-free checkpoints;  run_folder.py  one run per output folder
+    export.py         final/: merged model, adapter, processor, code, card inputs, report
+    trainer.py        the loop and evaluation during training
+The data layer itself (manifests, tasks, encoding, collation) is `modeling_multimodal.data`.
 """
 
-from .collator import LengthGroupedBatchSampler, MultimodalCollator
-from .data import TASKS, EncodedDataset, ExampleEncoder, TaskSpec, build_example, get_task, load_manifest
 from .packing import PackedBatchSampler, PackingCollator, first_fit
 
-__all__ = [
-    "TASKS",
-    "EncodedDataset",
-    "ExampleEncoder",
-    "LengthGroupedBatchSampler",
-    "MultimodalCollator",
-    "PackedBatchSampler",
-    "PackingCollator",
-    "TaskSpec",
-    "build_example",
-    "first_fit",
-    "get_task",
-    "load_manifest",
-]
+__all__ = ["PackedBatchSampler", "PackingCollator", "first_fit"]

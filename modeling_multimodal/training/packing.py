@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..constants import IGNORE_INDEX
-from .collator import collate_media, pad_sequences
+from ..data.collator import collate_media, pad_sequences
 
 
 def first_fit(lengths: Sequence[int], max_length: int, decreasing: bool = True) -> list[list[int]]:

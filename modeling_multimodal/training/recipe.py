@@ -292,10 +292,6 @@ class TrainingRecipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # Deprecated names of the two loss weights (read-only), for code that still uses them.
-    other_loss_weight = property(lambda self: self.auxiliary_loss_weight)
-    cross_loss_weight = property(lambda self: self.contrastive_loss_weight)
-
 
 # Old top-level keys -> their current names; recipes with the old keys still load (FutureWarning).
 DEPRECATED_KEYS = {"other_loss_weight": "auxiliary_loss_weight", "cross_loss_weight": "contrastive_loss_weight"}

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOSS_TERMS = (("loss", "total"), ("loss_text", "L_text"), ("loss_other", "L_auxiliary (λ)"), ("loss_cross", "L_contrastive (α, InfoNCE)"))
+LOSS_TERMS = (("loss", "total"), ("loss_text", "L_text"), ("loss_auxiliary", "L_auxiliary (λ)"), ("loss_contrastive", "L_contrastive (α, InfoNCE)"))
 # The eval metrics worth a curve (recall@5/10 and the like stay in the JSON logs).
 KEY_METRICS = ("exact_match", "bleu", "wer", "cer", "text_to_media_recall@1", "media_to_text_recall@1")
 

@@ -1,4 +1,4 @@
-"""Training data: manifests → rows → examples → tensors, cheap length estimates for batching.
+"""Examples from data: manifests → rows → examples → tensors, cheap length estimates for batching.
 
 Three steps, each its own small piece:
 - `load_manifest`: a JSONL / CSV / Parquet file (or an in-memory `datasets.Dataset`) as a `datasets.Dataset`,

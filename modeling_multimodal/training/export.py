@@ -1,0 +1,74 @@
+"""What a finished run leaves in its output folder, and reading it back.
+
+    final/                    merged model + processor that `from_pretrained` loads (with the flat code and
+                              `auto_map`, so it loads where the package is not installed), the recipe, the
+                              evaluation results and the model card's inputs (`modeling-multimodal push`)
+    final/adapter/            the LoRA adapter with the projectors and heads (stage `finetune`)
+    log_history.json          train and eval records, written last: its presence marks a finished run
+    report.png                loss curves and scores (`report: true`)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..hub import save_custom_code, training_card_inputs, write_model_card_inputs
+from .recipe import TrainingRecipe
+from .report import write_report
+
+
+def export_run(
+    output_dir: Path,
+    model,
+    processor,
+    recipe: TrainingRecipe,
+    final: dict,
+    log_history: list[dict],
+    eval_history: list[dict],
+    state_dict: dict | None = None,
+) -> dict:
+    """Write final/ (and the adapter, history and report); returns their paths. Main process only.
+
+    model: the trained model or its PeftModel (merged before saving). state_dict: full tensors gathered from an
+    FSDP2 run's shards (`checkpointing.gather_full_state`), else the model's own.
+    """
+    final_dir = Path(output_dir) / "final"
+    paths = {"final_dir": str(final_dir)}
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(final_dir / "adapter")
+        paths["adapter_dir"] = str(final_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(final_dir, state_dict=state_dict)
+    processor.save_pretrained(final_dir)
+    (final_dir / "training_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    (final_dir / "eval_results.json").write_text(json.dumps(final, indent=2, default=str))
+    save_custom_code(final_dir)  # flat code + auto_map: final/ loads where the package is not installed
+    card_inputs = training_card_inputs(recipe.to_dict(), model.config.to_dict(), final["scores"])
+    write_model_card_inputs(final_dir, **card_inputs)  # what `modeling-multimodal push` puts on the card
+    (Path(output_dir) / "log_history.json").write_text(json.dumps({"train": log_history, "eval": eval_history}, indent=2))
+    if recipe.report:
+        paths["report"] = str(write_report(log_history, eval_history, Path(output_dir) / "report.png"))
+    return paths
+
+
+def finished(recipe: TrainingRecipe) -> bool:
+    """Whether a run wrote its final/ model after all its steps (its log history is written last)."""
+    history = Path(recipe.output_dir) / "log_history.json"
+    if not (Path(recipe.output_dir) / "final" / "eval_results.json").is_file() or not history.is_file():
+        return False
+    records = json.loads(history.read_text())["train"]
+    return bool(records) and records[-1]["step"] >= recipe.optim.max_steps
+
+
+def finished_result(recipe: TrainingRecipe) -> dict:
+    """`Trainer.train()`'s result for a finished run, from its files."""
+    output_dir = Path(recipe.output_dir)
+    records = json.loads((output_dir / "log_history.json").read_text())["train"]
+    evaluation = json.loads((output_dir / "final" / "eval_results.json").read_text())
+    paths = {"final_dir": str(output_dir / "final")}
+    if (output_dir / "final" / "adapter").is_dir():
+        paths["adapter_dir"] = str(output_dir / "final" / "adapter")
+    if (output_dir / "report.png").is_file():
+        paths["report"] = str(output_dir / "report.png")
+    return {"steps": records[-1]["step"], "seconds": 0.0, "final_loss": records[-1]["loss"], **evaluation, **paths}

@@ -1,0 +1,124 @@
+"""The training data mixture: the recipe's manifests as one dataset, its example cache, and the loader.
+
+A training entry's `repeat` weights its task in the mixture (its rows appear that many times per epoch).
+With `data.cache_in_memory` each encoded example is kept in an `ExampleCache`, so a row is decoded once
+however often it is drawn. The cache is an object the caller owns and hands to each run that may reuse
+it: `train()` gives one to every stage of a chain, and the demo one to all its runs; it keeps the
+examples of one encoding at a time (`encoding_fingerprint`), so a different data set, task or processor
+replaces them instead of reading stale ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.collator import LengthGroupedBatchSampler, MultimodalCollator
+from ..data.examples import EncodedDataset, ExampleEncoder, load_manifest
+from .packing import PackedBatchSampler, PackingCollator
+from .recipe import TrainingRecipe
+
+
+def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
+    """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
+
+    A training entry's `repeat` is applied by the training loader; an evaluation entry scores each row once,
+    so `repeat` there is refused (by the recipe's `check_data_entries`) rather than ignored.
+    """
+    loaded = []
+    for entry in entries:
+        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root, task=entry.get("task"))
+        if entry.get("max_samples"):
+            rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
+        loaded.append((entry.get("task"), rows))
+    return loaded
+
+
+def encoding_fingerprint(part: EncodedDataset) -> str:
+    """What decides a part's encoded examples: its rows, the task, max_length and the whole processor."""
+    encoder, digest = part.encoder, hashlib.sha256()
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    settings = json.loads(encoder.processor.to_json_string())
+    for sub in [settings, *(v for v in settings.values() if isinstance(v, dict))]:
+        sub.pop("auto_map", None)  # where the code lives (added when a checkpoint is exported), not what it does
+    for text in (json.dumps(settings, sort_keys=True), vocabulary, repr(encoder.task), repr(encoder.max_length)):
+        digest.update(text.encode() + b"\0")
+    for row in part.rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\0")
+    return digest.hexdigest()
+
+
+class ExampleCache:
+    """Encoded examples of one encoding (`examples_for` its fingerprint), shared by the runs it is given to."""
+
+    def __init__(self):
+        self.key, self.examples = None, {}
+
+    def examples_for(self, parts: list[EncodedDataset]) -> dict:
+        """The memo for these parts: the kept one if they encode as before, else a fresh one replacing it."""
+        key = tuple(encoding_fingerprint(part) for part in parts)
+        if key != self.key:
+            self.key, self.examples = key, {}
+        return self.examples
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Several tasks' encoded datasets behind one index, each repeated `repeats[i]` times, optionally memoised."""
+
+    def __init__(self, parts: list[EncodedDataset], repeats: list[int] | None = None, cache: ExampleCache | None = None):
+        self.parts = parts
+        self.offsets = [0]
+        for part, repeat in zip(parts, repeats or [1] * len(parts)):
+            self.offsets.append(self.offsets[-1] + len(part) * repeat)
+        self.memo = cache.examples_for(parts) if cache is not None else None
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, index):
+        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
+        key = (part, (index - self.offsets[part]) % len(self.parts[part]))  # a repeated row is one example
+        if self.memo is not None and key in self.memo:
+            return self.memo[key]
+        example = self.parts[key[0]][key[1]]
+        if self.memo is not None:
+            self.memo[key] = example
+        return example
+
+
+def build_train_loader(recipe: TrainingRecipe, processor, rows_by_task, cache: ExampleCache | None = None):
+    """(DataLoader, its batch sampler) over the mixture: length-grouped batches, or packed rows with `data.packing`.
+
+    The cache is used only with `data.cache_in_memory`. The sampler is returned too, because the trainer sets
+    its epoch itself (Accelerate's loader does not reach it in every setup).
+    """
+    data = recipe.data
+    parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in data.train]
+    for (task, rows), repeat in zip(rows_by_task, repeats):
+        encoder = ExampleEncoder(processor, task, max_length=data.max_length)
+        parts.append(EncodedDataset(rows, encoder))
+        lengths += encoder.estimate_lengths(rows) * repeat
+    dataset = MixedDataset(parts, repeats, cache if data.cache_in_memory else None)
+    pad_id = processor.tokenizer.pad_token_id
+    batch_size = recipe.optim.batch_size
+    if data.packing:  # batch_size counts packed rows
+        collator = PackingCollator(pad_token_id=pad_id, max_length=data.max_length)
+        batch_sampler = PackedBatchSampler(lengths, data.max_length, rows_per_batch=batch_size, seed=recipe.seed)
+    else:
+        collator = MultimodalCollator(pad_token_id=pad_id, padding_side="right")
+        groups = 50 if data.group_by_length else 1
+        batch_sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=recipe.seed, group_batches=groups)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collator,
+        num_workers=data.num_workers,
+        generator=torch.Generator().manual_seed(recipe.seed),  # keeps the global RNG (dropout) untouched
+    )
+    return loader, batch_sampler
