@@ -114,7 +114,7 @@ CASES = [  # (name, build the call's arguments from a tmp dir, error pattern)
     ("wav_with_500_hz_rate", lambda t: dict(text="<audio>", audio=_wav(t, "slow.wav", tone(0.5, 500), 500)), r"file '.*slow.wav': sampling_rate=500 cannot be resampled"),
     ("video_frames_over_pixel_limit", lambda t: dict(text="<video>", videos=str(make_video(t / "v.mp4", num_frames=4)), videos_kwargs={"max_image_pixels": 1000}), r"sample 0, video 0 .*each frame of file '.*v.mp4' is 64x48 = 3072 pixels, above max_image_pixels=1000"),
     ("frame_array_over_pixel_limit", lambda t: dict(text="<video>", videos=np.zeros((4, 40, 40, 3), np.uint8), videos_kwargs={"max_image_pixels": 1000}), r"sample 0, video 0 .* 40x40 = 1600 pixels, above max_image_pixels=1000"),
-    ("truncated_video", lambda t: dict(text="<video>", videos=_truncated_mp4(t)), r"sample 0, video 0 .*cut.mp4' is truncated or damaged: its header lists 24 video frames but only 11 are in the file"),
+    ("truncated_video", lambda t: dict(text="<video>", videos=_truncated_mp4(t)), r"sample 0, video 0 .*cut.mp4' is truncated or damaged: its header lists 24 video frames but only \d+ are in the file"),  # the cut point depends on the encoder's thread count
     ("nan_image_array", lambda t: dict(text=["hi", "<image>"], images=_nan_image("nan")), r"sample 1, image 0 \(ndarray\(8, 8, 3\)\): the image contains NaN or infinite values"),
     ("inf_image_tensor", lambda t: dict(text="<image>", images=torch.from_numpy(_nan_image("inf")).permute(2, 0, 1)), r"sample 0, image 0 \(Tensor\(3, 8, 8\)\): the image contains NaN or infinite"),
     ("nan_video_frames", lambda t: dict(text="<video>", videos=np.stack([_nan_image("nan")] * 4)), r"sample 0, video 0 .*NaN or infinite"),

@@ -26,8 +26,9 @@ LAYERS = [
     ("processing", ["processing"]),
     ("model parts", ["encoders", "projectors", "losses", "vision_stem", "composition"]),
     ("model", ["modeling_multimodal", ""]),  # modeling_multimodal.py and the package's public API (__init__)
-    ("training and sharing", ["training", "hub"]),
+    ("data", ["data"]),  # manifests, tasks, example encoding, collation: shared by evaluation and training
     ("evaluation", ["evaluation"]),
+    ("training and sharing", ["training", "hub"]),
     ("applications", ["demo", "cli", "train", "testing_utils"]),
 ]
 EXCEPTIONS = {
@@ -35,8 +36,6 @@ EXCEPTIONS = {
     # absent when the model or processor was loaded as remote code).
     ("modeling_multimodal.modeling_multimodal", "modeling_multimodal.hub.custom_code"),
     ("modeling_multimodal.processing.processing_multimodal", "modeling_multimodal.hub.custom_code"),
-    # Issue 16 moves the trainer's evaluation out of trainer.py; remove this line when it is merged.
-    ("modeling_multimodal.training.trainer", "modeling_multimodal.evaluation.tasks"),
 }
 
 
