@@ -366,6 +366,10 @@ SMALL = [  # 4 rows in batches of 2: 2 batches per epoch, 6 steps = 3 epochs
     "data.eval=[]", "optim.batch_size=2", "optim.max_steps=6", "report=false",
     "model.config.text_config.attention_dropout=0.3", "model.config.vision_config.attention_dropout=0.3",  # RNG matters
 ]
+AUGMENT = [
+    "augment.hflip=0.5", "augment.rotation=10", "augment.crop_scale=0.6", "augment.colour_jitter=0.3",
+    "augment.flip_word_swaps={left: right, right: left}",
+]
 RESUME_CASES = [
     # (name, overrides, [(save_steps, killed during step), ...]) sharing one uninterrupted run
     ("plain", [], [(2, 4), (5, 6)]),  # resumed at the end of epoch 0; mid-epoch after two epochs
@@ -373,6 +377,7 @@ RESUME_CASES = [
     ("packing", ["data.packing=true", "data.max_length=256"], [(3, 5)]),
     # the projectors' input statistics are estimated once, at the start, and restored (not re-estimated) on resume
     ("standardised projectors", ["model.config.projector_input_standardize=true"], [(3, 5)]),
+    ("augmented", [*AUGMENT, "data.num_workers=2"], [(3, 5)]),  # the same augmented samples after a resume
 ]
 
 
@@ -510,3 +515,13 @@ def test_runs_on_one_folder_are_kept_apart(data_root, tmp_path):
     Trainer(recipe(data_root, tmp_path, *run, "overwrite_output_dir=true")).train()
     assert json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["run_id"] != first_run
     assert [r["step"] for r in history(tmp_path)] == [1, 2]
+
+
+def test_training_samples_are_augmented_per_epoch_and_index(data_root, tmp_path):
+    trainer = Trainer(recipe(data_root, tmp_path, *SMALL, *AUGMENT))
+    trainer._train_loader()
+    dataset = trainer.train_dataset
+    first = dataset[0]["pixel_values"]
+    assert torch.equal(first, dataset[0]["pixel_values"])
+    dataset.set_epoch(1)
+    assert not torch.equal(first, dataset[0]["pixel_values"])

@@ -16,6 +16,9 @@ Three steps, each its own small piece:
   response is tokenized on its own and its ids (+ EOS) are appended, so the prompt is an exact prefix and
   only response tokens are trained (`labels` = -100 on the prompt, which holds every media placeholder).
 
+With an `Augmentation` (`training/augmentation.py`; training only), `ExampleEncoder(row, augment_key=(epoch, index))`
+rewrites the example's text and audio before the processor and transforms its tensors after it.
+
 `ExampleEncoder.estimate_length` gives an example's token count without decoding media (audio length from
 the file header), for `LengthGroupedBatchSampler` and packing; it uses the same `MediaTokenLayout` counts
 as the processor, so the estimate is exact.
@@ -363,10 +366,13 @@ class ExampleEncoder:
     "ctc_labels" (n_audios, S) and "pair_input_ids" (P,).
     """
 
-    def __init__(self, processor, task: str | TaskSpec | None = None, max_length: int | None = None, layout=None):
+    def __init__(
+        self, processor, task: str | TaskSpec | None = None, max_length: int | None = None, layout=None, augmentation=None
+    ):
         self.processor = processor
         self.task = get_task(task)
         self.max_length = max_length
+        self.augmentation = augmentation  # an `Augmentation` (training only); applied when called with augment_key
         self.layout = layout if layout is not None else getattr(processor, "layout", None)
 
     @property
@@ -413,10 +419,17 @@ class ExampleEncoder:
         except ValueError as err:  # the processor names the item and its file ("sample 0, image 0 (file '...')")
             raise ValueError(f"Row {example['id']!r}: {err}") from err
 
-    def __call__(self, row: dict) -> dict:
+    def __call__(self, row: dict, augment_key: tuple[int, int] | None = None) -> dict:
+        """The row encoded; with `augment_key` = (epoch, index) and an augmentation, that sample's augmented version."""
         example = build_example(row, self.task)
+        plan = None
+        if self.augmentation is not None and augment_key is not None:
+            plan = self.augmentation.plan(*augment_key)
+            example = self.augmentation.rewrite_example(example, plan)
         prompt_text = self._prompt_text(example)
         processed = self._process_prompt(example, prompt_text)
+        if plan is not None:
+            processed = self.augmentation.transform_tensors(processed, plan)
         prompt_ids = processed["input_ids"][0].tolist()
         response_ids = self._response_ids(example, prompt_text)
         input_ids = prompt_ids + response_ids
@@ -483,6 +496,10 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.encoder(self.rows[int(index)])
+
+    def augmented(self, index: int, epoch: int, sample: int) -> dict:
+        """Row `index` encoded as training sample `sample` of `epoch` (its own augmentation draw)."""
+        return self.encoder(self.rows[int(index)], augment_key=(epoch, sample))
 
 
 __all__ = [

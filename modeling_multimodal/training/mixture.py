@@ -6,6 +6,10 @@ however often it is drawn. The cache is an object the caller owns and hands to e
 it: `train()` gives one to every stage of a chain, and the demo one to all its runs; it keeps the
 examples of one encoding at a time (`encoding_fingerprint`), so a different data set, task or processor
 replaces them instead of reading stale ones.
+
+With an active `augment` section each part's encoder carries an `Augmentation`; the dataset then encodes every
+draw afresh for (seed, epoch, index) — the trainer calls `MixedDataset.set_epoch` before each epoch — and the
+recipe refuses `data.cache_in_memory` with it, so nothing augmented is memoised.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..data.collator import LengthGroupedBatchSampler, MultimodalCollator
 from ..data.examples import EncodedDataset, ExampleEncoder, load_manifest
+from .augmentation import Augmentation
 from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe
 
@@ -77,13 +82,19 @@ class MixedDataset(torch.utils.data.Dataset):
         for part, repeat in zip(parts, repeats or [1] * len(parts)):
             self.offsets.append(self.offsets[-1] + len(part) * repeat)
         self.memo = cache.examples_for(parts) if cache is not None else None
+        self.epoch = 0  # the epoch augmented samples are drawn for (`set_epoch`, called before each epoch's iterator)
 
     def __len__(self):
         return self.offsets[-1]
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index):
         part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
         key = (part, (index - self.offsets[part]) % len(self.parts[part]))  # a repeated row is one example
+        if self.parts[part].encoder.augmentation is not None:  # never memoised (the recipe refuses both)
+            return self.parts[part].augmented(key[1], self.epoch, index)  # each repeat draws its own transforms
         if self.memo is not None and key in self.memo:
             return self.memo[key]
         example = self.parts[key[0]][key[1]]
@@ -96,12 +107,14 @@ def build_train_loader(recipe: TrainingRecipe, processor, rows_by_task, cache: E
     """(DataLoader, its batch sampler) over the mixture: length-grouped batches, or packed rows with `data.packing`.
 
     The cache is used only with `data.cache_in_memory`. The sampler is returned too, because the trainer sets
-    its epoch itself (Accelerate's loader does not reach it in every setup).
+    its epoch itself (Accelerate's loader does not reach it in every setup); so does it the dataset's
+    (`loader.dataset`, a `MixedDataset`), which augmentation draws by.
     """
     data = recipe.data
     parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in data.train]
     for (task, rows), repeat in zip(rows_by_task, repeats):
-        encoder = ExampleEncoder(processor, task, max_length=data.max_length)
+        augmentation = Augmentation(recipe.augment, task, recipe.seed, processor) if recipe.augment.active else None
+        encoder = ExampleEncoder(processor, task, max_length=data.max_length, augmentation=augmentation)
         parts.append(EncodedDataset(rows, encoder))
         lengths += encoder.estimate_lengths(rows) * repeat
     dataset = MixedDataset(parts, repeats, cache if data.cache_in_memory else None)

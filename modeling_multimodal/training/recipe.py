@@ -23,6 +23,8 @@ Keys a reader may not guess:
   Stage n trains in `output_dir/<n>-<stage>/` (n from 1), initialised from stage n-1's `final/`; with
   `resume`, finished stages are skipped and an interrupted one resumes from its checkpoint.
 - `overwrite_output_dir`: start afresh in a folder that holds another run's checkpoints (otherwise refused).
+- `augment`: training-time augmentation that keeps the text true, every transform off by default
+  (`AugmentSpec`, docs/AUGMENTATION.md); `lora.quantize: 4bit`: QLoRA on a CUDA GPU (docs/COMPRESSION.md).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ PATH_KEYS = ("data.root", "model.checkpoint", "model.components.text", "model.co
 
 
 # --- value checks (each names the key) ------------------------------------------------------------------
-def check_number(key: str, value, *, integer: bool = False, minimum=None, above=None, below=None, optional: bool = False):
+def check_number(
+    key: str, value, *, integer: bool = False, minimum=None, maximum=None, above=None, below=None, optional: bool = False
+):
     """An int (or float) within range; ints are accepted for floats, integral floats (`1e3`) for ints."""
     if value is None and optional:
         return None
@@ -58,7 +62,11 @@ def check_number(key: str, value, *, integer: bool = False, minimum=None, above=
         value = int(value)
     else:
         value = float(value)
-    for bound, fails, words in ((minimum, lambda b: value < b, ">="), (above, lambda b: value <= b, ">"), (below, lambda b: value >= b, "<")):
+    bounds = (
+        (minimum, lambda b: value < b, ">="), (maximum, lambda b: value > b, "<="),
+        (above, lambda b: value <= b, ">"), (below, lambda b: value >= b, "<"),
+    )
+    for bound, fails, words in bounds:
         if bound is not None and fails(bound):
             raise ValueError(f"{key}={value!r}: must be {words} {bound}")
     return value
@@ -202,6 +210,7 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: str | None = None  # a regex over module names; default: every Linear of the LM
     encoders: bool = False  # also LoRA on the vision / audio towers' Linear layers
+    quantize: str | None = None  # "4bit": QLoRA, the LM's Linear layers in NF4 (bitsandbytes; a CUDA GPU needed)
 
     def __post_init__(self):
         self.r = check_number("lora.r", self.r, integer=True, minimum=1)
@@ -213,6 +222,72 @@ class LoraSpec:
             except re.error as error:
                 raise ValueError(f"lora.target_modules={self.target_modules!r}: not a valid regex ({error})") from None
         check_flag("lora.encoders", self.encoders)
+        check_text("lora.quantize", self.quantize, optional=True, choices=("4bit",))
+
+
+@dataclass
+class AugmentSpec:
+    """Training-time augmentation (`training/augmentation.py`, docs/AUGMENTATION.md); every transform is off by default."""
+
+    hflip: float = 0.0  # probability of a horizontal flip; the text is rewritten through flip_word_swaps
+    rotation: float = 0.0  # a rotation drawn uniformly in [-rotation, rotation] degrees (at most MAX_ROTATION)
+    crop_scale: float | None = None  # random resized crop: its area drawn in [crop_scale, 1] of the image; null: none
+    colour_jitter: float = 0.0  # brightness, contrast and saturation factors drawn in [1 - s, 1 + s]
+    time_masks: int = 0  # SpecAugment: masks over time on the log-mel, each up to time_mask_frames wide
+    time_mask_frames: int = 0
+    freq_masks: int = 0  # and over mel bins, each up to freq_mask_bins wide
+    freq_mask_bins: int = 0
+    speed: list | None = None  # [low, high]: speed perturbation factor drawn per clip (e.g. [0.9, 1.1]); null: none
+    flip_word_swaps: dict | None = None  # the words a mirror image swaps, e.g. {left: right, right: left}
+    text_attributes: dict = field(default_factory=dict)  # task -> what its text names: colour, position, size, subject
+
+    def __post_init__(self):
+        from .augmentation import DISABLED_BY, MAX_ROTATION
+
+        self.hflip = check_number("augment.hflip", self.hflip, minimum=0, maximum=1)
+        self.rotation = check_number("augment.rotation", self.rotation, minimum=0, maximum=MAX_ROTATION)
+        self.crop_scale = check_number("augment.crop_scale", self.crop_scale, above=0, maximum=1, optional=True)
+        self.colour_jitter = check_number("augment.colour_jitter", self.colour_jitter, minimum=0, below=1)
+        for masks, width in (("time_masks", "time_mask_frames"), ("freq_masks", "freq_mask_bins")):
+            for name in (masks, width):
+                setattr(self, name, check_number(f"augment.{name}", getattr(self, name), integer=True, minimum=0))
+            if getattr(self, masks) and not getattr(self, width):
+                raise ValueError(f"augment.{masks}={getattr(self, masks)} needs augment.{width} > 0 (the widest mask)")
+        if self.speed is not None:
+            if not isinstance(self.speed, list) or len(self.speed) != 2:
+                raise ValueError(f"augment.speed={self.speed!r}: expected [low, high] speed factors, e.g. [0.9, 1.1], or null")
+            low, high = (check_number("augment.speed", value, minimum=0.5, maximum=2) for value in self.speed)
+            if low > high:
+                raise ValueError(f"augment.speed={self.speed!r}: expected [low, high] with low <= high")
+            self.speed = [low, high]
+        if self.flip_word_swaps is not None:
+            if not isinstance(self.flip_word_swaps, dict):
+                raise ValueError(f"augment.flip_word_swaps={self.flip_word_swaps!r}: expected a mapping of word: partner")
+            for word, partner in self.flip_word_swaps.items():
+                check_text(f"augment.flip_word_swaps.{word}", partner)
+                if self.flip_word_swaps.get(partner) != word:
+                    raise ValueError(
+                        f"augment.flip_word_swaps: {word!r} -> {partner!r} but {partner!r} -> "
+                        f"{self.flip_word_swaps.get(partner)!r}; a mirror swaps both ways, list {partner}: {word} too"
+                    )
+        if self.hflip and self.flip_word_swaps is None:
+            raise ValueError(
+                "augment.hflip needs augment.flip_word_swaps: the words a mirror image swaps in the text "
+                "(e.g. {left: right, right: left}), or {} when no text names a side"
+            )
+        if not isinstance(self.text_attributes, dict):
+            raise ValueError(f"augment.text_attributes={self.text_attributes!r}: expected a mapping of task: [attributes]")
+        for task, attributes in self.text_attributes.items():
+            if not isinstance(attributes, list) or set(attributes) - set(DISABLED_BY):
+                raise ValueError(
+                    f"augment.text_attributes.{task}={attributes!r}: expected a list of {sorted(DISABLED_BY)}"
+                )
+
+    @property
+    def active(self) -> bool:
+        """Whether any transform can change a sample."""
+        return bool(self.hflip or self.rotation or self.crop_scale or self.colour_jitter or self.time_masks
+                    or self.freq_masks or self.speed)
 
 
 @dataclass
@@ -245,6 +320,7 @@ class TrainingRecipe:
     stages: list | None = None  # chain: [align, finetune] or [{stage: align, optim.max_steps: 40}, ...] (module docstring)
     lora: LoraSpec = field(default_factory=LoraSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
     auxiliary_loss_weight: float | None = None  # λ; None keeps the model config's value
     contrastive_loss_weight: float | None = None  # α
     mixed_precision: str = "no"  # "no" | "bf16"
@@ -288,6 +364,19 @@ class TrainingRecipe:
             raise ValueError(f"model: give exactly one of checkpoint / components / config (got {sources or 'none'})")
         if not self.data.train:
             raise ValueError("data.train is empty: list at least one {manifest, task}")
+        self._check_augment()
+
+    def _check_augment(self):
+        """Augmentation against the data section: what it would silently break is refused, naming both keys."""
+        augment, data = self.augment, self.data
+        tasks = {entry.get("task") or "messages" for entry in data.train}
+        unknown = sorted(set(augment.text_attributes) - tasks)
+        if unknown:
+            raise ValueError(f"augment.text_attributes names task(s) {unknown} that data.train does not train on ({sorted(tasks)})")
+        if augment.active and data.cache_in_memory:
+            raise ValueError("augment draws new transforms every epoch but data.cache_in_memory keeps each example's first encoding; turn one off")
+        if augment.speed is not None and data.packing:
+            raise ValueError("augment.speed changes clip lengths, but data.packing plans its rows from the lengths in the files; turn one off")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -295,7 +384,7 @@ class TrainingRecipe:
 
 # Old top-level keys -> their current names; recipes with the old keys still load (FutureWarning).
 DEPRECATED_KEYS = {"other_loss_weight": "auxiliary_loss_weight", "cross_loss_weight": "contrastive_loss_weight"}
-SECTIONS = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "optim": OptimSpec}
+SECTIONS = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "optim": OptimSpec, "augment": AugmentSpec}
 
 
 def _build(cls, values: dict, where: str):

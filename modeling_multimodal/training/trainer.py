@@ -103,7 +103,8 @@ class Trainer:
     # --- data ---
     def _train_loader(self):
         loader, self.batch_sampler = build_train_loader(self.recipe, self.processor, self.train_rows, self.example_cache)
-        self.train_parts = loader.dataset.parts
+        self.train_dataset = loader.dataset  # a MixedDataset: `_batches` sets its epoch (augmentation draws by it)
+        self.train_parts = self.train_dataset.parts
         return self.accelerator.prepare_data_loader(loader)
 
     def _batches(self, loader, epoch: int, skip: int):
@@ -114,6 +115,7 @@ class Trainer:
             # Accelerate's set_epoch does not reach).
             loader.set_epoch(epoch)
             self.batch_sampler.set_epoch(epoch)
+            self.train_dataset.set_epoch(epoch)  # augmentation draws per (seed, epoch, index); workers copy it at iter()
             source = self.accelerator.skip_first_batches(loader, skip) if skip else loader
             for index, batch in enumerate(source, start=skip):
                 yield epoch, index + 1, batch
