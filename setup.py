@@ -58,6 +58,9 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0"],
         # Converters of the shipped real weights (GGUF, ONNX) and the runtimes their parity tests compare with.
         "convert": ["gguf>=0.17,<1", "onnx>=1.17,<2", "ctranslate2>=4.5,<5", "onnxruntime>=1.20,<2"],
+        # `quantize --method int8-weight-only / int4-weight-only` (CPU); QLoRA (`lora.quantize: 4bit`, CUDA only).
+        "quantize": ["optimum-quanto>=0.2.7,<0.3"],
+        "qlora": ["bitsandbytes>=0.45"],
     },
     entry_points={"console_scripts": ["modeling-multimodal=modeling_multimodal.cli:main"]},
 )

@@ -97,12 +97,40 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
             elif r:
                 rows.append((f"MFU {precision}: achieved / torch.mm peak", _fmt(r["achieved_gflops"], " GFLOP/s", 1),
                              _fmt(r["matmul_peak_gflops"], " GFLOP/s", 1), f"{r['mfu']:.1%}", "info", "—"))
+    rows += quantization_rows(results)
     processors = results.get("processors")
     if isinstance(processors, dict):
         if "skipped" in processors:
             rows.append(("Processors", "skipped", "", "", "", processors["skipped"]))
         for row in processors.get("rows", []):  # optional contract: bench_processors returns {"rows": [...]}
             rows.append(tuple(str(row.get(k, "")) for k in ("what", "ours", "reference", "ratio", "goal", "status")))
+    return rows
+
+
+def quantization_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """One row per quantization method and measure, against float32 (`bench_quantization.py`)."""
+    r = results.get("quantization")
+    if not isinstance(r, dict):
+        return []
+    if "skipped" in r:
+        return [("Quantization", "skipped", "", "", "", r["skipped"])]
+    rows, base = [], r["float32"]
+    for method in ("dynamic-int8", "int8-weight-only", "int4-weight-only"):
+        if method in r.get("skipped_methods", {}):
+            rows.append((f"Quantization {method}", "skipped", "", "", "", r["skipped_methods"][method]))
+            continue
+        q = r[method]
+        if "speedup" in q:
+            rows.append((f"Quantization {method}: CPU generate tokens/s vs float32 ({r['new_tokens']} new tokens)",
+                         _fmt(q["tokens_per_s"], " tok/s", 1), _fmt(base["tokens_per_s"], " tok/s", 1),
+                         _fmt(q["speedup"], "×"), ">=1.5×", _status(q["speedup"], ">=1.5×")))
+        rows.append((f"Quantization {method}: weights size / float32 (greedy tokens as float32: {q['greedy_agreement']:.0%})",
+                     _fmt(q["weights_mib"], " MiB", 1), _fmt(base["weights_mib"], " MiB", 1),
+                     _fmt(q["weights_ratio"], "×"), "<=0.4×", _status(q["weights_ratio"], "<=0.4×")))
+        for key, change in q.get("held_out_change", {}).items():
+            rows.append((f"Quantization {method}: held-out {key} change", _fmt(q["held_out"][key], "", 3),
+                         _fmt(base["held_out"][key], "", 3), f"{change:+.3f}", "within ±0.02",
+                         "met" if abs(change) <= 0.02 else "missed"))
     return rows
 
 

@@ -32,7 +32,7 @@ from benchmarks.common import machine_info  # noqa: E402
 from benchmarks.models import Sizes  # noqa: E402
 from benchmarks.report import console_table, render_markdown  # noqa: E402
 
-SECTIONS = ("training", "generation", "packing", "scale", "processors")
+SECTIONS = ("training", "generation", "packing", "scale", "processors", "quantization")
 
 
 def run_processors(sizes: Sizes, device: str) -> dict:

@@ -1,4 +1,4 @@
-"""`modeling-multimodal {make-demo-data, train, evaluate, generate, push, demo, convert}`.
+"""`modeling-multimodal {make-demo-data, train, evaluate, generate, push, demo, convert, quantize}`.
 
 Every failure a user can cause (a missing or unreadable file, a bad manifest, recipe or argument, a corrupt
 checkpoint, no network) ends in ONE line on stderr, `modeling-multimodal: error: ...`, and exit status 2, like
@@ -35,10 +35,13 @@ def _load_checkpoint(checkpoint: str):
     """(model in eval mode, processor) from a checkpoint; a corrupt weights file is named as such."""
     from safetensors import SafetensorError
 
+    from .compression import is_quantized_checkpoint, load_quantized
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
     try:
+        if is_quantized_checkpoint(checkpoint):  # written by `quantize`
+            return load_quantized(checkpoint)
         model = MultimodalForConditionalGeneration.from_pretrained(checkpoint).eval()
         return model, MultimodalProcessor.from_pretrained(checkpoint)
     except SafetensorError as err:
@@ -205,6 +208,16 @@ def _convert(args):
     print(json.dumps({name: str(folder) for name, folder in folders.items()}, indent=2))
 
 
+def _quantize(args):
+    from .compression import quantize_checkpoint
+
+    try:
+        out = quantize_checkpoint(_checkpoint(args.checkpoint), args.out, args.method)
+    except ImportError as err:  # an optional library this method needs is not installed: the user's to fix
+        raise ValueError(str(err)) from err
+    print(json.dumps({"method": args.method, "out": str(out), "load": f"modeling_multimodal.compression.load_quantized({str(out)!r})"}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC… OUT: source(s) then output folder; ct2-whisper takes split model.bin parts in order; `all` takes OUT only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_convert)
+
+    from .compression import QUANTIZATION_METHODS
+
+    p = commands.add_parser("quantize", help="quantize a checkpoint's language model for CPU inference (docs/COMPRESSION.md)")
+    p.add_argument("checkpoint", help="a saved model folder (or Hub id)")
+    p.add_argument("out", help="a new folder for the quantized checkpoint (load it with compression.load_quantized)")
+    p.add_argument("--method", choices=QUANTIZATION_METHODS, required=True,
+                   help="dynamic-int8: torch dynamic int8 (weights + activations); *-weight-only: optimum-quanto weights")
+    p.set_defaults(func=_quantize)
     return parser
 
 

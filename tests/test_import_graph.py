@@ -26,6 +26,7 @@ LAYERS = [
     ("processing", ["processing"]),
     ("model parts", ["encoders", "projectors", "losses", "vision_stem", "composition"]),
     ("model", ["modeling_multimodal", ""]),  # modeling_multimodal.py and the package's public API (__init__)
+    ("compression", ["compression"]),  # quantizing a built model (inference checkpoints; QLoRA for training)
     ("data", ["data"]),  # manifests, tasks, example encoding, collation: shared by evaluation and training
     ("evaluation", ["evaluation"]),
     ("training and sharing", ["training", "hub"]),

@@ -5,7 +5,8 @@
   are connected to the LM (towers the model config freezes stay frozen).
 - `align`: only the projectors (and the auxiliary and retrieval heads) train; towers and LM are frozen.
 - `finetune`: LoRA on the LM through PEFT, with projectors and heads trained fully and saved with the
-  adapter (`modules_to_save`), optionally LoRA on the towers too.
+  adapter (`modules_to_save`), optionally LoRA on the towers too; with `lora.quantize: 4bit`, QLoRA (the
+  LM's Linear layers in NF4 through bitsandbytes, a CUDA GPU needed: `compression.quantize_language_model_4bit`).
 - `full`: everything trains except the towers the model config freezes.
 
 PEFT pitfalls handled here: a plain list in `target_modules` matches by suffix and would also hit the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -67,6 +69,11 @@ def apply_stage(model: MultimodalForConditionalGeneration, recipe) -> nn.Module:
         model.model.apply_freezing()
         return model
     lora = recipe.lora
+    if lora.quantize == "4bit":
+        from ..compression import quantize_language_model_4bit
+
+        compute_dtype = torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32
+        quantize_language_model_4bit(model, compute_dtype)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -1,0 +1,221 @@
+"""Post-training quantization of the language model for CPU inference: one function to write, one to load.
+
+Methods (`QUANTIZATION_METHODS`); only the Linear layers of the decoder (`model.language_model`) change, the
+towers, projectors, embeddings and the (usually tied) LM head keep their weights. The training-only auxiliary
+heads (`L_auxiliary`) are left out: the quantized checkpoint is for inference, saved with `auxiliary_loss_weight` 0.
+- `dynamic-int8`: PyTorch's dynamic quantization (`torch.ao.quantization.quantize_dynamic`): int8 weights per
+  output channel, activations quantized per batch on the fly, int8 GEMMs (fbgemm / oneDNN) on x86 CPUs.
+  In PyTorch itself; torch marks `torch.ao.quantization` deprecated in favour of torchao, whose CPU int4
+  path is not in its wheel (see docs/COMPRESSION.md).
+- `int8-weight-only`, `int4-weight-only`: optimum-quanto's `qint8` / `qint4` weights (int4 packed two per
+  byte, with per-group scales and shifts), float activations; `pip install 'modeling-multimodal[quantize]'`.
+
+The folder written by `quantize_checkpoint` holds the config and processor as `save_pretrained` writes them,
+the weights as `model.quantized.safetensors` (plain tensors only: int8 values, scales, zero points, packed
+int4 bytes) and `quantization.json` (method, library versions, the quantized modules). There is no
+`model.safetensors`, so a plain `from_pretrained` refuses the folder instead of loading random weights; load
+it with `load_quantized(folder)` (the CLI's `generate` and `evaluate` do so for such a folder). Weights are
+float32 on load: the quantized kernels are CPU float32 kernels.
+
+For training, `quantize_language_model_4bit` is QLoRA's half: the LM's Linear layers become bitsandbytes NF4
+layers on the GPU (the recipe's `lora.quantize: 4bit`), and PEFT puts LoRA on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+QUANTIZATION_METHODS = ("dynamic-int8", "int8-weight-only", "int4-weight-only")
+QUANTIZED_WEIGHTS = "model.quantized.safetensors"
+QUANTIZATION_FILE = "quantization.json"
+QUANTO_TYPES = {"int8-weight-only": "qint8", "int4-weight-only": "qint4"}
+LANGUAGE_MODEL = "model.language_model"
+QUANTO_HINT = "pip install 'modeling-multimodal[quantize]' (optimum-quanto)"
+
+
+def _language_model(model) -> nn.Module:
+    return model.get_submodule(LANGUAGE_MODEL)
+
+
+def _quanto():
+    try:
+        import optimum.quanto as quanto
+    except ImportError as err:
+        raise ImportError(f"the weight-only methods {tuple(QUANTO_TYPES)} need optimum-quanto: {QUANTO_HINT}") from err
+    return quanto
+
+
+def _quantize_dynamic(language_model: nn.Module) -> list[str]:
+    """Replace the LM's Linear layers by dynamic int8 ones (per-channel weights) in place; their names."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice, once per call
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        quantize_dynamic(language_model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return [name for name, module in language_model.named_modules() if _is_dynamic(module)]
+
+
+def _is_dynamic(module: nn.Module) -> bool:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return isinstance(module, DynamicLinear)
+
+
+def quantize_model(model, method: str) -> dict:
+    """Quantize `model`'s language model in place (float32 first); returns what `quantization.json` records."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {QUANTIZATION_METHODS}")
+    model.float().eval()
+    language_model = _language_model(model)
+    record = {"method": method, "torch": torch.__version__, "prefix": LANGUAGE_MODEL}
+    if method == "dynamic-int8":
+        record["modules"] = _quantize_dynamic(language_model)
+    else:
+        quanto = _quanto()
+        quanto.quantize(language_model, weights=getattr(quanto, QUANTO_TYPES[method]))
+        quanto.freeze(language_model)
+        record["quantization_map"] = quanto.quantization_map(language_model)
+        record["modules"] = sorted(record["quantization_map"])
+        record["optimum-quanto"] = _version("optimum-quanto")
+    if not record["modules"]:
+        raise ValueError(f"{LANGUAGE_MODEL} has no Linear layers to quantize")
+    return record
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def quantized_state_dict(model, record: dict) -> dict[str, torch.Tensor]:
+    """The model's weights as plain tensors (what safetensors can hold); a tied weight is stored once."""
+    state, seen = {}, {}
+    prefix = record["prefix"] + "."
+    dynamic = {prefix + name for name in record["modules"]} if record["method"] == "dynamic-int8" else set()
+    for name, value in model.state_dict().items():
+        owner = name.rsplit(".", 2)[0] if "._packed_params." in name else name.rsplit(".", 1)[0]
+        if owner in dynamic:
+            continue  # written below from the module itself (its state holds packed C++ objects)
+        if value.data_ptr() in seen:
+            record.setdefault("tied", {})[name] = seen[value.data_ptr()]
+            continue
+        seen[value.data_ptr()] = name
+        state[name] = value.detach().contiguous()
+    for name in sorted(dynamic):
+        weight, bias = model.get_submodule(name)._weight_bias()  # per-channel qint8 weight (out, in), float bias
+        state[f"{name}.weight.int8"] = weight.int_repr().contiguous()
+        state[f"{name}.weight.scales"] = weight.q_per_channel_scales().contiguous()
+        state[f"{name}.weight.zero_points"] = weight.q_per_channel_zero_points().contiguous()
+        if bias is not None:
+            state[f"{name}.bias"] = bias.detach().contiguous()
+    return state
+
+
+def quantize_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, method: str) -> Path:
+    """Load `checkpoint` (a saved `MultimodalForConditionalGeneration` + processor), quantize, write `out`."""
+    from .modeling_multimodal import MultimodalForConditionalGeneration
+    from .processing import MultimodalProcessor
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {str(out)!r} exists and is not empty; pick a new folder")
+    # λ = 0: the auxiliary heads (L_auxiliary's CTC / bag of words) exist only for training; an inference checkpoint drops them
+    model = MultimodalForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, auxiliary_loss_weight=0.0)
+    processor = MultimodalProcessor.from_pretrained(checkpoint)
+    record = quantize_model(model, method)
+    state = quantized_state_dict(model, record)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    processor.save_pretrained(out)
+    save_file(state, out / QUANTIZED_WEIGHTS, metadata={"format": "pt", "quantization": method})
+    (out / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+QLORA_HINT = "pip install 'modeling-multimodal[qlora]' (bitsandbytes)"
+
+
+def quantize_language_model_4bit(model, compute_dtype: torch.dtype = torch.bfloat16):
+    """QLoRA: the LM's Linear layers replaced by bitsandbytes NF4 `Linear4bit` layers, quantized on the GPU (in place).
+
+    Needs a CUDA GPU and bitsandbytes; without either a `ValueError` says what is missing (nothing is changed).
+    The towers, projectors, embeddings and LM head stay as they are; LoRA then trains on top of the frozen NF4 weights.
+    """
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "lora.quantize=4bit (QLoRA) loads the LM in 4-bit with bitsandbytes, which needs a CUDA GPU; none is "
+            f"available here. Run on a GPU machine ({QLORA_HINT}), or remove lora.quantize to train LoRA unquantized."
+        )
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ValueError(f"lora.quantize=4bit (QLoRA) needs bitsandbytes: {QLORA_HINT}") from err
+    language_model = _language_model(model)
+    for name, module in list(language_model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        quantized = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype, quant_type="nf4"
+        )
+        quantized.weight = bnb.nn.Params4bit(module.weight.data.float().cpu(), requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            quantized.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
+        setattr(language_model.get_submodule(parent_name), child, quantized.cuda())  # .cuda() quantizes to NF4
+    return model
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / QUANTIZATION_FILE).is_file()
+
+
+def load_quantized(path: str | os.PathLike):
+    """(model in eval mode, processor) from a folder written by `quantize_checkpoint`; CPU, float32 activations."""
+    from .configuration import MultimodalConfig
+    from .modeling_multimodal import MultimodalForConditionalGeneration
+    from .processing import MultimodalProcessor
+
+    path = Path(path)
+    if not is_quantized_checkpoint(path):
+        raise ValueError(f"{str(path)!r} is not a quantized checkpoint (no {QUANTIZATION_FILE}); load it with from_pretrained")
+    record = json.loads((path / QUANTIZATION_FILE).read_text())
+    if record.get("method") not in QUANTIZATION_METHODS:
+        raise ValueError(f"{path / QUANTIZATION_FILE}: unknown method {record.get('method')!r}; expected one of {QUANTIZATION_METHODS}")
+    state = load_file(path / QUANTIZED_WEIGHTS)
+    model = MultimodalForConditionalGeneration(MultimodalConfig.from_pretrained(path)).float().eval()
+    language_model, prefix = _language_model(model), record["prefix"] + "."
+    quantized = tuple(prefix + name + "." for name in record["modules"])
+    if record["method"] == "dynamic-int8":  # float weights first, then the Linear layers swapped and filled
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(quantized)}, strict=False)
+        if _quantize_dynamic(language_model) != record["modules"]:
+            raise ValueError(f"{path}: the model's Linear layers differ from the quantized ones in {QUANTIZATION_FILE}")
+        for name in record["modules"]:
+            key = prefix + name
+            weight = torch._make_per_channel_quantized_tensor(
+                state[f"{key}.weight.int8"], state[f"{key}.weight.scales"], state[f"{key}.weight.zero_points"], 0
+            )
+            language_model.get_submodule(name).set_weight_bias(weight, state.get(f"{key}.bias"))
+    else:  # quanto swaps the layers from its map, then the whole state loads
+        lm_state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+        _quanto().requantize(language_model, lm_state, record["quantization_map"], device=torch.device("cpu"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.startswith(quantized) and name not in record.get("tied", {})]
+    if missing or unexpected:
+        raise ValueError(f"{path / QUANTIZED_WEIGHTS} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval(), MultimodalProcessor.from_pretrained(path)
+
+
+__all__ = [
+    "QUANTIZATION_METHODS", "is_quantized_checkpoint", "load_quantized", "quantize_checkpoint", "quantize_language_model_4bit",
+    "quantize_model",
+]
