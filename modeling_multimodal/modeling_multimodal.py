@@ -9,9 +9,10 @@ Where it departs from LLaVA:
 - video frames go through the vision tower, then temporal and spatial pooling;
 - the loss is `L_text + λ·L_auxiliary + α·L_contrastive`, each term returned on its own, and `L_text` computes
   logits only at labelled positions (`return_logits=False` skips the full logits entirely);
-- `get_{text,image,audio,video}_features` return a `BaseModelOutputWithPooling` holding both meanings
-  transformers gives the name: `last_hidden_state` the LM-ready per-token features (LLaVA's),
-  `pooler_output` the L2-normalised embedding of the shared retrieval space (CLIP's).
+- retrieval: `get_retrieval_embeddings` gives the L2-normalised embedding of the shared image/video/audio-text
+  space (`L_contrastive` trains it). `get_<modality>_features` keep transformers 5.24's layout (LLaVA's for images,
+  LLaVA-NeXT-Video's for video, Voxtral's for audio): the tower's output, with the LM-ready features of each item
+  as `pooler_output`; `get_text_features` is the LM's text-only output.
 """
 
 from __future__ import annotations
@@ -46,44 +47,27 @@ from .vision_stem import use_conv_stem
 class _MediaHiddenStates:
     """`image_hidden_states` / `video_hidden_states` / `audio_hidden_states`: the LM-ready features of each item.
 
-    Names as LLaVA and Qwen2-Audio outputs give them; the full encoder outputs are `<modality>_outputs`.
+    As LLaVA's (deprecated there) `image_hidden_states`: `<modality>_outputs.pooler_output`.
     """
 
     @property
-    def image_hidden_states(self) -> torch.Tensor | None:
-        return None if self.image_outputs is None else self.image_outputs.last_hidden_state
+    def image_hidden_states(self) -> list[torch.Tensor] | None:
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
     @property
     def video_hidden_states(self) -> torch.Tensor | None:
-        return None if self.video_outputs is None else self.video_outputs.last_hidden_state
+        return None if self.video_outputs is None else self.video_outputs.pooler_output
 
     @property
-    def audio_hidden_states(self) -> torch.Tensor | None:
-        return None if self.audio_outputs is None else self.audio_outputs.last_hidden_state
-
-
-@dataclass
-class MediaFeaturesOutput(BaseModelOutputWithPooling):
-    r"""
-    What `get_<modality>_features` return, and each `<modality>_outputs` entry of the model's outputs.
-
-    last_hidden_state: (n, tokens, text_hidden) the LM-ready projected features of each item (what the LM reads
-        at its placeholders; audio clips are right-padded to the longest, see `feature_mask`).
-    pooler_output: (n, contrastive_dim) the L2-normalised retrieval embedding (from `get_*_features` only: it
-        takes a media-only LM pass, which `forward` does not run).
-    hidden_states: the encoder's hidden states when `output_hidden_states=True` (vision tower, or the LM for text).
-    feature_mask: (n, tokens) 1 on each item's real tokens.
-    """
-
-    feature_mask: torch.Tensor | None = None
+    def audio_hidden_states(self) -> list[torch.Tensor] | None:
+        return None if self.audio_outputs is None else self.audio_outputs.pooler_output
 
 
 @dataclass
 class MultimodalModelOutput(_MediaHiddenStates, MultimodalBaseModelOutputWithPast):
     media_mask: torch.Tensor | None = None  # (batch, seq) 1 at every media placeholder (long, like attention_mask)
     inputs_embeds: torch.Tensor | None = None  # (batch, seq, d) the LM's input, media features merged in
-    audio_encoder_states: torch.Tensor | None = None  # (n_audios, positions, d) before pooling
-    audio_positions: torch.Tensor | None = None  # (n_audios,)
+    audio_positions: torch.Tensor | None = None  # (n_audios,) real positions of each clip in audio_outputs.last_hidden_state
 
 
 @dataclass
@@ -128,25 +112,17 @@ def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], 
         )
 
 
-def padded_features(items: list[torch.Tensor]) -> MediaFeaturesOutput:
-    """Items of different lengths [(tokens_i, d)] as `last_hidden_state` (n, max_tokens, d) and `feature_mask`."""
-    longest = max(item.shape[0] for item in items)
-    stacked = torch.stack([F.pad(item, (0, 0, 0, longest - item.shape[0])) for item in items])
-    lengths = torch.tensor([item.shape[0] for item in items], device=stacked.device)
-    mask = (torch.arange(longest, device=stacked.device) < lengths[:, None]).long()
-    return MediaFeaturesOutput(last_hidden_state=stacked, feature_mask=mask)
+_FEATURES_ONLY = {"output_hidden_states": False, "return_dict": True}  # get_<modality>_features for the features alone
 
 
-def tokens_per_item(features: MediaFeaturesOutput) -> list[int]:
-    """Each item's number of LM tokens (all equal unless a `feature_mask` says otherwise)."""
-    if features.feature_mask is None:
-        return [features.last_hidden_state.shape[1]] * features.last_hidden_state.shape[0]
-    return features.feature_mask.sum(-1).tolist()
-
-
-def item_features(features: MediaFeaturesOutput) -> list[torch.Tensor]:
-    """Each item's real tokens [(tokens_i, d)]."""
-    return [hidden[:count] for hidden, count in zip(features.last_hidden_state, tokens_per_item(features))]
+def _tower_features(tower, features, output_hidden_states: bool) -> BaseModelOutputWithPooling:
+    """A tower's output with the LM-ready `features` as `pooler_output` (hidden states only when asked for)."""
+    return BaseModelOutputWithPooling(
+        last_hidden_state=tower.last_hidden_state,
+        pooler_output=features,
+        hidden_states=tower.hidden_states if output_hidden_states else None,
+        attentions=tower.attentions,
+    )
 
 
 class MultimodalPreTrainedModel(PreTrainedModel):
@@ -175,6 +151,13 @@ class MultimodalPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(save_directory, *args, **kwargs)
         with hub.code_saved_flat(self, save_directory, kwargs.get("is_main_process", True)):
             return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple[bool, bool]:
+        """`output_hidden_states` / `output_attentions` from the call, else from the config (as transformers' models)."""
+        return (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            self.config.output_attentions if output_attentions is None else output_attentions,
+        )
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -236,34 +219,50 @@ class MultimodalModel(MultimodalPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    # --- encoders: media -> per-token LM features ---------------------------------------------------
-    def _vision_features(self, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
-        def run(pixels):
-            outputs = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
-            return select_vision_features(outputs.hidden_states, self.config.vision_feature_layers, drop_cls)
-
+    # --- encoders: media -> the tower's output and the per-token LM features --------------------------------
+    def _vision_tower_outputs(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        """The vision tower's output with every layer's hidden states (the features read `vision_feature_layers`)."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        return run_frozen_aware(self.vision_tower, run, pixel_values)
+        return run_frozen_aware(
+            self.vision_tower,
+            self.vision_tower,
+            pixel_values=pixel_values,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+        )
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) -> (n, image_tokens, text_hidden)."""
-        features = self._vision_features(pixel_values, drop_cls=self.layout.image_has_cls and not self.layout.image_keep_cls)
+    def _image_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(n, image_tokens, text_hidden) from the vision tower's hidden states: selected layers, pooled, projected."""
+        drop_cls = self.layout.image_has_cls and not self.layout.image_keep_cls
+        features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, drop_cls)
         features = pool_patch_grid(features, self.config.image_pool_stride)
         return self.multi_modal_projector["image"](features)
 
-    def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """(n, frames, 3, H, W) -> (n, video_tokens, text_hidden): frames through the vision tower, then pooled."""
-        n, frames = pixel_values_videos.shape[:2]
+    def _video_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...], n: int, frames: int) -> torch.Tensor:
+        """(n, video_tokens, text_hidden) from the vision tower's hidden states over all frames (n * frames, ...)."""
+        features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, self.layout.image_has_cls)
+        features = pool_patch_grid(features, self.config.video_spatial_pool_stride)  # (n*frames, patches, d)
+        stride = self.config.video_temporal_pool_stride
+        features = features.view(n, frames // stride, stride, *features.shape[1:]).mean(2)  # (n, frames/s, patches, d)
+        return self.video_projector(features.flatten(1, 2))
+
+    def _check_video_frames(self, pixel_values_videos: torch.Tensor) -> None:
+        frames = pixel_values_videos.shape[1]
         if frames != self.config.video_num_frames:
             raise ValueError(
                 f"pixel_values_videos has {frames} frames per video; this model takes video_num_frames="
                 f"{self.config.video_num_frames} (the processor samples exactly that many)."
             )
-        features = self._vision_features(pixel_values_videos.flatten(0, 1), drop_cls=self.layout.image_has_cls)
-        features = pool_patch_grid(features, self.config.video_spatial_pool_stride)  # (n*frames, patches, d)
-        stride = self.config.video_temporal_pool_stride
-        features = features.view(n, frames // stride, stride, *features.shape[1:]).mean(2)  # (n, frames/s, patches, d)
-        return self.video_projector(features.flatten(1, 2))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> (n, image_tokens, text_hidden), the LM-ready features."""
+        return self._image_tokens(self._vision_tower_outputs(pixel_values).hidden_states)
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """(n, frames, 3, H, W) -> (n, video_tokens, text_hidden): frames through the vision tower, then pooled."""
+        self._check_video_frames(pixel_values_videos)
+        n, frames = pixel_values_videos.shape[:2]
+        return self._video_tokens(self._vision_tower_outputs(pixel_values_videos.flatten(0, 1)).hidden_states, n, frames)
 
     @property
     def video_projector(self) -> nn.Module:
@@ -289,19 +288,79 @@ class MultimodalModel(MultimodalPreTrainedModel):
         projected = self.multi_modal_projector["audio"](pooled)
         return [projected[i, :count] for i, count in enumerate(token_counts.tolist())], states, positions
 
+    # --- get_<modality>_features: transformers 5.24's layout -------------------------------------------
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """(n, 3, H, W) -> the vision tower's output, with the LM-ready features as `pooler_output`, as LLaVA's.
+
+        `last_hidden_state` (n, patches, vision_hidden), `hidden_states` / `attentions` when asked for, and
+        `pooler_output` one (image_tokens, text_hidden) tensor per image: what the LM reads at its placeholders.
+        """
+        hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
+        tower = self._vision_tower_outputs(pixel_values, attentions)
+        return _tower_features(tower, list(self._image_tokens(tower.hidden_states)), hidden)
+
+    @can_return_tuple
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """(n, frames, 3, H, W) -> the vision tower's output over all frames, as LLaVA-NeXT-Video's.
+
+        `last_hidden_state` (n * frames, patches, vision_hidden), `hidden_states` / `attentions` when asked for, and
+        `pooler_output` (n, video_tokens, text_hidden) the LM-ready features of each video.
+        """
+        self._check_video_frames(pixel_values_videos)
+        n, frames = pixel_values_videos.shape[:2]
+        hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
+        tower = self._vision_tower_outputs(pixel_values_videos.flatten(0, 1), attentions)
+        return _tower_features(tower, self._video_tokens(tower.hidden_states, n, frames), hidden)
+
+    @can_return_tuple
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """(n, n_mels, T) -> the audio encoder's output, with the LM-ready features as `pooler_output` (as Voxtral's).
+
+        `last_hidden_state` (n, positions, audio_hidden) the selected encoder layer, padded past each clip's
+        positions; `pooler_output` one (tokens_i, text_hidden) tensor per clip, as long as the clip (Voxtral gives
+        the same rows concatenated). The length-following pass keeps only the selected layer, so `hidden_states`
+        (when asked for) holds that layer alone.
+        """
+        return self._audio_outputs(input_features, input_features_mask, output_hidden_states)[0]
+
+    def _audio_outputs(self, input_features, input_features_mask=None, output_hidden_states=None):
+        """`get_audio_features`' output and each clip's encoder positions (the CTC head's lengths)."""
+        clips, states, positions = self.encode_audio(input_features, input_features_mask)
+        hidden, _ = self._output_flags(output_hidden_states, None)
+        output = BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=clips, hidden_states=(states,) if hidden else None)
+        return output, positions
+
     # --- merge ------------------------------------------------------------------------------------
     def encode_media(self, pixel_values=None, pixel_values_videos=None, input_features=None, input_features_mask=None):
-        """{modality: MediaFeaturesOutput} of the media given (LM-ready features, no retrieval pooling), and the
-        audio encoder's states (n, positions, d) and positions per clip (None without audio), for the CTC head."""
-        outputs, audio_states, audio_positions = {}, None, None
+        """{modality: `get_<modality>_features` output} of the media given, and each audio clip's encoder positions
+        (None without audio), for the CTC head."""
+        outputs, audio_positions = {}, None
         if pixel_values is not None:
-            outputs["image"] = MediaFeaturesOutput(last_hidden_state=self.encode_images(pixel_values))
+            outputs["image"] = self.get_image_features(pixel_values, return_dict=True)
         if pixel_values_videos is not None:
-            outputs["video"] = MediaFeaturesOutput(last_hidden_state=self.encode_videos(pixel_values_videos))
+            outputs["video"] = self.get_video_features(pixel_values_videos, return_dict=True)
         if input_features is not None:
-            clips, audio_states, audio_positions = self.encode_audio(input_features, input_features_mask)
-            outputs["audio"] = padded_features(clips)
-        return outputs, audio_states, audio_positions
+            outputs["audio"], audio_positions = self._audio_outputs(input_features, input_features_mask)
+        return outputs, audio_positions
 
     def get_placeholder_mask(
         self,
@@ -366,14 +425,14 @@ class MultimodalModel(MultimodalPreTrainedModel):
             if is_prefill:
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        encoder_outputs, audio_states, audio_positions = self.encode_media(
+        encoder_outputs, audio_positions = self.encode_media(
             pixel_values, pixel_values_videos, input_features, input_features_mask
         )
         # Masks first, from the embeddings before any merge (an `inputs_embeds` search must see the placeholders).
         masks = {}
         for modality in self.config.modalities:
             features = encoder_outputs.get(modality)
-            counts = None if features is None else tokens_per_item(features)
+            counts = None if features is None else [item.shape[0] for item in features.pooler_output]
             masks[modality] = self.get_placeholder_mask(input_ids, inputs_embeds, modality, counts)
             if features is None and is_prefill and masks[modality].any():
                 raise ValueError(
@@ -384,12 +443,11 @@ class MultimodalModel(MultimodalPreTrainedModel):
         for modality, mask in masks.items():
             media_mask |= mask
             if modality in encoder_outputs:
-                flat = torch.cat(item_features(encoder_outputs[modality]))  # (tokens of all items, d)
+                flat = torch.cat(list(encoder_outputs[modality].pooler_output))  # (tokens of all items, d)
                 inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], flat.to(inputs_embeds.device, inputs_embeds.dtype))
         return MultimodalModelOutput(
             media_mask=media_mask.long(),
             inputs_embeds=inputs_embeds,
-            audio_encoder_states=audio_states,
             audio_positions=audio_positions,
             **{f"{modality}_outputs": value for modality, value in encoder_outputs.items()},
         )
@@ -494,31 +552,84 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    # --- features: LM-ready per-token features and retrieval embeddings ----------------------------------
+    # --- features (transformers' layout) and retrieval embeddings -------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+        """As `MultimodalModel.get_image_features`: `pooler_output` holds the LM-ready features of each image."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
+        """As `MultimodalModel.get_video_features`: `pooler_output` holds the LM-ready features of each video."""
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
+    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None, **kwargs):
+        """As `MultimodalModel.get_audio_features`: `pooler_output` holds the LM-ready features of each clip."""
+        return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
+
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
-        """Text-only LM pass: `last_hidden_state` (n, seq, d) the LM's last hidden states, `pooler_output`
-        (n, contrastive_dim) their mean over real tokens, projected and L2-normalised (the retrieval embedding)."""
+    ) -> BaseModelOutputWithPooling:
+        """The LM's text-only pass: `last_hidden_state` (n, seq, d), `hidden_states` / `attentions` when asked for;
+        `pooler_output` is None (the text's retrieval embedding is `get_retrieval_embeddings(input_ids=...)`)."""
+        hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
+        outputs = self.model.language_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden,
+            output_attentions=attentions,
+        )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def get_retrieval_embeddings(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(n, contrastive_dim) L2-normalised embeddings of the shared retrieval space that `L_contrastive` trains, of
+        one modality's inputs: texts (`input_ids`, `attention_mask`), images, videos or audio clips. The dot product
+        of two embeddings is their cosine similarity (text-to-image scores: `texts @ images.T`).
+        """
+        given = {
+            name: value
+            for name, value in (
+                ("input_ids", input_ids), ("pixel_values", pixel_values),
+                ("pixel_values_videos", pixel_values_videos), ("input_features", input_features),
+            )
+            if value is not None
+        }
+        if len(given) != 1:
+            raise ValueError(
+                "get_retrieval_embeddings embeds one modality per call: pass exactly one of input_ids, pixel_values, "
+                f"pixel_values_videos, input_features (got {sorted(given) or 'none'})."
+            )
+        if input_ids is not None:
+            return self._text_embeddings(input_ids, attention_mask)
+        if pixel_values is not None:
+            features = self.model.get_image_features(pixel_values, **_FEATURES_ONLY, output_attentions=False)
+        elif pixel_values_videos is not None:
+            features = self.model.get_video_features(pixel_values_videos, **_FEATURES_ONLY, output_attentions=False)
+        else:
+            features = self.model.get_audio_features(input_features, input_features_mask, **_FEATURES_ONLY)
+        return self._media_embeddings(list(features.pooler_output))
+
+    def _text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-only LM pass, mean over real tokens, projected and L2-normalised: the text side of retrieval."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model.language_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._encoder_output_flags(output_hidden_states, kwargs)
-        )
-        pooled = self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=hidden.last_hidden_state, pooler_output=pooled, hidden_states=hidden.hidden_states,
-            attentions=hidden.attentions,
-        )
-        return output if self._wants_dict(return_dict) else output.to_tuple()
+        hidden = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
 
-    def get_media_features(self, media_tokens: list[torch.Tensor]) -> torch.Tensor:
-        """Media-only LM pass over each item's projected tokens (n_i, d), mean-pooled, projected, L2-normalised.
+    def _media_embeddings(self, media_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Media-only LM pass over each item's LM-ready tokens (n_i, d), mean-pooled, projected, L2-normalised.
 
         The media side of retrieval reads its tokens through the LM, as the text side reads its words: the
         LM sees the tokens in order, so where something is in an image (and when, in a video) survives
@@ -532,70 +643,6 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         mask = torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]
         hidden = self.model.language_model(inputs_embeds=padded, attention_mask=mask.long(), use_cache=False)
         return self.retrieval_head.embed_media(masked_mean(hidden.last_hidden_state, mask))
-
-    def _media_features_output(self, features: MediaFeaturesOutput, return_dict: bool | None):
-        features.pooler_output = self.get_media_features(item_features(features))
-        return features if self._wants_dict(return_dict) else features.to_tuple()
-
-    def _wants_dict(self, return_dict: bool | None) -> bool:
-        return return_dict if return_dict is not None else self.config.return_dict
-
-    def _encoder_output_flags(self, output_hidden_states: bool | None, kwargs: dict) -> dict:
-        """`output_hidden_states` / `output_attentions` from the call, else from the config (as transformers' models)."""
-        return {
-            "output_hidden_states": self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            "output_attentions": kwargs.get("output_attentions", self.config.output_attentions),
-        }
-
-    def _vision_tower_states(self, pixel_values: torch.Tensor, output_hidden_states: bool | None, kwargs: dict) -> dict:
-        """The vision tower's `hidden_states` / `attentions` when asked for (the features do not depend on them)."""
-        flags = self._encoder_output_flags(output_hidden_states, kwargs)
-        if not any(flags.values()):
-            return {}
-        outputs = self.model.vision_tower(pixel_values=pixel_values.to(self.model.vision_tower.dtype), **flags)
-        return {"hidden_states": outputs.hidden_states, "attentions": outputs.attentions}
-
-    def get_image_features(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs
-    ) -> MediaFeaturesOutput | tuple:
-        """(n, 3, H, W) -> `last_hidden_state` (n, image_tokens, d) LM-ready, `pooler_output` (n, contrastive_dim)."""
-        features = MediaFeaturesOutput(
-            last_hidden_state=self.model.encode_images(pixel_values),
-            **self._vision_tower_states(pixel_values, output_hidden_states, kwargs),
-        )
-        return self._media_features_output(features, return_dict)
-
-    def get_video_features(
-        self, pixel_values_videos: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs
-    ) -> MediaFeaturesOutput | tuple:
-        """(n, frames, 3, H, W) -> `last_hidden_state` (n, video_tokens, d), `pooler_output` (n, contrastive_dim).
-
-        `hidden_states` (with `output_hidden_states=True`) are the vision tower's over all frames (n * frames, ...).
-        """
-        features = MediaFeaturesOutput(
-            last_hidden_state=self.model.encode_videos(pixel_values_videos),
-            **self._vision_tower_states(pixel_values_videos.flatten(0, 1), output_hidden_states, kwargs),
-        )
-        return self._media_features_output(features, return_dict)
-
-    def get_audio_features(
-        self,
-        input_features: torch.Tensor,
-        input_features_mask: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MediaFeaturesOutput | tuple:
-        """(n, n_mels, T) -> `last_hidden_state` (n, max_tokens, d) right-padded with `feature_mask`, `pooler_output`.
-
-        The audio pass follows each clip's length and keeps only the selected encoder layer, so `hidden_states`
-        holds that layer alone: (n, positions, audio_d), padded past each clip's positions.
-        """
-        clips, states, _ = self.model.encode_audio(input_features, input_features_mask)
-        features = padded_features(clips)
-        if self._encoder_output_flags(output_hidden_states, kwargs)["output_hidden_states"]:
-            features.hidden_states = (states,)
-        return self._media_features_output(features, return_dict)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media.
@@ -735,9 +782,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if (wants_bow or wants_cross) and (pair_input_ids is not None or gather is not None):
             pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
         if self.config.auxiliary_loss_weight > 0:
-            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_encoder_states is not None:
+            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_outputs is not None:
                 terms.other["audio_ctc"] = heads["audio_ctc"].loss(
-                    outputs.audio_encoder_states, outputs.audio_positions, ctc_labels, num_items.get("audio_ctc")
+                    outputs.audio_outputs.last_hidden_state, outputs.audio_positions, ctc_labels, num_items.get("audio_ctc")
                 )
             if wants_bow and pairs is not None:
                 terms.other["media_bow"] = self._bag_of_words_loss(*pairs, num_items.get("media_bow"))
@@ -786,9 +833,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
 
     def _contrastive_loss(self, tokens, pair_input_ids, pair_attention_mask, gather=None) -> torch.Tensor | None:
         """InfoNCE between each sample's media (media-only LM pass) and its paired text (text-only LM pass)."""
-        media_embeds = self.get_media_features(tokens)
+        media_embeds = self._media_embeddings(tokens)
         if tokens:
-            text_embeds = self.get_text_features(pair_input_ids, pair_attention_mask, return_dict=True).pooler_output
+            text_embeds = self._text_embeddings(pair_input_ids, pair_attention_mask)
         else:
             text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
         if gather is not None:

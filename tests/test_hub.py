@@ -74,7 +74,7 @@ CARD_CASES = [
     ("grouped metrics, task guessed", dict(component_models=COMPONENTS, modalities=["audio"],
                                            eval_results=[{"dataset": "openslr/librispeech_asr", "metrics": {"wer": 0.2, "cer": 0.1}}]),
      {"tags": ["modeling-multimodal", "multimodal", "audio"]},
-     ["| automatic-speech-recognition | openslr/librispeech_asr |  | wer | 0.2 |", "get_audio_features"]),
+     ["| automatic-speech-recognition | openslr/librispeech_asr |  | wer | 0.2 |", "get_retrieval_embeddings"]),
     ("adapter", dict(component_models=COMPONENTS, modalities=["image", "video"], adapter_base_model="org/base", license="mit"),
      {"library_name": "peft", "base_model": ["org/base"], "license": "mit"},
      ["PeftModel.from_pretrained(base", "LoRA adapter", "No evaluation results were recorded"]),

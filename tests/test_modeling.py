@@ -149,13 +149,13 @@ def test_loss_terms_and_weights(name, lam, alpha, expect_other, expect_cross, mo
     calls = {"audio_ctc": 0, "media_bow": 0, "text_pass": 0}
     for task, head in model.auxiliary_heads.items():
         head.register_forward_hook(lambda *a, task=task: calls.__setitem__(task, calls[task] + 1))
-    original = model.get_text_features
+    original = model._text_embeddings
 
     def counting(*args, **kwargs):
         calls["text_pass"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "get_text_features", counting)
+    monkeypatch.setattr(model, "_text_embeddings", counting)
     pooling = model._media_text_pairs
     monkeypatch.setattr(model, "_media_text_pairs", lambda *a: calls.__setitem__("pairs", calls.get("pairs", 0) + 1) or pooling(*a))
     pair = TOKENIZER(["a small red circle", "a big blue square", "the green triangle"], padding=True, return_tensors="pt")
@@ -243,8 +243,8 @@ def test_frozen_towers_keep_no_activations():
     features = model.model.encode_images(torch.randn(2, 3, 32, 32))
     # The projector trains, so its output has a graph; the frozen tower below it has none.
     assert features.requires_grad
-    tower_out = model.model._vision_features(torch.randn(1, 3, 32, 32), drop_cls=True)
-    assert tower_out.grad_fn is None
+    tower_out = model.model.get_image_features(torch.randn(1, 3, 32, 32), output_hidden_states=True)
+    assert tower_out.last_hidden_state.grad_fn is None and all(h.grad_fn is None for h in tower_out.hidden_states)
 
 
 def greedy_reference(model, batch, steps):
@@ -382,15 +382,17 @@ def test_no_split_modules_cover_every_tower():
 def test_retrieval_embeddings_are_normalised_and_consistent():
     model = build_model()
     pixels = torch.randn(3, 3, 32, 32)
-    image = model.get_image_features(pixels).pooler_output
-    text = model.get_text_features(**TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt")).pooler_output
-    audio = model.get_audio_features(torch.randn(2, 80, 100)).pooler_output
-    video = model.get_video_features(torch.randn(2, 4, 3, 32, 32)).pooler_output
+    image = model.get_retrieval_embeddings(pixel_values=pixels)
+    text = model.get_retrieval_embeddings(**TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt"))
+    audio = model.get_retrieval_embeddings(input_features=torch.randn(2, 80, 100))
+    video = model.get_retrieval_embeddings(pixel_values_videos=torch.randn(2, 4, 3, 32, 32))
     for embeds, n in ((image, 3), (text, 2), (audio, 2), (video, 2)):
         assert embeds.shape == (n, 32)
         torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(n))
     # An image's embedding does not depend on the other images of the batch.
-    torch.testing.assert_close(model.get_image_features(pixels[:1]).pooler_output, image[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.get_retrieval_embeddings(pixel_values=pixels[:1]), image[:1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of input_ids, pixel_values"):
+        model.get_retrieval_embeddings(input_ids=torch.tensor([TEXT]), pixel_values=pixels)
 
 
 BACKBONE_CASES = [
@@ -434,7 +436,7 @@ def test_training_objective_gives_every_trainable_parameter_a_gradient_without_c
 
 
 def test_training_contrastive_loss_uses_the_retrieval_embeddings():
-    """L_contrastive in forward is InfoNCE over exactly what get_*_features / get_text_features return."""
+    """L_contrastive in forward is InfoNCE over exactly what get_retrieval_embeddings returns."""
     model = build_model(contrastive_loss_weight=1.0)
     samples = [sample(model, images=1, text=TEXT[:2]), sample(model, audios=(100,), text=TEXT[:3]), sample(model, videos=1)]
     texts = ["a small red circle", "a big blue square", "a green star moving left"]
@@ -442,11 +444,11 @@ def test_training_contrastive_loss_uses_the_retrieval_embeddings():
     batch = collate(samples, padding_side="right")
     loss = model(**batch, pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"]).loss_contrastive
     media = torch.cat([
-        model.get_image_features(batch["pixel_values"]).pooler_output,
-        model.get_audio_features(batch["input_features"], batch["input_features_mask"]).pooler_output,
-        model.get_video_features(batch["pixel_values_videos"]).pooler_output,
+        model.get_retrieval_embeddings(pixel_values=batch["pixel_values"]),
+        model.get_retrieval_embeddings(input_features=batch["input_features"], input_features_mask=batch["input_features_mask"]),
+        model.get_retrieval_embeddings(pixel_values_videos=batch["pixel_values_videos"]),
     ])
-    text = model.get_text_features(pair["input_ids"], pair["attention_mask"]).pooler_output
+    text = model.get_retrieval_embeddings(input_ids=pair["input_ids"], attention_mask=pair["attention_mask"])
     torch.testing.assert_close(loss, model.retrieval_head.contrastive_loss(media, text), rtol=1e-5, atol=1e-5)
 
 

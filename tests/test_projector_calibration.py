@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_multimodal import MultimodalForConditionalGeneration
-from modeling_multimodal.encoders import encode_audio
+from modeling_multimodal.encoders import encode_audio, select_vision_features
 from modeling_multimodal.projectors import MultiModalProjector, pool_patch_grid, pool_time
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.training.calibration import calibrate_projectors, calibration_batches, projectors_to_calibrate
@@ -36,13 +36,19 @@ def media_batches():
     ]
 
 
+def projector_input(inner, pixel_values):
+    """The image projector's input before pooling: the configured vision layers without CLS."""
+    hidden_states = inner.get_image_features(pixel_values, output_hidden_states=True).hidden_states
+    return select_vision_features(hidden_states, inner.config.vision_feature_layers, drop_cls=True)
+
+
 def reference_statistics(model, batches):
     """Per-channel mean / std of what each projector reads, computed without hooks."""
     inner, config = model.model, model.config
     image_rows, audio_rows = [], []
     with torch.no_grad():
         for batch in batches:
-            features = inner._vision_features(batch["pixel_values"], drop_cls=True)
+            features = projector_input(inner, batch["pixel_values"])
             image_rows.append(pool_patch_grid(features, config.image_pool_stride).reshape(-1, features.shape[-1]))
             lengths = batch["input_features_mask"].sum(-1)
             states, positions = encode_audio(inner.audio_tower, batch["input_features"], lengths, config.audio_feature_layer)
@@ -155,7 +161,7 @@ def build_reference_from_trainer(trainer, model):
     with torch.no_grad():
         for part in trainer.train_parts:
             for i in range(len(part)):
-                features = inner._vision_features(part[i]["pixel_values"], drop_cls=True)
+                features = projector_input(inner, part[i]["pixel_values"])
                 rows.append(pool_patch_grid(features, model.config.image_pool_stride).reshape(-1, features.shape[-1]))
     rows = torch.cat(rows).double()
     return rows.mean(0), rows.std(0, unbiased=False)

@@ -1,6 +1,6 @@
 """The model behaves as transformers 5.24's own vision-language models do: the forward contract
 (`past_key_values`, `return_dict=False`, `shift_labels`, `inputs_embeds` with media, assisted decoding,
-per-modality encoder outputs, input checks) and `get_<modality>_features` returning `BaseModelOutputWithPooling`."""
+per-modality encoder outputs, input checks), `get_<modality>_features` in their layout and `get_retrieval_embeddings`."""
 
 import sys
 import warnings
@@ -74,12 +74,16 @@ def test_assisted_decoding_with_media_equals_greedy(model, batch):
 
 
 def test_outputs_carry_each_modalitys_encoder_output(model, batch):
+    """As 5.24's VLMs: each `<modality>_outputs` is the tower's output with the LM-ready features as `pooler_output`."""
     out = model(**batch)
     layout = model.config.token_layout
-    assert out.image_outputs.last_hidden_state.shape == (1, layout.image_tokens(), 32)
-    assert out.video_outputs.last_hidden_state.shape == (1, layout.video_tokens(), 32)
-    assert out.audio_outputs.feature_mask.sum().item() == layout.audio_tokens(120)
-    torch.testing.assert_close(out.image_hidden_states, model.model.encode_images(batch["pixel_values"]))
+    tower = model.model.vision_tower(batch["pixel_values"])
+    torch.testing.assert_close(out.image_outputs.last_hidden_state, tower.last_hidden_state)
+    assert [item.shape for item in out.image_outputs.pooler_output] == [(layout.image_tokens(), 32)]
+    assert out.video_outputs.last_hidden_state.shape[0] == model.config.video_num_frames  # one row per frame
+    assert out.video_outputs.pooler_output.shape == (1, layout.video_tokens(), 32)
+    assert [item.shape[0] for item in out.audio_outputs.pooler_output] == [layout.audio_tokens(120)]
+    torch.testing.assert_close(torch.stack(out.image_hidden_states), model.model.encode_images(batch["pixel_values"]))
     assert model(input_ids=batch["input_ids"][:, -3:]).image_outputs is None  # text only: no encoder ran
 
 
@@ -125,40 +129,55 @@ def test_bad_inputs_raise_a_value_error_that_says_what(model, batch, name, corru
         assert fragment in str(error.value), str(error.value)
 
 
-# --- get_<modality>_features ---------------------------------------------------------------------------
+# --- get_<modality>_features and get_retrieval_embeddings -------------------------------------------------
 def _old_retrieval_embeddings(model, pixels, videos, mels, texts):
-    """What get_*_features returned before they returned BaseModelOutputWithPooling (the demo's retrieval scores)."""
+    """The retrieval embeddings as `get_*_features(...).pooler_output` computed them before `get_retrieval_embeddings`
+    (the demo's retrieval scores): a media-only LM pass over the encoders' LM-ready tokens, a text-only pass."""
     clips, _, _ = model.model.encode_audio(mels)
     hidden = model.model.language_model(**texts, use_cache=False).last_hidden_state
     return {
-        "image": model.get_media_features(list(model.model.encode_images(pixels))),
-        "video": model.get_media_features(list(model.model.encode_videos(videos))),
-        "audio": model.get_media_features(clips),
+        "image": model._media_embeddings(list(model.model.encode_images(pixels))),
+        "video": model._media_embeddings(list(model.model.encode_videos(videos))),
+        "audio": model._media_embeddings(clips),
         "text": model.retrieval_head.embed_text(masked_mean(hidden, texts["attention_mask"].bool())),
     }
 
 
-def test_features_hold_lm_ready_tokens_and_unchanged_retrieval_embeddings(model):
+def test_features_follow_transformers_layout_and_retrieval_embeddings_are_unchanged(model):
     from test_modeling import TOKENIZER
 
     generator = torch.Generator().manual_seed(0)
     pixels, videos = torch.randn(2, 3, 32, 32, generator=generator), torch.randn(2, 4, 3, 32, 32, generator=generator)
     mels = torch.randn(2, 80, 100, generator=generator)
     texts = TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt")
+    inputs = {
+        "image": {"pixel_values": pixels},
+        "video": {"pixel_values_videos": videos},
+        "audio": {"input_features": mels},
+        "text": dict(texts),
+    }
+    for modality, expected in _old_retrieval_embeddings(model, pixels, videos, mels, texts).items():
+        embeddings = model.get_retrieval_embeddings(**inputs[modality])
+        torch.testing.assert_close(embeddings, expected, rtol=0, atol=0, msg=modality)
     outputs = {
         "image": model.get_image_features(pixels),
         "video": model.get_video_features(videos),
         "audio": model.get_audio_features(mels),
         "text": model.get_text_features(**texts),
     }
-    for modality, expected in _old_retrieval_embeddings(model, pixels, videos, mels, texts).items():
-        assert isinstance(outputs[modality], BaseModelOutputWithPooling), modality
-        torch.testing.assert_close(outputs[modality].pooler_output, expected, rtol=0, atol=0, msg=modality)
-    layout = model.config.token_layout
-    torch.testing.assert_close(outputs["image"].last_hidden_state, model.model.encode_images(pixels))
-    assert outputs["video"].last_hidden_state.shape == (2, layout.video_tokens(), 32)
-    assert outputs["audio"].last_hidden_state.shape == (2, layout.audio_tokens(100), 32)
+    assert all(isinstance(output, BaseModelOutputWithPooling) for output in outputs.values())
+    layout, vision_hidden = model.config.token_layout, model.config.vision_config.hidden_size
+    # LLaVA's: the tower's output, one (tokens, d) LM-ready entry per image as pooler_output.
+    assert outputs["image"].last_hidden_state.shape[::2] == (2, vision_hidden)
+    torch.testing.assert_close(torch.stack(outputs["image"].pooler_output), model.model.encode_images(pixels))
+    # LLaVA-NeXT-Video's: the tower's output over all frames, (n, tokens, d) LM-ready as pooler_output.
+    assert outputs["video"].last_hidden_state.shape[::2] == (2 * 4, vision_hidden)
+    torch.testing.assert_close(outputs["video"].pooler_output, model.model.encode_videos(videos))
+    # Voxtral's (one entry per clip): the encoder's selected layer, the LM-ready rows as pooler_output.
+    assert outputs["audio"].last_hidden_state.shape[::2] == (2, model.config.audio_config.d_model)
+    assert [item.shape for item in outputs["audio"].pooler_output] == [(layout.audio_tokens(100), 32)] * 2
     assert outputs["text"].last_hidden_state.shape == (2, texts["input_ids"].shape[1], 32)
+    assert outputs["text"].pooler_output is None
 
 
 def test_features_accept_return_dict_and_output_hidden_states(model):

@@ -2,7 +2,7 @@
 
 - caption / question tasks: greedy generation (left-padded batches), exact match and BLEU;
 - transcription: greedy generation, WER and CER;
-- retrieval: media and paired-text embeddings from `get_*_features`, recall@1/5/10 in both directions;
+- retrieval: media and paired-text embeddings from `get_retrieval_embeddings`, recall@1/5/10 in both directions;
   optionally each query's top k candidates re-ranked by the generative score log p(text | media), the
   retrieve-then-rerank scheme of ALBEF / BLIP (there with an image-text matching head), reported under
   `reranked_*` keys next to the embedding-only scores.
@@ -124,15 +124,9 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     tokenizer = processor.tokenizer
     for chunk in _batches(encoded, batch_size):
         inputs = {key: value.to(model.device) for key, value in collate_media(chunk, tokenizer.pad_token_id).items()}
-        if "pixel_values" in inputs:
-            media = model.get_image_features(inputs["pixel_values"], return_dict=True)
-        elif "pixel_values_videos" in inputs:
-            media = model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
-        else:
-            media = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"], return_dict=True)
-        media_embeds.append(media.pooler_output)  # the L2-normalised retrieval embedding
-        text = model.get_text_features(inputs["pair_input_ids"], inputs["pair_attention_mask"], return_dict=True)
-        text_embeds.append(text.pooler_output)
+        media = {key: inputs[key] for key in MEDIA_TENSOR_KEYS if key in inputs}  # one modality per retrieval task
+        media_embeds.append(model.get_retrieval_embeddings(**media))
+        text_embeds.append(model.get_retrieval_embeddings(inputs["pair_input_ids"], inputs["pair_attention_mask"]))
     similarity = cosine_similarity(torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu())
     scores = retrieval_recall(similarity)
     if rerank_top_k > 0:

@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 TEMPLATE_NAME = "multimodal_model_card.md"
 REPO_ID_PATTERN = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
-# Per modality: (placeholder, accepted input, processor output, retrieval feature method).
+# Per modality: (placeholder, accepted input, processor output).
 MODALITY_ROWS = {
-    "image": ("`<image>`", "PIL image, numpy array, path or bytes", "`pixel_values`", "get_image_features"),
-    "audio": ("`<audio>`", "16 kHz waveform (numpy), path or bytes", "`input_features`", "get_audio_features"),
-    "video": ("`<video>`", "video file path or frames", "`pixel_values_videos`", "get_video_features"),
+    "image": ("`<image>`", "PIL image, numpy array, path or bytes", "`pixel_values`"),
+    "audio": ("`<audio>`", "16 kHz waveform (numpy), path or bytes", "`input_features`"),
+    "video": ("`<video>`", "video file path or frames", "`pixel_values_videos`"),
 }
 MODALITY_TAGS = {"image": "vision", "audio": "audio", "video": "video"}
 # Hub task ids for the metrics modeling_multimodal.evaluation computes, used when a result names no task.
@@ -180,11 +180,11 @@ def render_model_card(
         or None,
     )
     inputs = [
-        {"modality": "text", "placeholder": "(none)", "given_as": "string or chat messages", "tensor": "`input_ids`", "features": None}
+        {"modality": "text", "placeholder": "(none)", "given_as": "string or chat messages", "tensor": "`input_ids`"}
     ]
     for modality in modalities:
-        placeholder, given_as, tensor, features = MODALITY_ROWS[modality]
-        inputs.append({"modality": modality, "placeholder": placeholder, "given_as": given_as, "tensor": tensor, "features": features})
+        placeholder, given_as, tensor = MODALITY_ROWS[modality]
+        inputs.append({"modality": modality, "placeholder": placeholder, "given_as": given_as, "tensor": tensor})
     default_summary = (
         f"A multimodal model built with modeling-multimodal: "
         f"{', '.join(['text', *modalities])} in, text out."
