@@ -94,7 +94,7 @@ PRETRAINED = DemoPlan(
     stages=(("align", "align"), ("finetune", "finetune")),
     full={
         "sizes": {"image": {"train": 1200}, "video": {"train": 480}, "speech": {"train": 480}},
-        "steps": {"align": 20, "finetune": 400},
+        "steps": {"align": 20, "finetune": 450},
         "eval_steps": {"align": 0, "finetune": 0},
     },
     quick={
