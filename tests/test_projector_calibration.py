@@ -159,7 +159,7 @@ def build_reference_from_trainer(trainer, model):
     rows = []
     inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     with torch.no_grad():
-        for part in trainer.train_parts:
+        for part in trainer.train_dataset.parts:
             for i in range(len(part)):
                 features = projector_input(inner, part[i]["pixel_values"])
                 rows.append(pool_patch_grid(features, model.config.image_pool_stride).reshape(-1, features.shape[-1]))

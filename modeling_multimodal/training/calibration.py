@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .stages import base_model
+
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
 
 
 def projectors_to_calibrate(model) -> dict[str, torch.nn.Module]:
     """{name: projector} of `model` (ours, or a PEFT wrapper of it) whose statistics are still the identity."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(inner, "model", inner)
-    projectors = getattr(inner, "multi_modal_projector", {})
-    return {name: p for name, p in projectors.items() if getattr(p, "standardize", False) and not bool(p.calibrated)}
+    projectors = base_model(model).model.multi_modal_projector
+    return {name: p for name, p in projectors.items() if p.standardize and not bool(p.calibrated)}
 
 
 @torch.no_grad()
@@ -39,27 +39,19 @@ def calibrate_projectors(
     todo = projectors_to_calibrate(model)
     if not todo:
         return {}
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    encoder = inner.model
-    sums: dict[str, list[torch.Tensor]] = {}
-    handles = []
+    encoder = base_model(model).model
+    # per projector: [sum of rows, sum of squared rows, row count], in float64
+    sums = {name: torch.zeros(2 * p.input_mean.shape[0] + 1, dtype=torch.float64) for name, p in todo.items()}
 
     def record(name):
         def hook(module, args):
             rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             rows = rows[rows.abs().sum(-1) > 0]
-            if name not in sums:
-                width = rows.shape[-1]
-                sums[name] = [torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
-            total, squares, count = sums[name]
-            total += rows.sum(0).cpu()
-            squares += (rows**2).sum(0).cpu()
-            count += rows.shape[0]
+            sums[name] += torch.cat([rows.sum(0), (rows**2).sum(0), rows.new_tensor([rows.shape[0]])]).cpu()
 
         return hook
 
-    for name, projector in todo.items():
-        handles.append(projector.register_forward_pre_hook(record(name)))
+    handles = [projector.register_forward_pre_hook(record(name)) for name, projector in todo.items()]
     was_training = encoder.training
     encoder.eval()
     try:
@@ -73,12 +65,8 @@ def calibrate_projectors(
         encoder.train(was_training)
     seen = {}
     for name, projector in todo.items():
+        stats = sums[name] if reduce is None else reduce(sums[name].to(projector.input_mean.device)).cpu()
         width = projector.input_mean.shape[0]
-        empty = [torch.zeros(width, dtype=torch.float64)] * 2 + [torch.zeros((), dtype=torch.float64)]
-        total, squares, count = sums.get(name, empty)
-        stats = torch.cat([total, squares, count.reshape(1)])
-        if reduce is not None:
-            stats = reduce(stats.to(projector.input_mean.device)).cpu()
         total, squares, count = stats[:width], stats[width : 2 * width], float(stats[-1])
         seen[name] = int(count)
         if count < 2:

@@ -104,7 +104,6 @@ class Trainer:
     def _train_loader(self):
         loader, self.batch_sampler = build_train_loader(self.recipe, self.processor, self.train_rows, self.example_cache)
         self.train_dataset = loader.dataset  # a MixedDataset: `_batches` sets its epoch (augmentation draws by it)
-        self.train_parts = self.train_dataset.parts
         return self.accelerator.prepare_data_loader(loader)
 
     def _batches(self, loader, epoch: int, skip: int):
@@ -229,7 +228,7 @@ class Trainer:
             collate = MultimodalCollator(pad_token_id=self.processor.tokenizer.pad_token_id, padding_side="right")
             seen = calibrate_projectors(
                 self.model,
-                calibration_batches(self.train_parts, collate, CALIBRATION_SAMPLES_PER_TASK, optim.batch_size),
+                calibration_batches(self.train_dataset.parts, collate, CALIBRATION_SAMPLES_PER_TASK, optim.batch_size),
                 reduce=lambda t: accelerator.reduce(t, "sum"),
             )
             logger.info("Projector input statistics from %s feature rows", seen)
