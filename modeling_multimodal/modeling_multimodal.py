@@ -79,15 +79,16 @@ class MultimodalCausalLMOutput(_MediaHiddenStates, MultimodalCausalLMOutputWithP
 
 @dataclass
 class LossTerms:
-    """The loss terms of one batch: `text` (L_text), `other` (L_auxiliary per auxiliary task), `cross` (L_contrastive)."""
+    """The loss terms of one batch: `text` (L_text), `auxiliary` (L_auxiliary per auxiliary task), `contrastive`
+    (L_contrastive)."""
 
     text: torch.Tensor | None = None
-    other: dict[str, torch.Tensor] = field(default_factory=dict)
-    cross: torch.Tensor | None = None
+    auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)
+    contrastive: torch.Tensor | None = None
 
     @property
-    def other_total(self) -> torch.Tensor | None:
-        return sum(self.other.values()) if self.other else None
+    def auxiliary_total(self) -> torch.Tensor | None:
+        return sum(self.auxiliary.values()) if self.auxiliary else None
 
 
 def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], tokens_per_item: list[int]) -> None:
@@ -736,8 +737,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             loss=self.weighted_loss(terms, like=outputs.inputs_embeds),
             logits=logits,
             loss_text=terms.text,
-            loss_auxiliary=terms.other_total,
-            loss_contrastive=terms.cross,
+            loss_auxiliary=terms.auxiliary_total,
+            loss_contrastive=terms.contrastive,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -783,25 +784,25 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
         if self.config.auxiliary_loss_weight > 0:
             if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_outputs is not None:
-                terms.other["audio_ctc"] = heads["audio_ctc"].loss(
+                terms.auxiliary["audio_ctc"] = heads["audio_ctc"].loss(
                     outputs.audio_outputs.last_hidden_state, outputs.audio_positions, ctc_labels, num_items.get("audio_ctc")
                 )
             if wants_bow and pairs is not None:
-                terms.other["media_bow"] = self._bag_of_words_loss(*pairs, num_items.get("media_bow"))
-            terms.other = {task: value for task, value in terms.other.items() if value is not None}
+                terms.auxiliary["media_bow"] = self._bag_of_words_loss(*pairs, num_items.get("media_bow"))
+            terms.auxiliary = {task: value for task, value in terms.auxiliary.items() if value is not None}
         if wants_cross and pairs is not None:
-            terms.cross = self._contrastive_loss(*pairs, gather)
+            terms.contrastive = self._contrastive_loss(*pairs, gather)
         return terms
 
     def weighted_loss(self, terms: LossTerms, like: torch.Tensor) -> torch.Tensor | None:
         """`L_text + λ·L_auxiliary + α·L_contrastive` over the terms present (None when there is none)."""
-        if terms.text is None and terms.other_total is None and terms.cross is None:
+        if terms.text is None and terms.auxiliary_total is None and terms.contrastive is None:
             return None
         loss = terms.text if terms.text is not None else like.new_zeros((), dtype=torch.float32)
-        if terms.other_total is not None:
-            loss = loss + self.config.auxiliary_loss_weight * terms.other_total
-        if terms.cross is not None:
-            loss = loss + self.config.contrastive_loss_weight * terms.cross
+        if terms.auxiliary_total is not None:
+            loss = loss + self.config.auxiliary_loss_weight * terms.auxiliary_total
+        if terms.contrastive is not None:
+            loss = loss + self.config.contrastive_loss_weight * terms.contrastive
         return loss
 
     def _media_text_pairs(self, outputs, pair_input_ids, pair_attention_mask, segment_ids):

@@ -104,12 +104,12 @@ class TrainingObjective(nn.Module):
             "image": "pixel_values" in inputs,
             "video": "pixel_values_videos" in inputs,
             "audio": "input_features" in inputs,
-            "audio_ctc": "audio_ctc" in terms.other,
-            "media_bow": "media_bow" in terms.other,
-            "retrieval": terms.cross is not None,
+            "audio_ctc": "audio_ctc" in terms.auxiliary,
+            "media_bow": "media_bow" in terms.auxiliary,
+            "retrieval": terms.contrastive is not None,
         }
         loss = loss + 0.0 * touch_unused_modules(model, used, outputs.inputs_embeds)
-        return ObjectiveOutput(loss=loss, loss_text=terms.text, loss_auxiliary=terms.other_total, loss_contrastive=terms.cross)
+        return ObjectiveOutput(loss=loss, loss_text=terms.text, loss_auxiliary=terms.auxiliary_total, loss_contrastive=terms.contrastive)
 
 
 def touch_unused_modules(model: MultimodalForConditionalGeneration, used: dict[str, bool], like: torch.Tensor) -> torch.Tensor:
