@@ -50,6 +50,11 @@ class MultimodalConfig(PreTrainedConfig):
         projector_input_standardize: standardise each projector's input per channel with a mean and standard
             deviation estimated from training data when training starts (`training.calibration`), saved with the
             model. For pretrained towers, whose features a fresh projector otherwise learns to read slowly.
+        projector_position_embeddings: a learned table with one vector per token of a pooled patch grid, added to the
+            projected tokens of every image (and of every video time step), zero when training starts. The LM then
+            reads where a token lies in the image from the token itself rather than from its place in the sequence;
+            a tower whose last layers keep little position (DINOv2) otherwise leaves position and motion to be
+            learnt slowly (docs/EXPERIMENTS.md). With `video_projector="image"` a frame's grid must equal an image's.
         image_pool_stride: average-pool the image patch grid by this factor per side (token compression).
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
         video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
@@ -87,6 +92,7 @@ class MultimodalConfig(PreTrainedConfig):
     video_projector: str = "mlp"
     projector_hidden_act: str = "gelu"
     projector_input_standardize: bool = False
+    projector_position_embeddings: bool = False
     image_pool_stride: int = 1
     audio_pool_stride: int = 2
     video_num_frames: int = 8
@@ -152,6 +158,14 @@ class MultimodalConfig(PreTrainedConfig):
                     f"video_temporal_pool_stride={self.video_temporal_pool_stride} must divide "
                     f"video_num_frames={self.video_num_frames} (>= 1)"
                 )
+            elif self.projector_position_embeddings and self.video_projector == "image" and self.vision_config is not None and not errors:
+                layout = self.token_layout
+                if layout.video_tokens_per_step() != layout.image_tokens():
+                    errors.append(
+                        f"projector_position_embeddings with video_projector='image' needs a frame's grid to equal an "
+                        f"image's, but a frame has {layout.video_tokens_per_step()} tokens and an image "
+                        f"{layout.image_tokens()}; set video_spatial_pool_stride=image_pool_stride or use a video projector"
+                    )
         if self.audio_config is not None:
             audio_type = self.audio_config.model_type
             if audio_type not in SUPPORTED_AUDIO_TOWERS:

@@ -94,9 +94,13 @@ class MediaTokenLayout:
         """Tokens for one clip: its length follows the clip (never padded to 30 s), capped by the encoder."""
         return _ceil_div(self.audio_encoder_positions(num_mel_frames), self.audio_pool_stride)
 
-    def video_tokens(self) -> int:
-        """Tokens for one video of `video_num_frames` frames after temporal and spatial pooling."""
+    def video_tokens_per_step(self) -> int:
+        """Tokens of one video time step (a temporally pooled frame): its spatially pooled patch grid."""
         if self.image_grid is None or self.video_num_frames == 0:
             raise ValueError("This model takes no video (it needs a vision tower and a video token).")
         side = self.image_grid // self.video_spatial_pool_stride
-        return (self.video_num_frames // self.video_temporal_pool_stride) * side * side
+        return side * side
+
+    def video_tokens(self) -> int:
+        """Tokens for one video of `video_num_frames` frames after temporal and spatial pooling."""
+        return (self.video_num_frames // self.video_temporal_pool_stride) * self.video_tokens_per_step()

@@ -124,11 +124,13 @@ def _materialise_new_modules(model) -> None:
 
 
 def from_pretrained_components(
-    cls, text: str, vision: str | None = None, audio: str | None = None, dtype=None, image_size: int | None = None, **config_overrides
+    cls, text: str, vision: str | None = None, audio: str | None = None, dtype=None, image_size: int | None = None,
+    system_prompt: str | None = None, **config_overrides
 ):
     """(model, processor) from pretrained parts; see the module docstring.
 
     image_size: the side of the images the vision tower sees; defaults to its image processor's crop.
+    system_prompt: the processor's `system_prompt` (None keeps the LM's chat template's own default system turn).
     """
     # 1. configs, tokenizer and preprocessing: everything is checked before a weight is read.
     tokenizer = AutoTokenizer.from_pretrained(text)
@@ -162,7 +164,8 @@ def from_pretrained_components(
         shared = {k: v for k, v in image_processor.to_dict().items() if k in IMAGE_OPTIONS_SHARED_WITH_VIDEO}
         video_processor = MultimodalVideoProcessor(num_frames=config.video_num_frames, **shared)
     processor = MultimodalProcessor.from_config_and_components(
-        config, tokenizer, image_processor=image_processor, feature_extractor=feature_extractor, video_processor=video_processor
+        config, tokenizer, image_processor=image_processor, feature_extractor=feature_extractor, video_processor=video_processor,
+        system_prompt=system_prompt,
     )
 
     # 2. weights: each part read once and moved into a model built on the meta device.

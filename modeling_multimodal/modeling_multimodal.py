@@ -166,6 +166,7 @@ class MultimodalPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         if isinstance(module, MultiModalProjector):
             module.reset_standardization()
+            module.reset_position_embedding()
         if isinstance(module, RetrievalHead):
             with torch.no_grad():
                 module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
@@ -185,13 +186,15 @@ class MultimodalModel(MultimodalPreTrainedModel):
             if config.vision_stem == "conv":
                 use_conv_stem(self.vision_tower, config.vision_config.patch_size)
             vision_hidden = config.vision_feature_dim
+            positions = config.projector_position_embeddings
             projectors["image"] = MultiModalProjector(
-                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act, config.projector_input_standardize
+                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act, config.projector_input_standardize,
+                num_positions=self.layout.image_tokens() if positions else 0,
             )
             if config.video_token_id is not None and config.video_projector != "image":
                 projectors["video"] = MultiModalProjector(
                     vision_hidden, text_hidden, config.video_projector, config.projector_hidden_act,
-                    config.projector_input_standardize,
+                    config.projector_input_standardize, num_positions=self.layout.video_tokens_per_step() if positions else 0,
                 )
         if config.audio_config is not None:
             self.audio_tower = build_audio_tower(config.audio_config)

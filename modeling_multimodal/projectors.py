@@ -37,12 +37,20 @@ class MultiModalProjector(nn.Module):
     magnitude, so Adam spends its first hundreds of steps on the scale instead of on what varies between
     inputs. The statistics are buffers (saved with the model), estimated once from training data by
     `training.calibration.calibrate_projectors`; until then they are the identity (mean 0, std 1).
+
+    num_positions: with N > 0, a learned (N, out_features) table, zero at start, is added to the output: the
+    input is a sequence of groups of N tokens (an image's pooled patch grid, or each time step of a video), and
+    token i of every group gets row i (`config.projector_position_embeddings`).
     """
 
-    def __init__(self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu", standardize: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu", standardize: bool = False,
+        num_positions: int = 0,
+    ):
         super().__init__()
         self.kind = kind
         self.standardize = standardize
+        self.in_features, self.num_positions = in_features, num_positions
         if standardize:
             self.register_buffer("input_mean", torch.zeros(in_features))
             self.register_buffer("input_std", torch.ones(in_features))
@@ -51,7 +59,18 @@ class MultiModalProjector(nn.Module):
         if kind == "mlp":
             self.act = ACT2FN[act]
             self.linear_2 = nn.Linear(out_features, out_features)
+        self.position_embedding = nn.Parameter(torch.zeros(num_positions, out_features)) if num_positions else None
         keep_torch_default_init(self)
+
+    def reset_position_embedding(self) -> None:
+        """Zero the position table (a fresh projector adds nothing until training moves it)."""
+        if self.position_embedding is not None:
+            with torch.no_grad():
+                self.position_embedding.zero_()
+
+    def touch(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum of a pass over one zero group of inputs (the trainer's zero-weight touch of an unused projector)."""
+        return self(like.new_zeros(1, self.num_positions or 1, self.in_features)).sum()
 
     def reset_standardization(self) -> None:
         """Back to the identity, not calibrated."""
@@ -76,6 +95,15 @@ class MultiModalProjector(nn.Module):
         hidden = self.linear_1(features)
         if self.kind == "mlp":
             hidden = self.linear_2(self.act(hidden))
+        if self.position_embedding is not None:
+            n, length, width = hidden.shape
+            if length % self.num_positions:
+                raise ValueError(
+                    f"the projector adds {self.num_positions} position embeddings per group of tokens, but got "
+                    f"{length} tokens per item (not a multiple)"
+                )
+            table = self.position_embedding.to(hidden.dtype)
+            hidden = (hidden.view(n, length // self.num_positions, self.num_positions, width) + table).view(n, length, width)
         return hidden
 
 

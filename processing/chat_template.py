@@ -45,7 +45,7 @@ GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # templates that mar
 
 
 class ChatTemplateMixin:
-    """`apply_chat_template` and its helpers, for a `ProcessorMixin` with `tokenizer`, `placeholder(kind)` and
+    """`apply_chat_template` and its helpers, for a `ProcessorMixin` with `tokenizer`, `system_prompt`, `placeholder(kind)` and
     a `__call__` that takes `return_offsets_mapping` and `return_text_replacement_offsets`."""
 
     def apply_chat_template(
@@ -138,6 +138,7 @@ class ChatTemplateMixin:
         media = {kind: [] for kind in MODALITIES}
         structured = self._takes_structured_content(render["template"])
         flattened = []
+        system_prompt = self.system_prompt
         for index, messages in enumerate(conversations):
             found = {kind: [] for kind in MODALITIES}
             clean = []
@@ -150,6 +151,8 @@ class ChatTemplateMixin:
                     if not structured:
                         content = " ".join(item["text"] if item["type"] == "text" else self.placeholder(item["type"]) for item in content)
                 clean.append({**message, "content": content})
+            if system_prompt is not None and not (clean and clean[0]["role"] == "system"):
+                clean.insert(0, {"role": "system", "content": system_prompt})
             flattened.append(clean)
             for kind in MODALITIES:
                 media[kind].append(found[kind])

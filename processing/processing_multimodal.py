@@ -97,6 +97,10 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         chat_template (`str`, *optional*): defaults to the tokenizer's own chat template (SmolLM2's, Qwen's ChatML ...),
             or `DEFAULT_CHAT_TEMPLATE` when it has none; pass `DEFAULT_CHAT_TEMPLATE` to use the package's template.
         image_token / audio_token / video_token (`str`): the placeholders.
+        system_prompt (`str`, *optional*): the system turn `apply_chat_template` puts first in a conversation that has
+            none. `None` leaves the template's own behaviour (SmolLM2's and Qwen's templates then write their default
+            system prompt, 16 tokens in SmolLM2's case, into every sample); `""` gives an empty system turn. Saved with
+            the processor, so training, evaluation and inference render the same prompt.
     """
 
     valid_processor_kwargs = MultimodalProcessorKwargs
@@ -114,6 +118,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         image_token: str = "<image>",
         audio_token: str = "<audio>",
         video_token: str = "<video>",
+        system_prompt: str | None = None,
         **kwargs,
     ):
         if tokenizer is None:
@@ -125,6 +130,9 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
             )
         self.token_layout = MediaTokenLayout.from_dict(dict(token_layout)).to_dict()
         self.image_token, self.audio_token, self.video_token = image_token, audio_token, video_token
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}")
+        self.system_prompt = system_prompt
         super().__init__(
             tokenizer,
             image_processor if image_processor is not None else MultimodalImageProcessor(),
@@ -167,7 +175,8 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
     # --- construction from a model config ---------------------------------------------------------
     @classmethod
     def from_config_and_components(
-        cls, config, tokenizer, image_processor=None, feature_extractor=None, video_processor=None, chat_template=None
+        cls, config, tokenizer, image_processor=None, feature_extractor=None, video_processor=None, chat_template=None,
+        system_prompt=None,
     ) -> "MultimodalProcessor":
         """A processor that agrees with `config` (a `MultimodalConfig`): its token layout, image size, mel bins, frames.
 
@@ -213,6 +222,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
             video_processor,
             token_layout=layout.to_dict(),
             chat_template=chat_template,
+            system_prompt=system_prompt,
         )
 
     @classmethod

@@ -172,6 +172,23 @@ def test_chat_template_renders(processor):
     assert processor.apply_chat_template([CONVERSATION[:2], CONVERSATION[:3]])[0] == prompt.removesuffix("assistant:")
 
 
+def test_system_prompt_is_put_first_and_saved(tokenizer, tmp_path):
+    processor = MultimodalProcessor.from_config_and_components(tiny_config(tokenizer), tokenizer, system_prompt="be brief")
+    without_system = CONVERSATION[1:3]
+    assert processor.apply_chat_template(without_system).startswith("system: be brief</s>\nuser: <image>")
+    assert processor.apply_chat_template(CONVERSATION) == MultimodalProcessor.from_config_and_components(
+        tiny_config(tokenizer), tokenizer
+    ).apply_chat_template(CONVERSATION)  # a conversation's own system turn wins
+    out = processor.apply_chat_template(without_system, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert processor.decode(out["input_ids"][0][out["assistant_masks"][0].bool()]) == "a red square </s>"
+    processor.save_pretrained(tmp_path)
+    reloaded = MultimodalProcessor.from_pretrained(tmp_path)
+    assert reloaded.system_prompt == "be brief"
+    assert reloaded.apply_chat_template(without_system) == processor.apply_chat_template(without_system)
+    with pytest.raises(ValueError, match="system_prompt must be a string"):
+        MultimodalProcessor.from_config_and_components(tiny_config(tokenizer), tokenizer, system_prompt=["be brief"])
+
+
 def test_chat_tokenized_with_assistant_mask(processor):
     out = processor.apply_chat_template(
         [CONVERSATION, CONVERSATION[:3]], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, padding_side="left"

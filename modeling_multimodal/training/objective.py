@@ -122,9 +122,9 @@ def touch_unused_modules(model: MultimodalForConditionalGeneration, used: dict[s
             if has_trainable_parameters(inner.vision_tower):
                 total = total + inner.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
             else:
-                total = total + inner.multi_modal_projector["image"](like.new_zeros(1, 1, config.vision_feature_dim)).sum()
+                total = total + inner.multi_modal_projector["image"].touch(like)
         if config.video_token_id is not None and not used["video"]:
-            total = total + inner.video_projector(like.new_zeros(1, 1, config.vision_feature_dim)).sum()
+            total = total + inner.video_projector.touch(like)
     if inner.audio_tower is not None:
         states = None
         if not used["audio"]:
@@ -132,7 +132,7 @@ def touch_unused_modules(model: MultimodalForConditionalGeneration, used: dict[s
                 clips, states, _ = inner.encode_audio(like.new_zeros(1, config.audio_config.num_mel_bins, 2))
                 total = total + clips[0].sum()
             else:
-                total = total + inner.multi_modal_projector["audio"](like.new_zeros(1, 1, config.audio_config.d_model)).sum()
+                total = total + inner.multi_modal_projector["audio"].touch(like)
         if "audio_ctc" in model.auxiliary_heads and not used["audio_ctc"]:
             states = states if states is not None else like.new_zeros(1, 1, config.audio_config.d_model)
             total = total + model.auxiliary_heads["audio_ctc"](states).sum()
