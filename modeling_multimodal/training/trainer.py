@@ -45,6 +45,7 @@ from .export import export_run, finished, finished_result
 from .mixture import ExampleCache, build_train_loader, load_rows
 from .model_builder import build_model_and_processor
 from .objective import TrainingObjective, freeze_unreachable_parameters, window_item_counts
+from .packing import PACKED_ATTENTION, use_per_sample_attention
 from .recipe import TrainingRecipe, stage_recipes
 from .run_folder import RunLock, prepare_output_dir
 from .stages import apply_stage, base_model, parameter_groups
@@ -86,6 +87,8 @@ class Trainer:
         self.train_rows = load_rows(recipe, recipe.data.train)
         self.eval_rows = load_rows(recipe, recipe.data.eval, training=False)
         model, self.processor = build_model_and_processor(recipe, self.train_rows)
+        if recipe.data.packing and use_per_sample_attention(model):
+            logger.info("Packing: the LM attends within each sample (%s) instead of masking the whole row", PACKED_ATTENTION)
         self.model = self._prepare_model(model)
         self.log_history: list[dict] = []
         self.eval_history: list[dict] = []
