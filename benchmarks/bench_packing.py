@@ -4,8 +4,11 @@ The same encoded examples — a LLaVA-665k-like mix of image conversations (576 
 exchange) and text-only conversations of widely varying length — are trained on once per strategy:
 - `padded_random`: `MultimodalCollator` on batches in random order (the default loader);
 - `padded_length_grouped`: the same collator on `LengthGroupedBatchSampler` batches (less padding);
-- `packed`: `PackingCollator` rows of `max_length` tokens (first-fit over the shuffled examples).
-Throughput is the examples' token count over the wall time of the pass; the three passes are interleaved.
+- `packed`: `PackingCollator` rows of `max_length` tokens (first-fit over the shuffled examples), the LM
+  attending within each sample (`training.packing.per_sample_sdpa`, what the trainer uses with packing);
+- `packed_masked_row`: the same rows without the sample boundaries, so SDPA runs over the whole row with a
+  block-diagonal mask ((row length)² attention: the layout before per-sample attention).
+Throughput is the examples' token count over the wall time of the pass; the passes are interleaved.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import numpy as np
 import torch
 
 from modeling_multimodal.data import LengthGroupedBatchSampler, MultimodalCollator
-from modeling_multimodal.training import PackingCollator
+from modeling_multimodal.training import PackingCollator, use_per_sample_attention
+from modeling_multimodal.training.packing import varlen_kwargs
 
 from .bench_training import make_train_step
 from .common import interleaved_medians
@@ -78,6 +82,7 @@ def split_rows(batch: dict, rows_per_step: int) -> list[dict]:
     for start in range(0, batch["input_ids"].shape[0], rows_per_step):
         rows = slice(start, start + rows_per_step)
         step = {key: batch[key][rows] for key in ("input_ids", "labels", "position_ids")}
+        step.update(varlen_kwargs(step["position_ids"]))
         segments = batch["segment_ids"][rows].unique().tolist()
         images = [image_of_sample[s] for s in segments if s >= 0 and image_of_sample[s] is not None]
         if images:
@@ -90,8 +95,10 @@ def bench_packing(sizes: Sizes, device: str, count: int, batch_size: int, max_le
     examples = make_examples(sizes, count, max_text=max_length - sizes.image_tokens - 1)
     plans = plan_batches(examples, batch_size, max_length)
     plans["packed"] = split_rows(plans["packed"][0], rows_per_step=1)
+    plans["packed_masked_row"] = [{k: v for k, v in step.items() if not k.startswith("cu_seq_lens")} for step in plans["packed"]]
     real_tokens = sum(len(e["input_ids"]) for e in examples)
     model = set_trainable(build_ours(sizes)).to(device)
+    use_per_sample_attention(model)  # plain SDPA for the padded plans and the masked rows: they carry no boundaries
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     epochs, summary = {}, {}
     for name, batches in plans.items():
@@ -109,6 +116,7 @@ def bench_packing(sizes: Sizes, device: str, count: int, batch_size: int, max_le
         "length_max": max(lengths), "padded_batch_size": batch_size, "packed_max_length": max_length, **summary,
         "speedup_vs_padded_random": times["padded_random"] / times["packed"],
         "speedup_vs_padded_length_grouped": times["padded_length_grouped"] / times["packed"],
+        "speedup_vs_packed_masked_row": times["packed_masked_row"] / times["packed"],
     }
 
 
