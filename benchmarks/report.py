@@ -100,6 +100,7 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
             elif r:
                 rows.append((f"MFU {precision}: achieved / torch.mm peak", _fmt(r["achieved_gflops"], " GFLOP/s", 1),
                              _fmt(r["matmul_peak_gflops"], " GFLOP/s", 1), f"{r['mfu']:.1%}", "info", "—"))
+    rows += pretrained_rows(results)
     rows += quantization_rows(results)
     processors = results.get("processors")
     if isinstance(processors, dict):
@@ -107,6 +108,41 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
             rows.append(("Processors", "skipped", "", "", "", processors["skipped"]))
         for row in processors.get("rows", []):  # optional contract: bench_processors returns {"rows": [...]}
             rows.append(tuple(str(row.get(k, "")) for k in ("what", "ours", "reference", "ratio", "goal", "status")))
+    return rows
+
+
+def pretrained_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """Rows of `bench_pretrained.py`: SmolLM2-135M + DINOv2-small / Whisper tiny.en under LoRA."""
+    if "skipped" in results.get("pretrained", {}):
+        return [("Real scale (SmolLM2-135M + DINOv2-small / Whisper tiny.en)", "skipped", "", "", "", results["pretrained"]["skipped"])]
+    rows = []
+
+    def add(what, ours, theirs, ratio, goal):
+        rows.append((what, ours, theirs, _fmt(ratio, "×"), goal, _status(ratio, goal)))
+
+    for key, reference, name, speed_goal in (
+        ("pretrained_vs_llava", "llava", "LLaVA", ">=1.3×"), ("pretrained_vs_qwen2_audio", "qwen2_audio", "Qwen2-Audio", ">=1.5×"),
+    ):
+        if key not in results:
+            continue
+        r = results[key]
+        if reference == "llava":
+            setting = f"batch {r['batch']} × {r['image_tokens']} image tokens, seq {r['sequence']}"
+        else:
+            setting = f"{'/'.join(map(str, r['clip_seconds']))} s clips, ours {r['encoder_frames_ours']} mel frames vs their {r['encoder_frames_qwen2_audio']}"
+        add(f"Real scale, LoRA step vs {name} (speedup; {setting})",
+            _fmt(r["ours"]["step_s"], " s"), _fmt(r[reference]["step_s"], " s"), r["speedup"], speed_goal)
+        add(f"Real scale, LoRA peak memory vs {name} (ours/theirs)",
+            _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r[reference]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
+    for key in sorted(k for k in results if k.startswith("pretrained_generate_b")):
+        r = results[key]
+        add(f"Real scale, greedy generate tokens/s vs LLaVA (batch {r['batch']}, 1 image each, {r['new_tokens']} new tokens)",
+            _fmt(r["ours"]["tokens_per_s"], " tok/s", 1), _fmt(r["llava"]["tokens_per_s"], " tok/s", 1), r["throughput_ratio"], ">=1.0×")
+    if "pretrained_mfu" in results:
+        r = results["pretrained_mfu"]
+        ok = "met" if r["mfu"] >= 0.5 else "missed"
+        rows.append((f"Real scale, MFU of the LoRA step fp32 (batch {r['batch']}, {r['step_flops_g']:.0f} GFLOP/step)",
+                     _fmt(r["achieved_gflops"], " GFLOP/s", 1), _fmt(r["matmul_peak_gflops"], " GFLOP/s", 1), f"{r['mfu']:.1%}", ">=50%", ok))
     return rows
 
 
