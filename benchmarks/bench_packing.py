@@ -99,7 +99,7 @@ def bench_packing(sizes: Sizes, device: str, count: int, batch_size: int, max_le
     real_tokens = sum(len(e["input_ids"]) for e in examples)
     model = set_trainable(build_ours(sizes)).to(device)
     use_per_sample_attention(model)  # plain SDPA for the padded plans and the masked rows: they carry no boundaries
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     epochs, summary = {}, {}
     for name, batches in plans.items():
         steps = [make_train_step(model, to_device(batch, device), True, optimizer)[0] for batch in batches]

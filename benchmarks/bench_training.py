@@ -12,7 +12,7 @@ import copy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .common import interleaved_medians, matmul_peak_flops, mib, peak_memory, resident_tensors
+from .common import interleaved_medians, matmul_peak_flops, memory_at_peak, mib, peak_memory, resident_tensors
 from .models import (
     Sizes,
     audio_batches,
@@ -28,8 +28,8 @@ from .models import (
 def make_train_step(model: torch.nn.Module, batch: dict, ours: bool, optimizer: torch.optim.Optimizer | None = None):
     """A closure running one optimizer step on `batch`, and its optimizer (state created on first call)."""
     model.train()
-    if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if optimizer is None:  # fused: both trainers' default (ours, and transformers' Trainer since torch 2.8)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     extra = {"return_logits": False} if ours else {}
 
     def step():
@@ -44,7 +44,10 @@ def make_train_step(model: torch.nn.Module, batch: dict, ours: bool, optimizer: 
 
 
 def compare_steps(models: dict[str, tuple[torch.nn.Module, dict, bool]], device: str, repeats: int) -> dict:
-    """Interleaved median step time and peak memory of each (model, batch, is_ours) entry."""
+    """Interleaved median step time and peak memory of each (model, batch, is_ours) entry.
+
+    On CPU each entry also gets `at_peak_mib`: what is alive at its peak, by kind (`common.memory_at_peak`).
+    """
     steps = {name: make_train_step(model, batch, ours) for name, (model, batch, ours) in models.items()}
     times = interleaved_medians({name: step for name, (step, _) in steps.items()}, device, repeats)
     results = {}
@@ -52,6 +55,8 @@ def compare_steps(models: dict[str, tuple[torch.nn.Module, dict, bool]], device:
         model, batch, _ = models[name]
         memory = peak_memory(step, device, resident_tensors(model, optimizer, batch))
         results[name] = {"step_s": times[name], "peak_mib": mib(memory["peak_bytes"]), "step_peak_mib": mib(memory["step_bytes"])}
+        if not device.startswith("cuda"):
+            results[name]["at_peak_mib"] = {k: v if isinstance(v, str) else mib(v) for k, v in memory_at_peak(step).items()}
     return results
 
 

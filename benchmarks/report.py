@@ -64,6 +64,7 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
         add("  of which step memory above weights+optimizer state",
             _fmt(r["ours"]["step_peak_mib"], " MiB", 0), _fmt(r[reference]["step_peak_mib"], " MiB", 0),
             r["ours"]["step_peak_mib"] / r[reference]["step_peak_mib"], "info")
+        rows += at_peak_rows(r, reference)
     if "generate_vs_llava" in results:
         r = results["generate_vs_llava"]
         add(f"Generate tokens/s vs LLaVA (batch {r['batch']}, {r['new_tokens']} new tokens)",
@@ -111,6 +112,22 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
+def at_peak_rows(entry: dict, reference: str) -> list[tuple[str, str, str, str, str, str]]:
+    """'  at the peak: ...' rows: what is alive at each side's memory peak, by kind (`common.memory_at_peak`)."""
+    ours, theirs = entry["ours"].get("at_peak_mib"), entry[reference].get("at_peak_mib")
+    if not ours or not theirs:
+        return []
+    if "unavailable" in ours or "unavailable" in theirs:
+        return [("  at the peak, by kind", "", "", "", "info", ours.get("unavailable") or theirs.get("unavailable"))]
+
+    def describe(kinds):
+        return ", ".join(f"{name.replace('_', ' ')} {value:.0f}" for name, value in kinds.items() if name != "total" and value >= 0.5)
+
+    shared = sum(ours.get(k, 0) for k in ("parameter", "optimizer_state", "gradient"))
+    return [("  at the peak, by kind (MiB; parameters + AdamW state + gradients are the same for both)",
+             describe(ours), describe(theirs), _fmt(shared / theirs["total"], "×"), "floor (info)", "—")]
+
+
 def pretrained_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
     """Rows of `bench_pretrained.py`: SmolLM2-135M + DINOv2-small / Whisper tiny.en under LoRA."""
     if "skipped" in results.get("pretrained", {}):
@@ -134,6 +151,7 @@ def pretrained_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
             _fmt(r["ours"]["step_s"], " s"), _fmt(r[reference]["step_s"], " s"), r["speedup"], speed_goal)
         add(f"Real scale, LoRA peak memory vs {name} (ours/theirs)",
             _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r[reference]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
+        rows += at_peak_rows(r, reference)
     for key in sorted(k for k in results if k.startswith("pretrained_generate_b")):
         r = results[key]
         add(f"Real scale, greedy generate tokens/s vs LLaVA (batch {r['batch']}, 1 image each, {r['new_tokens']} new tokens)",
