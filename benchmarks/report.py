@@ -59,6 +59,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
                        f"frames vs their {r['encoder_frames_qwen2_audio']}")
         add(f"Train step time vs {name} (speedup; {setting})",
             _fmt(r["ours"]["step_s"], " s"), _fmt(r[reference]["step_s"], " s"), r["speedup"], ">=1.2×")
+        if "flop_ratio" in r:
+            add("  step FLOPs (forward + backward; theirs/ours)",
+                _fmt(r["ours"]["step_flops_g"], " GFLOP", 1), _fmt(r[reference]["step_flops_g"], " GFLOP", 1), r["flop_ratio"], "info")
         add(f"Train peak memory vs {name} (ours/theirs)",
             _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r[reference]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
         add("  of which step memory above weights+optimizer state",
@@ -149,6 +152,8 @@ def pretrained_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
             setting = f"{'/'.join(map(str, r['clip_seconds']))} s clips, ours {r['encoder_frames_ours']} mel frames vs their {r['encoder_frames_qwen2_audio']}"
         add(f"Real scale, LoRA step vs {name} (speedup; {setting})",
             _fmt(r["ours"]["step_s"], " s"), _fmt(r[reference]["step_s"], " s"), r["speedup"], speed_goal)
+        add("  step FLOPs (forward + backward; theirs/ours: the speedup that is less work)",
+            _fmt(r["ours"]["step_flops_g"], " GFLOP", 0), _fmt(r[reference]["step_flops_g"], " GFLOP", 0), r["flop_ratio"], "info")
         add(f"Real scale, LoRA peak memory vs {name} (ours/theirs)",
             _fmt(r["ours"]["peak_mib"], " MiB", 0), _fmt(r[reference]["peak_mib"], " MiB", 0), r["peak_memory_ratio"], "<=0.7×")
         rows += at_peak_rows(r, reference)

@@ -19,6 +19,7 @@ RATIOS = [  # (section, reported ratio, numerator path, denominator path)
     ("train_vs_llava", "peak_memory_ratio", ("ours", "peak_mib"), ("llava", "peak_mib")),
     ("train_vs_qwen2_audio", "speedup", ("qwen2_audio", "step_s"), ("ours", "step_s")),
     ("train_vs_qwen2_audio", "peak_memory_ratio", ("ours", "peak_mib"), ("qwen2_audio", "peak_mib")),
+    ("train_vs_qwen2_audio", "flop_ratio", ("qwen2_audio", "step_flops_g"), ("ours", "step_flops_g")),
     ("frozen_vs_trainable_tower", "activation_memory_ratio", ("frozen_tower", "step_peak_mib"), ("trainable_tower", "step_peak_mib")),
     ("generate_vs_llava", "throughput_ratio", ("ours", "tokens_per_s"), ("llava", "tokens_per_s")),
     ("decode_vs_media", "decode_ratio", ("4_images", "decode_s"), ("1_images", "decode_s")),
