@@ -13,6 +13,8 @@ and says why.
   encoder and our linear projector, on clips of 3, 5, 7 and 10 s (Qwen2-Audio pads each to 30 s; we do not).
 - `pretrained_generate_b1` / `_b4`: greedy tokens/s with one image per sample, ours against LLaVA's `generate`.
 - `pretrained_mfu`: FLOPs of our LoRA step (FlopCounterMode) / its time / the measured fp32 `torch.mm` peak.
+- `pretrained_packing`: `bench_packing`'s plans on the pretrained demo's data and recipe, when a demo data
+  folder is given (`--demo-data DIR` or `MODELING_MULTIMODAL_DEMO_DATA`; `modeling-multimodal make-demo-data DIR`).
 Both sides get the same LoRA (r 16 on every Linear of the LM, the same seed) and the same batch.
 """
 
@@ -28,11 +30,13 @@ from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.training.stages import default_lora_targets
 
 from .bench_generation import interleaved_generate, prompt_only
+from .bench_packing import bench_demo_packing
 from .bench_training import _ratios, compare_steps, count_step_flops, make_train_step
 from .common import interleaved_medians, matmul_peak_flops
 from .models import MEL_FRAMES_PER_SECOND, Sizes, llava_twin, qwen2_audio_twin, to_device
 
 PRETRAINED_ENV = "MODELING_MULTIMODAL_PRETRAINED"
+DEMO_DATA_ENV = "MODELING_MULTIMODAL_DEMO_DATA"
 FOLDERS = {"text": "smollm2-135m-instruct", "vision": "dinov2-small", "audio": "whisper-tiny.en"}
 IMAGE_SIZE = 224  # DINOv2 ViT-S/14 at its processor's crop: 16x16 patches, 256 image tokens
 CLIP_SECONDS = (3, 5, 7, 10)  # frames a multiple of 4: our token count and Qwen2-Audio's agree
@@ -185,4 +189,13 @@ def run(sizes: Sizes, device: str) -> dict:
         "pretrained_vs_qwen2_audio": bench_vs_qwen2_audio(folders, sizes, device, CLIP_SECONDS[:1] if quick else CLIP_SECONDS),
         **bench_generate(folders, sizes, device, (1,) if quick else (1, 4), new_tokens=2 if quick else 32),
         "pretrained_mfu": bench_mfu(folders, sizes, device, batch_size, matmul_size=256 if quick else 2048),
+        "pretrained_packing": demo_packing(folders, device, quick),
     }
+
+
+def demo_packing(folders: dict, device: str, quick: bool) -> dict:
+    """`bench_demo_packing` on the demo data folder of `--demo-data` / $MODELING_MULTIMODAL_DEMO_DATA, else why not."""
+    data_root = os.environ.get(DEMO_DATA_ENV)
+    if not data_root or not (Path(data_root) / "meta.json").exists():
+        return {"skipped": f"no demo data: pass --demo-data DIR or set {DEMO_DATA_ENV} (`modeling-multimodal make-demo-data DIR`)"}
+    return bench_demo_packing(folders, data_root, device, count=8 if quick else 32, batch_size=8, rows_per_step=2)
