@@ -172,6 +172,7 @@ def machine_info(device: str) -> dict[str, str | int]:
         "nproc": nproc,
         "cpu_model": cpu_model,
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # at the start: other work on the machine skews every time
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": device,

@@ -272,6 +272,23 @@ def _notes(results: dict) -> list[str]:
         "with a block-diagonal mask over the whole row costs ((row length)²). `flex_attention` with a block mask "
         "would skip the same blocks, but torch 2.13 has no flex_attention backward on CPU. Image encoding is the "
         "same in every layout.",
+        "Peak memory by kind (the 'at the peak' rows): torch's memory profiler classifies every tensor alive at "
+        "each side's peak. Both sides train with fused AdamW (both trainers' default), which allocates nothing at the "
+        "step; the per-tensor AdamW kept two temporaries the size of the largest trainable tensor alive at the "
+        "step, which was our peak. Parameters, AdamW state and gradients are the same for both models, so "
+        "ours/theirs cannot go below their share of the reference's peak (the 'floor' ratio): at the tiny scale "
+        "our audio step now peaks at exactly that floor (no activation is alive at our peak). At real scale under "
+        "LoRA the shared part is the parameters and the LM's activations for backward; the logits are what ours "
+        "does not keep.",
+        "Real scale: the 'step FLOPs' rows count forward + backward with `FlopCounterMode` on both sides. Their "
+        "ratio is the speedup that comes from doing less work (the logits of unlabelled positions; Qwen2-Audio's "
+        "encoder on 30 s of frames); a speedup goal above it cannot be met by this design on a compute-bound "
+        "CPU, and the row says by how much. Qwen2-Audio does not tie SmolLM2's LM head to its embeddings "
+        "(113 MB more parameters than ours).",
+        "Packing's upper bound: the 'positions computed' row is padded positions / packed positions, the speedup "
+        "dropping padding alone can give when a step's cost is linear in its positions. On data of uniform "
+        "length (the demo's samples are all 60-80 tokens) padding is small and so is packing's possible gain; "
+        "per-sample attention only pays where rows are long enough for attention to matter.",
         "Frozen tower: ours encodes under `no_grad` when no tower parameter requires grad (`run_frozen_aware`). "
         "A frozen tower whose inputs do not require grad would record no graph either, so the saving shows against "
         "a trainable tower, whose activations (and gradients, AdamW state) must be kept.",
@@ -291,7 +308,8 @@ def render_markdown(results: dict) -> str:
         f"on {machine['date']}.",
         f"Machine: {machine['nproc']} cores (`nproc`), {machine['cpu_model']}, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), transformers {machine['transformers']}, device `{machine['device']}`"
-        + (f" ({machine['gpu']})" if "gpu" in machine else "") + ".",
+        + (f" ({machine['gpu']})" if "gpu" in machine else "")
+        + (f", 1-minute load average {machine['load_average_1min']} at the start" if "load_average_1min" in machine else "") + ".",
         "",
         _table(("Benchmark", "Ours", "Reference", "Ratio", "Goal", "Status"), summary_rows(results)),
     ]
