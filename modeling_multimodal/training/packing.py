@@ -27,7 +27,7 @@ boundaries over the flattened rows, as `DataCollatorWithFlattening` does), and
 `per_sample_sdpa` — registered with `AttentionInterface` as `"sdpa_packed"` — runs causal SDPA on each
 sample's slice alone: Σ(sample length)² instead of (row length)². Flash attention reads the same boundaries.
 Without them (unpacked batches, generation) `"sdpa_packed"` is exactly `"sdpa"`. `use_per_sample_attention`
-switches a model's LM to it; the trainer does so when `data.packing` is on and the LM runs on SDPA.
+switches a model's LM to it; the trainer does so on CPU when `data.packing` is on and the LM runs on SDPA.
 """
 
 from __future__ import annotations

@@ -87,7 +87,9 @@ class Trainer:
         self.train_rows = load_rows(recipe, recipe.data.train)
         self.eval_rows = load_rows(recipe, recipe.data.eval, training=False)
         model, self.processor = build_model_and_processor(recipe, self.train_rows)
-        if recipe.data.packing and use_per_sample_attention(model):
+        # Packing on CPU: attention within each sample instead of over the masked row (training/packing.py). On CUDA,
+        # flash_attention_2 reads the same boundaries; the per-sample loop there is not measured, so SDPA stays as it is.
+        if recipe.data.packing and self.accelerator.device.type == "cpu" and use_per_sample_attention(model):
             logger.info("Packing: the LM attends within each sample (%s) instead of masking the whole row", PACKED_ATTENTION)
         self.model = self._prepare_model(model)
         self.log_history: list[dict] = []
