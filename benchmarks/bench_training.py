@@ -12,7 +12,7 @@ import copy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .common import interleaved_medians, matmul_peak_flops, mib, peak_memory, resident_tensors
+from .common import interleaved_medians, matmul_peak_flops, memory_at_peak, mib, peak_memory, resident_tensors
 from .models import (
     Sizes,
     audio_batches,
@@ -28,8 +28,8 @@ from .models import (
 def make_train_step(model: torch.nn.Module, batch: dict, ours: bool, optimizer: torch.optim.Optimizer | None = None):
     """A closure running one optimizer step on `batch`, and its optimizer (state created on first call)."""
     model.train()
-    if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if optimizer is None:  # fused: both trainers' default (ours, and transformers' Trainer since torch 2.8)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     extra = {"return_logits": False} if ours else {}
 
     def step():
@@ -44,14 +44,21 @@ def make_train_step(model: torch.nn.Module, batch: dict, ours: bool, optimizer: 
 
 
 def compare_steps(models: dict[str, tuple[torch.nn.Module, dict, bool]], device: str, repeats: int) -> dict:
-    """Interleaved median step time and peak memory of each (model, batch, is_ours) entry."""
+    """Interleaved median step time and peak memory of each (model, batch, is_ours) entry.
+
+    On CPU each entry also gets `at_peak_mib`: what is alive at its peak, by kind (`common.memory_at_peak`).
+    `step_flops_g` (forward + backward, `count_step_flops`) says how much of a speedup is less work.
+    """
     steps = {name: make_train_step(model, batch, ours) for name, (model, batch, ours) in models.items()}
     times = interleaved_medians({name: step for name, (step, _) in steps.items()}, device, repeats)
     results = {}
     for name, (step, optimizer) in steps.items():
         model, batch, _ = models[name]
         memory = peak_memory(step, device, resident_tensors(model, optimizer, batch))
-        results[name] = {"step_s": times[name], "peak_mib": mib(memory["peak_bytes"]), "step_peak_mib": mib(memory["step_bytes"])}
+        results[name] = {"step_s": times[name], "peak_mib": mib(memory["peak_bytes"]), "step_peak_mib": mib(memory["step_bytes"]),
+                         "step_flops_g": round(count_step_flops(model, batch, models[name][2]) / 1e9, 3)}
+        if not device.startswith("cuda"):
+            results[name]["at_peak_mib"] = {k: v if isinstance(v, str) else mib(v) for k, v in memory_at_peak(step).items()}
     return results
 
 
@@ -59,6 +66,7 @@ def _ratios(results: dict, ours: str, theirs: str) -> dict:
     return {
         "speedup": results[theirs]["step_s"] / results[ours]["step_s"],
         "peak_memory_ratio": results[ours]["peak_mib"] / results[theirs]["peak_mib"],
+        "flop_ratio": results[theirs]["step_flops_g"] / results[ours]["step_flops_g"],
     }
 
 
@@ -97,11 +105,12 @@ def bench_frozen_tower(sizes: Sizes, device: str) -> dict:
     return results
 
 
-def count_step_flops(model: torch.nn.Module, batch: dict) -> int:
+def count_step_flops(model: torch.nn.Module, batch: dict, ours: bool = True) -> int:
     """FLOPs of one forward + backward, counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, convs, attention)."""
     model.train()
+    extra = {"return_logits": False} if ours else {}
     with FlopCounterMode(display=False) as counter:
-        model(**batch, use_cache=False, return_logits=False).loss.backward()
+        model(**batch, use_cache=False, **extra).loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

@@ -91,6 +91,45 @@ def profiled_peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def memory_at_peak(fn: Callable[[], object]) -> dict[str, int]:
+    """Bytes alive at the peak of one call of `fn`, by what they are: parameters, gradients, optimizer state, ...
+
+    Uses torch's memory profiler (`torch.profiler._memory_profiler`, what `export_memory_timeline` draws): it
+    follows every tensor through the call and classifies it from the autograd graph and the optimizer
+    (PARAMETER, GRADIENT, OPTIMIZER_STATE, ACTIVATION, TEMPORARY, INPUT, AUTOGRAD_DETAIL; UNKNOWN for what it
+    cannot place, e.g. an optimizer's scratch tensors). A private API: where it fails, {"unavailable": reason}.
+    Call `fn` once before, so the optimizer state exists.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            fn()
+        memory = prof._memory_profile()
+        live, peak, at_peak = {}, 0, {}
+        for _, action, (key, version), size in memory.timeline:
+            if action in (Action.PREEXISTING, Action.CREATE):
+                live[(key, version)] = size
+            elif action == Action.INCREMENT_VERSION:
+                live.pop((key, version), None)
+                live[(key, version + 1)] = size
+            elif action == Action.DESTROY:
+                live.pop((key, version), None)
+            total = sum(live.values())
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        by_category: dict[str, int] = {}
+        for (key, version), size in at_peak.items():
+            category = memory._categories.get(key, version)
+            name = category.name.lower() if category is not None else "unknown"
+            by_category[name] = by_category.get(name, 0) + size
+        return dict(sorted(by_category.items(), key=lambda item: -item[1])) | {"total": peak}
+    except Exception as error:  # noqa: BLE001 - a private API: report, do not fail the benchmark
+        return {"unavailable": f"{type(error).__name__}: {error}"[:200]}
+
+
 def peak_memory(fn: Callable[[], object], device: str, resident: list[torch.Tensor]) -> dict[str, int]:
     """Peak tensor memory of one call of `fn`: {"peak_bytes": total, "step_bytes": above what was resident}."""
     if device.startswith("cuda"):
@@ -133,6 +172,7 @@ def machine_info(device: str) -> dict[str, str | int]:
         "nproc": nproc,
         "cpu_model": cpu_model,
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # at the start: other work on the machine skews every time
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": device,

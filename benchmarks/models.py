@@ -130,7 +130,7 @@ def llava_twin(model: MultimodalForConditionalGeneration) -> LlavaForConditional
     config = model.config
     llava = LlavaForConditionalGeneration(
         LlavaConfig(
-            vision_config=config.vision_config, text_config=config.text_config, image_token_index=IMAGE_TOKEN,
+            vision_config=config.vision_config, text_config=config.text_config, image_token_index=config.image_token_id,
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             projector_hidden_act=config.projector_hidden_act,
@@ -150,8 +150,11 @@ def qwen2_audio_twin(model: MultimodalForConditionalGeneration) -> Qwen2AudioFor
     differ slightly — irrelevant for cost.
     """
     config = model.config
+    audio = config.audio_config
+    if audio.model_type != "qwen2_audio_encoder":  # a Whisper encoder (the pretrained composition): same layout and weights
+        audio = Qwen2AudioEncoderConfig(**{k: v for k, v in audio.to_dict().items() if k not in ("model_type", "architectures")})
     reference = Qwen2AudioForConditionalGeneration(
-        Qwen2AudioConfig(audio_config=config.audio_config, text_config=config.text_config, audio_token_index=AUDIO_TOKEN)
+        Qwen2AudioConfig(audio_config=audio, text_config=config.text_config, audio_token_index=config.audio_token_id)
     )
     _copy_weights(reference, model, {
         "model.multi_modal_projector.linear.": "model.multi_modal_projector.audio.linear_1.",

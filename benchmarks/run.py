@@ -5,6 +5,12 @@
     python -m benchmarks.run --device cuda --out benchmarks/results_cuda.json --markdown benchmarks/RESULTS_cuda.md
 
 `python benchmarks/run.py ...` works as well. `--only training generation` runs a subset.
+The real-scale rows (`bench_pretrained.py`) need the converted SmolLM2 / DINOv2 / Whisper folders:
+
+    python -m benchmarks.run --only pretrained --pretrained /tmp/pre --demo-data DEMO_DATA --out /tmp/pretrained.json
+
+(`--pretrained` or MODELING_MULTIMODAL_PRETRAINED; without them the section is skipped and says why. The
+packing row on the demo's own data also needs `--demo-data` or MODELING_MULTIMODAL_DEMO_DATA.)
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from benchmarks.bench_pretrained import DEMO_DATA_ENV, PRETRAINED_ENV  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from benchmarks.models import Sizes  # noqa: E402
 from benchmarks.report import console_table, render_markdown  # noqa: E402
 
-SECTIONS = ("training", "generation", "packing", "scale", "processors", "quantization")
+SECTIONS = ("training", "generation", "packing", "scale", "pretrained", "processors", "quantization")
 
 
 def run_processors(sizes: Sizes, device: str) -> dict:
@@ -82,7 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test); numbers mean nothing")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; 1 with --quick)")
+    parser.add_argument("--pretrained", default=None, help=f"folder of converted weights for the real-scale rows (default: ${PRETRAINED_ENV})")
+    parser.add_argument("--demo-data", default=None, help=f"demo data folder for the real-scale packing row (default: ${DEMO_DATA_ENV})")
     args = parser.parse_args(argv)
+    if args.pretrained:
+        os.environ[PRETRAINED_ENV] = args.pretrained
+    if args.demo_data:
+        os.environ[DEMO_DATA_ENV] = args.demo_data
     if args.threads or args.quick:  # tiny ops only lose to thread wake-ups on a busy machine
         torch.set_num_threads(args.threads or 1)
 

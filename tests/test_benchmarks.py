@@ -19,11 +19,13 @@ RATIOS = [  # (section, reported ratio, numerator path, denominator path)
     ("train_vs_llava", "peak_memory_ratio", ("ours", "peak_mib"), ("llava", "peak_mib")),
     ("train_vs_qwen2_audio", "speedup", ("qwen2_audio", "step_s"), ("ours", "step_s")),
     ("train_vs_qwen2_audio", "peak_memory_ratio", ("ours", "peak_mib"), ("qwen2_audio", "peak_mib")),
+    ("train_vs_qwen2_audio", "flop_ratio", ("qwen2_audio", "step_flops_g"), ("ours", "step_flops_g")),
     ("frozen_vs_trainable_tower", "activation_memory_ratio", ("frozen_tower", "step_peak_mib"), ("trainable_tower", "step_peak_mib")),
     ("generate_vs_llava", "throughput_ratio", ("ours", "tokens_per_s"), ("llava", "tokens_per_s")),
     ("decode_vs_media", "decode_ratio", ("4_images", "decode_s"), ("1_images", "decode_s")),
     ("packing", "speedup_vs_padded_random", ("padded_random", "epoch_s"), ("packed", "epoch_s")),
     ("packing", "speedup_vs_padded_length_grouped", ("padded_length_grouped", "epoch_s"), ("packed", "epoch_s")),
+    ("packing", "speedup_vs_packed_masked_row", ("packed_masked_row", "epoch_s"), ("packed", "epoch_s")),
 ]  # fmt: skip
 
 
@@ -50,7 +52,7 @@ def test_reported_ratios_are_the_quotients_of_the_reported_numbers(quick_run, se
 def test_packing_trains_the_same_tokens_with_less_padding(quick_run):
     results, _, _ = quick_run
     packing = results["packing"]
-    for plan in ("packed", "padded_random", "padded_length_grouped"):
+    for plan in ("packed", "packed_masked_row", "padded_random", "padded_length_grouped"):
         assert packing[plan]["padding_fraction"] == pytest.approx(1 - packing["real_tokens"] / packing[plan]["positions"])
         assert packing[plan]["real_tokens_per_s"] == pytest.approx(packing["real_tokens"] / packing[plan]["epoch_s"])
     assert packing["packed"]["positions"] < packing["padded_random"]["positions"]

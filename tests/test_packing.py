@@ -15,7 +15,8 @@ from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.processing import MultimodalProcessor
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.data import EncodedDataset, ExampleEncoder, MultimodalCollator, load_manifest
-from modeling_multimodal.training import PackedBatchSampler, PackingCollator, first_fit
+from modeling_multimodal.training import PackedBatchSampler, PackingCollator, first_fit, use_per_sample_attention
+from modeling_multimodal.training.packing import PACKED_ATTENTION, per_sample_sdpa, varlen_kwargs
 
 TOKENIZER = tiny_tokenizer()
 CONFIG = tiny_config(TOKENIZER)
@@ -106,10 +107,15 @@ def token_losses(logits, labels):
     return F.pad(losses, (0, 1))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PACKED_ATTENTION])
 def test_packed_losses_equal_unpacked_losses(examples, attention):
     torch.manual_seed(0)
-    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, attn_implementation=attention)).eval()
+    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER, attn_implementation="sdpa" if attention == PACKED_ATTENTION else attention))
+    model.eval()
+    if attention == PACKED_ATTENTION:
+        assert use_per_sample_attention(model)
+        assert model.config.text_config._attn_implementation == PACKED_ATTENTION
+        assert model.config.vision_config._attn_implementation == "sdpa"  # the towers keep theirs
     alone = []
     with torch.no_grad():
         for example in examples:
@@ -124,9 +130,82 @@ def test_packed_losses_equal_unpacked_losses(examples, attention):
         # the model's own mean loss agrees with the per-sample sums
         labelled = (packed["labels"][:, 1:] != -100).sum()
         torch.testing.assert_close(out.loss_text, torch.stack(alone).sum() / labelled, atol=1e-5, rtol=1e-5)
-        # with a cache, transformers skips packed-sequence detection: samples attend to each other
-        leaky = token_losses(model(**packed, use_cache=True).logits, packed["labels"])
-        assert not torch.allclose(leaky, losses, atol=1e-4)
+        with_cache = token_losses(model(**packed, use_cache=True).logits, packed["labels"])
+        if attention == PACKED_ATTENTION:  # the boundaries are explicit (cu_seq_lens), so a cache changes nothing
+            torch.testing.assert_close(with_cache, losses, atol=1e-5, rtol=1e-5)
+        else:  # with a cache, transformers skips packed-sequence detection: samples attend to each other
+            assert not torch.allclose(with_cache, losses, atol=1e-4)
+
+
+def test_varlen_kwargs_mark_every_sample_and_the_padding():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])  # row 0: 3 + 2 + 1 padding; row 1: 4 + 2 padding
+    kwargs = varlen_kwargs(positions)
+    assert kwargs["cu_seq_lens_q"].tolist() == kwargs["cu_seq_lens_k"].tolist() == [0, 3, 5, 6, 10, 12]
+
+
+def block_diagonal_causal_mask(cu_seq_lens, rows, length):
+    """(rows, 1, seq, seq) boolean mask: causal within each packed sample, nothing across samples."""
+    sample = torch.zeros(rows * length, dtype=torch.long)
+    sample[cu_seq_lens[1:-1].long()] = 1
+    sample = sample.cumsum(0).view(rows, length)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_per_sample_attention_equals_masked_sdpa_with_gradients(kv_heads):
+    """Outputs and gradients of per-sample SDPA equal SDPA over the whole row with a block-diagonal mask."""
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, length, dim = 2, 4, 12, 8
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 0, 1, 2]])
+    cu_seq_lens = varlen_kwargs(positions)["cu_seq_lens_q"]
+    inputs = [torch.randn(rows, h, length, dim, generator=generator, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = heads // kv_heads  # read by transformers' SDPA function (the plain path)
+    ours, _ = per_sample_sdpa(module, *inputs, None, scaling=0.3, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens)
+    mask = block_diagonal_causal_mask(cu_seq_lens, rows, length)
+    reference = F.scaled_dot_product_attention(*inputs, attn_mask=mask, scale=0.3, enable_gqa=kv_heads != heads).transpose(1, 2)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.randn(ours.shape, generator=generator)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), inputs)
+    reference_grads = torch.autograd.grad((reference * weights).sum(), inputs)
+    for got, expected in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(got, expected)
+    # without boundaries it is plain SDPA (causal over the whole row)
+    plain, _ = per_sample_sdpa(module, *inputs, None, scaling=0.3)
+    expected = F.scaled_dot_product_attention(*inputs, is_causal=True, scale=0.3, enable_gqa=kv_heads != heads).transpose(1, 2)
+    torch.testing.assert_close(plain, expected)
+
+
+BAD_BOUNDARIES = [
+    ("short_of_the_batch", [0, 5, 20], "ends at 20 but the batch holds 2 rows × 12 tokens"),
+    ("sample_across_rows", [0, 5, 14, 24], "crosses the end of row 0"),
+]
+
+
+@pytest.mark.parametrize("name,bounds,message", BAD_BOUNDARIES, ids=[c[0] for c in BAD_BOUNDARIES])
+def test_per_sample_attention_refuses_boundaries_that_do_not_fit(name, bounds, message):
+    query = key = value = torch.zeros(2, 2, 12, 4)
+    with pytest.raises(ValueError, match=message):
+        per_sample_sdpa(torch.nn.Module(), query, key, value, None, cu_seq_lens_q=torch.tensor(bounds))
+
+
+def test_packed_training_losses_and_gradients_match_the_masked_row(examples):
+    """In training mode (LoRA-free, everything trainable) per-sample attention gives the masked row's loss and gradients."""
+    batch = PackingCollator(PAD, max_length=100)(examples)
+    results = {}
+    for attention in ("sdpa", PACKED_ATTENTION):
+        torch.manual_seed(0)
+        model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER)).train()
+        if attention == PACKED_ATTENTION:
+            use_per_sample_attention(model)
+        loss = model(**batch, use_cache=False, return_logits=False).loss
+        loss.backward()
+        results[attention] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results[PACKED_ATTENTION][0], results["sdpa"][0])
+    assert results[PACKED_ATTENTION][1].keys() == results["sdpa"][1].keys()
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results[PACKED_ATTENTION][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_contrastive_loss_runs_on_packed_rows(examples):

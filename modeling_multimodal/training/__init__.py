@@ -13,6 +13,6 @@ One job per module, imports flowing one way (`trainer` at the top):
 The data layer itself (manifests, tasks, encoding, collation) is `modeling_multimodal.data`.
 """
 
-from .packing import PackedBatchSampler, PackingCollator, first_fit
+from .packing import PACKED_ATTENTION, PackedBatchSampler, PackingCollator, first_fit, use_per_sample_attention
 
-__all__ = ["PackedBatchSampler", "PackingCollator", "first_fit"]
+__all__ = ["PACKED_ATTENTION", "PackedBatchSampler", "PackingCollator", "first_fit", "use_per_sample_attention"]

@@ -28,7 +28,10 @@ from ..modeling_multimodal import MultimodalForConditionalGeneration
 from .stages import base_model
 
 # The batch keys the objective reads (a collator may add others, e.g. for evaluation).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",  # packed rows: `packing.varlen_kwargs`
+    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask",
+)
 TARGETS = ("labels", "ctc_labels", "pair_input_ids", "pair_attention_mask", "segment_ids")
 
 
@@ -91,7 +94,8 @@ class TrainingObjective(nn.Module):
         if self.run_language_model:
             outputs = model.model(**inputs, use_cache=False)
         else:
-            outputs = model.model.merge_media(**{k: v for k, v in inputs.items() if k not in ("attention_mask", "position_ids")})
+            lm_only = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+            outputs = model.model.merge_media(**{k: v for k, v in inputs.items() if k not in lm_only})
         terms = model.loss_terms(
             outputs,
             **{key: batch[key] for key in TARGETS if batch.get(key) is not None},

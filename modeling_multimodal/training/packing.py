@@ -18,6 +18,16 @@ For the contrastive loss every packed sample keeps its own pair text: `pair_inpu
 one row per packed sample in flat order, and `segment_ids` (rows, seq) gives each token's sample index in
 that flat order (-1 on padding), from which the model can pool each sample's media tokens.
 `MultimodalForConditionalGeneration.forward(segment_ids=...)` pools per sample with it.
+
+Attention that skips the blocks between samples. With SDPA and a block-diagonal mask, a packed row costs
+(row length)² in attention: every sample's queries are scored against every key of the row and the mask
+throws most of it away (on CPU there is no varlen kernel, and `flex_attention` has no CPU backward in
+torch 2.13). The collator therefore also emits transformers' varlen kwargs `cu_seq_lens_q/k` (the sample
+boundaries over the flattened rows, as `DataCollatorWithFlattening` does), and
+`per_sample_sdpa` — registered with `AttentionInterface` as `"sdpa_packed"` — runs causal SDPA on each
+sample's slice alone: Σ(sample length)² instead of (row length)². Flash attention reads the same boundaries.
+Without them (unpacked batches, generation) `"sdpa_packed"` is exactly `"sdpa"`. `use_per_sample_attention`
+switches a model's LM to it; the trainer does so on CPU when `data.packing` is on and the LM runs on SDPA.
 """
 
 from __future__ import annotations
@@ -26,7 +36,11 @@ import random
 from collections.abc import Sequence
 
 import torch
+from torch.nn import functional as F
 from torch.utils.data import Sampler
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..constants import IGNORE_INDEX
 from ..data.collator import collate_media, pad_sequences
@@ -62,8 +76,9 @@ class PackingCollator:
 
     decreasing=False (default) packs in the given order, which reproduces the rows `PackedBatchSampler` planned
     (it lists each batch row by row); True sorts longest first, for batches that come from elsewhere.
-    Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask — and the media, CTC
-    and pair inputs of the samples in row order (pair_input_ids: one row per sample). The number of rows is
+    Returns input_ids, labels, position_ids, segment_ids (rows, seq) — no attention_mask —, the sample boundaries
+    as transformers' varlen kwargs (`varlen_kwargs`), and the media, CTC and pair inputs of the samples in row
+    order (pair_input_ids: one row per sample). The number of rows is
     what the examples need; rows are padded to the longest row, or to `max_length` with `pad_to_max_length`.
     """
 
@@ -87,6 +102,7 @@ class PackingCollator:
             packed.append(self._pack_row(row, first_sample, width))
             first_sample += len(row)
         batch = {key: torch.stack([row[key] for row in packed]) for key in packed[0]}
+        batch.update(varlen_kwargs(batch["position_ids"]))
         batch.update(collate_media([e for row in rows for e in row], self.pad_token_id))  # flat sample order
         return batch
 
@@ -108,6 +124,90 @@ class PackingCollator:
         segments.append(torch.full((padding,), -1))
         parts = {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_ids": segments}
         return {key: torch.cat([p.long() for p in values]) for key, values in parts.items()}
+
+
+def varlen_kwargs(position_ids: torch.LongTensor) -> dict[str, torch.Tensor]:
+    """`cu_seq_lens_q` / `cu_seq_lens_k` of packed rows whose positions restart at 0 at every sample.
+
+    The boundaries index the rows flattened to one sequence (rows × seq), as flash attention's varlen kernels
+    and `per_sample_sdpa` read them; trailing padding counts as one more sample. (Without `max_length_q/k`,
+    which would be the batch's only non-tensors, flash attention finds the same boundaries from the positions.)
+    """
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    cu_seq_lens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens.clone()}
+
+
+PACKED_ATTENTION = "sdpa_packed"
+
+
+def per_sample_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA over each packed sample's slice alone (see the module docstring); plain SDPA without boundaries.
+
+    query (batch, heads, seq, head_dim), key / value (batch, kv_heads, seq, head_dim); returns (batch, seq, heads,
+    head_dim) as transformers' attention functions do. Boundaries index the flattened rows and a sample never
+    crosses a row. Layers with a sliding window or attention sinks keep the masked path.
+    """
+    batch, heads, length, _ = query.shape
+    plain = (
+        cu_seq_lens_q is None
+        or key.shape[2] != length  # a cached prefix: the boundaries describe the queries only
+        or kwargs.get("sliding_window") is not None
+        or kwargs.get("s_aux") is not None
+    )
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        raise ValueError("per_sample_sdpa needs the same sample boundaries for queries and keys (cu_seq_lens_q == cu_seq_lens_k).")
+    if int(cu_seq_lens_q[-1]) != batch * length:
+        raise ValueError(f"cu_seq_lens_q ends at {int(cu_seq_lens_q[-1])} but the batch holds {batch} rows × {length} tokens.")
+    outputs = []
+    bounds = cu_seq_lens_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        row, begin = divmod(start, length)
+        stop = end - row * length
+        if stop > length:
+            raise ValueError(f"Packed sample at flat tokens {start}:{end} crosses the end of row {row} ({length} tokens).")
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[row : row + 1, :, begin:stop], key[row : row + 1, :, begin:stop], value[row : row + 1, :, begin:stop],
+                dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling,
+                enable_gqa=key.shape[1] != heads,
+            )
+        )
+    output = torch.cat(outputs, dim=2).view(heads, batch, length, -1)  # (heads, rows, seq, head_dim)
+    return output.permute(1, 2, 0, 3).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, per_sample_sdpa)
+AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # the mask plain calls need; packed calls ignore it
+
+
+def use_per_sample_attention(model) -> bool:
+    """Switch the LM of `model` (ours, or any transformers model) from SDPA to `per_sample_sdpa`; True if switched.
+
+    Other implementations (flash attention reads the same boundaries; eager and flex keep their masks) stay.
+    """
+    config = model.config.get_text_config()
+    if config._attn_implementation != "sdpa":
+        return False
+    if config is model.config:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    else:
+        model.set_attn_implementation({"text_config": PACKED_ATTENTION})
+    return True
 
 
 class PackedBatchSampler(Sampler[list[int]]):
@@ -155,4 +255,6 @@ class PackedBatchSampler(Sampler[list[int]]):
         return len(self.batches())
 
 
-__all__ = ["PackedBatchSampler", "PackingCollator", "first_fit"]
+__all__ = [
+    "PACKED_ATTENTION", "PackedBatchSampler", "PackingCollator", "first_fit", "per_sample_sdpa", "use_per_sample_attention", "varlen_kwargs",
+]

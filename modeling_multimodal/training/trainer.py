@@ -45,6 +45,7 @@ from .export import export_run, finished, finished_result
 from .mixture import ExampleCache, build_train_loader, load_rows
 from .model_builder import build_model_and_processor
 from .objective import TrainingObjective, freeze_unreachable_parameters, window_item_counts
+from .packing import PACKED_ATTENTION, use_per_sample_attention
 from .recipe import TrainingRecipe, stage_recipes
 from .run_folder import RunLock, prepare_output_dir
 from .stages import apply_stage, base_model, parameter_groups
@@ -86,6 +87,10 @@ class Trainer:
         self.train_rows = load_rows(recipe, recipe.data.train)
         self.eval_rows = load_rows(recipe, recipe.data.eval, training=False)
         model, self.processor = build_model_and_processor(recipe, self.train_rows)
+        # Packing on CPU: attention within each sample instead of over the masked row (training/packing.py). On CUDA,
+        # flash_attention_2 reads the same boundaries; the per-sample loop there is not measured, so SDPA stays as it is.
+        if recipe.data.packing and self.accelerator.device.type == "cpu" and use_per_sample_attention(model):
+            logger.info("Packing: the LM attends within each sample (%s) instead of masking the whole row", PACKED_ATTENTION)
         self.model = self._prepare_model(model)
         self.log_history: list[dict] = []
         self.eval_history: list[dict] = []
@@ -221,7 +226,11 @@ class Trainer:
                 )
         checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
         accelerator.wait_for_everyone()  # the main process may have cleared the folder
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim))
+        # Fused AdamW (transformers' Trainer default since torch 2.8): one kernel per group, and no temporaries; the
+        # single-tensor path allocates two copies of the largest trainable tensor at every step (2 × 113 MB for
+        # SmolLM2's embedding, trained fully), the step's memory peak. FSDP2 / DeepSpeed keep their own optimizers' paths.
+        fused = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim), fused=fused or None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
         loader = self._train_loader()
         if checkpoint is None and projectors_to_calibrate(self.model):
