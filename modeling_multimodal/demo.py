@@ -94,7 +94,7 @@ PRETRAINED = DemoPlan(
     stages=(("align", "align"), ("finetune", "finetune")),
     full={
         "sizes": {"image": {"train": 1200}, "video": {"train": 480}, "speech": {"train": 480}},
-        "steps": {"align": 20, "finetune": 450},
+        "steps": {"align": 20, "finetune": 330},
         "eval_steps": {"align": 0, "finetune": 0},
     },
     quick={
@@ -266,7 +266,7 @@ def print_results(scores: dict, samples: dict, timings: dict, holdout: str = "co
 
 def run_demo(
     out: str | Path = "demo_output", quick: bool = False, overrides: list[str] = (), holdout: str = "combinations",
-    plan: str = "scratch", weights_dir: str | Path | None = None, parts: dict[str, str] | None = None,
+    plan: str = "pretrained", weights_dir: str | Path | None = None, parts: dict[str, str] | None = None,
 ) -> dict:
     """The whole demo; returns (and writes to out/results.json) the test scores, targets and timings.
 
@@ -320,7 +320,7 @@ ABLATIONS = (("neither (λ=0, α=0)", 0.0, 0.0), ("λ only", None, 0.0), ("α on
 
 
 def run_ablation(
-    out: str | Path = "demo_output/ablation", quick: bool = False, holdout: str = "combinations", plan: str = "scratch",
+    out: str | Path = "demo_output/ablation", quick: bool = False, holdout: str = "combinations", plan: str = "pretrained",
     weights_dir: str | Path | None = None,
 ) -> list[dict]:
     """The same budget and seeds with each loss term off and on; writes ablation.json and ablation.md."""

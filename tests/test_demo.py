@@ -13,7 +13,7 @@ from modeling_multimodal.demo import TARGETS, run_demo
 
 @pytest.mark.slow
 def test_quick_demo_trains_reloads_scores_and_reports(tmp_path):
-    results = run_demo(tmp_path, quick=True)
+    results = run_demo(tmp_path, quick=True, plan="scratch")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["scores"] == results["scores"]
     for key, _, _ in TARGETS:
