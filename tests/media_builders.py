@@ -47,3 +47,30 @@ def make_video(path, num_frames: int = 30, fps: int = 10, size=(48, 64), codec: 
 def frame_levels(frames: np.ndarray) -> list[int]:
     """The frame index each gray frame encodes (level / 8, rounded)."""
     return [int(round(float(frame.mean()) / 8)) for frame in frames]
+
+
+def make_av_video(
+    path, video_seconds: float = 2.0, audio_seconds: float | None = None, fps: int = 10, size=(32, 32),
+    frequency: float = 440.0, sampling_rate: int = 22050, audio_codec: str = "aac",
+):
+    """An mp4 with gray frames (as `make_video`) for `video_seconds` and a sine sound track for `audio_seconds`
+    (default: as long as the frames; None-length 0 is not allowed). The track's codec is `audio_codec`."""
+    audio_seconds = video_seconds if audio_seconds is None else audio_seconds
+    with av.open(str(path), "w", format="mp4") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = size[1], size[0], "yuv420p"
+        audio = container.add_stream(audio_codec, rate=sampling_rate)
+        audio.layout = "mono"
+        for k in range(int(round(video_seconds * fps))):
+            frame = np.full((size[0], size[1], 3), (8 * k) % 256, np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        samples = tone(audio_seconds, sampling_rate, frequency)
+        step = 1024
+        for start in range(0, len(samples), step):
+            chunk = samples[start : start + step]
+            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
+            frame.sample_rate, frame.pts = sampling_rate, start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path

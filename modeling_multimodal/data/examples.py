@@ -50,7 +50,10 @@ from ..tokenization import MEDIA_TOKENS
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
 # The media tensors an encoded example carries (whichever of them its media need).
-MEDIA_TENSOR_KEYS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
+MEDIA_TENSOR_KEYS = (
+    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "video_audio_features",
+    "video_audio_features_mask",
+)
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
 _MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
