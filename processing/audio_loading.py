@@ -245,7 +245,7 @@ def load_video_track(video: str | bytes, name: str, target_rate: int, seconds: f
     `seconds` is how long the frames last (`SampledVideoMetadata.duration`). The track's first sample is taken to
     sit at the first frame; a longer track is cut at `seconds` (decoding stops there), a shorter one is padded with
     silence to it, so the result has exactly round(seconds * target_rate) samples. The second value is the
-    track's own length, capped just past `seconds` (the caller warns about a large mismatch). A file without an
+    track's own length (past `seconds`, from the stream header; the caller warns about a large mismatch). A file without an
     audio stream, or whose audio stream does not decode to a single sample, raises a `ValueError` naming it.
     """
     source = open_media_file(video, name) if isinstance(video, str) else io.BytesIO(video)
@@ -259,12 +259,16 @@ def load_video_track(video: str | bytes, name: str, target_rate: int, seconds: f
             stream = container.streams.audio[0]
             rate = stream.codec_context.sample_rate
             _check_header(name, rate, stream.codec_context.channels)
-            samples = _decode_stream(container, stream, math.ceil(seconds * rate))
+            limit = math.ceil(seconds * rate)
+            samples = _decode_stream(container, stream, limit)
+            declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot decode the audio stream of {name}: {err}") from err
     if samples is None:
         raise ValueError(f"the audio stream of {name} has no decodable samples (corrupt or empty)")
     track_seconds = samples.shape[1] / rate
+    if samples.shape[1] > limit and declared is not None:  # decoding stopped at the frames' end: the header says the rest
+        track_seconds = max(track_seconds, declared)
     mono = resample(_to_float_mono(samples), rate, target_rate)
     length = round(seconds * target_rate)
     return np.pad(mono[:length], (0, max(0, length - len(mono)))), track_seconds
