@@ -18,6 +18,7 @@ from media_builders import make_av_video, make_video, make_video_with_corrupt_au
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.configuration.media_tokens import MediaTokenLayout
 from modeling_multimodal.data.collator import MultimodalCollator
+from modeling_multimodal.data.examples import ExampleEncoder, TaskSpec
 from modeling_multimodal.processing.audio_loading import load_audio, load_video_track, log_mel
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.training.packing import PackingCollator
@@ -307,3 +308,17 @@ def test_spoken_word_muxed_into_a_video_is_the_track_read_back(tmp_path):
     expected = np.pad(expected, (0, round(seconds * 16000) - len(expected)))
     frames = int(out["video_audio_features_mask"].sum())
     torch.testing.assert_close(out["video_audio_features"][0, :, :frames], log_mel(PROCESSOR.feature_extractor, expected), atol=1e-4, rtol=0)
+
+
+# --- training data: task templates, chat rows, exact length estimates -----------------------------------------
+def test_example_encoder_carries_the_track_and_estimates_its_length(clips):
+    spec = TaskSpec("av_caption", "<video> what happens?", "caption", {"video": "video"}, use_audio_in_video=True)
+    chat_row = {"id": "chat", "messages": [
+        {"role": "user", "content": [{"type": "video", "video": clips["plain"]}, {"type": "video", "video": clips["av"], "use_audio_in_video": True}]},
+        {"role": "assistant", "content": "a red circle"},
+    ]}  # fmt: skip
+    for row, task, tracks in (({"id": "0", "video": clips["av"], "caption": "a red circle"}, spec, [210]), (chat_row, None, [0, 210])):
+        encoder = ExampleEncoder(PROCESSOR, task)
+        encoded = encoder(row)
+        assert encoded["video_audio_features_mask"].sum(-1).tolist() == tracks
+        assert len(encoded["input_ids"]) == encoder.estimate_length(row)  # exact, from the packets alone
