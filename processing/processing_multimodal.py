@@ -516,12 +516,12 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         if fps is not None:
             options["fps"] = fps
         flat = [item for items in per_sample for item in items]
+        wanted = self._videos_with_track(use_audio_in_video, len(flat))  # checked before anything is decoded
         try:
             out = self.video_processor(flat, **options)
         except MediaInputError as err:
             raise self._media_error("video", per_sample, err) from err
         data = {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
-        wanted = self._videos_with_track(use_audio_in_video, len(flat))
         if any(wanted):
             features, mask = self._video_tracks(per_sample, out["video_metadata"], wanted)
             data.update(video_audio_features=features, video_audio_features_mask=mask)

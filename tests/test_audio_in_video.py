@@ -18,8 +18,9 @@ from media_builders import make_av_video, make_video, make_video_with_corrupt_au
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.configuration.media_tokens import MediaTokenLayout
 from modeling_multimodal.data.collator import MultimodalCollator
-from modeling_multimodal.data.examples import ExampleEncoder, TaskSpec
+from modeling_multimodal.data.examples import ExampleEncoder, TaskSpec, load_manifest
 from modeling_multimodal.processing.audio_loading import load_audio, load_video_track, log_mel
+from modeling_multimodal.processing.video_processing_multimodal import load_video
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.training.packing import PackingCollator
 
@@ -322,3 +323,29 @@ def test_example_encoder_carries_the_track_and_estimates_its_length(clips):
         encoded = encoder(row)
         assert encoded["video_audio_features_mask"].sum(-1).tolist() == tracks
         assert len(encoded["input_ids"]) == encoder.estimate_length(row)  # exact, from the packets alone
+
+
+# --- the demo task's data ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_av_demo_data_needs_both_streams_and_holds_out_combinations(tmp_path):
+    from modeling_multimodal.demo_data import grammar
+    from modeling_multimodal.demo_data.av_videos import SHAPE_GREY, make_av_demo_data, manifest_path
+
+    meta = make_av_demo_data(tmp_path, sizes={"train": 6, "validation": 2, "test": 4})
+    splits = {split: list(load_manifest(manifest_path(tmp_path, split), root=tmp_path)) for split in grammar.SPLITS}
+    held_out = {tuple(c) for c in meta["held_out_combinations"]}
+    for split, rows in splits.items():
+        assert len(rows) == meta["sizes"][split]
+        for row in rows:
+            a = row["attributes"]
+            assert row["caption"] == f"a {a['colour']} {a['shape']} moving {a['direction']}"
+            assert ((a["colour"], a["shape"], a["direction"]) in held_out) == (split == "test")
+    row = splits["train"][0]
+    encoder = ExampleEncoder(PROCESSOR, "av_video_caption")
+    encoded = encoder(row)
+    assert len(encoded["input_ids"]) == encoder.estimate_length(row)
+    track = encoded["video_audio_features"][0, :, : int(encoded["video_audio_features_mask"].sum())]
+    assert track.std() > 0.1  # a spoken word, not silence
+    frames, _ = load_video(row["video"], 12)
+    saturation = frames.max(-1).astype(int) - frames.min(-1).astype(int)
+    assert saturation.max() < 40 and (np.abs(frames.astype(int) - SHAPE_GREY[0]) < 20).any()  # grey: no colour shown

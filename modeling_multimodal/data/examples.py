@@ -10,7 +10,8 @@ Three steps, each its own small piece:
   (a row without its caption would otherwise train on zero tokens).
 - `build_example`: a row → one training example (plain Python, no media decoded). A row is either chat
   `messages` (the last assistant turn is the trained response) or simple fields mapped by a `TaskSpec`
-  ("task template"): `image_caption`, `video_caption`, `speech_transcription`, `image_text_pair`.
+  ("task template"): `image_caption`, `video_caption`, `av_video_caption` (frames and sound track),
+  `speech_transcription`, `image_text_pair`.
 - `ExampleEncoder`: an example → tensors through the processor. The prompt goes through the chat template
   with `add_generation_prompt=True` and the processor (placeholders expanded, media preprocessed); the
   response is tokenized on its own and its ids (+ EOS) are appended, so the prompt is an exact prefix and
@@ -93,6 +94,11 @@ TASKS = {
     for spec in (
         TaskSpec("image_caption", "<image> describe the image.", "caption", {"image": "image"}, pair_field="caption"),
         TaskSpec("video_caption", "<video> what happens in the video?", "caption", {"video": "video"}, pair_field="caption"),
+        # The video's own sound track goes in with its frames (the demo's clips say the colour the frames do not show).
+        TaskSpec(
+            "av_video_caption", "<video> what happens in the video?", "caption", {"video": "video"}, pair_field="caption",
+            use_audio_in_video=True,
+        ),
         TaskSpec(
             "speech_transcription", "<audio> what is said in the audio?", "transcript", {"audio": "audio"},
             pair_field="transcript", ctc_field="transcript",
