@@ -95,12 +95,28 @@ class MediaTokenLayout:
         return _ceil_div(self.audio_encoder_positions(num_mel_frames), self.audio_pool_stride)
 
     def video_tokens_per_step(self) -> int:
-        """Tokens of one video time step (a temporally pooled frame): its spatially pooled patch grid."""
+        """Frame tokens of one video time step (a temporally pooled frame): its spatially pooled patch grid."""
         if self.image_grid is None or self.video_num_frames == 0:
             raise ValueError("This model takes no video (it needs a vision tower and a video token).")
         side = self.image_grid // self.video_spatial_pool_stride
         return side * side
 
-    def video_tokens(self) -> int:
-        """Tokens for one video of `video_num_frames` frames after temporal and spatial pooling."""
-        return (self.video_num_frames // self.video_temporal_pool_stride) * self.video_tokens_per_step()
+    def video_token_steps(self, track_mel_frames: int = 0) -> list[tuple[int, int]]:
+        """(frame tokens, sound-track tokens) of each temporal step of one video, in the order the LM reads them.
+
+        A video is `video_num_frames // video_temporal_pool_stride` temporal steps of pooled frame tokens. With its
+        sound track (`use_audio_in_video`, `track_mel_frames` > 0 log-mel frames, fitted by the processor to the
+        frames' span) the track's `audio_tokens` are cut into as many equal time windows, and each step's frame
+        tokens are followed by the tokens of its window: audio token j (of A) lands in window floor(j * steps / A),
+        so window i holds ceil((i + 1) * A / steps) - ceil(i * A / steps) tokens. Without a track (0) every step
+        has 0 audio tokens.
+        """
+        per_step = self.video_tokens_per_step()
+        steps = self.video_num_frames // self.video_temporal_pool_stride
+        track = self.audio_tokens(track_mel_frames) if track_mel_frames else 0
+        return [(per_step, _ceil_div((i + 1) * track, steps) - _ceil_div(i * track, steps)) for i in range(steps)]
+
+    def video_tokens(self, track_mel_frames: int = 0) -> int:
+        """Tokens for one video of `video_num_frames` frames after temporal and spatial pooling, plus its sound
+        track's tokens when it comes with one (`track_mel_frames` > 0, see `video_token_steps`)."""
+        return sum(frames + audio for frames, audio in self.video_token_steps(track_mel_frames))

@@ -6,7 +6,10 @@ counts checked per sample, a `ValueError` naming the sample and both counts), th
 the token embeddings. The checks that read values on the host run at prefill only, never per decode step.
 Where it departs from LLaVA:
 - audio runs at the clip's own length (see `encoders.encode_audio`), so its cost follows the clip;
-- video frames go through the vision tower, then temporal and spatial pooling;
+- video frames go through the vision tower, then temporal and spatial pooling; a video's own sound track
+  (`video_audio_features`, from `use_audio_in_video`) goes through the audio encoder at its own length and its
+  tokens are interleaved with the frame tokens by time window (`MediaTokenLayout.video_token_steps`), all at the
+  video's `<video>` placeholders;
 - the loss is `L_text + λ·L_auxiliary + α·L_contrastive`, each term returned on its own, and `L_text` computes
   logits only at labelled positions (`return_logits=False` skips the full logits entirely);
 - retrieval: `get_retrieval_embeddings` gives the L2-normalised embedding of the shared image/video/audio-text
@@ -113,6 +116,8 @@ def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], 
         )
 
 
+# Our media inputs that transformers' `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL` does not know.
+VIDEO_TRACK_INPUTS = ("video_audio_features", "video_audio_features_mask")
 _FEATURES_ONLY = {"output_hidden_states": False, "return_dict": True}  # get_<modality>_features for the features alone
 
 
@@ -262,11 +267,51 @@ class MultimodalModel(MultimodalPreTrainedModel):
         """(n, 3, H, W) -> (n, image_tokens, text_hidden), the LM-ready features."""
         return self._image_tokens(self._vision_tower_outputs(pixel_values).hidden_states)
 
-    def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """(n, frames, 3, H, W) -> (n, video_tokens, text_hidden): frames through the vision tower, then pooled."""
-        self._check_video_frames(pixel_values_videos)
-        n, frames = pixel_values_videos.shape[:2]
-        return self._video_tokens(self._vision_tower_outputs(pixel_values_videos.flatten(0, 1)).hidden_states, n, frames)
+    def encode_videos(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """(n, frames, 3, H, W) -> (n, video_tokens, text_hidden): frames through the vision tower, then pooled.
+
+        With sound tracks (see `get_video_features`), a list of (video_tokens(track)_i, text_hidden) instead.
+        """
+        return self.get_video_features(pixel_values_videos, video_audio_features, video_audio_features_mask, **_FEATURES_ONLY).pooler_output
+
+    def _with_sound_tracks(
+        self, frame_tokens: torch.Tensor, video_audio_features: torch.Tensor, video_audio_features_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """Each video's frame tokens (n, steps * step_tokens, d) with its sound track's tokens interleaved.
+
+        The tracks with at least one mel frame go through the audio encoder together, each at its own length
+        (`encode_audio`, padding masked, so a track's tokens do not depend on its batch); a row of length 0 is a
+        video without a track. The order is `MediaTokenLayout.video_token_steps`: each temporal step's frame
+        tokens, then the track tokens of its time window.
+        """
+        if self.audio_tower is None:
+            raise ValueError("video_audio_features (use_audio_in_video) were given but this model has no audio tower.")
+        if video_audio_features_mask is None:
+            video_audio_features_mask = video_audio_features.new_ones(video_audio_features.shape[0], video_audio_features.shape[-1])
+        if video_audio_features.shape[0] != frame_tokens.shape[0]:
+            raise ValueError(
+                f"video_audio_features has {video_audio_features.shape[0]} rows but there are {frame_tokens.shape[0]} "
+                "videos; give one row per video (mask all 0 for a video without its sound track)."
+            )
+        track_frames = video_audio_features_mask.sum(-1).tolist()
+        with_track = [index for index, frames in enumerate(track_frames) if frames > 0]
+        tracks = {}
+        if with_track:
+            rows = torch.tensor(with_track, device=video_audio_features.device)
+            clips, _, _ = self.encode_audio(video_audio_features[rows], video_audio_features_mask[rows])
+            tracks = dict(zip(with_track, clips))
+        videos = []
+        for index, frames in enumerate(frame_tokens):
+            steps = self.layout.video_token_steps(int(track_frames[index]))
+            track = tracks.get(index, frames[:0]).to(frames.dtype)
+            parts = zip(frames.split([count for count, _ in steps]), track.split([count for _, count in steps]))
+            videos.append(torch.cat([part for step in parts for part in step]))  # (video_tokens(track), d)
+        return videos
 
     @property
     def video_projector(self) -> nn.Module:
@@ -314,6 +359,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -322,12 +369,18 @@ class MultimodalModel(MultimodalPreTrainedModel):
 
         `last_hidden_state` (n * frames, patches, vision_hidden), `hidden_states` / `attentions` when asked for, and
         `pooler_output` (n, video_tokens, text_hidden) the LM-ready features of each video.
+        With `video_audio_features` (n, n_mels, T) and its mask (n, T), each video's sound track (the processor's
+        `use_audio_in_video`; a row whose mask is all 0 is a video without one), `pooler_output` is a list of
+        (video_tokens(track mel frames)_i, text_hidden): frame and track tokens interleaved by time window.
         """
         self._check_video_frames(pixel_values_videos)
         n, frames = pixel_values_videos.shape[:2]
         hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
         tower = self._vision_tower_outputs(pixel_values_videos.flatten(0, 1), attentions)
-        return _tower_features(tower, self._video_tokens(tower.hidden_states, n, frames), hidden)
+        features = self._video_tokens(tower.hidden_states, n, frames)  # (n, video_tokens, text_hidden)
+        if video_audio_features is not None:
+            features = self._with_sound_tracks(features, video_audio_features, video_audio_features_mask)
+        return _tower_features(tower, features, hidden)
 
     @can_return_tuple
     def get_audio_features(
@@ -354,14 +407,21 @@ class MultimodalModel(MultimodalPreTrainedModel):
         return output, positions
 
     # --- merge ------------------------------------------------------------------------------------
-    def encode_media(self, pixel_values=None, pixel_values_videos=None, input_features=None, input_features_mask=None):
+    def encode_media(
+        self, pixel_values=None, pixel_values_videos=None, input_features=None, input_features_mask=None,
+        video_audio_features=None, video_audio_features_mask=None,
+    ):  # fmt: skip
         """{modality: `get_<modality>_features` output} of the media given, and each audio clip's encoder positions
-        (None without audio), for the CTC head."""
+        (None without audio), for the CTC head. Videos' sound tracks belong to the videos (their `<video>` tokens)."""
         outputs, audio_positions = {}, None
         if pixel_values is not None:
             outputs["image"] = self.get_image_features(pixel_values, return_dict=True)
         if pixel_values_videos is not None:
-            outputs["video"] = self.get_video_features(pixel_values_videos, return_dict=True)
+            outputs["video"] = self.get_video_features(
+                pixel_values_videos, video_audio_features, video_audio_features_mask, return_dict=True
+            )
+        elif video_audio_features is not None:
+            raise ValueError("video_audio_features (videos' sound tracks) were given without pixel_values_videos.")
         if input_features is not None:
             outputs["audio"], audio_positions = self._audio_outputs(input_features, input_features_mask)
         return outputs, audio_positions
@@ -409,6 +469,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         is_prefill: bool = True,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
     ) -> MultimodalModelOutput:
         """The LM's input: token embeddings with the media features written at their placeholders.
 
@@ -422,6 +484,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             ("pixel_values", pixel_values, self.vision_tower),
             ("pixel_values_videos", pixel_values_videos, self.vision_tower if self.config.video_token_id is not None else None),
             ("input_features", input_features, self.audio_tower),
+            ("video_audio_features", video_audio_features, self.audio_tower),
         ):
             if value is not None and tower is None:
                 raise ValueError(f"{name} was given but this model has no tower for it (config.modalities={self.config.modalities}).")
@@ -430,7 +493,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         encoder_outputs, audio_positions = self.encode_media(
-            pixel_values, pixel_values_videos, input_features, input_features_mask
+            pixel_values, pixel_values_videos, input_features, input_features_mask, video_audio_features,
+            video_audio_features_mask,
         )
         # Masks first, from the embeddings before any merge (an `inputs_embeds` search must see the placeholders).
         masks = {}
@@ -469,6 +533,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalModelOutput:
@@ -487,6 +553,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
             input_features,
             input_features_mask,
             is_prefill=cache is None or cache.get_seq_length() == 0,
+            video_audio_features=video_audio_features,
+            video_audio_features_mask=video_audio_features_mask,
         )
         inputs_embeds = merged.inputs_embeds
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -561,9 +629,16 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         """As `MultimodalModel.get_image_features`: `pooler_output` holds the LM-ready features of each image."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs):
-        """As `MultimodalModel.get_video_features`: `pooler_output` holds the LM-ready features of each video."""
-        return self.model.get_video_features(pixel_values_videos, **kwargs)
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """As `MultimodalModel.get_video_features`: `pooler_output` holds the LM-ready features of each video (with
+        its sound track interleaved when `video_audio_features` are given)."""
+        return self.model.get_video_features(pixel_values_videos, video_audio_features, video_audio_features_mask, **kwargs)
 
     def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None, **kwargs):
         """As `MultimodalModel.get_audio_features`: `pooler_output` holds the LM-ready features of each clip."""
@@ -597,11 +672,17 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(n, contrastive_dim) L2-normalised embeddings of the shared retrieval space that `L_contrastive` trains, of
         one modality's inputs: texts (`input_ids`, `attention_mask`), images, videos or audio clips. The dot product
-        of two embeddings is their cosine similarity (text-to-image scores: `texts @ images.T`).
+        of two embeddings is their cosine similarity (text-to-image scores: `texts @ images.T`). Videos may come with
+        their sound tracks (`video_audio_features`, the processor's `use_audio_in_video`): the embedding then reads
+        the interleaved frame and track tokens.
         """
+        if video_audio_features is not None and pixel_values_videos is None:
+            raise ValueError("video_audio_features are videos' sound tracks: pass them with pixel_values_videos.")
         given = {
             name: value
             for name, value in (
@@ -620,7 +701,9 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         if pixel_values is not None:
             features = self.model.get_image_features(pixel_values, **_FEATURES_ONLY, output_attentions=False)
         elif pixel_values_videos is not None:
-            features = self.model.get_video_features(pixel_values_videos, **_FEATURES_ONLY, output_attentions=False)
+            features = self.model.get_video_features(
+                pixel_values_videos, video_audio_features, video_audio_features_mask, **_FEATURES_ONLY, output_attentions=False
+            )
         else:
             features = self.model.get_audio_features(input_features, input_features_mask, **_FEATURES_ONLY)
         return self._media_embeddings(list(features.pooler_output))
@@ -649,15 +732,20 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         return self.retrieval_head.embed_media(masked_mean(hidden.last_hidden_state, mask))
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
-        """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media.
+        """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media; the videos' sound
+        tracks are dropped after it, as transformers drops the other media inputs (encoded once, at prefill).
 
         transformers runs an assistant model's first pass (assisted decoding) with `is_first_iteration=False`,
         which would drop `pixel_values` & co. and leave the assistant placeholders without media.
         """
         is_first_iteration = is_first_iteration or cache is None or cache.get_seq_length() == 0
-        return super().prepare_inputs_for_generation(
+        model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
+        if not is_first_iteration and model_inputs.get("use_cache", True):  # as transformers drops `pixel_values_videos`
+            for name in VIDEO_TRACK_INPUTS:
+                model_inputs.pop(name, None)
+        return model_inputs
 
     # --- forward ------------------------------------------------------------------------------------
     @can_return_tuple
@@ -673,6 +761,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        video_audio_features: torch.Tensor | None = None,
+        video_audio_features_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         ctc_labels: torch.LongTensor | None = None,
@@ -686,6 +776,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalCausalLMOutput:
         r"""
+        video_audio_features / video_audio_features_mask: (n_videos, n_mels, T) / (n_videos, T) each video's sound
+            track (the processor's `use_audio_in_video`), interleaved with its frames at its `<video>` placeholders.
         The loss is `L_text + λ·L_auxiliary + α·L_contrastive` with λ = `config.auxiliary_loss_weight`, α = `config.contrastive_loss_weight`
         (a weight of 0 skips its term's computation); each term is also returned on its own. Which terms are taken
         follows the targets given, as CLIP's `return_loss` does for its contrastive loss.
@@ -719,6 +811,8 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             pixel_values_videos=pixel_values_videos,
             input_features=input_features,
             input_features_mask=input_features_mask,
+            video_audio_features=video_audio_features,
+            video_audio_features_mask=video_audio_features_mask,
             use_cache=use_cache,
             return_dict=True,
             **kwargs,

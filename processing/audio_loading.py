@@ -2,7 +2,8 @@
 
 Forms: numpy arrays and torch tensors (1-D, or 2-D with a channel axis) with a sampling rate; a
 `{"array": ..., "sampling_rate": ...}` dict (the `datasets` Audio format); a file path or bytes
-(wav, flac, ogg, mp3 through soundfile; anything else ffmpeg reads through PyAV).
+(wav, flac, ogg, mp3 through soundfile; anything else ffmpeg reads through PyAV); and the sound track of a
+video file (`load_video_track`, for `use_audio_in_video`), fitted to the span of its frames.
 
 Channels are averaged to mono. Resampling uses libswresample through `av.AudioResampler` (a
 windowed-sinc polyphase filter with delay compensation, so the output has exactly
@@ -119,15 +120,30 @@ def _read_soundfile(source, name: str, max_seconds: float | None, truncate: bool
     return samples.T, rate
 
 
+def _decode_stream(container, stream, limit: int | None) -> np.ndarray | None:
+    """Decode an audio stream to planar float (channels, samples), stopping once more than `limit` samples are in
+    (`None`: the whole stream). None when nothing decodes."""
+    codec = stream.codec_context
+    # planar float, one row per channel, whatever the codec's native format
+    resampler = av.AudioResampler(format="fltp", layout=codec.layout, rate=codec.sample_rate)
+    chunks, count = [], 0
+    for frame in container.decode(stream):
+        for out in resampler.resample(frame):
+            chunks.append(out.to_ndarray())
+            count += chunks[-1].shape[1]
+        if limit is not None and count > limit:
+            break
+    return np.concatenate(chunks, axis=1) if chunks else None
+
+
 def _read_pyav(source, name: str, max_seconds: float | None, truncate: bool) -> tuple[np.ndarray | None, int]:
     """Anything ffmpeg reads: the duration is checked from the container, and decoding stops past the limit."""
     with av.open(source) as container:
         if not container.streams.audio:
             raise ValueError("it has no audio stream")
         stream = container.streams.audio[0]
-        codec = stream.codec_context
-        rate = codec.sample_rate
-        _check_header(name, rate, codec.channels)
+        rate = stream.codec_context.sample_rate
+        _check_header(name, rate, stream.codec_context.channels)
         limit = None if max_seconds is None else math.floor(max_seconds * rate)
         if stream.duration is not None and stream.time_base is not None:
             seconds = float(stream.duration * stream.time_base)
@@ -135,21 +151,12 @@ def _read_pyav(source, name: str, max_seconds: float | None, truncate: bool) -> 
             seconds = container.duration / av.time_base if container.duration is not None else None
         if limit is not None and seconds is not None and seconds > max_seconds and not truncate:
             raise _too_long(name, seconds, max_seconds, "from its header")
-        # planar float, one row per channel, whatever the codec's native format
-        resampler = av.AudioResampler(format="fltp", layout=codec.layout, rate=rate)
-        chunks, count = [], 0
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
-                count += chunks[-1].shape[1]
-            if limit is not None and count > limit:
-                if not truncate:  # the header under-counted
-                    raise _too_long(name, count / rate, max_seconds, "more than its header said")
-                break
-    if not chunks:
+        samples = _decode_stream(container, stream, limit)
+    if samples is None:
         return None, rate
-    samples = np.concatenate(chunks, axis=1)
     if limit is not None and samples.shape[1] > limit:
+        if not truncate:  # the header under-counted
+            raise _too_long(name, samples.shape[1] / rate, max_seconds, "more than its header said")
         samples = samples[:, :limit]
         _truncated(name, seconds if seconds is not None and seconds > max_seconds else None, max_seconds)
     return samples, rate
@@ -232,6 +239,41 @@ def load_audio(
     return resample(_to_float_mono(samples), sampling_rate, target_rate)
 
 
+def load_video_track(video: str | bytes, name: str, target_rate: int, seconds: float) -> tuple[np.ndarray, float]:
+    """The sound track of a video file, fitted to its frames: (mono float32 at `target_rate`, track seconds).
+
+    `seconds` is how long the frames last (`SampledVideoMetadata.duration`). The track's first sample is taken to
+    sit at the first frame; a longer track is cut at `seconds` (decoding stops there), a shorter one is padded with
+    silence to it, so the result has exactly round(seconds * target_rate) samples. The second value is the
+    track's own length (past `seconds`, from the stream header; the caller warns about a large mismatch). A file without an
+    audio stream, or whose audio stream does not decode to a single sample, raises a `ValueError` naming it.
+    """
+    source = open_media_file(video, name) if isinstance(video, str) else io.BytesIO(video)
+    try:
+        with source, av.open(source) as container:
+            if not container.streams.audio:
+                raise ValueError(
+                    f"{name} has no audio stream, but use_audio_in_video=True asks for its sound track; pass "
+                    "use_audio_in_video=False (or a per-video list with False for this one)"
+                )
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate
+            _check_header(name, rate, stream.codec_context.channels)
+            limit = math.ceil(seconds * rate)
+            samples = _decode_stream(container, stream, limit)
+            declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+    except av.error.FFmpegError as err:
+        raise ValueError(f"cannot decode the audio stream of {name}: {err}") from err
+    if samples is None:
+        raise ValueError(f"the audio stream of {name} has no decodable samples (corrupt or empty)")
+    track_seconds = samples.shape[1] / rate
+    if samples.shape[1] > limit and declared is not None:  # decoding stopped at the frames' end: the header says the rest
+        track_seconds = max(track_seconds, declared)
+    mono = resample(_to_float_mono(samples), rate, target_rate)
+    length = round(seconds * target_rate)
+    return np.pad(mono[:length], (0, max(0, length - len(mono)))), track_seconds
+
+
 def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
     """Whisper log-mel of one clip on its own (no 30 s padding): float32 (n_mels, len(samples) // hop_length).
 
@@ -246,4 +288,4 @@ def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
     return features[0].float()  # (n_mels, frames)
 
 
-__all__ = ["AudioHeaderError", "AudioTooLongError", "load_audio", "log_mel", "resample"]
+__all__ = ["AudioHeaderError", "AudioTooLongError", "load_audio", "load_video_track", "log_mel", "resample"]

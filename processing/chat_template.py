@@ -41,6 +41,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
 )
+TRACK_FLAGS = "use_audio_in_video"  # per video item: also read the video file's sound track (see the processor)
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # templates that mark the assistant's replies themselves
 
 
@@ -72,7 +73,8 @@ class ChatTemplateMixin:
         A message is `{"role": "system" | "user" | "assistant", "content": str | list}` (or a message object with
         those fields); content items are `{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`,
         `{"type": "audio", "audio": ...}` (optionally with "sampling_rate") or `{"type": "video", "video": ...}`
-        (any form `__call__` accepts; "path" or "url" works as the key too). Templates that read a message's content
+        (any form `__call__` accepts; "path" or "url" works as the key too; `"use_audio_in_video": True` on a video
+        item reads its file's sound track too, as `use_audio_in_video=True` in the call does for every video). Templates that read a message's content
         as a list of typed items (`DEFAULT_CHAT_TEMPLATE`, VLM templates) get the items; templates that read it as
         one string (a text LM's own: ChatML and the like) get the items joined by spaces, each media item written as
         its placeholder (`<image>` ...), so the media land inside the template's own turns.
@@ -112,6 +114,7 @@ class ChatTemplateMixin:
                 self._fit_turns(i, c, render, max_length, processor_kwargs) for i, c in enumerate(conversations)
             ]
         texts, spans, media = self._render(conversations, render, return_assistant_tokens_mask)
+        processor_kwargs = self._with_video_track_flags(processor_kwargs, media.pop(TRACK_FLAGS))
         if not tokenize:
             return texts if batched else texts[0]
         bos = self.tokenizer.bos_token
@@ -135,12 +138,12 @@ class ChatTemplateMixin:
 
     def _render(self, conversations, render: dict, with_spans: bool):
         """Rendered texts, assistant character spans (before placeholder expansion, which happens later), media per sample."""
-        media = {kind: [] for kind in MODALITIES}
+        media = {kind: [] for kind in (*MODALITIES, TRACK_FLAGS)}
         structured = self._takes_structured_content(render["template"])
         flattened = []
         system_prompt = self.system_prompt
         for index, messages in enumerate(conversations):
-            found = {kind: [] for kind in MODALITIES}
+            found = {kind: [] for kind in (*MODALITIES, TRACK_FLAGS)}
             clean = []
             for position, message in enumerate(messages):
                 if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -154,13 +157,29 @@ class ChatTemplateMixin:
             if system_prompt is not None and not (clean and clean[0]["role"] == "system"):
                 clean.insert(0, {"role": "system", "content": system_prompt})
             flattened.append(clean)
-            for kind in MODALITIES:
+            for kind in (*MODALITIES, TRACK_FLAGS):
                 media[kind].append(found[kind])
         texts, spans = self._render_texts(flattened, render)
         if with_spans and not GENERATION_BLOCK.search(render["template"]):
             spans = [self._assistant_spans(index, messages, text, render) for index, (messages, text) in enumerate(zip(flattened, texts))]
+        flags = [flag for lists in media.pop(TRACK_FLAGS) for flag in lists]
         media = {kind: (lists if any(lists) else None) for kind, lists in media.items()}
+        media[TRACK_FLAGS] = flags if any(flag is not None for flag in flags) else None
         return texts, spans if with_spans else None, media
+
+    @staticmethod
+    def _with_video_track_flags(processor_kwargs: dict, flags: list[bool | None] | None) -> dict:
+        """`processor_kwargs` with `use_audio_in_video` per video when video items set it themselves: an item's
+        own value wins, the call's `use_audio_in_video` (a bool, default False) fills in the others."""
+        if flags is None:
+            return processor_kwargs
+        default = processor_kwargs.get("use_audio_in_video", False)
+        if not isinstance(default, bool):
+            raise ValueError(
+                "use_audio_in_video is set on video items of the messages; the call's use_audio_in_video must then be "
+                f"a bool (the default for the other videos), got {default!r}"
+            )
+        return {**processor_kwargs, "use_audio_in_video": [default if flag is None else flag for flag in flags]}
 
     def _render_texts(self, conversations, render: dict, add_generation_prompt: bool | None = None):
         return render_jinja_template(
@@ -229,6 +248,11 @@ class ChatTemplateMixin:
         if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
             value = {"array": value, "sampling_rate": item["sampling_rate"]}
         found[kind].append(value)
+        if kind == "video":
+            flag = item.get("use_audio_in_video")
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"conversation {index}, message {position}: use_audio_in_video must be a bool, got {flag!r}")
+            found[TRACK_FLAGS].append(flag)
         return {**item, "type": kind}
 
     @staticmethod
@@ -262,6 +286,7 @@ class ChatTemplateMixin:
         modality, so its length is that of its rendered text with the same placeholder expansions, tokenized alone.
         """
         (text,), _, media = self._render([messages], render, False)
+        processor_kwargs = self._with_video_track_flags(processor_kwargs, media.pop(TRACK_FLAGS))
         skip = ("padding", "return_tensors", "padding_side", "truncation", "max_length", "return_text_replacement_offsets")
         options = {k: v for k, v in processor_kwargs.items() if k not in skip}
         bos = self.tokenizer.bos_token

@@ -8,6 +8,9 @@
   batch is right-padded with zeros and `input_features_mask` marks the real mel frames.
 - Everything is checked (placeholder counts, files, arrays, modalities, lengths) before anything is
   returned, and errors name the sample, the item and the file.
+- `use_audio_in_video=True` (or one bool per video) also decodes each video file's sound track, fitted to the
+  span of its sampled frames (`audio_loading.load_video_track`); its `<video>` placeholder then stands for the
+  frame tokens and the track's tokens interleaved by time window (`MediaTokenLayout.video_token_steps`).
 - Truncation never cuts a media span (`truncation.py`): it raises instead, or, in `apply_chat_template`
   (`chat_template.py`), drops whole trailing turns when `drop_trailing_turns=True`.
 
@@ -17,11 +20,14 @@ Outputs (names of the model's `forward` arguments):
     input_features                     (n_audios, n_mels, T_max)     zero-padded log-mels
     input_features_mask                (n_audios, T_max)             1 = real mel frame
     pixel_values_videos                (n_videos, num_frames, 3, H, W)
+    video_audio_features               (n_videos, n_mels, T_max)     with use_audio_in_video: each video's sound track
+    video_audio_features_mask          (n_videos, T_max)             1 = real mel frame; all 0 for a video without track
     video_metadata                     only with return_metadata=True: list of `SampledVideoMetadata`
     assistant_masks                    only from apply_chat_template(..., return_assistant_tokens_mask=True)
 """
 
 import importlib
+import os
 
 import numpy as np
 import torch
@@ -32,11 +38,11 @@ from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 
 from ..configuration.media_tokens import MODALITIES, MediaTokenLayout
-from .audio_loading import load_audio, log_mel
+from .audio_loading import load_audio, load_video_track, log_mel
 from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin
 from .image_processing_multimodal import MediaInputError, MultimodalImageProcessor, describe
 from .truncation import truncate_outside_media
-from .video_processing_multimodal import MultimodalVideoProcessor
+from .video_processing_multimodal import MultimodalVideoProcessor, MultimodalVideosKwargs
 
 logger = logging.get_logger(__name__)
 
@@ -54,6 +60,13 @@ class MultimodalAudioKwargs(AudioKwargs, total=False):
     truncate_audio: bool | None
 
 
+class MultimodalProcessorVideosKwargs(MultimodalVideosKwargs, total=False):
+    """The video processor's options plus `use_audio_in_video`: True for every video of the call, or one bool per
+    video (flat, in placeholder order), to read each video file's sound track along with its frames."""
+
+    use_audio_in_video: bool | list[bool] | None
+
+
 class MultimodalProcessorKwargs(ProcessingKwargs, total=False):
     """What `MultimodalProcessor.__call__` takes, flat (`do_rescale=False`, `padding="longest"`) or grouped
     (`text_kwargs=`, `images_kwargs=`, `audio_kwargs=`, `videos_kwargs=`, `common_kwargs=`), routed by
@@ -62,6 +75,7 @@ class MultimodalProcessorKwargs(ProcessingKwargs, total=False):
 
     text_kwargs: TextKwargs
     audio_kwargs: MultimodalAudioKwargs
+    videos_kwargs: MultimodalProcessorVideosKwargs
 
 
 def _is_per_sample(media) -> bool:
@@ -275,14 +289,22 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
-        return names + ["pixel_values_videos"]
+        return names + ["pixel_values_videos", "video_audio_features", "video_audio_features_mask"]
 
     # --- placeholder expansion (STYLE: replace_<modality>_token) -------------------------------------
     def replace_image_token(self, image_inputs=None, image_idx: int = 0, **kwargs) -> str:
         return self.image_token * self.layout.image_tokens()
 
     def replace_video_token(self, video_inputs=None, video_idx: int = 0, **kwargs) -> str:
-        return self.video_token * self.layout.video_tokens()
+        """The video's frame tokens, and with its sound track the track's tokens too (all as `<video>`)."""
+        track_frames = self._track_mel_frames(video_inputs or {})
+        return self.video_token * self.layout.video_tokens(track_frames[video_idx] if track_frames else 0)
+
+    @staticmethod
+    def _track_mel_frames(data: dict) -> list[int]:
+        """Mel frames of each video's sound track (0 for a video without one); [] when no video has a track."""
+        mask = data.get("video_audio_features_mask")
+        return [] if mask is None else mask.sum(-1).tolist()
 
     def replace_audio_token(self, audio_inputs, audio_idx: int, **kwargs) -> str:
         num_mel_frames = int(audio_inputs["input_features_mask"][audio_idx].sum())
@@ -319,7 +341,9 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                     keeps the first `layout.max_audio_mel_frames()` frames of longer clips (with a warning) instead
                     of raising.
                 videos: `fps` (sample at this rate, then fit to the layout's `video_num_frames`; default uniform),
-                    `return_metadata` (adds `video_metadata`, a non-tensor entry), and the video processor's options.
+                    `return_metadata` (adds `video_metadata`, a non-tensor entry), `use_audio_in_video` (True, or one
+                    bool per video: read each video file's sound track too, see `_video_tracks`), and the video
+                    processor's options.
                 images: the image processor's options (`do_rescale`, `size`, `max_image_pixels`, ...).
                 `return_text_replacement_offsets`: where each placeholder was expanded in the text (non-tensor).
         """
@@ -333,8 +357,10 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         options = self._merge_kwargs(MultimodalProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_options, audio_options = options["text_kwargs"], options["audio_kwargs"]
         images_kwargs = {k: v for k, v in options["images_kwargs"].items() if k != "return_tensors"}
-        videos_kwargs = {k: v for k, v in options["videos_kwargs"].items() if k not in ("return_tensors", "fps", "return_metadata")}
+        skip = ("return_tensors", "fps", "return_metadata", "use_audio_in_video")
+        videos_kwargs = {k: v for k, v in options["videos_kwargs"].items() if k not in skip}
         fps, return_metadata = options["videos_kwargs"].get("fps"), options["videos_kwargs"].get("return_metadata", False)
+        use_audio_in_video = options["videos_kwargs"].get("use_audio_in_video") or False
         sampling_rate, truncate_audio = audio_options.get("sampling_rate"), audio_options.get("truncate_audio", False)
         return_tensors = text_options.get("return_tensors") or "pt"
         padding, padding_side = text_options.get("padding", True), text_options.get("padding_side")
@@ -364,7 +390,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
             data.update(self._audio_to_tensors(per_sample["audio"], sampling_rate, truncate_audio))
             replacements["audio"] = [self.replace_audio_token(data, i) for i in range(len(data["input_features"]))]
         if any(per_sample["video"]):
-            data.update(self._videos_to_tensors(per_sample["video"], fps, videos_kwargs or {}))
+            data.update(self._videos_to_tensors(per_sample["video"], fps, videos_kwargs or {}, use_audio_in_video))
             replacements["video"] = [self.replace_video_token(data, i) for i in range(len(data["pixel_values_videos"]))]
         metadata = data.pop("video_metadata", None)
 
@@ -490,7 +516,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         except MediaInputError as err:
             raise self._media_error("image", per_sample, err) from err
 
-    def _videos_to_tensors(self, per_sample: list[list], fps: float | None, videos_kwargs: dict) -> dict:
+    def _videos_to_tensors(self, per_sample: list[list], fps: float | None, videos_kwargs: dict, use_audio_in_video=False) -> dict:
         num_frames = self.layout.video_num_frames
         if videos_kwargs.get("num_frames", num_frames) != num_frames:
             raise ValueError(
@@ -500,11 +526,92 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         if fps is not None:
             options["fps"] = fps
         flat = [item for items in per_sample for item in items]
+        wanted = self._videos_with_track(use_audio_in_video, len(flat))  # checked before anything is decoded
         try:
             out = self.video_processor(flat, **options)
         except MediaInputError as err:
             raise self._media_error("video", per_sample, err) from err
-        return {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
+        data = {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
+        if any(wanted):
+            features, mask = self._video_tracks(per_sample, out["video_metadata"], wanted)
+            data.update(video_audio_features=features, video_audio_features_mask=mask)
+        return data
+
+    @staticmethod
+    def _videos_with_track(use_audio_in_video, num_videos: int) -> list[bool]:
+        """`use_audio_in_video` (a bool, or one bool per video, flat or per sample) as one bool per video."""
+        if isinstance(use_audio_in_video, (list, tuple)):
+            flags = [flag for item in use_audio_in_video for flag in (item if isinstance(item, (list, tuple)) else [item])]
+            if len(flags) != num_videos or not all(isinstance(flag, bool) for flag in flags):
+                raise ValueError(
+                    f"use_audio_in_video must be a bool or one bool per video ({num_videos} in placeholder order), "
+                    f"got {use_audio_in_video!r}"
+                )
+            return flags
+        if not isinstance(use_audio_in_video, bool):
+            raise ValueError(f"use_audio_in_video must be a bool or a list of bools, got {use_audio_in_video!r}")
+        return [use_audio_in_video] * num_videos
+
+    def _video_tracks(self, per_sample: list[list], metadata: list, wanted: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-mel of each wanted video's sound track, fitted to the span of its frames; padded as `_pad_log_mels`.
+
+        The frames span `metadata.duration` seconds; the track is cut or padded with silence to exactly that, so
+        the layout's equal time windows (`MediaTokenLayout.video_token_steps`) are the frames' own. A track whose
+        length differs from the frames' by more than one window is still used, with a warning (whole windows then
+        hold silence, or sound past the last frame is dropped). The span must fit the audio encoder (30 s for
+        Whisper). Videos without a track get a row of length 0 (mask all 0).
+        """
+        extractor, layout = self.feature_extractor, self.layout
+        steps = layout.video_num_frames // layout.video_temporal_pool_stride
+        mels = []
+        for index, (video_metadata, with_track) in enumerate(zip(metadata, wanted)):
+            if not with_track:
+                mels.append(None)
+                continue
+            sample, position, item = self._locate(per_sample, index)
+            where = f"sample {sample}, video {position} ({describe(item)})"
+            if not isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
+                raise ValueError(
+                    f"{where}: use_audio_in_video reads the sound track of a video file (a path or bytes); "
+                    "frame arrays have none"
+                )
+            seconds = video_metadata.duration
+            if not seconds or seconds <= 0:
+                raise ValueError(f"{where}: cannot tell how long its frames last, so its sound track cannot be aligned")
+            limit = layout.max_audio_mel_frames() * extractor.hop_length / extractor.sampling_rate
+            if self._mel_frames(round(seconds * extractor.sampling_rate)) > layout.max_audio_mel_frames():
+                raise ValueError(
+                    f"{where} lasts {seconds:.2f} s; with use_audio_in_video its sound track must fit the audio "
+                    f"encoder's {limit:.2f} s. Cut the video, or pass use_audio_in_video=False for it"
+                )
+            name = f"file {os.fspath(item)!r}" if isinstance(item, (str, os.PathLike)) else f"video bytes ({len(item)} bytes)"
+            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else bytes(item)
+            try:
+                samples, track_seconds = load_video_track(source, name, extractor.sampling_rate, seconds)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from err
+            if abs(track_seconds - seconds) > seconds / steps:
+                how = "cut to" if track_seconds > seconds else "padded with silence to"
+                logger.warning(
+                    f"{where}: its sound track lasts {track_seconds:.2f} s{'+' if track_seconds > seconds else ''}, its "
+                    f"frames {seconds:.2f} s; the track is {how} the frames' span"
+                )
+            mels.append(log_mel(extractor, samples))
+        return self._pad_log_mels(mels)
+
+    @staticmethod
+    def _pad_log_mels(mels: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-clip log-mels (n_mels, frames_i), None for none, right-padded with zeros to the longest:
+        ((n, n_mels, T_max) features, (n, T_max) mask with 1 on real frames)."""
+        present = [mel for mel in mels if mel is not None]
+        longest = max(mel.shape[1] for mel in present)
+        features = torch.zeros(len(mels), present[0].shape[0], longest)  # (n, n_mels, T_max)
+        mask = torch.zeros(len(mels), longest, dtype=torch.long)  # (n, T_max)
+        for index, mel in enumerate(mels):
+            if mel is not None:
+                features[index, :, : mel.shape[1]] = mel
+                mask[index, : mel.shape[1]] = 1
+        return features, mask
 
     def _audio_to_tensors(self, per_sample: list[list], sampling_rate: int | None, truncate_audio: bool) -> dict:
         """Each clip's log-mel alone, right-padded with zeros to the longest; the mask marks real frames."""
@@ -533,27 +640,25 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                     logger.warning(message + "; truncated (truncate_audio=True)")
                     samples = samples[:limit]
                 mels.append(log_mel(extractor, samples))  # (n_mels, frames)
-        longest = max(mel.shape[1] for mel in mels)
-        features = torch.zeros(len(mels), mels[0].shape[0], longest)  # (n_audios, n_mels, T_max)
-        mask = torch.zeros(len(mels), longest, dtype=torch.long)  # (n_audios, T_max)
-        for index, mel in enumerate(mels):
-            features[index, :, : mel.shape[1]] = mel
-            mask[index, : mel.shape[1]] = 1
+        features, mask = self._pad_log_mels(mels)
         return {"input_features": features, "input_features_mask": mask}
 
     def _check_token_counts(self, input_ids: list[list[int]], per_sample: dict, data: dict) -> None:
         """Each sample must hold exactly the media tokens its items produce (else the tokenizer split a placeholder)."""
         layout = self.layout
         audio_frames = data["input_features_mask"].sum(-1).tolist() if "input_features_mask" in data else []
-        audio_index = 0
+        track_frames = self._track_mel_frames(data)
+        tokens = {  # tokens of each item, in flat order
+            "image": [layout.image_tokens()] * sum(len(items) for items in per_sample["image"]),
+            "audio": [layout.audio_tokens(n) for n in audio_frames],
+            "video": [layout.video_tokens(n) for n in track_frames or [0] * sum(len(items) for items in per_sample["video"])],
+        }
+        first = dict.fromkeys(tokens, 0)
         for sample, ids in enumerate(input_ids):
             for kind, token_id in self.media_token_ids.items():
                 items = len(per_sample[kind][sample])
-                if kind == "audio":
-                    expected = sum(layout.audio_tokens(n) for n in audio_frames[audio_index : audio_index + items])
-                    audio_index += items
-                else:
-                    expected = items * (layout.image_tokens() if kind == "image" else layout.video_tokens())
+                expected = sum(tokens[kind][first[kind] : first[kind] + items])
+                first[kind] += items
                 found = ids.count(token_id)
                 if found != expected:
                     raise ValueError(

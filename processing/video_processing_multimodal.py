@@ -145,6 +145,26 @@ def _decode_at(container, stream, wanted_pts: list[int], key_pts: list[int]) -> 
     return found, decoded
 
 
+def frames_span(times: list[float], average_rate: float | None) -> float:
+    """Seconds a video's frames cover (`SampledVideoMetadata.duration`): first frame to last, plus one frame."""
+    return times[-1] + (1.0 / average_rate if average_rate else 0.0)
+
+
+def video_file_span(path: str) -> float:
+    """`frames_span` of a video file from its packets alone (nothing decoded): the duration `load_video` reports,
+    for length estimates (`use_audio_in_video` fits the sound track to it)."""
+    name = describe(path)
+    with open_media_file(path, name) as source, av.open(source) as container:
+        if not container.streams.video:
+            raise ValueError(f"{name} has no video stream")
+        stream = container.streams.video[0]
+        frame_pts, _, _ = _demux_index(container, stream)
+        if not frame_pts:
+            raise ValueError(f"{name} has zero decodable video frames")
+        times = [float((pts - frame_pts[0]) * stream.time_base) for pts in frame_pts]
+        return frames_span(times, float(stream.average_rate) if stream.average_rate else None)
+
+
 def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float | None, max_pixels: int | None):
     """Decode `num_frames` sampled frames of a video file: ((num_frames, H, W, 3) uint8, metadata)."""
     stream_source = open_media_file(source, name) if isinstance(source, str) else io.BytesIO(source)
@@ -191,7 +211,7 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
         fps=average_rate,
         width=frames.shape[2],
         height=frames.shape[1],
-        duration=times[-1] + (1.0 / average_rate if average_rate else 0.0),
+        duration=frames_span(times, average_rate),
         video_backend="pyav",
         frames_indices=[index for index, _ in kept],
         frames_timestamps=[round(times[min(index, len(times) - 1)], 6) for index, _ in kept],
@@ -350,4 +370,4 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
         return BatchFeature(data=data)
 
 
-__all__ = ["MultimodalVideoProcessor", "SampledVideoMetadata", "load_video", "sample_indices"]
+__all__ = ["MultimodalVideoProcessor", "SampledVideoMetadata", "load_video", "sample_indices", "video_file_span"]

@@ -1,4 +1,5 @@
-"""Media made on the fly for the tests (images, tones, encoded videos) and the tiny processor."""
+"""Media made on the fly for the tests (images, tones, encoded videos with or without a sound track) and the tiny
+processor."""
 
 from __future__ import annotations
 
@@ -47,3 +48,51 @@ def make_video(path, num_frames: int = 30, fps: int = 10, size=(48, 64), codec: 
 def frame_levels(frames: np.ndarray) -> list[int]:
     """The frame index each gray frame encodes (level / 8, rounded)."""
     return [int(round(float(frame.mean()) / 8)) for frame in frames]
+
+
+
+def make_av_video(
+    path, video_seconds: float = 2.0, audio_seconds: float | None = None, audio: np.ndarray | None = None,
+    fps: int = 10, size=(32, 32), sampling_rate: int = 22050, audio_codec: str = "aac", container_format: str = "mp4",
+):
+    """A video with gray frames (frame k at level 8*k, as `make_video`) for `video_seconds` and a sound track: `audio`
+    (mono float32 at `sampling_rate`) or a 440 Hz sine of `audio_seconds` (default: as long as the frames)."""
+    if audio is None:
+        audio = tone(video_seconds if audio_seconds is None else audio_seconds, sampling_rate)
+    with av.open(str(path), "w", format=container_format) as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = size[1], size[0], "yuv420p"
+        track = container.add_stream(audio_codec, rate=sampling_rate)
+        track.layout = "mono"
+        for k in range(int(round(video_seconds * fps))):
+            frame = np.full((size[0], size[1], 3), (8 * k) % 256, np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        sample_format = "s16" if audio_codec.startswith("pcm_s16") else "fltp" if audio_codec == "aac" else "flt"
+        samples = np.round(audio * 32768).clip(-32768, 32767).astype(np.int16) if sample_format == "s16" else audio.astype(np.float32)
+        for start in range(0, len(samples), 1024):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format=sample_format, layout="mono")
+            frame.sample_rate, frame.pts = sampling_rate, start
+            container.mux(track.encode(frame))
+        container.mux(track.encode())
+    return path
+
+
+def make_video_with_corrupt_audio(path, seconds: int = 2, fps: int = 10):
+    """An mp4 whose frames decode but whose AAC stream holds random bytes (every audio packet is rejected)."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", format="mp4") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        track = container.add_stream("aac", rate=16000)
+        track.layout = "mono"
+        track.codec_context.open()  # the stream header (extradata) is valid; the packets are not
+        for k in range(seconds * fps):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 8 * k, np.uint8), format="rgb24")))
+        container.mux(video.encode())
+        for index in range(seconds * 16000 // 1024):
+            packet = av.Packet(rng.integers(0, 256, 200, dtype=np.uint8).tobytes())
+            packet.stream, packet.time_base = track, track.time_base
+            packet.pts = packet.dts = index * 1024
+            container.mux(packet)
+    return path

@@ -2,7 +2,9 @@
 
 The model takes media as flat tensors and consumes them sample by sample, in placeholder order within
 each sample, so media are concatenated in sample order. Samples without a modality (or text-only
-samples) simply add nothing to that modality's tensor. Audio clips are right-padded to the longest clip
+samples) simply add nothing to that modality's tensor. Videos' sound tracks (`video_audio_features`, one row
+per video) are padded like audio clips; in a batch where some videos have one, a video without gets a row
+of length 0 (mask all 0), so audio-visual and plain videos mix freely. Audio clips are right-padded to the longest clip
 with `input_features_mask`; `ctc_labels` get one row per clip (-100 padded, all -100 for a clip without
 a transcript); `pair_input_ids` one row per sample (all padding for a sample without a pair text, which
 the contrastive loss skips).
@@ -17,7 +19,6 @@ import random
 from collections.abc import Sequence
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import Sampler
 
 from ..constants import IGNORE_INDEX
@@ -42,6 +43,7 @@ def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         tensors = [e[key] for e in examples if e.get(key) is not None]
         if tensors:
             batch[key] = torch.cat(tensors)
+    batch.update(_collate_video_tracks(examples))
     clips, masks, ctc_rows = [], [], []
     for example in examples:
         features = example.get("input_features")
@@ -55,9 +57,7 @@ def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         ctc = example.get("ctc_labels")
         ctc_rows.extend(list(ctc) if ctc is not None else [torch.empty(0, dtype=torch.long)] * features.shape[0])
     if clips:
-        frames = max(clip.shape[-1] for clip in clips)
-        batch["input_features"] = torch.stack([F.pad(clip, (0, frames - clip.shape[-1])) for clip in clips])
-        batch["input_features_mask"] = torch.stack([F.pad(mask.long(), (0, frames - mask.shape[-1])) for mask in masks])
+        batch["input_features"], batch["input_features_mask"] = _pad_log_mels(clips, masks)
         if any(len(row) for row in ctc_rows):  # no transcript anywhere: leave the CTC loss out entirely
             batch["ctc_labels"] = pad_sequences(ctc_rows, IGNORE_INDEX)
     pairs = [e.get("pair_input_ids") for e in examples]
@@ -66,6 +66,41 @@ def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         batch["pair_input_ids"] = pad_sequences(pairs, pad_token_id)
         batch["pair_attention_mask"] = pad_sequences([torch.ones(len(p), dtype=torch.long) for p in pairs], 0)
     return batch
+
+
+def _pad_log_mels(rows: list[torch.Tensor | None], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mels (n_mels, frames_i) with their masks (frames_i,), None for a row of length 0, right-padded to the
+    longest: ((n, n_mels, T_max), (n, T_max))."""
+    first = next(row for row in rows if row is not None)
+    frames = max(row.shape[-1] for row in rows if row is not None)
+    features = first.new_zeros(len(rows), first.shape[0], frames)
+    mask = torch.zeros(len(rows), frames, dtype=torch.long)
+    for index, (row, row_mask) in enumerate(zip(rows, masks)):
+        if row is not None:
+            features[index, :, : row.shape[-1]] = row
+            mask[index, : row.shape[-1]] = row_mask.long()
+    return features, mask
+
+
+def _collate_video_tracks(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """`video_audio_features` / `_mask`, one row per video in example order (length 0 for a video without track)."""
+    if not any(e.get("video_audio_features") is not None for e in examples):
+        return {}
+    rows, masks = [], []
+    for example in examples:
+        videos = example.get("pixel_values_videos")
+        features, mask = example.get("video_audio_features"), example.get("video_audio_features_mask")
+        if features is None:
+            count = 0 if videos is None else videos.shape[0]
+            rows.extend([None] * count)
+            masks.extend([None] * count)
+            continue
+        if mask is None:
+            mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long)
+        rows.extend(features)
+        masks.extend(mask)
+    features, mask = _pad_log_mels(rows, masks)
+    return {"video_audio_features": features, "video_audio_features_mask": mask}
 
 
 class MultimodalCollator:

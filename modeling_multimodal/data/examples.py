@@ -10,7 +10,8 @@ Three steps, each its own small piece:
   (a row without its caption would otherwise train on zero tokens).
 - `build_example`: a row → one training example (plain Python, no media decoded). A row is either chat
   `messages` (the last assistant turn is the trained response) or simple fields mapped by a `TaskSpec`
-  ("task template"): `image_caption`, `video_caption`, `speech_transcription`, `image_text_pair`.
+  ("task template"): `image_caption`, `video_caption`, `av_video_caption` (frames and sound track),
+  `speech_transcription`, `image_text_pair`.
 - `ExampleEncoder`: an example → tensors through the processor. The prompt goes through the chat template
   with `add_generation_prompt=True` and the processor (placeholders expanded, media preprocessed); the
   response is tokenized on its own and its ids (+ EOS) are appended, so the prompt is an exact prefix and
@@ -46,11 +47,15 @@ import torch
 
 from ..constants import IGNORE_INDEX
 from ..processing.media_files import open_media_file
+from ..processing.video_processing_multimodal import video_file_span
 from ..tokenization import MEDIA_TOKENS
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
 # The media tensors an encoded example carries (whichever of them its media need).
-MEDIA_TENSOR_KEYS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
+MEDIA_TENSOR_KEYS = (
+    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "video_audio_features",
+    "video_audio_features_mask",
+)
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
 _MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
@@ -67,6 +72,7 @@ class TaskSpec:
     media_fields: modality -> column holding one path (or a list of paths, one per placeholder).
     pair_field: column with the text paired with the media for the contrastive loss.
     ctc_field: column with the transcript for the audio CTC loss (an auxiliary task).
+    use_audio_in_video: each video's own sound track goes in with its frames (the processor's `use_audio_in_video`).
     """
 
     name: str
@@ -75,6 +81,7 @@ class TaskSpec:
     media_fields: dict[str, str] = field(default_factory=dict)
     pair_field: str | None = None
     ctc_field: str | None = None
+    use_audio_in_video: bool = False
 
     def __post_init__(self):
         unknown = set(self.media_fields) - set(MODALITIES)
@@ -87,6 +94,11 @@ TASKS = {
     for spec in (
         TaskSpec("image_caption", "<image> describe the image.", "caption", {"image": "image"}, pair_field="caption"),
         TaskSpec("video_caption", "<video> what happens in the video?", "caption", {"video": "video"}, pair_field="caption"),
+        # The video's own sound track goes in with its frames (the demo's clips say the colour the frames do not show).
+        TaskSpec(
+            "av_video_caption", "<video> what happens in the video?", "caption", {"video": "video"}, pair_field="caption",
+            use_audio_in_video=True,
+        ),
         TaskSpec(
             "speech_transcription", "<audio> what is said in the audio?", "transcript", {"audio": "audio"},
             pair_field="transcript", ctc_field="transcript",
@@ -274,15 +286,18 @@ def _text_of(content) -> str:
     return " ".join(item["text"] for item in content if item.get("type") == "text")
 
 
-def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: str) -> list[dict]:
-    """"<image> describe {x}." -> [{"type": "image", "image": path}, {"type": "text", "text": "describe ..."}]."""
+def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: str, video_tracks: bool = False) -> list[dict]:
+    """"<image> describe {x}." -> [{"type": "image", "image": path}, {"type": "text", "text": "describe ..."}].
+
+    With `video_tracks`, video items carry `"use_audio_in_video": True` (their sound track goes in too)."""
     content, used = [], dict.fromkeys(MODALITIES, 0)
     for piece in _PLACEHOLDER.split(prompt):
         if piece in _MODALITY_OF_TOKEN:
             modality = _MODALITY_OF_TOKEN[piece]
             if used[modality] >= len(media[modality]):
                 raise ValueError(f"Row {row_id!r}: the prompt has more {piece} than the row has {modality} items.")
-            content.append({"type": modality, modality: media[modality][used[modality]]})
+            item = {"type": modality, modality: media[modality][used[modality]]}
+            content.append({**item, "use_audio_in_video": True} if modality == "video" and video_tracks else item)
             used[modality] += 1
         elif piece.strip():
             try:
@@ -299,7 +314,9 @@ def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: st
 
 def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
     """One row -> {"id", "prompt" (chat messages), "response" (str or None), "media" {modality: [items]},
-    "pair_text", "ctc_text"}. Media are collected in placeholder order, which is the order the model consumes them.
+    "use_audio_in_video" (one bool per video), "pair_text", "ctc_text"}. Media are collected in placeholder order,
+    which is the order the model consumes them. A video content item with `"use_audio_in_video": True` (chat rows,
+    or a task with `use_audio_in_video`) brings its sound track.
     """
     spec, row_id = get_task(task), str(row.get("id"))
     if spec is None:
@@ -316,7 +333,7 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
         for modality in MODALITIES:
             value = row.get(spec.media_fields[modality]) if modality in spec.media_fields else None
             media[modality] = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-        messages = [{"role": "user", "content": _template_content(spec.prompt, row, media, row_id)}]
+        messages = [{"role": "user", "content": _template_content(spec.prompt, row, media, row_id, spec.use_audio_in_video)}]
         response = row.get(spec.response_field) if spec.response_field else None
         if spec.response_field and _missing(response):
             raise ValueError(f"Row {row_id!r}: no {spec.response_field!r} value, which task {spec.name!r} trains on.")
@@ -324,7 +341,7 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
         ctc_text = row.get(spec.ctc_field) if spec.ctc_field else None
     if not messages:
         raise ValueError(f"Row {row_id!r}: no prompt turns before the response.")
-    media = {modality: [] for modality in MODALITIES}
+    media, tracks = {modality: [] for modality in MODALITIES}, []
     for message in messages:
         if isinstance(message.get("content"), list):
             for item in message["content"]:
@@ -333,8 +350,11 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
                     if key is None:
                         raise ValueError(f"Row {row_id!r}: a {item['type']} content item has no path/data: {item}.")
                     media[item["type"]].append(item[key])
+                    if item["type"] == "video":
+                        tracks.append(bool(item.get("use_audio_in_video")))
     return {
-        "id": row_id, "prompt": messages, "response": response, "media": media, "pair_text": pair_text, "ctc_text": ctc_text,
+        "id": row_id, "prompt": messages, "response": response, "media": media, "use_audio_in_video": tracks,
+        "pair_text": pair_text, "ctc_text": ctc_text,
     }
 
 
@@ -356,6 +376,16 @@ def audio_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 1
                 seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
             samples = round(seconds * sampling_rate)
     return max(samples, n_fft) // hop_length
+
+
+def video_track_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 160, n_fft: int = 400) -> int:
+    """Mel frames the processor makes of a video file's sound track (`use_audio_in_video`), from its packets only.
+
+    The track is fitted to the span of the frames (`video_file_span`), so its length is that span's.
+    """
+    if not isinstance(path, str):
+        raise ValueError(f"estimate_length reads video spans from files, got {type(path).__name__}.")
+    return max(round(video_file_span(path) * sampling_rate), n_fft) // hop_length
 
 
 class ExampleEncoder:
@@ -411,10 +441,11 @@ class ExampleEncoder:
                 if isinstance(item, str) and not os.path.isfile(item):
                     problem = "is not a regular file" if os.path.exists(item) else "does not exist"
                     raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} {problem}.")
+        tracks = {"use_audio_in_video": example["use_audio_in_video"]} if any(example["use_audio_in_video"]) else {}
         try:
             return self.processor(
                 text=[prompt_text], images=media["image"] or None, audio=media["audio"] or None,
-                videos=media["video"] or None, return_tensors="pt",
+                videos=media["video"] or None, return_tensors="pt", **tracks,
             )
         except ValueError as err:  # the processor names the item and its file ("sample 0, image 0 (file '...')")
             raise ValueError(f"Row {example['id']!r}: {err}") from err
@@ -468,9 +499,11 @@ class ExampleEncoder:
         length = len(self.tokenizer(prompt_text)["input_ids"])
         media = example["media"]
         length += len(media["image"]) * (self.layout.image_tokens() - 1)
-        length += len(media["video"]) * (self.layout.video_tokens() - 1)
         extractor = getattr(self.processor, "feature_extractor", None)
         audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
+        for item, with_track in zip(media["video"], example["use_audio_in_video"]):
+            track_frames = video_track_mel_frames(item, **audio_args) if with_track else 0
+            length += self.layout.video_tokens(track_frames) - 1
         for item in media["audio"]:
             if not isinstance(item, str):
                 raise ValueError(
@@ -508,6 +541,7 @@ __all__ = [
     "ExampleEncoder",
     "TaskSpec",
     "audio_mel_frames",
+    "video_track_mel_frames",
     "build_example",
     "get_task",
     "load_manifest",

@@ -1,7 +1,8 @@
 """Offline demo data: shapes (images), moving shapes (videos) and espeak-ng speech, made on this machine.
 
 Small enough to generate in seconds and for a tiny model to learn on CPU in minutes, with a test split
-of held-out attribute combinations and voices (see `grammar.py`).
+of held-out attribute combinations and voices (see `grammar.py`). `make_av_demo_data` writes the audio-visual
+task's clips (`av_videos.py`: the colour is spoken in the mp4's sound track, the shape and motion are seen).
 
     >>> from modeling_multimodal.demo_data import make_demo_data, read_manifest
     >>> meta = make_demo_data("demo_output/data", seed=0)  # returns what it writes to meta.json
@@ -10,6 +11,7 @@ of held-out attribute combinations and voices (see `grammar.py`).
     ('images/train/000000.png', 'a large green triangle in the bottom centre')
 """
 
+from .av_videos import make_av_demo_data
 from .build import DEFAULT_SIZES, MEDIA_KEY, TASKS, make_demo_data, manifest_path, read_manifest
 from .grammar import HELD_OUT_PAIRS, SPLITS, TEST_VOICES, TRAIN_VOICES
 from .speech import SAMPLE_RATE
@@ -23,6 +25,7 @@ __all__ = [
     "TASKS",
     "TEST_VOICES",
     "TRAIN_VOICES",
+    "make_av_demo_data",
     "make_demo_data",
     "manifest_path",
     "read_manifest",

@@ -118,7 +118,18 @@ def sentence(combination: tuple[str, ...]) -> str:
     return template.format(colour=colour, shape=shape, size=size, direction=direction)
 
 
-COMBINATIONS = {"image": image_combinations, "video": video_combinations, "speech": sentence_combinations}
+def av_video_combinations() -> list[tuple[str, ...]]:
+    """Every audio-visual clip combination: (spoken colour, shape, direction)."""
+    return list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+
+
+def av_video_caption(colour: str, shape: str, direction: str) -> str:
+    return f"a {colour} {shape} moving {direction}"
+
+
+COMBINATIONS = {
+    "image": image_combinations, "video": video_combinations, "speech": sentence_combinations, "av_video": av_video_combinations,
+}
 
 
 def _value_pairs(combination: tuple[str, ...]) -> set:

@@ -29,10 +29,10 @@ def shape_polygon(shape: str, centre: tuple[float, float], radius: float) -> lis
     raise ValueError(f"Unknown shape {shape!r}; expected circle, square, triangle or star.")
 
 
-def draw_shape(image: Image.Image, shape: str, colour: str, centre: tuple[float, float], radius: float) -> None:
-    """Draw one filled shape in place."""
+def draw_shape(image: Image.Image, shape: str, colour: str | tuple[int, int, int], centre: tuple[float, float], radius: float) -> None:
+    """Draw one filled shape in place, in a colour of the grammar (by name) or any RGB triple."""
     draw = ImageDraw.Draw(image)
-    fill = COLOURS[colour]
+    fill = COLOURS[colour] if isinstance(colour, str) else colour
     if shape == "circle":
         x, y = centre
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill)

@@ -30,6 +30,9 @@ def _batches(items: list, size: int):
 def _process(processor, examples: list[dict], texts: list[str], padding_side: str):
     media = {arg: [e["media"][modality] for e in examples] for arg, modality in MEDIA_ARGUMENTS}
     media = {arg: value for arg, value in media.items() if any(value)}
+    tracks = [flag for e in examples for flag in e["use_audio_in_video"]]
+    if any(tracks):
+        media["use_audio_in_video"] = tracks
     return processor(text=texts, return_tensors="pt", padding=True, padding_side=padding_side, **media)
 
 

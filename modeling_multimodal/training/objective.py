@@ -30,7 +30,8 @@ from .stages import base_model
 # The batch keys the objective reads (a collator may add others, e.g. for evaluation).
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",  # packed rows: `packing.varlen_kwargs`
-    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask",
+    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "video_audio_features",
+    "video_audio_features_mask",
 )
 TARGETS = ("labels", "ctc_labels", "pair_input_ids", "pair_attention_mask", "segment_ids")
 
@@ -107,7 +108,8 @@ class TrainingObjective(nn.Module):
         used = {
             "image": "pixel_values" in inputs,
             "video": "pixel_values_videos" in inputs,
-            "audio": "input_features" in inputs,
+            # videos' sound tracks run the audio encoder and projector too
+            "audio": "input_features" in inputs or bool(inputs.get("video_audio_features_mask", torch.zeros(1)).any()),
             "audio_ctc": "audio_ctc" in terms.auxiliary,
             "media_bow": "media_bow" in terms.auxiliary,
             "retrieval": terms.contrastive is not None,
