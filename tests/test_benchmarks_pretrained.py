@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_pretrained import FOLDERS, PRETRAINED_ENV, pretrained_folders
-from benchmarks.report import pretrained_rows
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
+    sys.path.append(str(ROOT))
+
+from benchmarks.bench_pretrained import FOLDERS, PRETRAINED_ENV, pretrained_folders  # noqa: E402
+from benchmarks.report import pretrained_rows  # noqa: E402
 
 
 def test_section_is_skipped_with_its_reason_without_weights(tmp_path):
