@@ -77,19 +77,11 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
         add(f"Decode time per token, 4 images / 1 image (vision tower calls per generate: {r['vision_tower_calls_per_generate']})",
             _fmt(1000 * r["4_images"]["decode_s"], " ms", 1), _fmt(1000 * r["1_images"]["decode_s"], " ms", 1), r["decode_ratio"], "≈1 (info)")
     if "packing" in results:
-        r = results["packing"]
-        add(f"Packing: real tokens/s, packed vs padded random batches (padding {r['packed']['padding_fraction']:.0%} vs "
-            f"{r['padded_random']['padding_fraction']:.0%})",
-            _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0), _fmt(r["padded_random"]["real_tokens_per_s"], " tok/s", 0),
-            r["speedup_vs_padded_random"], ">=1.5×")
-        add(f"Packing: packed vs length-grouped padded batches (padding {r['padded_length_grouped']['padding_fraction']:.0%})",
-            _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0), _fmt(r["padded_length_grouped"]["real_tokens_per_s"], " tok/s", 0),
-            r["speedup_vs_padded_length_grouped"], ">=1.1×")
-        add("  positions computed, padded random / packed (the most dropping padding can give)",
-            str(r["packed"]["positions"]), str(r["padded_random"]["positions"]), r["positions_ratio_vs_padded_random"], "info")
-        add("Packing: per-sample attention vs SDPA over the whole row with a block-diagonal mask (same rows)",
-            _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0), _fmt(r["packed_masked_row"]["real_tokens_per_s"], " tok/s", 0),
-            r["speedup_vs_packed_masked_row"], "info")
+        rows += packing_rows(results["packing"], (
+            "Packing: real tokens/s, packed vs padded random batches ({}padding {} vs {})",
+            "Packing: packed vs length-grouped padded batches (padding {})",
+            "Packing: per-sample attention vs SDPA over the whole row with a block-diagonal mask (same rows)",
+        ))
     if "frozen_vs_trainable_tower" in results:
         r = results["frozen_vs_trainable_tower"]
         add("Frozen vs trainable vision tower: step memory above weights+optimizer (frozen/trainable)",
@@ -114,6 +106,26 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
             rows.append(("Processors", "skipped", "", "", "", processors["skipped"]))
         for row in processors.get("rows", []):  # optional contract: bench_processors returns {"rows": [...]}
             rows.append(tuple(str(row.get(k, "")) for k in ("what", "ours", "reference", "ratio", "goal", "status")))
+    return rows
+
+
+def packing_rows(r: dict, titles: tuple[str, str, str], context: str = "") -> list[tuple[str, str, str, str, str, str]]:
+    """The packing comparison's rows (`bench_packing` entry `r`): packed against padded random and length-grouped
+    batches, the positions bound, and per-sample attention against the masked row. `titles` are the three row
+    titles with `{}` for (context, packed padding, random padding), (length-grouped padding) and nothing."""
+    rows = []
+
+    def add(what, ours, theirs, ratio, goal):
+        rows.append((what, ours, theirs, _fmt(ratio, "×"), goal, _status(ratio, goal)))
+
+    packed = _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0)
+    add(titles[0].format(context, f"{r['packed']['padding_fraction']:.0%}", f"{r['padded_random']['padding_fraction']:.0%}"),
+        packed, _fmt(r["padded_random"]["real_tokens_per_s"], " tok/s", 0), r["speedup_vs_padded_random"], ">=1.5×")
+    add(titles[1].format(f"{r['padded_length_grouped']['padding_fraction']:.0%}"),
+        packed, _fmt(r["padded_length_grouped"]["real_tokens_per_s"], " tok/s", 0), r["speedup_vs_padded_length_grouped"], ">=1.1×")
+    add("  positions computed, padded random / packed (the most dropping padding can give)",
+        str(r["packed"]["positions"]), str(r["padded_random"]["positions"]), r["positions_ratio_vs_padded_random"], "info")
+    add(titles[2], packed, _fmt(r["packed_masked_row"]["real_tokens_per_s"], " tok/s", 0), r["speedup_vs_packed_masked_row"], "info")
     return rows
 
 
@@ -167,19 +179,12 @@ def pretrained_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
     if "skipped" in packing:
         rows.append(("Real scale, packing on the demo's data", "skipped", "", "", "", packing["skipped"]))
     elif packing:
-        r = packing
-        add(f"Real scale, packing on the demo's data: real tokens/s vs padded random batches ({r['examples']} examples, "
-            f"median {r['length_median']} tokens; padding {r['packed']['padding_fraction']:.0%} vs {r['padded_random']['padding_fraction']:.0%})",
-            _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0), _fmt(r["padded_random"]["real_tokens_per_s"], " tok/s", 0),
-            r["speedup_vs_padded_random"], ">=1.5×")
-        add(f"Real scale, packing on the demo's data vs length-grouped batches (padding {r['padded_length_grouped']['padding_fraction']:.0%})",
-            _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0), _fmt(r["padded_length_grouped"]["real_tokens_per_s"], " tok/s", 0),
-            r["speedup_vs_padded_length_grouped"], ">=1.1×")
-        add("  positions computed, padded random / packed (the most dropping padding can give)",
-            str(r["packed"]["positions"]), str(r["padded_random"]["positions"]), r["positions_ratio_vs_padded_random"], "info")
-        add("Real scale, packing on the demo's data: per-sample attention vs the masked row",
-            _fmt(r["packed"]["real_tokens_per_s"], " tok/s", 0), _fmt(r["packed_masked_row"]["real_tokens_per_s"], " tok/s", 0),
-            r["speedup_vs_packed_masked_row"], "info")
+        context = f"{packing['examples']} examples, median {packing['length_median']} tokens; "
+        rows += packing_rows(packing, (
+            "Real scale, packing on the demo's data: real tokens/s vs padded random batches ({}padding {} vs {})",
+            "Real scale, packing on the demo's data vs length-grouped batches (padding {})",
+            "Real scale, packing on the demo's data: per-sample attention vs the masked row",
+        ), context)
     if "pretrained_mfu" in results:
         r = results["pretrained_mfu"]
         ok = "met" if r["mfu"] >= 0.5 else "missed"
