@@ -274,6 +274,28 @@ def load_video_track(video: str | bytes, name: str, target_rate: int, seconds: f
     return np.pad(mono[:length], (0, max(0, length - len(mono)))), track_seconds
 
 
+def mel_frame_count(num_samples: int, hop_length: int, n_fft: int) -> int:
+    """Log-mel frames `log_mel` makes of `num_samples` samples (a clip shorter than one FFT window counts as one window)."""
+    return max(num_samples, n_fft) // hop_length
+
+
+def pad_log_mels(
+    mels: list[torch.Tensor | None], masks: list[torch.Tensor | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mels (n_mels, frames_i), None for a row of length 0, right-padded with zeros to the longest:
+    ((n, n_mels, T_max) features, (n, T_max) mask). The mask is 1 on each row's frames, or the row's own
+    (frames_i,) mask from `masks` (rows that were padded before)."""
+    present = [mel for mel in mels if mel is not None]
+    longest = max(mel.shape[-1] for mel in present)
+    features = present[0].new_zeros(len(mels), present[0].shape[0], longest)  # (n, n_mels, T_max)
+    mask = torch.zeros(len(mels), longest, dtype=torch.long)  # (n, T_max)
+    for index, mel in enumerate(mels):
+        if mel is not None:
+            features[index, :, : mel.shape[-1]] = mel
+            mask[index, : mel.shape[-1]] = 1 if masks is None else masks[index].long()
+    return features, mask
+
+
 def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
     """Whisper log-mel of one clip on its own (no 30 s padding): float32 (n_mels, len(samples) // hop_length).
 
@@ -288,4 +310,7 @@ def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
     return features[0].float()  # (n_mels, frames)
 
 
-__all__ = ["AudioHeaderError", "AudioTooLongError", "load_audio", "load_video_track", "log_mel", "resample"]
+__all__ = [
+    "AudioHeaderError", "AudioTooLongError", "load_audio", "load_video_track", "log_mel", "mel_frame_count", "pad_log_mels",
+    "resample",
+]

@@ -38,7 +38,7 @@ from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 
 from ..configuration.media_tokens import MODALITIES, MediaTokenLayout
-from .audio_loading import load_audio, load_video_track, log_mel
+from .audio_loading import load_audio, load_video_track, log_mel, mel_frame_count, pad_log_mels
 from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin
 from .image_processing_multimodal import MediaInputError, MultimodalImageProcessor, describe
 from .truncation import truncate_outside_media
@@ -431,7 +431,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
 
     def _mel_frames(self, num_samples: int) -> int:
         """Log-mel frames of a clip of `num_samples` samples at the feature extractor's rate."""
-        return max(num_samples, self.feature_extractor.n_fft) // self.feature_extractor.hop_length
+        return mel_frame_count(num_samples, self.feature_extractor.hop_length, self.feature_extractor.n_fft)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
         """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
@@ -553,7 +553,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         return [use_audio_in_video] * num_videos
 
     def _video_tracks(self, per_sample: list[list], metadata: list, wanted: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The log-mel of each wanted video's sound track, fitted to the span of its frames; padded as `_pad_log_mels`.
+        """The log-mel of each wanted video's sound track, fitted to the span of its frames; padded as `pad_log_mels`.
 
         The frames span `metadata.duration` seconds; the track is cut or padded with silence to exactly that, so
         the layout's equal time windows (`MediaTokenLayout.video_token_steps`) are the frames' own. A track whose
@@ -597,21 +597,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                     f"frames {seconds:.2f} s; the track is {how} the frames' span"
                 )
             mels.append(log_mel(extractor, samples))
-        return self._pad_log_mels(mels)
-
-    @staticmethod
-    def _pad_log_mels(mels: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-clip log-mels (n_mels, frames_i), None for none, right-padded with zeros to the longest:
-        ((n, n_mels, T_max) features, (n, T_max) mask with 1 on real frames)."""
-        present = [mel for mel in mels if mel is not None]
-        longest = max(mel.shape[1] for mel in present)
-        features = torch.zeros(len(mels), present[0].shape[0], longest)  # (n, n_mels, T_max)
-        mask = torch.zeros(len(mels), longest, dtype=torch.long)  # (n, T_max)
-        for index, mel in enumerate(mels):
-            if mel is not None:
-                features[index, :, : mel.shape[1]] = mel
-                mask[index, : mel.shape[1]] = 1
-        return features, mask
+        return pad_log_mels(mels)
 
     def _audio_to_tensors(self, per_sample: list[list], sampling_rate: int | None, truncate_audio: bool) -> dict:
         """Each clip's log-mel alone, right-padded with zeros to the longest; the mask marks real frames."""
@@ -640,7 +626,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                     logger.warning(message + "; truncated (truncate_audio=True)")
                     samples = samples[:limit]
                 mels.append(log_mel(extractor, samples))  # (n_mels, frames)
-        features, mask = self._pad_log_mels(mels)
+        features, mask = pad_log_mels(mels)
         return {"input_features": features, "input_features_mask": mask}
 
     def _check_token_counts(self, input_ids: list[list[int]], per_sample: dict, data: dict) -> None:

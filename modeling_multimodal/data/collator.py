@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..constants import IGNORE_INDEX
+from ..processing.audio_loading import pad_log_mels
 
 
 def pad_sequences(sequences: list[torch.Tensor], value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
@@ -57,7 +58,7 @@ def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         ctc = example.get("ctc_labels")
         ctc_rows.extend(list(ctc) if ctc is not None else [torch.empty(0, dtype=torch.long)] * features.shape[0])
     if clips:
-        batch["input_features"], batch["input_features_mask"] = _pad_log_mels(clips, masks)
+        batch["input_features"], batch["input_features_mask"] = pad_log_mels(clips, masks)
         if any(len(row) for row in ctc_rows):  # no transcript anywhere: leave the CTC loss out entirely
             batch["ctc_labels"] = pad_sequences(ctc_rows, IGNORE_INDEX)
     pairs = [e.get("pair_input_ids") for e in examples]
@@ -66,20 +67,6 @@ def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         batch["pair_input_ids"] = pad_sequences(pairs, pad_token_id)
         batch["pair_attention_mask"] = pad_sequences([torch.ones(len(p), dtype=torch.long) for p in pairs], 0)
     return batch
-
-
-def _pad_log_mels(rows: list[torch.Tensor | None], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-mels (n_mels, frames_i) with their masks (frames_i,), None for a row of length 0, right-padded to the
-    longest: ((n, n_mels, T_max), (n, T_max))."""
-    first = next(row for row in rows if row is not None)
-    frames = max(row.shape[-1] for row in rows if row is not None)
-    features = first.new_zeros(len(rows), first.shape[0], frames)
-    mask = torch.zeros(len(rows), frames, dtype=torch.long)
-    for index, (row, row_mask) in enumerate(zip(rows, masks)):
-        if row is not None:
-            features[index, :, : row.shape[-1]] = row
-            mask[index, : row.shape[-1]] = row_mask.long()
-    return features, mask
 
 
 def _collate_video_tracks(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -99,7 +86,7 @@ def _collate_video_tracks(examples: list[dict]) -> dict[str, torch.Tensor]:
             mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long)
         rows.extend(features)
         masks.extend(mask)
-    features, mask = _pad_log_mels(rows, masks)
+    features, mask = pad_log_mels(rows, masks)
     return {"video_audio_features": features, "video_audio_features_mask": mask}
 
 

@@ -46,6 +46,7 @@ import soundfile
 import torch
 
 from ..constants import IGNORE_INDEX
+from ..processing.audio_loading import mel_frame_count
 from ..processing.media_files import open_media_file
 from ..processing.video_processing_multimodal import video_file_span
 from ..tokenization import MEDIA_TOKENS
@@ -375,7 +376,7 @@ def audio_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 1
                 stream = container.streams.audio[0]
                 seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
             samples = round(seconds * sampling_rate)
-    return max(samples, n_fft) // hop_length
+    return mel_frame_count(samples, hop_length, n_fft)
 
 
 def video_track_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: int = 160, n_fft: int = 400) -> int:
@@ -385,7 +386,7 @@ def video_track_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: i
     """
     if not isinstance(path, str):
         raise ValueError(f"estimate_length reads video spans from files, got {type(path).__name__}.")
-    return max(round(video_file_span(path) * sampling_rate), n_fft) // hop_length
+    return mel_frame_count(round(video_file_span(path) * sampling_rate), hop_length, n_fft)
 
 
 class ExampleEncoder:
