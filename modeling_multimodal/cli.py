@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a saved model folder (or Hub id)")
     p.add_argument("out", help="a new folder for the quantized checkpoint (load it with compression.load_quantized)")
     p.add_argument("--method", choices=QUANTIZATION_METHODS, required=True,
-                   help="dynamic-int8: torch dynamic int8 (weights + activations); *-weight-only: optimum-quanto weights")
+                   help="dynamic-int8: int8 weights, embeddings and per-token int8 activations; *-weight-only: optimum-quanto weights")
     p.set_defaults(func=_quantize)
     return parser
 

@@ -1,21 +1,22 @@
 """Post-training quantization of the language model for CPU inference: one function to write, one to load.
 
-Methods (`QUANTIZATION_METHODS`); only the Linear layers of the decoder (`model.language_model`) change, the
-towers, projectors, embeddings and the (usually tied) LM head keep their weights. The training-only auxiliary
-heads (`L_auxiliary`) are left out: the quantized checkpoint is for inference, saved with `auxiliary_loss_weight` 0.
-- `dynamic-int8`: PyTorch's dynamic quantization (`torch.ao.quantization.quantize_dynamic`): int8 weights per
-  output channel, activations quantized per batch on the fly, int8 GEMMs (fbgemm / oneDNN) on x86 CPUs.
-  In PyTorch itself; torch marks `torch.ao.quantization` deprecated in favour of torchao, whose CPU int4
-  path is not in its wheel (see docs/COMPRESSION.md).
-- `int8-weight-only`, `int4-weight-only`: optimum-quanto's `qint8` / `qint4` weights (int4 packed two per
-  byte, with per-group scales and shifts), float activations; `pip install 'modeling-multimodal[quantize]'`.
+Methods (`QUANTIZATION_METHODS`); the towers, projectors and retrieval head keep their float weights. The
+training-only auxiliary heads (`L_auxiliary`) are left out: the quantized checkpoint is for inference, saved with
+`auxiliary_loss_weight` 0.
+- `dynamic-int8`: the decoder's Linear layers and the LM head become `quantized_layers.Int8DynamicLinear` (int8
+  weights per output channel, activations quantized per token on each call, int8 GEMMs with int32 accumulation)
+  and the token embeddings `Int8Embedding` (int8 rows); a tied head and embedding share one int8 matrix. An
+  embedding of another class (e.g. one that scales its output) stays float, and so does a head tied to it.
+- `int8-weight-only`, `int4-weight-only`: optimum-quanto's `qint8` / `qint4` weights for the decoder's Linear
+  layers (int4 packed two per byte, with per-group scales and shifts), float activations;
+  `pip install 'modeling-multimodal[quantize]'`.
 
 The folder written by `quantize_checkpoint` holds the config and processor as `save_pretrained` writes them,
-the weights as `model.quantized.safetensors` (plain tensors only: int8 values, scales, zero points, packed
-int4 bytes) and `quantization.json` (method, library versions, the quantized modules). There is no
-`model.safetensors`, so a plain `from_pretrained` refuses the folder instead of loading random weights; load
-it with `load_quantized(folder)` (the CLI's `generate` and `evaluate` do so for such a folder). Weights are
-float32 on load: the quantized kernels are CPU float32 kernels.
+the weights as `model.quantized.safetensors` (plain tensors only: int8 values, scales, packed int4 bytes) and
+`quantization.json` (method, library versions, the quantized modules). There is no `model.safetensors`, so a
+plain `from_pretrained` refuses the folder instead of loading random weights; load it with
+`load_quantized(folder)` (the CLI's `generate` and `evaluate` do so for such a folder). Float weights are float32
+on load: the quantized kernels are CPU float32 kernels.
 
 For training, `quantize_language_model_4bit` is QLoRA's half: the LM's Linear layers become bitsandbytes NF4
 layers on the GPU (the recipe's `lora.quantize: 4bit`), and PEFT puts LoRA on them.
@@ -32,12 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .quantized_layers import Int8DynamicLinear, Int8Embedding
+
 QUANTIZATION_METHODS = ("dynamic-int8", "int8-weight-only", "int4-weight-only")
 QUANTIZED_WEIGHTS = "model.quantized.safetensors"
 QUANTIZATION_FILE = "quantization.json"
 QUANTO_TYPES = {"int8-weight-only": "qint8", "int4-weight-only": "qint4"}
 LANGUAGE_MODEL = "model.language_model"
 QUANTO_HINT = "pip install 'modeling-multimodal[quantize]' (optimum-quanto)"
+DYNAMIC_FORMAT = 2  # 1: torch.ao's per-tensor activations, which broke small LMs (docs/COMPRESSION.md)
 
 
 def _language_model(model) -> nn.Module:
@@ -52,21 +56,45 @@ def _quanto():
     return quanto
 
 
-def _quantize_dynamic(language_model: nn.Module) -> list[str]:
-    """Replace the LM's Linear layers by dynamic int8 ones (per-channel weights) in place; their names."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice, once per call
-        warnings.simplefilter("ignore", category=UserWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        quantize_dynamic(language_model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    return [name for name, module in language_model.named_modules() if _is_dynamic(module)]
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
 
 
-def _is_dynamic(module: nn.Module) -> bool:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+def _quantize_dynamic(model) -> dict:
+    """The decoder's Linear layers, its token embeddings and the LM head to int8 (in place); what was replaced.
 
-    return isinstance(module, DynamicLinear)
+    Returns {"modules": Linear layers under `LANGUAGE_MODEL`, "embeddings": {"input", "output", "tied"}}; an
+    embedding of a subclass of `nn.Embedding` (its own forward) is kept, and with it a head tied to it.
+    """
+    language_model = _language_model(model)
+    modules = [name for name, module in language_model.named_modules() if type(module) is nn.Linear]
+    for name in modules:
+        _replace(language_model, name, Int8DynamicLinear.from_linear(language_model.get_submodule(name)))
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {module: name for name, module in model.named_modules()}
+    tied = isinstance(head, nn.Linear) and head.weight is getattr(embeddings, "weight", None)
+    replaced = {"input": None, "output": None, "tied": False}
+    if type(embeddings) is nn.Embedding:
+        quantized = Int8Embedding.from_embedding(embeddings)
+        _replace(model, names[embeddings], quantized)
+        replaced["input"] = names[embeddings]
+        if tied:  # the head's int8 matrix is the embedding's: one copy in memory and in the file
+            linear = Int8DynamicLinear(head.in_features, head.out_features, bias=head.bias is not None)
+            linear.weight_int8, linear.weight_scale = quantized.weight_int8, quantized.weight_scale
+            _replace(model, names[head], linear)
+            replaced.update(output=names[head], tied=True)
+    if type(head) is nn.Linear and not tied:
+        _replace(model, names[head], Int8DynamicLinear.from_linear(head))
+        replaced["output"] = names[head]
+    return {"modules": modules, "embeddings": replaced}
+
+
+def _retie(model, embeddings: dict) -> None:
+    """After loading: the tied head uses the embedding's int8 buffers again (the file holds them once)."""
+    if embeddings.get("tied"):
+        source, head = model.get_submodule(embeddings["input"]), model.get_submodule(embeddings["output"])
+        head.weight_int8, head.weight_scale = source.weight_int8, source.weight_scale
 
 
 def quantize_model(model, method: str) -> dict:
@@ -77,7 +105,7 @@ def quantize_model(model, method: str) -> dict:
     language_model = _language_model(model)
     record = {"method": method, "torch": torch.__version__, "prefix": LANGUAGE_MODEL}
     if method == "dynamic-int8":
-        record["modules"] = _quantize_dynamic(language_model)
+        record.update(_quantize_dynamic(model), format=DYNAMIC_FORMAT, activations="int8 per token")
     else:
         quanto = _quanto()
         quanto.quantize(language_model, weights=getattr(quanto, QUANTO_TYPES[method]))
@@ -99,24 +127,12 @@ def _version(package: str) -> str:
 def quantized_state_dict(model, record: dict) -> dict[str, torch.Tensor]:
     """The model's weights as plain tensors (what safetensors can hold); a tied weight is stored once."""
     state, seen = {}, {}
-    prefix = record["prefix"] + "."
-    dynamic = {prefix + name for name in record["modules"]} if record["method"] == "dynamic-int8" else set()
     for name, value in model.state_dict().items():
-        owner = name.rsplit(".", 2)[0] if "._packed_params." in name else name.rsplit(".", 1)[0]
-        if owner in dynamic:
-            continue  # written below from the module itself (its state holds packed C++ objects)
         if value.data_ptr() in seen:
             record.setdefault("tied", {})[name] = seen[value.data_ptr()]
             continue
         seen[value.data_ptr()] = name
         state[name] = value.detach().contiguous()
-    for name in sorted(dynamic):
-        weight, bias = model.get_submodule(name)._weight_bias()  # per-channel qint8 weight (out, in), float bias
-        state[f"{name}.weight.int8"] = weight.int_repr().contiguous()
-        state[f"{name}.weight.scales"] = weight.q_per_channel_scales().contiguous()
-        state[f"{name}.weight.zero_points"] = weight.q_per_channel_zero_points().contiguous()
-        if bias is not None:
-            state[f"{name}.bias"] = bias.detach().contiguous()
     return state
 
 
@@ -192,26 +208,29 @@ def load_quantized(path: str | os.PathLike):
         raise ValueError(f"{path / QUANTIZATION_FILE}: unknown method {record.get('method')!r}; expected one of {QUANTIZATION_METHODS}")
     state = load_file(path / QUANTIZED_WEIGHTS)
     model = MultimodalForConditionalGeneration(MultimodalConfig.from_pretrained(path)).float().eval()
-    language_model, prefix = _language_model(model), record["prefix"] + "."
-    quantized = tuple(prefix + name + "." for name in record["modules"])
-    if record["method"] == "dynamic-int8":  # float weights first, then the Linear layers swapped and filled
-        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(quantized)}, strict=False)
-        if _quantize_dynamic(language_model) != record["modules"]:
-            raise ValueError(f"{path}: the model's Linear layers differ from the quantized ones in {QUANTIZATION_FILE}")
-        for name in record["modules"]:
-            key = prefix + name
-            weight = torch._make_per_channel_quantized_tensor(
-                state[f"{key}.weight.int8"], state[f"{key}.weight.scales"], state[f"{key}.weight.zero_points"], 0
+    quantized = ()  # names load_state_dict may report missing: the quanto modules it filled itself
+    if record["method"] == "dynamic-int8":  # the same swap as when quantizing, then the whole state loads
+        if record.get("format") != DYNAMIC_FORMAT:
+            raise ValueError(
+                f"{path}: written by an earlier dynamic-int8 (per-tensor activations, format {record.get('format', 1)}); "
+                "quantize the float32 checkpoint again"
             )
-            language_model.get_submodule(name).set_weight_bias(weight, state.get(f"{key}.bias"))
+        swapped = _quantize_dynamic(model)
+        if swapped != {"modules": record["modules"], "embeddings": record["embeddings"]}:
+            raise ValueError(f"{path}: the model's layers differ from the quantized ones in {QUANTIZATION_FILE}")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        _retie(model, record["embeddings"])
     else:  # quanto swaps the layers from its map, then the whole state loads
+        language_model, prefix = _language_model(model), record["prefix"] + "."
+        quantized = tuple(prefix + name + "." for name in record["modules"])
         lm_state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
         _quanto().requantize(language_model, lm_state, record["quantization_map"], device=torch.device("cpu"))
         missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith(quantized) and name not in record.get("tied", {})]
     if missing or unexpected:
         raise ValueError(f"{path / QUANTIZED_WEIGHTS} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
+    if record["method"] != "dynamic-int8":
+        model.tie_weights()
     return model.eval(), MultimodalProcessor.from_pretrained(path)
 
 

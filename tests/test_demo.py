@@ -126,3 +126,34 @@ def test_quick_pretrained_demo_on_the_converted_weights(tmp_path):
     assert 0.0 <= scores["speech_transcription/whisper_baseline_wer"] <= 1.0  # Whisper tiny.en on the same clips
     model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
     assert model.config.text_config.num_hidden_layers == 30 and model.config.vision_config.image_size == 112
+
+
+def test_ablation_resumes_keeping_finished_arms(tmp_path, monkeypatch):
+    """An interrupted ablation: arms with test scores are read back, an arm with a trained model is only scored,
+    and only the arms with neither are trained."""
+    from modeling_multimodal import demo
+
+    trained, scored = [], []
+
+    def fake_train(run_dir, data, budget, overrides, plan):
+        trained.append(run_dir.name)
+        (run_dir / "finetune" / "final").mkdir(parents=True)
+        (run_dir / "finetune" / "final" / "config.json").write_text("{}")
+
+    def fake_evaluate(model_dir, data, num_examples=3, plan=demo.SCRATCH):
+        scored.append(model_dir.parent.parent.name)
+        return {"image_caption/exact_match": 0.5}, {}
+
+    monkeypatch.setattr(demo, "train_demo_model", fake_train)
+    monkeypatch.setattr(demo, "evaluate_on_test", fake_evaluate)
+    monkeypatch.setattr(demo, "make_demo_data", lambda *args, **kwargs: None)
+    out = tmp_path / "ablation"
+    (out / "neither").mkdir(parents=True)
+    (out / "neither" / demo.ABLATION_SCORES).write_text(json.dumps({"image_caption/exact_match": 0.25}))
+    (out / "both" / "finetune" / "final").mkdir(parents=True)
+    (out / "both" / "finetune" / "final" / "config.json").write_text("{}")
+    rows = demo.run_ablation(out, quick=True, plan="scratch")
+    assert trained == ["lambda", "alpha"] and scored == ["lambda", "alpha", "both"]
+    assert [row["image_caption/exact_match"] for row in rows] == [0.25, 0.5, 0.5, 0.5]
+    assert all((out / arm / demo.ABLATION_SCORES).is_file() for arm in ("neither", "lambda", "alpha", "both"))
+    assert "| neither (λ=0, α=0) | 0.0 | 0.0 |" in (out / "ablation.md").read_text()
