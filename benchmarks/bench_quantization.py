@@ -117,7 +117,8 @@ def held_out_scores(model, processor, data: Path, max_samples: int) -> dict[str,
     for manifest, task in HELD_OUT:
         if not (data / manifest).is_file():
             continue
-        rows = list(load_manifest(data / manifest, root=data, task=task).select(range(max_samples)))
+        dataset = load_manifest(data / manifest, root=data, task=task)
+        rows = list(dataset.select(range(min(max_samples, len(dataset)))))
         task_scores, _ = evaluate_task(model, processor, rows, task, num_examples=0, retrieval=False)
         scores.update({f"{task}/{name}": value for name, value in task_scores.items() if name in ("exact_match", "wer")})
     return scores
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="results JSON path")
     parser.add_argument("--checkpoint", help="a trained checkpoint folder (float32 or bf16 weights)")
     parser.add_argument("--data", type=Path, help="the demo data folder whose *_test.jsonl are scored (with --checkpoint)")
-    parser.add_argument("--max-samples", type=int, default=40, help="held-out rows per task (default 40)")
+    parser.add_argument("--max-samples", type=int, default=40, help="held-out rows per task (default 40; more than a test set holds: all of it)")
     parser.add_argument("--pretrained-dir", type=Path, default=Path(DEFAULT_PRETRAINED_DIR))
     parser.add_argument("--quick", action="store_true", help="a tiny model (smoke test); numbers mean nothing")
     parser.add_argument("--new-tokens", type=int, default=32)

@@ -55,6 +55,10 @@ class MultimodalConfig(PreTrainedConfig):
             reads where a token lies in the image from the token itself rather than from its place in the sequence;
             a tower whose last layers keep little position (DINOv2) otherwise leaves position and motion to be
             learnt slowly (docs/EXPERIMENTS.md). With `video_projector="image"` a frame's grid must equal an image's.
+        image_newline: a learned row-end vector (LLaVA-NeXT's `image_newline`) after each row of an image's pooled
+            grid, so the LM reads an image as lines of tokens: a token's column is its distance from the last row
+            end, which rotary positions express directly, instead of its index modulo the row length. One more
+            token per row. Composed on a pretrained LM it starts as the LM's own embedding of "\n".
         image_pool_stride: average-pool the image patch grid by this factor per side (token compression).
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
         video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
@@ -93,6 +97,7 @@ class MultimodalConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     projector_input_standardize: bool = False
     projector_position_embeddings: bool = False
+    image_newline: bool = False
     image_pool_stride: int = 1
     audio_pool_stride: int = 2
     video_num_frames: int = 8
@@ -160,11 +165,11 @@ class MultimodalConfig(PreTrainedConfig):
                 )
             elif self.projector_position_embeddings and self.video_projector == "image" and self.vision_config is not None and not errors:
                 layout = self.token_layout
-                if layout.video_tokens_per_step() != layout.image_tokens():
+                if layout.video_tokens_per_step() != layout.image_grid_tokens():
                     errors.append(
                         f"projector_position_embeddings with video_projector='image' needs a frame's grid to equal an "
                         f"image's, but a frame has {layout.video_tokens_per_step()} tokens and an image "
-                        f"{layout.image_tokens()}; set video_spatial_pool_stride=image_pool_stride or use a video projector"
+                        f"{layout.image_grid_tokens()}; set video_spatial_pool_stride=image_pool_stride or use a video projector"
                     )
         if self.audio_config is not None:
             audio_type = self.audio_config.model_type

@@ -32,6 +32,7 @@ class MediaTokenLayout:
     image_has_cls: bool = False
     image_keep_cls: bool = False  # vision_feature_select_strategy == "full"
     image_pool_stride: int = 1
+    image_newline: bool = False  # a row-end token after each row of an image's pooled grid
     audio_max_positions: int | None = None  # encoder positions after the conv stem (Whisper: 1500)
     audio_pool_stride: int = 1
     video_num_frames: int = 0
@@ -49,6 +50,7 @@ class MediaTokenLayout:
                 image_has_cls=has_cls,
                 image_keep_cls=has_cls and config.vision_feature_select_strategy == "full",
                 image_pool_stride=config.image_pool_stride,
+                image_newline=config.image_newline,
                 video_num_frames=config.video_num_frames if config.video_token_id is not None else 0,
                 video_temporal_pool_stride=config.video_temporal_pool_stride,
                 video_spatial_pool_stride=config.video_spatial_pool_stride,
@@ -68,12 +70,16 @@ class MediaTokenLayout:
         return asdict(self)
 
     # --- the counts -------------------------------------------------------------------------------
-    def image_tokens(self) -> int:
-        """Tokens for one image: the pooled patch grid, plus CLS when the "full" strategy keeps it."""
+    def image_grid_tokens(self) -> int:
+        """The projector's tokens for one image: the pooled patch grid, plus CLS when the "full" strategy keeps it."""
         if self.image_grid is None:
             raise ValueError("This model has no vision tower, so it takes no images.")
         side = self.image_grid // self.image_pool_stride
         return side * side + int(self.image_keep_cls)
+
+    def image_tokens(self) -> int:
+        """Tokens for one image in the LM: `image_grid_tokens`, plus a row-end token per grid row with `image_newline`."""
+        return self.image_grid_tokens() + (self.image_grid // self.image_pool_stride if self.image_newline else 0)
 
     def max_audio_mel_frames(self) -> int:
         """Longest clip, in mel frames, the audio encoder accepts (Whisper: 3000 = 30 s)."""

@@ -123,6 +123,18 @@ def _materialise_new_modules(model) -> None:
         raise RuntimeError(f"composition left tensors without memory: {leftover[:5]}")
 
 
+def _row_end_from_newline(model, tokenizer) -> None:
+    """`image_newline`'s row-end vector starts as the LM's own embedding of "\n" when "\n" is one token: the LM
+    already reads it as the end of a line (otherwise it keeps its random start)."""
+    projector = model.model.multi_modal_projector["image"] if "image" in model.model.multi_modal_projector else None
+    if projector is None or projector.row_end is None:
+        return
+    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        with torch.no_grad():
+            projector.row_end.copy_(model.get_input_embeddings().weight[ids[0]].to(projector.row_end.dtype))
+
+
 def from_pretrained_components(
     cls, text: str, vision: str | None = None, audio: str | None = None, dtype=None, image_size: int | None = None,
     system_prompt: str | None = None, **config_overrides
@@ -183,6 +195,7 @@ def from_pretrained_components(
     if audio:
         model.model.audio_tower = _load_audio_encoder(audio, config.audio_config, load_dtype)
     _materialise_new_modules(model)
+    _row_end_from_newline(model, tokenizer)
     model.model.apply_freezing()
     if dtype is not None:
         model = model.to(dtype)

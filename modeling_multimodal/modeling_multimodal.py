@@ -43,7 +43,7 @@ from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, labelled_lm_loss, masked_mean
-from .projectors import MultiModalProjector, pool_patch_grid, pool_time
+from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
 from .vision_stem import use_conv_stem
 
 
@@ -172,6 +172,9 @@ class MultimodalPreTrainedModel(PreTrainedModel):
         if isinstance(module, MultiModalProjector):
             module.reset_standardization()
             module.reset_position_embedding()
+            if module.row_end is not None:  # as LLaVA-NeXT's image_newline: a random vector of the LM's init scale
+                with torch.no_grad():
+                    module.row_end.normal_(0.0, getattr(self.config.text_config, "initializer_range", 0.02))
         if isinstance(module, RetrievalHead):
             with torch.no_grad():
                 module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
@@ -194,7 +197,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             positions = config.projector_position_embeddings
             projectors["image"] = MultiModalProjector(
                 vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act, config.projector_input_standardize,
-                num_positions=self.layout.image_tokens() if positions else 0,
+                num_positions=self.layout.image_grid_tokens() if positions else 0, row_end=config.image_newline,
             )
             if config.video_token_id is not None and config.video_projector != "image":
                 projectors["video"] = MultiModalProjector(
@@ -245,7 +248,11 @@ class MultimodalModel(MultimodalPreTrainedModel):
         drop_cls = self.layout.image_has_cls and not self.layout.image_keep_cls
         features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, drop_cls)
         features = pool_patch_grid(features, self.config.image_pool_stride)
-        return self.multi_modal_projector["image"](features)
+        projector = self.multi_modal_projector["image"]
+        tokens = projector(features)
+        if projector.row_end is not None:
+            tokens = append_row_ends(tokens, self.layout.image_grid // self.layout.image_pool_stride, projector.row_end)
+        return tokens
 
     def _video_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...], n: int, frames: int) -> torch.Tensor:
         """(n, video_tokens, text_hidden) from the vision tower's hidden states over all frames (n * frames, ...)."""

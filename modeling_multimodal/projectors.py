@@ -41,11 +41,14 @@ class MultiModalProjector(nn.Module):
     num_positions: with N > 0, a learned (N, out_features) table, zero at start, is added to the output: the
     input is a sequence of groups of N tokens (an image's pooled patch grid, or each time step of a video), and
     token i of every group gets row i (`config.projector_position_embeddings`).
+
+    row_end: a learned (out_features,) vector that `append_row_ends` puts after each row of an image's grid
+    (`config.image_newline`); it lives here so that it trains, saves and is touched with the projector.
     """
 
     def __init__(
         self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu", standardize: bool = False,
-        num_positions: int = 0,
+        num_positions: int = 0, row_end: bool = False,
     ):
         super().__init__()
         self.kind = kind
@@ -60,6 +63,7 @@ class MultiModalProjector(nn.Module):
             self.act = ACT2FN[act]
             self.linear_2 = nn.Linear(out_features, out_features)
         self.position_embedding = nn.Parameter(torch.zeros(num_positions, out_features)) if num_positions else None
+        self.row_end = nn.Parameter(torch.zeros(out_features)) if row_end else None
         keep_torch_default_init(self)
 
     def reset_position_embedding(self) -> None:
@@ -70,7 +74,8 @@ class MultiModalProjector(nn.Module):
 
     def touch(self, like: torch.Tensor) -> torch.Tensor:
         """The sum of a pass over one zero group of inputs (the trainer's zero-weight touch of an unused projector)."""
-        return self(like.new_zeros(1, self.num_positions or 1, self.in_features)).sum()
+        total = self(like.new_zeros(1, self.num_positions or 1, self.in_features)).sum()
+        return total if self.row_end is None else total + self.row_end.to(total.dtype).sum()
 
     def reset_standardization(self) -> None:
         """Back to the identity, not calibrated."""
@@ -105,6 +110,15 @@ class MultiModalProjector(nn.Module):
             table = self.position_embedding.to(hidden.dtype)
             hidden = (hidden.view(n, length // self.num_positions, self.num_positions, width) + table).view(n, length, width)
         return hidden
+
+
+def append_row_ends(tokens: torch.Tensor, side: int, row_end: torch.Tensor) -> torch.Tensor:
+    """(n, [cls +] side*side, d) -> (n, [cls +] side*(side + 1), d): `row_end` after each row of the grid."""
+    n, length, width = tokens.shape
+    head, grid = tokens[:, : length - side * side], tokens[:, length - side * side :]
+    ends = row_end.to(tokens.dtype).expand(n, side, 1, width)
+    rows = torch.cat([grid.reshape(n, side, side, width), ends], dim=2)
+    return torch.cat([head, rows.reshape(n, side * (side + 1), width)], dim=1)
 
 
 def pool_patch_grid(features: torch.Tensor, stride: int) -> torch.Tensor:
