@@ -95,7 +95,7 @@ PRETRAINED = DemoPlan(
     stages=(("align", "align"), ("finetune", "finetune")),
     full={
         "sizes": {"image": {"train": 1200}, "video": {"train": 480}, "speech": {"train": 480}},
-        "steps": {"align": 20, "finetune": 300},
+        "steps": {"align": 20, "finetune": 330},
         "eval_steps": {"align": 0, "finetune": 0},
     },
     quick={
