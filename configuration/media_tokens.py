@@ -70,16 +70,20 @@ class MediaTokenLayout:
         return asdict(self)
 
     # --- the counts -------------------------------------------------------------------------------
-    def image_grid_tokens(self) -> int:
-        """The projector's tokens for one image: the pooled patch grid, plus CLS when the "full" strategy keeps it."""
+    def image_grid_side(self) -> int:
+        """Tokens per side of an image's pooled patch grid."""
         if self.image_grid is None:
             raise ValueError("This model has no vision tower, so it takes no images.")
-        side = self.image_grid // self.image_pool_stride
+        return self.image_grid // self.image_pool_stride
+
+    def image_grid_tokens(self) -> int:
+        """The projector's tokens for one image: the pooled patch grid, plus CLS when the "full" strategy keeps it."""
+        side = self.image_grid_side()
         return side * side + int(self.image_keep_cls)
 
     def image_tokens(self) -> int:
         """Tokens for one image in the LM: `image_grid_tokens`, plus a row-end token per grid row with `image_newline`."""
-        return self.image_grid_tokens() + (self.image_grid // self.image_pool_stride if self.image_newline else 0)
+        return self.image_grid_tokens() + (self.image_grid_side() if self.image_newline else 0)
 
     def max_audio_mel_frames(self) -> int:
         """Longest clip, in mel frames, the audio encoder accepts (Whisper: 3000 = 30 s)."""

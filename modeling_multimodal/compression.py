@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -57,6 +56,7 @@ def _quanto():
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` under `root`."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent), child, module)
 
@@ -179,14 +179,13 @@ def quantize_language_model_4bit(model, compute_dtype: torch.dtype = torch.bfloa
     for name, module in list(language_model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        parent_name, _, child = name.rpartition(".")
         quantized = bnb.nn.Linear4bit(
             module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype, quant_type="nf4"
         )
         quantized.weight = bnb.nn.Params4bit(module.weight.data.float().cpu(), requires_grad=False, quant_type="nf4")
         if module.bias is not None:
             quantized.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
-        setattr(language_model.get_submodule(parent_name), child, quantized.cuda())  # .cuda() quantizes to NF4
+        _replace(language_model, name, quantized.cuda())  # .cuda() quantizes to NF4
     return model
 
 

@@ -251,7 +251,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         projector = self.multi_modal_projector["image"]
         tokens = projector(features)
         if projector.row_end is not None:
-            tokens = append_row_ends(tokens, self.layout.image_grid // self.layout.image_pool_stride, projector.row_end)
+            tokens = append_row_ends(tokens, self.layout.image_grid_side(), projector.row_end)
         return tokens
 
     def _video_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...], n: int, frames: int) -> torch.Tensor:
