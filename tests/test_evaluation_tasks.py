@@ -8,7 +8,7 @@ import torch
 
 from modeling_multimodal.demo_data import make_demo_data
 from modeling_multimodal.evaluation.functional import retrieval_recall
-from modeling_multimodal.evaluation.tasks import reranked_recall, response_log_likelihoods, retrieval_scores
+from modeling_multimodal.evaluation.tasks import pair_log_likelihoods, reranked_recall, retrieval_scores
 from modeling_multimodal.constants import IGNORE_INDEX
 from modeling_multimodal.data import ExampleEncoder, MultimodalCollator, load_manifest
 from modeling_multimodal.training.recipe import load_recipe
@@ -29,18 +29,26 @@ def setup(tmp_path_factory):
     return model.eval(), processor, rows
 
 
-def test_response_log_likelihoods_equal_the_summed_token_loss(setup):
+def summed_log_likelihood(model, processor, media_row, caption) -> float:
+    """log p(caption | media_row's image): the example run as one sequence, its mean token loss times its count."""
+    example = ExampleEncoder(processor, "image_caption")({**media_row, "caption": caption})
+    batch = MultimodalCollator(processor.tokenizer.pad_token_id)([example])
+    batch = {k: v for k, v in batch.items() if k not in ("pair_input_ids", "pair_attention_mask")}
+    with torch.no_grad():
+        loss = model(**batch).loss_text  # mean over the labelled tokens
+    return -loss.item() * int((example["labels"][1:] != IGNORE_INDEX).sum())
+
+
+def test_pair_log_likelihoods_reuse_each_prompt_and_equal_the_whole_sequence_score(setup):
     model, processor, rows = setup
     encoder = ExampleEncoder(processor, "image_caption")
     encoded = [encoder(row) for row in rows[:3]]
-    scores = response_log_likelihoods(model, encoded, processor.tokenizer.pad_token_id, batch_size=2)
-    for example, score in zip(encoded, scores):
-        batch = MultimodalCollator(processor.tokenizer.pad_token_id)([example])
-        batch = {k: v for k, v in batch.items() if k not in ("pair_input_ids", "pair_attention_mask")}
-        with torch.no_grad():
-            loss = model(**batch).loss_text  # mean over the labelled tokens
-        labelled = int((example["labels"][1:] != IGNORE_INDEX).sum())
-        assert score.item() == pytest.approx(-loss.item() * labelled, rel=1e-4)
+    prompts = [{"pixel_values": e["pixel_values"], "input_ids": e["input_ids"][e["labels"] == IGNORE_INDEX]} for e in encoded]
+    responses = [e["labels"][e["labels"] != IGNORE_INDEX] for e in encoded]
+    pairs = [(0, 0), (1, 0), (2, 0), (2, 1), (0, 2)]  # prompt 0 has 3 candidates: batches of 2 and 1 on its cache
+    scores = pair_log_likelihoods(model, prompts, responses, pairs, processor.tokenizer.pad_token_id, batch_size=2)
+    for (text, media), score in zip(pairs, scores):
+        assert score.item() == pytest.approx(summed_log_likelihood(model, processor, rows[media], rows[text]["caption"]), rel=1e-4)
 
 
 def test_reranked_recall_reorders_only_each_querys_top_k():
@@ -60,12 +68,10 @@ def test_retrieval_reranked_over_every_candidate_equals_ranking_by_log_likelihoo
     n = len(rows)
     scores = retrieval_scores(model, processor, rows, "image_caption", batch_size=4, rerank_top_k=n)
     # Reference: log p(caption_i | image_j) of every pair, one pair at a time, ranked directly.
-    encoder = ExampleEncoder(processor, "image_caption")
     matrix = np.zeros((n, n))
     for j, media_row in enumerate(rows):
         for i, text_row in enumerate(rows):
-            example = encoder({**media_row, "caption": text_row["caption"]})
-            matrix[i, j] = response_log_likelihoods(model, [example], processor.tokenizer.pad_token_id)[0]
+            matrix[i, j] = summed_log_likelihood(model, processor, media_row, text_row["caption"])
     reference = retrieval_recall(matrix)
     for key, value in reference.items():
         assert scores[f"reranked_{key}"] == pytest.approx(value)

@@ -11,6 +11,8 @@ Scores come from `evaluation.functional`, the same code the shipped `evaluate` m
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -51,21 +53,45 @@ def generate_responses(model, processor, rows: list[dict], task, batch_size: int
 
 
 @torch.no_grad()
-def response_log_likelihoods(model, encoded: list[dict], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """log p(response | prompt) of each encoded example (`ExampleEncoder` output): its labelled tokens' summed
-    log-probabilities under `model`, as a (n,) float tensor. Only the prompt's media go to the model (no
-    auxiliary or contrastive inputs), so the score is the captioning / transcription model's own."""
+def pair_log_likelihoods(
+    model, prompts: list[dict], responses: list[torch.Tensor], pairs: list[tuple[int, int]], pad_token_id: int,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """log p(responses[t] | prompts[m]) of each (t, m) in `pairs`, as a (len(pairs),) float tensor.
+
+    prompts: encoded prompts (`ExampleEncoder` output cut at the response: media tensors and `input_ids`);
+    responses: the response token ids (what `labels` would score). Each prompt runs once, with its media, and
+    keeps its KV cache; its candidate responses then run as one batch on that cache, so a medium's tower
+    and prompt are not recomputed per candidate (re-ranking k candidates costs k short response passes).
+    The result equals the summed token log-probabilities of the prompt and response run as one sequence.
+    """
     collator = MultimodalCollator(pad_token_id)
-    scores = []
-    for chunk in _batches(encoded, batch_size):
-        batch = collator(chunk)
-        labels = batch.pop("labels").to(model.device)
-        inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("ctc_labels", "pair_input_ids", "pair_attention_mask")}
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        token_scores = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores.append((token_scores * (targets != IGNORE_INDEX)).sum(-1).cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
+    by_prompt: dict[int, list[int]] = {}
+    for index, (_, prompt) in enumerate(pairs):
+        by_prompt.setdefault(prompt, []).append(index)
+    scores = torch.zeros(len(pairs))
+    for prompt, indices in by_prompt.items():
+        example = {**prompts[prompt], "labels": torch.full_like(prompts[prompt]["input_ids"], IGNORE_INDEX)}
+        batch = collator([example])
+        inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "ctc_labels", "pair_input_ids", "pair_attention_mask")}
+        prefix = model(**inputs, use_cache=True)
+        first = prefix.logits[0, -1].float().log_softmax(-1)  # predicts each response's first token
+        prefix_length = inputs["input_ids"].shape[1]
+        for chunk in _batches(indices, batch_size):
+            cache = prefix.cache if len(chunk) == len(indices) else copy.deepcopy(prefix.cache)
+            cache.batch_repeat_interleave(len(chunk))
+            texts = [responses[pairs[i][0]] for i in chunk]
+            lengths = torch.tensor([len(t) for t in texts])
+            ids = torch.full((len(chunk), int(lengths.max())), pad_token_id, dtype=torch.long)
+            for row, text in enumerate(texts):
+                ids[row, : len(text)] = text
+            real = torch.arange(ids.shape[1]) < lengths[:, None]
+            mask = torch.cat([torch.ones(len(chunk), prefix_length, dtype=torch.long), real.long()], dim=1)
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), cache=cache, use_cache=True).logits
+            token_scores = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None].to(logits.device)).squeeze(-1).cpu()
+            token_scores = (token_scores * real[:, 1:]).sum(-1) + first.cpu()[ids[:, 0]]
+            scores[torch.tensor(chunk)] = token_scores
+    return scores
 
 
 def _top_k_pairs(similarity: np.ndarray, k: int) -> set[tuple[int, int]]:
@@ -134,15 +160,12 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     scores = retrieval_recall(similarity)
     if rerank_top_k > 0:
         pairs = sorted(_top_k_pairs(similarity, rerank_top_k))
-        prompts = [example["input_ids"][example["labels"] == IGNORE_INDEX] for example in encoded]
+        prompts = [
+            {**{key: example[key] for key in MEDIA_TENSOR_KEYS if key in example}, "input_ids": example["input_ids"][example["labels"] == IGNORE_INDEX]}
+            for example in encoded
+        ]
         responses = [example["labels"][example["labels"] != IGNORE_INDEX] for example in encoded]
-        candidates = []
-        for text, media in pairs:
-            candidate = {key: encoded[media][key] for key in MEDIA_TENSOR_KEYS if key in encoded[media]}
-            candidate["input_ids"] = torch.cat([prompts[media], responses[text]])
-            candidate["labels"] = torch.cat([torch.full_like(prompts[media], IGNORE_INDEX), responses[text]])
-            candidates.append(candidate)
-        log_likelihoods = response_log_likelihoods(model, candidates, tokenizer.pad_token_id, batch_size)
+        log_likelihoods = pair_log_likelihoods(model, prompts, responses, pairs, tokenizer.pad_token_id, batch_size)
         scores.update(reranked_recall(similarity, dict(zip(pairs, log_likelihoods.tolist())), rerank_top_k))
     return scores
 
