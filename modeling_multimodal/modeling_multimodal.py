@@ -863,6 +863,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         segment_ids: torch.LongTensor | None = None,
         num_items: dict[str, int | torch.Tensor | None] | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        contrastive: bool = True,
     ) -> LossTerms:
         """The three terms from `MultimodalModel`'s outputs and the targets given (see `forward`).
 
@@ -871,7 +872,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         and all ranks (keys "text", "audio_ctc", "media_bow"; default: this batch's count), and `gather` collects
         every rank's embedding rows for `L_contrastive` (every rank then calls it in every step, pairs or not).
         Outputs of `MultimodalModel.merge_media` alone (no LM run, `last_hidden_state` None) give only `L_auxiliary`:
-        `L_text` and `L_contrastive` need the LM.
+        `L_text` and `L_contrastive` need the LM. contrastive=False skips `L_contrastive` (a training step without it).
         """
         num_items = num_items or {}
         terms = LossTerms()
@@ -882,7 +883,7 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             )
         heads = self.auxiliary_heads
         wants_bow = self.config.auxiliary_loss_weight > 0 and "media_bow" in heads
-        wants_cross = self.config.contrastive_loss_weight > 0 and runs_language_model
+        wants_cross = contrastive and self.config.contrastive_loss_weight > 0 and runs_language_model
         pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
         if (wants_bow or wants_cross) and (pair_input_ids is not None or gather is not None):
             pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)

@@ -172,6 +172,19 @@ def test_loss_falls_clearly_on_a_small_task(data_root, tmp_path):
     assert final.config.image_token_id is not None
 
 
+def test_contrastive_every_n_steps_takes_l_contrastive_on_those_steps_only(data_root, tmp_path):
+    run = recipe(
+        data_root, tmp_path, "data.train=[{manifest: image_train.jsonl, task: image_caption}]", "data.eval=[]",
+        "optim.max_steps=4", "contrastive_loss_weight=0.5", "auxiliary_loss_weight=0", "contrastive_every_n_steps=2",
+    )
+    Trainer(run).train()
+    records = history(tmp_path)
+    assert [record["loss_contrastive"] is not None for record in records] == [False, True, False, True]
+    for record in records:  # the total is L_text alone on the other steps
+        expected = record["loss_text"] + 0.5 * (record["loss_contrastive"] or 0.0)
+        assert record["loss"] == pytest.approx(expected)
+
+
 def test_training_writes_logs_checkpoints_and_report(data_root, tmp_path):
     run = recipe(data_root, tmp_path, "report=true", "save_steps=2", "eval_steps=3", "optim.max_steps=4", "save_total_limit=1")
     result = Trainer(run).train()
@@ -292,6 +305,7 @@ RECIPE_ERRORS = [
     (["mixed_precision=fp8"], "mixed_precision='fp8'"),
     (["data.train=[]"], "data.train is empty"),
     (["stage"], "must look like key.sub=value"),
+    (["contrastive_every_n_steps=0"], "contrastive_every_n_steps"),
 ]
 
 

@@ -87,9 +87,10 @@ class TrainingObjective(nn.Module):
     def get_output_embeddings(self):
         return base_model(self.model).get_output_embeddings()
 
-    def forward(self, num_items: dict | None = None, gather: bool = False, **batch) -> ObjectiveOutput:
+    def forward(self, num_items: dict | None = None, gather: bool = False, contrastive: bool = True, **batch) -> ObjectiveOutput:
         """num_items: `window_item_counts` of the step's window (default: each batch's own counts).
-        gather: compute `L_contrastive` over every rank's pairs (`torch.distributed` must be initialised)."""
+        gather: compute `L_contrastive` over every rank's pairs (`torch.distributed` must be initialised).
+        contrastive: False leaves `L_contrastive` out (every rank must agree, as the trainer's step count does)."""
         model = base_model(self.model)  # LoRA layers live inside its modules; PEFT's forward adds nothing here
         inputs = {key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None}
         if self.run_language_model:
@@ -102,6 +103,7 @@ class TrainingObjective(nn.Module):
             **{key: batch[key] for key in TARGETS if batch.get(key) is not None},
             num_items=num_items,
             gather=gather_rows_across_ranks if gather else None,
+            contrastive=contrastive,
         )
         loss = model.weighted_loss(terms, like=outputs.inputs_embeds)
         loss = loss if loss is not None else outputs.inputs_embeds.new_zeros((), dtype=torch.float32)

@@ -323,6 +323,7 @@ class TrainingRecipe:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     auxiliary_loss_weight: float | None = None  # λ; None keeps the model config's value
     contrastive_loss_weight: float | None = None  # α
+    contrastive_every_n_steps: int = 1  # L_contrastive on every n-th optimizer step only: its two extra LM passes cost most of a step
     mixed_precision: str = "no"  # "no" | "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -346,6 +347,7 @@ class TrainingRecipe:
         check_text("mixed_precision", self.mixed_precision, choices=("no", "bf16"))
         for name in ("auxiliary_loss_weight", "contrastive_loss_weight"):
             setattr(self, name, check_number(name, getattr(self, name), minimum=0, optional=True))
+        self.contrastive_every_n_steps = check_number("contrastive_every_n_steps", self.contrastive_every_n_steps, integer=True, minimum=1)
         self.seed = check_number("seed", self.seed, integer=True, minimum=0)
         self.threads = check_number("threads", self.threads, integer=True, minimum=1, optional=True)
         for name in ("save_steps", "eval_steps"):

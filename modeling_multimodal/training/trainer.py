@@ -126,8 +126,9 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     # --- one optimizer step ---
-    def _step(self, window: list[dict]) -> dict[str, float]:
-        """One optimizer step over a window of micro-batches, every term normalised over the whole window.
+    def _step(self, window: list[dict], contrastive: bool = True) -> dict[str, float]:
+        """One optimizer step over a window of micro-batches, every term normalised over the whole window;
+        `contrastive=False` leaves `L_contrastive` out of this step (the recipe's `contrastive_every_n_steps`).
 
         The token, CTC and bag-of-words losses are sums divided by the window's global counts (all ranks), and the
         contrastive loss gathers every rank's pairs, so the update equals the one-process update on the
@@ -142,7 +143,7 @@ class Trainer:
         for i, batch in enumerate(window):
             context = accelerator.no_sync(objective) if i < steps - 1 and world > 1 else contextlib.nullcontext()
             with context:
-                out = objective(**batch, num_items=num_items, gather=world > 1)
+                out = objective(**batch, num_items=num_items, gather=world > 1, contrastive=contrastive)
                 total = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
                 if out.loss_text is not None:
                     total = total + world * out.loss_text
@@ -270,7 +271,7 @@ class Trainer:
         started = time.perf_counter()
         while step < optim.max_steps:
             position, batches_in_window = window
-            metrics = self._step(batches_in_window)
+            metrics = self._step(batches_in_window, contrastive=(step + 1) % recipe.contrastive_every_n_steps == 0)
             step += 1
             epoch, batch_index = position
             metrics["step"] = step
