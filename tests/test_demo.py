@@ -106,7 +106,7 @@ def test_quick_pretrained_plan_composes_parts_trains_and_reports(tmp_path):
     assert "speech_transcription/whisper_baseline_wer" not in scores  # this Whisper folder has no tokenizer
     model = MultimodalForConditionalGeneration.from_pretrained(tmp_path / "out" / "finetune" / "final")
     assert model.config.vision_config.image_size == 112 and model.config.vision_feature_layers == [4, -1]  # the recipe's image_size
-    assert sorted(model.auxiliary_heads) == ["media_bow"]
+    assert len(model.auxiliary_heads) == 0 and model.config.auxiliary_loss_weight == 0.0  # λ = 0: no head is built or saved
     assert len(results["samples"]["image_caption"]) == scores["image_caption/num_test_samples"] == 6
 
 
@@ -157,3 +157,29 @@ def test_ablation_resumes_keeping_finished_arms(tmp_path, monkeypatch):
     assert [row["image_caption/exact_match"] for row in rows] == [0.25, 0.5, 0.5, 0.5]
     assert all((out / arm / demo.ABLATION_SCORES).is_file() for arm in ("neither", "lambda", "alpha", "both"))
     assert "| neither (λ=0, α=0) | 0.0 | 0.0 |" in (out / "ablation.md").read_text()
+
+
+def test_pretrained_ablation_runs_its_lambda_arms_at_the_plans_lambda(tmp_path, monkeypatch):
+    """The pretrained recipe trains with λ = 0, so its ablation's λ arms take the plan's `ablation_lambda`."""
+    from modeling_multimodal import demo
+
+    weights = {}
+
+    def fake_train(run_dir, data, budget, overrides, plan):
+        weights[run_dir.name] = [o for o in overrides if o.startswith(("auxiliary_loss_weight=", "contrastive_loss_weight="))]
+        (run_dir / "finetune" / "final").mkdir(parents=True)
+
+    monkeypatch.setattr(demo, "pretrained_parts", lambda weights_dir: {"text": str(tmp_path)})
+    monkeypatch.setattr(demo, "train_demo_model", fake_train)
+    monkeypatch.setattr(demo, "evaluate_on_test", lambda *args, **kwargs: ({}, {}))
+    monkeypatch.setattr(demo, "make_demo_data", lambda *args, **kwargs: None)
+    demo.run_ablation(tmp_path, quick=True, plan="pretrained")
+    recipe = demo.load_recipe(demo.recipe_path(demo.PRETRAINED.recipe), [f"model.components.text={tmp_path}"])
+    recipe_alpha = recipe.contrastive_loss_weight
+    assert recipe.auxiliary_loss_weight == 0.0
+    assert weights == {
+        "neither": ["auxiliary_loss_weight=0.0", "contrastive_loss_weight=0.0"],
+        "lambda": [f"auxiliary_loss_weight={demo.PRETRAINED.ablation_lambda}", "contrastive_loss_weight=0.0"],
+        "alpha": ["auxiliary_loss_weight=0.0", f"contrastive_loss_weight={recipe_alpha}"],
+        "both": [f"auxiliary_loss_weight={demo.PRETRAINED.ablation_lambda}", f"contrastive_loss_weight={recipe_alpha}"],
+    }
