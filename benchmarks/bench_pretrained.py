@@ -12,6 +12,9 @@ and says why.
 - `pretrained_vs_qwen2_audio`: the same against `Qwen2AudioForConditionalGeneration` with the Whisper tiny.en
   encoder and our linear projector, on clips of 3, 5, 7 and 10 s (Qwen2-Audio pads each to 30 s; we do not).
 - `pretrained_generate_b1` / `_b4`: greedy tokens/s with one image per sample, ours against LLaVA's `generate`.
+- `pretrained_rerank`: retrieval re-ranking, log p(caption | image) of k candidate captions per image: our
+  `pair_log_likelihoods` (each image's prompt once, candidates on its KV cache) against one whole-sequence pass
+  per pair (what scoring each pair with the model's loss costs), with the largest difference of the scores.
 - `pretrained_mfu`: FLOPs of our LoRA step (FlopCounterMode) / its time / the measured fp32 `torch.mm` peak.
 - `pretrained_packing`: `bench_packing`'s plans on the pretrained demo's data and recipe, when a demo data
   folder is given (`--demo-data DIR` or `MODELING_MULTIMODAL_DEMO_DATA`; `modeling-multimodal make-demo-data DIR`).
@@ -27,6 +30,9 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from modeling_multimodal import MultimodalForConditionalGeneration
+from modeling_multimodal.constants import IGNORE_INDEX
+from modeling_multimodal.data.collator import MultimodalCollator
+from modeling_multimodal.evaluation.tasks import pair_log_likelihoods
 from modeling_multimodal.training.stages import default_lora_targets
 
 from .bench_generation import interleaved_generate, prompt_only
@@ -159,6 +165,53 @@ def bench_generate(folders: dict, sizes: Sizes, device: str, batch_sizes: tuple[
     return results
 
 
+@torch.no_grad()
+def whole_sequence_log_likelihoods(model, examples: list[dict], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """The reference: each (prompt + response) example run whole, its labelled tokens' log-probabilities summed."""
+    collator, scores = MultimodalCollator(pad_token_id), []
+    for start in range(0, len(examples), batch_size):
+        batch = collator(examples[start : start + batch_size])
+        labels = batch.pop("labels")
+        inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("ctc_labels", "pair_input_ids", "pair_attention_mask")}
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float().cpu()
+        targets = labels[:, 1:]
+        token_scores = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        scores.append((token_scores * (targets != IGNORE_INDEX)).sum(-1))
+    return torch.cat(scores)
+
+
+def bench_rerank(folders: dict, sizes: Sizes, device: str, images: int, candidates: int) -> dict:
+    """Seconds to score `candidates` captions for each of `images` images, ours against the whole-sequence reference."""
+    model, _ = MultimodalForConditionalGeneration.from_pretrained_components(
+        text=folders["text"], vision=folders["vision"], image_size=IMAGE_SIZE
+    )
+    model = model.eval().to(device)
+    image_tokens = model.config.token_layout.image_tokens()
+    batch = conversation_batch(model, sizes, [[(model.config.image_token_id, image_tokens)]] * images)
+    pixels = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    labelled = batch["labels"] != IGNORE_INDEX
+    prompts = [{"pixel_values": pixels[i : i + 1], "input_ids": batch["input_ids"][i][~labelled[i]]} for i in range(images)]
+    responses = [batch["input_ids"][i][labelled[i]] for i in range(images)]
+    pairs = [((image + shift) % images, image) for image in range(images) for shift in range(candidates)]
+    examples = [
+        {"pixel_values": prompts[m]["pixel_values"], "input_ids": torch.cat([prompts[m]["input_ids"], responses[t]]),
+         "labels": torch.cat([torch.full_like(prompts[m]["input_ids"], IGNORE_INDEX), responses[t]])}
+        for t, m in pairs
+    ]
+    pad = model.config.text_config.pad_token_id or 0
+    outputs = {}
+    calls = {
+        "ours": lambda: outputs.__setitem__("ours", pair_log_likelihoods(model, prompts, responses, pairs, pad, batch_size=32)),
+        "whole_sequence": lambda: outputs.__setitem__("whole_sequence", whole_sequence_log_likelihoods(model, examples, pad, batch_size=32)),
+    }
+    seconds = interleaved_medians(calls, device, sizes.repeats)
+    return {
+        "images": images, "candidates": candidates, "image_tokens": image_tokens, "response_tokens": sizes.response_tokens,
+        "ours_s": seconds["ours"], "whole_sequence_s": seconds["whole_sequence"], "speedup": seconds["whole_sequence"] / seconds["ours"],
+        "max_abs_difference": float((outputs["ours"] - outputs["whole_sequence"]).abs().max()),
+    }
+
+
 def bench_mfu(folders: dict, sizes: Sizes, device: str, batch_size: int, matmul_size: int) -> dict:
     """FLOPs of our LoRA step over its median time and the best fp32 `torch.mm` FLOP/s of this run."""
     ours, _ = MultimodalForConditionalGeneration.from_pretrained_components(
@@ -188,6 +241,7 @@ def run(sizes: Sizes, device: str) -> dict:
         "pretrained_vs_llava": bench_vs_llava(folders, sizes, device, batch_size),
         "pretrained_vs_qwen2_audio": bench_vs_qwen2_audio(folders, sizes, device, CLIP_SECONDS[:1] if quick else CLIP_SECONDS),
         **bench_generate(folders, sizes, device, (1,) if quick else (1, 4), new_tokens=2 if quick else 32),
+        "pretrained_rerank": bench_rerank(folders, sizes, device, images=2 if quick else 8, candidates=2 if quick else 10),
         "pretrained_mfu": bench_mfu(folders, sizes, device, batch_size, matmul_size=256 if quick else 2048),
         "pretrained_packing": demo_packing(folders, device, quick),
     }

@@ -45,4 +45,6 @@ def test_quick_real_scale_run_reports_consistent_ratios(tmp_path):
         assert entry["flop_ratio"] > 1  # ours skips the logits of unlabelled positions (and Qwen2-Audio's 30 s padding)
     assert results["pretrained_vs_llava"]["image_tokens"] == 256
     assert 0 < results["pretrained_mfu"]["mfu"] < 1
+    rerank = results["pretrained_rerank"]  # the cached scores are the whole-sequence ones (fp32 sums over 49k logits)
+    assert rerank["max_abs_difference"] < 1e-2 and rerank["speedup"] == pytest.approx(rerank["whole_sequence_s"] / rerank["ours_s"])
     assert "Real scale, LoRA step vs LLaVA" in (tmp_path / "R.md").read_text()
