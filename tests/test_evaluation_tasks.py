@@ -49,6 +49,8 @@ def test_pair_log_likelihoods_reuse_each_prompt_and_equal_the_whole_sequence_sco
     scores = pair_log_likelihoods(model, prompts, responses, pairs, processor.tokenizer.pad_token_id, batch_size=2)
     for (text, media), score in zip(pairs, scores):
         assert score.item() == pytest.approx(summed_log_likelihood(model, processor, rows[media], rows[text]["caption"]), rel=1e-4)
+    with pytest.raises(ValueError, match=r"responses \[1\] are empty"):
+        pair_log_likelihoods(model, prompts, [responses[0], responses[1][:0]], [(1, 0)], processor.tokenizer.pad_token_id)
 
 
 def test_reranked_recall_reorders_only_each_querys_top_k():

@@ -82,6 +82,9 @@ def pair_log_likelihoods(
             cache.batch_repeat_interleave(len(chunk))
             texts = [responses[pairs[i][0]] for i in chunk]
             lengths = torch.tensor([len(t) for t in texts])
+            if int(lengths.min()) == 0:
+                empty = [pairs[i][0] for i, length in zip(chunk, lengths.tolist()) if length == 0]
+                raise ValueError(f"responses {empty} are empty: each scored response needs at least one token")
             ids = torch.full((len(chunk), int(lengths.max())), pad_token_id, dtype=torch.long)
             for row, text in enumerate(texts):
                 ids[row, : len(text)] = text
