@@ -225,11 +225,11 @@ def test_resume_continues_exactly(data_root, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = Trainer._step
 
-    def dying_step(self, window):
+    def dying_step(self, window, **kwargs):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt("killed")
-        return original(self, window)
+        return original(self, window, **kwargs)
 
     monkeypatch.setattr(Trainer, "_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
@@ -395,6 +395,7 @@ RESUME_CASES = [
     # the projectors' input statistics are estimated once, at the start, and restored (not re-estimated) on resume
     ("standardised projectors", ["model.config.projector_input_standardize=true"], [(3, 5)]),
     ("augmented", [*AUGMENT, "data.num_workers=2"], [(3, 5)]),  # the same augmented samples after a resume
+    ("contrastive every 2nd step", ["contrastive_every_n_steps=2"], [(3, 5)]),  # resumed after an odd step: the same steps take it
 ]
 
 
@@ -402,11 +403,11 @@ def killed_at(step):
     """Replace Trainer._step by one that raises KeyboardInterrupt during the given step (a kill)."""
     original, calls = Trainer._step, {"n": 0}
 
-    def step_or_die(self, window):
+    def step_or_die(self, window, **kwargs):
         calls["n"] += 1
         if calls["n"] == step:
             raise KeyboardInterrupt(f"killed during step {step}")
-        return original(self, window)
+        return original(self, window, **kwargs)
 
     return step_or_die
 
@@ -446,11 +447,11 @@ import os, sys
 from modeling_multimodal.cli import main
 from modeling_multimodal.training.trainer import Trainer
 original, calls = Trainer._step, [0]
-def step_or_die(self, window):
+def step_or_die(self, window, **kwargs):
     calls[0] += 1
     if calls[0] == int(os.environ["KILL_DURING_STEP"]):
         os._exit(3)  # no clean-up, no finally: as a kill
-    return original(self, window)
+    return original(self, window, **kwargs)
 Trainer._step = step_or_die
 sys.exit(main(["train", *sys.argv[1:]]))
 """
@@ -500,7 +501,7 @@ def test_stages_chain_in_one_call_and_resume_skips_finished_stages(data_root, tm
     assert [p.name for p in list_checkpoints(tmp_path / "2-finetune")] == ["checkpoint-1"]
     steps = []
     original = Trainer._step
-    monkeypatch.setattr(Trainer, "_step", lambda self, window: steps.append(self.recipe.stage) or original(self, window))
+    monkeypatch.setattr(Trainer, "_step", lambda self, window, **kwargs: steps.append(self.recipe.stage) or original(self, window, **kwargs))
     result = train(recipe(data_root, tmp_path, *run, "resume=true"))
     assert steps == ["finetune", "finetune"]  # align finished: not run again; finetune resumed at step 1
     assert result["final_dir"] == str(tmp_path / "2-finetune" / "final") and result["steps"] == 3

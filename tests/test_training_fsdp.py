@@ -118,11 +118,11 @@ def init(self, *args, **kwargs):  # what `accelerate launch --config_file exampl
 original_step, calls = Trainer._step, [0]
 
 
-def step_or_die(self, window):
+def step_or_die(self, window, **kwargs):
     calls[0] += 1
     if calls[0] == int(os.environ.get("KILL_DURING_STEP", "0")):
         os._exit(3)
-    return original_step(self, window)
+    return original_step(self, window, **kwargs)
 
 
 Accelerator.__init__, Trainer._step = init, step_or_die
