@@ -32,7 +32,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.constants import IGNORE_INDEX
 from modeling_multimodal.data.collator import MultimodalCollator
-from modeling_multimodal.evaluation.tasks import pair_log_likelihoods
+from modeling_multimodal.evaluation.tasks import pair_log_likelihoods, split_prompt_response
 from modeling_multimodal.training.stages import default_lora_targets
 
 from .bench_generation import interleaved_generate, prompt_only
@@ -189,9 +189,9 @@ def bench_rerank(folders: dict, sizes: Sizes, device: str, images: int, candidat
     image_tokens = model.config.token_layout.image_tokens()
     batch = conversation_batch(model, sizes, [[(model.config.image_token_id, image_tokens)]] * images)
     pixels = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
-    labelled = batch["labels"] != IGNORE_INDEX
-    prompts = [{"pixel_values": pixels[i : i + 1], "input_ids": batch["input_ids"][i][~labelled[i]]} for i in range(images)]
-    responses = [batch["input_ids"][i][labelled[i]] for i in range(images)]
+    # conversation_batch's rows are equally long here (same media, prompt and response sizes): no padding to drop
+    rows = [{"pixel_values": pixels[i : i + 1], "input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in range(images)]
+    prompts, responses = zip(*map(split_prompt_response, rows))
     pairs = [((image + shift) % images, image) for image in range(images) for shift in range(candidates)]
     examples = [
         {"pixel_values": prompts[m]["pixel_values"], "input_ids": torch.cat([prompts[m]["input_ids"], responses[t]]),

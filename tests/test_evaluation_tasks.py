@@ -8,7 +8,7 @@ import torch
 
 from modeling_multimodal.demo_data import make_demo_data
 from modeling_multimodal.evaluation.functional import retrieval_recall
-from modeling_multimodal.evaluation.tasks import pair_log_likelihoods, reranked_recall, retrieval_scores
+from modeling_multimodal.evaluation.tasks import pair_log_likelihoods, reranked_recall, retrieval_scores, split_prompt_response
 from modeling_multimodal.constants import IGNORE_INDEX
 from modeling_multimodal.data import ExampleEncoder, MultimodalCollator, load_manifest
 from modeling_multimodal.training.recipe import load_recipe
@@ -43,8 +43,7 @@ def test_pair_log_likelihoods_reuse_each_prompt_and_equal_the_whole_sequence_sco
     model, processor, rows = setup
     encoder = ExampleEncoder(processor, "image_caption")
     encoded = [encoder(row) for row in rows[:3]]
-    prompts = [{"pixel_values": e["pixel_values"], "input_ids": e["input_ids"][e["labels"] == IGNORE_INDEX]} for e in encoded]
-    responses = [e["labels"][e["labels"] != IGNORE_INDEX] for e in encoded]
+    prompts, responses = zip(*map(split_prompt_response, encoded))
     pairs = [(0, 0), (1, 0), (2, 0), (2, 1), (0, 2)]  # prompt 0 has 3 candidates: batches of 2 and 1 on its cache
     scores = pair_log_likelihoods(model, prompts, responses, pairs, processor.tokenizer.pad_token_id, batch_size=2)
     for (text, media), score in zip(pairs, scores):

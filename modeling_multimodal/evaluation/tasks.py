@@ -52,6 +52,14 @@ def generate_responses(model, processor, rows: list[dict], task, batch_size: int
     return predictions, [e["response"] for e in examples], examples
 
 
+def split_prompt_response(example: dict) -> tuple[dict, torch.Tensor]:
+    """An encoded example (`ExampleEncoder` output) as (its prompt: media tensors and the unlabelled `input_ids`,
+    its response: the labelled token ids), the two inputs `pair_log_likelihoods` takes."""
+    labelled = example["labels"] != IGNORE_INDEX
+    prompt = {key: example[key] for key in MEDIA_TENSOR_KEYS if key in example}
+    return {**prompt, "input_ids": example["input_ids"][~labelled]}, example["labels"][labelled]
+
+
 @torch.no_grad()
 def pair_log_likelihoods(
     model, prompts: list[dict], responses: list[torch.Tensor], pairs: list[tuple[int, int]], pad_token_id: int,
@@ -59,8 +67,7 @@ def pair_log_likelihoods(
 ) -> torch.Tensor:
     """log p(responses[t] | prompts[m]) of each (t, m) in `pairs`, as a (len(pairs),) float tensor.
 
-    prompts: encoded prompts (`ExampleEncoder` output cut at the response: media tensors and `input_ids`);
-    responses: the response token ids (what `labels` would score). Each prompt runs once, with its media, and
+    prompts, responses: each encoded example's two parts (`split_prompt_response`). Each prompt runs once, with its media, and
     keeps its KV cache; its candidate responses then run as one batch on that cache, so a medium's tower
     and prompt are not recomputed per candidate (re-ranking k candidates costs k short response passes).
     The result equals the summed token log-probabilities of the prompt and response run as one sequence.
@@ -74,7 +81,7 @@ def pair_log_likelihoods(
         example = {**prompts[prompt], "labels": torch.full_like(prompts[prompt]["input_ids"], IGNORE_INDEX)}
         batch = collator([example])
         inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "ctc_labels", "pair_input_ids", "pair_attention_mask")}
-        prefix = model(**inputs, use_cache=True)
+        prefix = model(**inputs, use_cache=True, logits_to_keep=1)  # only the last position's logits are read
         first = prefix.logits[0, -1].float().log_softmax(-1)  # predicts each response's first token
         prefix_length = inputs["input_ids"].shape[1]
         for chunk in _batches(indices, batch_size):
@@ -163,11 +170,7 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     scores = retrieval_recall(similarity)
     if rerank_top_k > 0:
         pairs = sorted(_top_k_pairs(similarity, rerank_top_k))
-        prompts = [
-            {**{key: example[key] for key in MEDIA_TENSOR_KEYS if key in example}, "input_ids": example["input_ids"][example["labels"] == IGNORE_INDEX]}
-            for example in encoded
-        ]
-        responses = [example["labels"][example["labels"] != IGNORE_INDEX] for example in encoded]
+        prompts, responses = zip(*map(split_prompt_response, encoded))
         log_likelihoods = pair_log_likelihoods(model, prompts, responses, pairs, tokenizer.pad_token_id, batch_size)
         scores.update(reranked_recall(similarity, dict(zip(pairs, log_likelihoods.tolist())), rerank_top_k))
     return scores
