@@ -408,7 +408,7 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
     else:
         media = {}
         for modality in MODALITIES:
-            value = row.get(spec.media_fields[modality]) if modality in spec.media_fields else None
+            value = media_value(row.get(spec.media_fields[modality])) if modality in spec.media_fields else None
             media[modality] = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
         messages = [{"role": "user", "content": _template_content(spec.prompt, row, media, row_id, spec.use_audio_in_video)}]
         response = row.get(spec.response_field) if spec.response_field else None
