@@ -31,12 +31,24 @@ from .recipe import TrainingRecipe
 def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
     """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
 
+    An entry's manifest is a file, an `.arrow` file or a `save_to_disk` folder (relative to data.root), or a
+    `datasets.Dataset` / `DatasetDict` object (Python); `format`, `media_root` (default data.image_folder) and
+    `split` (default train / validation) go to `load_manifest`, with data.media_roots as further allowed folders.
+
     A training entry's `repeat` is applied by the training loader; an evaluation entry scores each row once,
     so `repeat` there is refused (by the recipe's `check_data_entries`) rather than ignored.
     """
-    loaded = []
+    loaded, data = [], recipe.data
+    root = Path(data.root)
     for entry in entries:
-        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root, task=entry.get("task"))
+        manifest = entry["manifest"]
+        source = manifest if not isinstance(manifest, (str, Path)) else root / manifest  # a Dataset object as it is
+        media_root = entry.get("media_root") or data.image_folder
+        rows = load_manifest(
+            source, root=data.root, task=entry.get("task"), format=entry.get("format"),
+            media_root=root / media_root if media_root else None, media_roots=[root / r for r in data.media_roots],
+            split=entry.get("split") or ("train" if training else "validation"),
+        )
         if entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
         loaded.append((entry.get("task"), rows))
@@ -114,7 +126,9 @@ def build_train_loader(recipe: TrainingRecipe, processor, rows_by_task, cache: E
     parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in data.train]
     for (task, rows), repeat in zip(rows_by_task, repeats):
         augmentation = Augmentation(recipe.augment, task, recipe.seed, processor) if recipe.augment.active else None
-        encoder = ExampleEncoder(processor, task, max_length=data.max_length, augmentation=augmentation)
+        encoder = ExampleEncoder(
+            processor, task, max_length=data.max_length, augmentation=augmentation, assistant_turns=data.assistant_turns
+        )
         parts.append(EncodedDataset(rows, encoder))
         lengths += encoder.estimate_lengths(rows) * repeat
     dataset = MixedDataset(parts, repeats, cache if data.cache_in_memory else None)
