@@ -106,3 +106,26 @@ def test_trainer_takes_dataset_objects_and_files(name, data_root, tmp_path):
     assert len(steps) == 2
     saved = json.loads((tmp_path / "final" / "training_recipe.json").read_text())
     assert isinstance(saved["data"]["train"][0]["manifest"], str)
+
+
+def test_evaluate_scores_the_last_assistant_turn_of_chat_manifests(data_root, tmp_path, capsys):
+    overrides = [f"data.root={data_root}", f"output_dir={tmp_path}", "data.train=[{manifest: messages.jsonl}]", *FAST]
+    assert main(["train", "--recipe", str(RECIPE), *overrides]) in (0, None)
+    capsys.readouterr()
+    out = tmp_path / "predictions.jsonl"
+    argv = ["evaluate", str(tmp_path / "final"), "--root", str(data_root), "--manifest", "messages.jsonl",
+            "--manifest", "sharegpt.jsonl", "--manifest", "llava.json:llava", "--image-folder", "images", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["task"], r["rows"]) for r in results] == [(None, 4), (None, 4), (None, 4)]
+    assert set(results[0]["scores"]) == {"exact_match", "bleu"}
+    assert set(results[1]["scores"]) == {"wer", "cer", "exact_match", "bleu"}  # speech-only chat rows: WER too
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    captions = {r["id"]: r["caption"] for r in _rows(data_root, "image_train.jsonl")}
+    transcripts = {r["id"]: r["transcript"] for r in _rows(data_root, "speech_train.jsonl")}
+    assert [line["reference"] for line in lines] == [*captions.values(), *transcripts.values(), *captions.values()]
+
+
+def test_evaluate_refuses_a_field_manifest_without_a_task(data_root, capsys, tmp_path):
+    assert main(["evaluate", str(tmp_path), "--root", str(data_root), "--manifest", "image_train.jsonl"]) == 2
+    assert "has no task: write MANIFEST:TASK" in capsys.readouterr().err

@@ -52,7 +52,7 @@ from ..processing.media_files import open_media_file
 from ..processing.video_processing_multimodal import video_file_span
 from ..tokenization import MEDIA_TOKENS
 from .containers import media_value, open_container, undecoded_media
-from .formats import FORMATS, ROLES, decode_data_url, row_tools, to_messages
+from .formats import FORMATS, ROLES, decode_data_url, detect_format, row_tools, to_messages
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
 # The media tensors an encoded example carries (whichever of them its media need).
@@ -192,11 +192,15 @@ def _resolve_row(row: dict, root, media_columns: list[str], allowed_roots=(), so
     return row
 
 
-def _normalize_chat_row(row: dict, fmt: str | None, source: str, media_root: str | None) -> dict:
-    """A LLaVA / ShareGPT / OpenAI / HF chat row as the internal `messages` (JSON) and `tools` (JSON or "")."""
+def _normalize_chat_row(row: dict, fmt, source: str, media_root, image_folder, data_root) -> dict:
+    """A LLaVA / ShareGPT / OpenAI / HF chat row as the internal `messages` (JSON) and `tools` (JSON or "").
+
+    Relative media paths are joined to `media_root`, else (LLaVA rows) `image_folder`, else the data root."""
     where = f"{source}, row {row['id']!r}"
     tools = row_tools(row, where)
-    return {"messages": json.dumps(to_messages(row, fmt, where, media_root)), "tools": json.dumps(tools) if tools else ""}
+    fmt = fmt or detect_format(row)
+    root = media_root or (image_folder if fmt == "llava" else None) or data_root
+    return {"messages": json.dumps(to_messages(row, fmt, where, root)), "tools": json.dumps(tools) if tools else ""}
 
 
 CHAT_COLUMNS = ("conversations", "messages", "images", "audios", "videos", "system", "tools", *MODALITIES)
@@ -269,6 +273,7 @@ def load_manifest(
     cache_dir: str | None = None,
     format: str | None = None,  # noqa: A002 - the recipe's word
     media_root: str | os.PathLike | None = None,
+    image_folder: str | os.PathLike | None = None,
     media_roots=(),
     split: str = "train",
 ) -> datasets.Dataset:
@@ -283,7 +288,8 @@ def load_manifest(
     format: how chat rows are laid out (`data/formats.py`: llava, sharegpt, openai, messages; `fields` for a
         task template); None detects it from each row. Chat rows come back as the internal `messages` (a JSON
         string, since Arrow cannot hold rows whose contents mix strings and lists in one column) and `tools`.
-    media_root: the folder relative chat media paths are relative to (LLaVA's image folder; default `root`).
+    media_root: the folder every chat row's relative media paths are relative to (default `root`).
+    image_folder: the same for LLaVA rows only (`data.image_folder`: LLaVA's `image` names a file in it).
     media_roots: further folders media may come from (absolute paths inside them are accepted); a path outside
         `root`, `media_root` and every one of these is refused, symlinks resolved first.
     """
@@ -318,11 +324,12 @@ def load_manifest(
     if spec is not None and format not in (None, "fields"):
         raise ValueError(f"{source_name}: task {spec.name!r} maps simple fields; it cannot be combined with format={format!r}.")
     chat = spec is None and format != "fields" and bool({"messages", "conversations"} & set(dataset.column_names))
-    allowed_roots = [r for r in (media_root, *media_roots) if r is not None]
+    allowed_roots = [r for r in (media_root, image_folder, *media_roots) if r is not None]
     if chat:
-        chat_root = os.path.abspath(media_root if media_root is not None else root) if root is not None or media_root else None
+        absolute = {name: os.path.abspath(value) if value is not None else None for name, value in
+                    (("media_root", media_root), ("image_folder", image_folder), ("data_root", root))}
         dataset = dataset.map(
-            _normalize_chat_row, fn_kwargs={"fmt": format, "source": source_name, "media_root": chat_root},
+            _normalize_chat_row, fn_kwargs={"fmt": format, "source": source_name, **absolute},
             remove_columns=[c for c in CHAT_COLUMNS if c in dataset.column_names], desc="Reading chat rows",
         )
     media_columns = list(spec.media_fields.values()) if spec else [m for m in MODALITIES if m in dataset.column_names]

@@ -32,7 +32,7 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
     """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
 
     An entry's manifest is a file, an `.arrow` file or a `save_to_disk` folder (relative to data.root), or a
-    `datasets.Dataset` / `DatasetDict` object (Python); `format`, `media_root` (default data.image_folder) and
+    `datasets.Dataset` / `DatasetDict` object (Python); `format`, `media_root`, data.image_folder (LLaVA rows) and
     `split` (default train / validation) go to `load_manifest`, with data.media_roots as further allowed folders.
 
     A training entry's `repeat` is applied by the training loader; an evaluation entry scores each row once,
@@ -43,10 +43,11 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
     for entry in entries:
         manifest = entry["manifest"]
         source = manifest if not isinstance(manifest, (str, Path)) else root / manifest  # a Dataset object as it is
-        media_root = entry.get("media_root") or data.image_folder
         rows = load_manifest(
             source, root=data.root, task=entry.get("task"), format=entry.get("format"),
-            media_root=root / media_root if media_root else None, media_roots=[root / r for r in data.media_roots],
+            media_root=root / entry["media_root"] if entry.get("media_root") else None,
+            image_folder=root / data.image_folder if data.image_folder else None,
+            media_roots=[root / r for r in data.media_roots],
             split=entry.get("split") or ("train" if training else "validation"),
         )
         if entry.get("max_samples"):
