@@ -181,3 +181,28 @@ def test_containers_and_media_columns_without_torchcodec(root, tmp_path):
     row = load_manifest(decoded, root, task="speech_transcription")[0]
     assert encoder.estimate_length(row) == len(encoder(row)["input_ids"])
     assert np.allclose(encoder(row)["input_features"], reference["input_features"], atol=1e-5)
+
+
+def test_lengths_are_computed_once_in_parallel_and_cached_by_what_decides_them(root, tmp_path, monkeypatch):
+    from modeling_multimodal.data import length_cache
+
+    rows = [{"id": str(i), "image": "images/red.png", "caption": "a small red circle " * (i % 5 + 1)} for i in range(40)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import shutil
+    shutil.copytree(root / "images", tmp_path / "images")
+    dataset = load_manifest(tmp_path / "rows.jsonl", tmp_path, task="image_caption")
+    encoder = ExampleEncoder(PROCESSOR, task="image_caption")
+    serial = [encoder.estimate_length(row) for row in dataset]
+    monkeypatch.setattr(length_cache, "PARALLEL_MIN_ROWS", 10)
+    cache = tmp_path / "cache"
+    assert length_cache.cached_lengths(encoder, dataset, cache, workers=2) == serial  # two processes, order kept
+    assert len(list(cache.glob("lengths-*.int32"))) == 1
+    monkeypatch.setattr(ExampleEncoder, "estimate_length", lambda *a: pytest.fail("recomputed a cached length"))
+    again = load_manifest(tmp_path / "rows.jsonl", tmp_path, task="image_caption")  # a repeated start
+    assert length_cache.cached_lengths(encoder, again, cache) == serial
+    shorter = ExampleEncoder(PROCESSOR, task="image_caption", max_length=20)
+    assert length_cache.lengths_key(shorter, again) != length_cache.lengths_key(encoder, again)
+    with open(tmp_path / "rows.jsonl", "a") as more:  # the manifest changed: a new key
+        more.write(json.dumps({"id": "x", "image": "images/red.png", "caption": "the green triangle"}) + "\n")
+    changed = load_manifest(tmp_path / "rows.jsonl", tmp_path, task="image_caption")
+    assert length_cache.lengths_key(encoder, changed) != length_cache.lengths_key(encoder, again)

@@ -23,9 +23,13 @@ from torch.utils.data import DataLoader
 
 from ..data.collator import LengthGroupedBatchSampler, MultimodalCollator
 from ..data.examples import EncodedDataset, ExampleEncoder, load_manifest
+from ..data.length_cache import cached_lengths, encoder_fingerprint
 from .augmentation import Augmentation
 from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe
+
+
+LENGTH_CACHE_FOLDER = ".modeling_multimodal_cache"  # beside the data: per-row length estimates (data/length_cache.py)
 
 
 def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
@@ -57,16 +61,8 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
 
 
 def encoding_fingerprint(part: EncodedDataset) -> str:
-    """What decides a part's encoded examples: its rows, the task, max_length and the whole processor."""
-    encoder, digest = part.encoder, hashlib.sha256()
-    tokenizer = encoder.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    settings = json.loads(encoder.processor.to_json_string())
-    for sub in [settings, *(v for v in settings.values() if isinstance(v, dict))]:
-        sub.pop("auto_map", None)  # where the code lives (added when a checkpoint is exported), not what it does
-    for text in (json.dumps(settings, sort_keys=True), vocabulary, repr(encoder.task), repr(encoder.max_length)):
-        digest.update(text.encode() + b"\0")
+    """What decides a part's encoded examples: its rows and the encoder (`encoder_fingerprint`)."""
+    digest = hashlib.sha256(encoder_fingerprint(part.encoder).encode() + b"\0")
     for row in part.rows:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\0")
     return digest.hexdigest()
@@ -131,7 +127,7 @@ def build_train_loader(recipe: TrainingRecipe, processor, rows_by_task, cache: E
             processor, task, max_length=data.max_length, augmentation=augmentation, assistant_turns=data.assistant_turns
         )
         parts.append(EncodedDataset(rows, encoder))
-        lengths += encoder.estimate_lengths(rows) * repeat
+        lengths += cached_lengths(encoder, rows, Path(data.root) / LENGTH_CACHE_FOLDER) * repeat
     dataset = MixedDataset(parts, repeats, cache if data.cache_in_memory else None)
     pad_id = processor.tokenizer.pad_token_id
     batch_size = recipe.optim.batch_size
