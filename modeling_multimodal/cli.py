@@ -73,16 +73,18 @@ def _sizes(value: str) -> dict[str, dict[str, int]]:
     return sizes
 
 
-def _manifest_and_task(value: str, default_task: str | None) -> tuple[str, str | None]:
-    """"speech_test.jsonl:speech_transcription" -> (manifest, task); without ":TASK", `default_task` (--task)."""
+def _manifest_and_task(value: str, default_task: str | None) -> tuple[str, str | None, str | None]:
+    """"speech_test.jsonl:speech_transcription" -> (manifest, task, None); "chat.json:llava" -> (manifest, None, format);
+    without a suffix, `default_task` (--task), or None: chat rows in any format, detected from the rows."""
     from .data.examples import TASKS
+    from .data.formats import FORMATS
 
-    manifest, _, task = value.rpartition(":")
-    if manifest and task in TASKS:
-        return manifest, task
-    if default_task is None:
-        raise ValueError(f"--manifest {value!r} has no task: write MANIFEST:TASK (tasks: {', '.join(sorted(TASKS))}) or pass --task")
-    return value, default_task
+    manifest, _, suffix = value.rpartition(":")
+    if manifest and suffix in TASKS:
+        return manifest, suffix, None
+    if manifest and suffix in FORMATS and suffix != "fields":
+        return manifest, None, suffix
+    return value, default_task, None
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -129,15 +131,21 @@ def _evaluate(args):
 
     set_threads(args.threads, request=True)
     from .evaluation.tasks import evaluate_task
-    from .data.examples import load_manifest
+    from .data.examples import TASKS, load_manifest
 
     checkpoint = _checkpoint(args.checkpoint)
     if args.out:  # before the slow part, so an unwritable --out fails at once
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     runs = []  # every manifest is read and checked before the (slow) model load
     for value in args.manifest:
-        manifest, task = _manifest_and_task(value, args.task)
-        rows = load_manifest(Path(args.root) / manifest, root=args.root, task=task)
+        manifest, task, fmt = _manifest_and_task(value, args.task)
+        folder = Path(args.root) / args.image_folder if args.image_folder else None
+        rows = load_manifest(Path(args.root) / manifest, root=args.root, task=task, format=fmt, image_folder=folder)
+        if task is None and "messages" not in rows.column_names:
+            raise ValueError(
+                f"--manifest {value!r} has no task: write MANIFEST:TASK (tasks: {', '.join(sorted(TASKS))}) or pass "
+                "--task; without one, rows must be chat rows (messages / conversations)"
+            )
         if args.max_samples:
             rows = rows.select(range(min(args.max_samples, len(rows))))
         runs.append((manifest, task, list(rows)))
@@ -250,10 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--root", required=True, help="data root the manifests' paths are relative to")
     p.add_argument(
-        "--manifest", required=True, action="append", metavar="MANIFEST[:TASK]",
-        help="a manifest under --root, with its task after a colon (e.g. image_test.jsonl:image_caption); repeatable",
+        "--manifest", required=True, action="append", metavar="MANIFEST[:TASK|:FORMAT]",
+        help="a manifest under --root, with its task after a colon (e.g. image_test.jsonl:image_caption); chat rows "
+        "(LLaVA, ShareGPT, OpenAI, HF messages; detected, or named: chat.json:llava) score their last assistant turn; repeatable",
     )
     p.add_argument("--task", help="the task of every --manifest given without one")
+    p.add_argument("--image-folder", help="LLaVA rows' image paths are relative to this folder of --root")
     p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval passes (generation scores only)")
     p.add_argument("--max-samples", type=_count(1), help="score only each manifest's first N rows")
     p.add_argument("--batch-size", type=_count(1), default=16)

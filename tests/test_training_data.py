@@ -99,7 +99,6 @@ LABEL_CASES = [
     ("image_caption", IMAGE_ROW, IMAGE_ROW["caption"]),
     ("speech_transcription", AUDIO_ROW, AUDIO_ROW["transcript"]),
     ("video_caption", VIDEO_ROW, VIDEO_ROW["caption"]),
-    (None, CHAT_ROW, "the green triangle"),
     (None, TEXT_ROW, "a small red circle"),
 ]
 
@@ -124,11 +123,17 @@ def test_only_response_and_eos_are_trained(root, task, row, response):
     assert torch.equal(ids[:first], alone["input_ids"][0])
 
 
-def test_chat_row_trains_only_the_last_assistant_turn(root):
-    encoded, _ = encode(CHAT_ROW, None, root)
-    trained = TOKENIZER.decode(encoded["labels"][encoded["labels"] != -100], skip_special_tokens=True)
-    assert trained == "the green triangle"
-    assert encoded["pixel_values"].shape == (1, 3, 32, 32)
+def test_chat_row_trains_every_assistant_turn_or_the_last_one(root):
+    dataset = load_manifest(as_dataset([CHAT_ROW]), root)
+    every = ExampleEncoder(PROCESSOR)(dataset[0])
+    trained = every["labels"] != -100
+    eos = TOKENIZER.eos_token_id
+    replies = [TOKENIZER(t, add_special_tokens=False)["input_ids"] + [eos] for t in ("a small red circle", "the green triangle")]
+    assert every["labels"][trained].tolist() == replies[0] + replies[1]
+    assert every["pixel_values"].shape == (1, 3, 32, 32)
+    last = ExampleEncoder(PROCESSOR, assistant_turns="last")(dataset[0])
+    assert torch.equal(last["input_ids"], every["input_ids"])  # the same tokens, fewer of them trained
+    assert last["labels"][last["labels"] != -100].tolist() == replies[1]
 
 
 def test_task_outputs_ctc_and_pair_text(root):

@@ -33,6 +33,7 @@ and the model's media inputs. For length estimates it also reads the processor's
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -50,6 +51,8 @@ from ..processing.audio_loading import mel_frame_count
 from ..processing.media_files import open_media_file
 from ..processing.video_processing_multimodal import video_file_span
 from ..tokenization import MEDIA_TOKENS
+from .containers import media_value, open_container, undecoded_media
+from .formats import FORMATS, ROLES, decode_data_url, detect_format, row_tools, to_messages
 
 MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
 # The media tensors an encoded example carries (whichever of them its media need).
@@ -120,24 +123,31 @@ def get_task(task: str | TaskSpec | None) -> TaskSpec | None:
 
 
 # --- manifests -------------------------------------------------------------------------------------
-def resolve_media_path(path: str, root: str | os.PathLike, row_id: str) -> str:
-    """`path` joined to `root`, normalised; a path that leaves `root` raises a `ValueError` naming the row.
+def resolve_media_path(path: str, root: str | os.PathLike, row_id: str, allowed_roots=()) -> str:
+    """`path` joined to `root`, normalised; a path outside `root` and every `allowed_roots` folder raises a `ValueError`
+    naming the row.
 
-    Symlinks (in `path` and in `root`) are resolved before the check, so a link inside the root that points
-    outside it is refused like `..`. The path returned is the normalised joined path, not the link's target.
+    Symlinks (in `path` and in the roots) are resolved before the check, so a link inside a root that points
+    outside every root is refused like `..`; an absolute path inside a listed root (`data.media_roots`, a LLaVA
+    image folder) is accepted. The path returned is the normalised joined path, not the link's target.
     """
     if "\x00" in os.fspath(path):
         raise ValueError(f"Row {row_id!r}: media path {path!r} contains a NUL character.")
     root = os.path.normpath(os.path.abspath(root))
     resolved = os.path.normpath(os.path.join(root, os.fspath(path)))
-    real_root, real_path = os.path.realpath(root), os.path.realpath(resolved)
-    for inside, base in ((resolved, root), (real_path, real_root)):
-        if os.path.commonpath([base, inside]) != base:
-            target = "" if inside == resolved else f" (a symlink to {real_path!r})"
-            raise ValueError(
-                f"Row {row_id!r}: media path {path!r}{target} leaves the data root {root!r}; refusing to read it."
-            )
-    return resolved
+    real_path = os.path.realpath(resolved)
+    roots = [root, *(os.path.normpath(os.path.abspath(r)) for r in allowed_roots)]
+
+    def inside(candidate: str, base: str) -> bool:
+        return os.path.commonpath([base, candidate]) == base
+
+    for base in roots:
+        if inside(resolved, base) and inside(real_path, os.path.realpath(base)):
+            return resolved
+    lexically = any(inside(resolved, base) for base in roots)
+    target = f" (a symlink to {real_path!r})" if lexically else ""
+    where = f"the data root {root!r}" if len(roots) == 1 else f"every allowed media root {roots}"
+    raise ValueError(f"Row {row_id!r}: media path {path!r}{target} leaves {where}; refusing to read it.")
 
 
 def _media_item_key(item: Mapping) -> str | None:
@@ -148,20 +158,30 @@ def _media_item_key(item: Mapping) -> str | None:
     return None
 
 
-def _resolve_row(row: dict, root, media_columns: list[str]) -> dict:
+def _resolve_row(row: dict, root, media_columns: list[str], allowed_roots=(), source: str = "Manifest") -> dict:
     row_id = row["id"]
 
     def resolve(value):
         if isinstance(value, str):
-            return resolve_media_path(value, root, row_id)
+            if value.startswith("data:"):
+                return value  # inline media (OpenAI data: URLs): nothing on disk to check
+            return resolve_media_path(value, root, row_id, allowed_roots)
         if isinstance(value, (list, tuple)):
             return [resolve(v) for v in value]
-        return value  # bytes, arrays, decoded images: nothing to resolve
+        value = media_value(value)  # an undecoded {bytes, path} cell: its bytes (or its path, resolved)
+        return resolve(value) if isinstance(value, str) else value  # bytes, arrays, decoded images: nothing to resolve
 
     for column in media_columns:
         row[column] = resolve(row[column])
     if row.get("messages") is not None:
-        messages = json.loads(row["messages"]) if isinstance(row["messages"], str) else row["messages"]
+        messages = row["messages"]
+        if isinstance(messages, str):
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{source}, row {row_id!r}: 'messages' is not valid JSON ({err.msg} at column {err.colno})."
+                ) from None
         for message in messages:
             if isinstance(message.get("content"), list):
                 for item in message["content"]:
@@ -170,6 +190,20 @@ def _resolve_row(row: dict, root, media_columns: list[str]) -> dict:
                         item[key] = resolve(item[key])
         row["messages"] = json.dumps(messages)  # one Arrow type, whatever mix of string and list contents rows have
     return row
+
+
+def _normalize_chat_row(row: dict, fmt, source: str, media_root, image_folder, data_root) -> dict:
+    """A LLaVA / ShareGPT / OpenAI / HF chat row as the internal `messages` (JSON) and `tools` (JSON or "").
+
+    Relative media paths are joined to `media_root`, else (LLaVA rows) `image_folder`, else the data root."""
+    where = f"{source}, row {row['id']!r}"
+    tools = row_tools(row, where)
+    fmt = fmt or detect_format(row)
+    root = media_root or (image_folder if fmt == "llava" else None) or data_root
+    return {"messages": json.dumps(to_messages(row, fmt, where, root)), "tools": json.dumps(tools) if tools else ""}
+
+
+CHAT_COLUMNS = ("conversations", "messages", "images", "audios", "videos", "system", "tools", *MODALITIES)
 
 
 def _check_jsonl(path: str) -> None:
@@ -232,38 +266,72 @@ def _check_required_values(dataset: datasets.Dataset, spec: TaskSpec, source: st
 
 
 def load_manifest(
-    source: str | os.PathLike | list | datasets.Dataset,
+    source,
     root: str | os.PathLike | None = None,
     *,
     task: str | TaskSpec | None = None,
     cache_dir: str | None = None,
+    format: str | None = None,  # noqa: A002 - the recipe's word
+    media_root: str | os.PathLike | None = None,
+    image_folder: str | os.PathLike | None = None,
+    media_roots=(),
+    split: str = "train",
 ) -> datasets.Dataset:
     """A manifest as a `datasets.Dataset` with an `id` per row and media paths resolved against `root`.
 
-    source: a `.jsonl`/`.json`/`.csv`/`.parquet` file (or a list of files of one format), or a `Dataset`.
+    source: a `.jsonl`/`.json`/`.csv`/`.parquet` file (or a list of files of one format), an `.arrow` file, a
+        `save_to_disk` folder, or an in-memory `Dataset` / `DatasetDict` (`split` picks the split;
+        `data/containers.py`). `Image()` / `Audio()` / `Video()` columns are read undecoded ({bytes, path}).
     root: the data root media paths are relative to (default: the manifest's folder; required for a Dataset
         whose rows hold paths). Media columns are the task's `media_fields` (or every column named
-        image/audio/video) and the media items inside chat `messages`. `messages` may be a list or a JSON
-        string (CSV); it comes back as a JSON string, since Arrow cannot hold rows whose contents mix strings and
-        lists in one column (`build_example` parses it).
+        image/audio/video) and the media items inside chat `messages`.
+    format: how chat rows are laid out (`data/formats.py`: llava, sharegpt, openai, messages; `fields` for a
+        task template); None detects it from each row. Chat rows come back as the internal `messages` (a JSON
+        string, since Arrow cannot hold rows whose contents mix strings and lists in one column) and `tools`.
+    media_root: the folder every chat row's relative media paths are relative to (default `root`).
+    image_folder: the same for LLaVA rows only (`data.image_folder`: LLaVA's `image` names a file in it).
+    media_roots: further folders media may come from (absolute paths inside them are accepted); a path outside
+        `root`, `media_root` and every one of these is refused, symlinks resolved first.
     """
-    if isinstance(source, datasets.Dataset):
-        dataset, source_name = source, "Manifest (in-memory dataset)"
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format={format!r}: expected one of {FORMATS}.")
+    opened = open_container(source, split)
+    if opened is not None:
+        dataset, source_name = opened
+        if root is None and isinstance(source, (str, os.PathLike)):
+            root = os.path.dirname(os.path.abspath(os.fspath(source)))
     else:
         files = [os.fspath(f) for f in (source if isinstance(source, (list, tuple)) else [source])]
         source_name = "Manifest " + ", ".join(map(repr, files))
         suffixes = {Path(f).suffix.lower() for f in files}
         if len(suffixes) != 1 or next(iter(suffixes)) not in MANIFEST_BUILDERS:
-            raise ValueError(f"Manifest files {files}: expected one format among {sorted(MANIFEST_BUILDERS)}.")
+            raise ValueError(
+                f"Manifest files {files}: expected one format among {sorted(MANIFEST_BUILDERS)}, an .arrow file or a "
+                "save_to_disk folder."
+            )
         builder = MANIFEST_BUILDERS[suffixes.pop()]
         dataset = _read_manifest_files(files, builder, cache_dir)
         root = root if root is not None else os.path.dirname(os.path.abspath(files[0]))
+    if len(dataset) == 0:
+        raise ValueError(f"{source_name} has no rows.")
+    dataset = undecoded_media(dataset)
     if "id" not in dataset.column_names:
         dataset = dataset.add_column("id", [str(i) for i in range(len(dataset))])
     elif dataset.features["id"].dtype != "string":
         dataset = dataset.cast_column("id", datasets.Value("string"))
 
     spec = get_task(task)
+    if spec is not None and format not in (None, "fields"):
+        raise ValueError(f"{source_name}: task {spec.name!r} maps simple fields; it cannot be combined with format={format!r}.")
+    chat = spec is None and format != "fields" and bool({"messages", "conversations"} & set(dataset.column_names))
+    allowed_roots = [r for r in (media_root, image_folder, *media_roots) if r is not None]
+    if chat:
+        absolute = {name: os.path.abspath(value) if value is not None else None for name, value in
+                    (("media_root", media_root), ("image_folder", image_folder), ("data_root", root))}
+        dataset = dataset.map(
+            _normalize_chat_row, fn_kwargs={"fmt": format, "source": source_name, **absolute},
+            remove_columns=[c for c in CHAT_COLUMNS if c in dataset.column_names], desc="Reading chat rows",
+        )
     media_columns = list(spec.media_fields.values()) if spec else [m for m in MODALITIES if m in dataset.column_names]
     needed = media_columns + ([c for c in (spec.response_field, spec.pair_field, spec.ctc_field) if c] if spec else [])
     missing = sorted({c for c in needed if c not in dataset.column_names})
@@ -275,7 +343,11 @@ def load_manifest(
     if has_paths and root is None:
         raise ValueError("load_manifest: pass root= (the folder media paths are relative to) for an in-memory Dataset.")
     if has_paths:
-        dataset = dataset.map(_resolve_row, fn_kwargs={"root": root, "media_columns": media_columns}, desc="Resolving media paths")
+        dataset = dataset.map(
+            _resolve_row,
+            fn_kwargs={"root": root, "media_columns": media_columns, "allowed_roots": allowed_roots, "source": source_name},
+            desc="Resolving media paths",
+        )
     return dataset
 
 
@@ -324,15 +396,26 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
         if row.get("messages") is None:
             raise ValueError(f"Row {row_id!r} has no 'messages'; pass task= to map its fields (tasks: {sorted(TASKS)}).")
         messages = json.loads(row["messages"]) if isinstance(row["messages"], str) else list(row["messages"])
+        for position, message in enumerate(messages):
+            if message.get("role") not in ROLES:
+                raise ValueError(
+                    f"Row {row_id!r}, message {position}: unknown role {message.get('role')!r}; expected one of {list(ROLES)} "
+                    "(ShareGPT's human/gpt: load the rows with format: sharegpt)."
+                )
+        pair_text, ctc_text = row.get("pair_text"), row.get("ctc_text")
         response = None
         if messages and messages[-1].get("role") == "assistant":
             response = _text_of(messages[-1]["content"])
             messages = messages[:-1]
-        pair_text, ctc_text = row.get("pair_text"), row.get("ctc_text")
+        elif not pair_text:
+            raise ValueError(
+                f"Row {row_id!r}: the conversation does not end with an assistant turn, so it has nothing to train on; "
+                "end it with the assistant's reply (or give a pair_text for the contrastive loss)."
+            )
     else:
         media = {}
         for modality in MODALITIES:
-            value = row.get(spec.media_fields[modality]) if modality in spec.media_fields else None
+            value = media_value(row.get(spec.media_fields[modality])) if modality in spec.media_fields else None
             media[modality] = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
         messages = [{"role": "user", "content": _template_content(spec.prompt, row, media, row_id, spec.use_audio_in_video)}]
         response = row.get(spec.response_field) if spec.response_field else None
@@ -350,12 +433,15 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
                     key = _media_item_key(item)
                     if key is None:
                         raise ValueError(f"Row {row_id!r}: a {item['type']} content item has no path/data: {item}.")
-                    media[item["type"]].append(item[key])
+                    value = item[key]
+                    if isinstance(value, str) and value.startswith("data:"):
+                        value = decode_data_url(value, f"Row {row_id!r}")
+                    media[item["type"]].append(value)
                     if item["type"] == "video":
                         tracks.append(bool(item.get("use_audio_in_video")))
     return {
         "id": row_id, "prompt": messages, "response": response, "media": media, "use_audio_in_video": tracks,
-        "pair_text": pair_text, "ctc_text": ctc_text,
+        "pair_text": pair_text, "ctc_text": ctc_text, "tools": json.loads(row["tools"]) if row.get("tools") else None,
     }
 
 
@@ -389,6 +475,41 @@ def video_track_mel_frames(path: str, sampling_rate: int = 16_000, hop_length: i
     return mel_frame_count(round(video_file_span(path) * sampling_rate), hop_length, n_fft)
 
 
+ASSISTANT_TURNS = ("all", "last")
+
+
+def audio_item_mel_frames(item, row_id: str, sampling_rate: int = 16_000, hop_length: int = 160, n_fft: int = 400) -> int:
+    """`audio_mel_frames` for any audio item a row may hold: a path, bytes, or a decoded {array, sampling_rate}."""
+    if isinstance(item, str):
+        return audio_mel_frames(item, sampling_rate, hop_length, n_fft)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        info = soundfile.info(io.BytesIO(bytes(item)))
+        return mel_frame_count(round(info.frames * sampling_rate / info.samplerate), hop_length, n_fft)
+    if isinstance(item, Mapping) and item.get("array") is not None:
+        source_rate = item.get("sampling_rate") or sampling_rate
+        samples = len(item["array"][0]) if hasattr(item["array"][0], "__len__") else len(item["array"])
+        return mel_frame_count(round(samples * sampling_rate / source_rate), hop_length, n_fft)
+    raise ValueError(
+        f"Row {row_id!r}: estimate_length reads audio lengths from a path, bytes or an {{array, sampling_rate}} dict, "
+        f"got {type(item).__name__}."
+    )
+
+
+def _merge_media(outputs: list[dict]) -> dict:
+    """The media tensors of several processor calls (one per prompt segment with media) as one example's,
+    items in order; feature tensors of different lengths are right-padded with zeros (their masks mark the frames)."""
+    merged = {}
+    for key in MEDIA_TENSOR_KEYS:
+        tensors = [out[key] for out in outputs if out.get(key) is not None]
+        if not tensors:
+            continue
+        if len(tensors) > 1 and len({t.shape[1:] for t in tensors}) > 1:
+            width = max(t.shape[-1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tensors]
+        merged[key] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    return merged
+
+
 class ExampleEncoder:
     """Row -> tensors for `MultimodalCollator` / `PackingCollator`; picklable, runs in DataLoader workers.
 
@@ -398,58 +519,128 @@ class ExampleEncoder:
     """
 
     def __init__(
-        self, processor, task: str | TaskSpec | None = None, max_length: int | None = None, layout=None, augmentation=None
+        self, processor, task: str | TaskSpec | None = None, max_length: int | None = None, layout=None, augmentation=None,
+        assistant_turns: str = "all",
     ):
+        if assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns={assistant_turns!r}: expected one of {ASSISTANT_TURNS}.")
         self.processor = processor
         self.task = get_task(task)
         self.max_length = max_length
         self.augmentation = augmentation  # an `Augmentation` (training only); applied when called with augment_key
         self.layout = layout if layout is not None else getattr(processor, "layout", None)
+        self.assistant_turns = assistant_turns  # "all": every assistant reply is trained; "last": the final one only
 
     @property
     def tokenizer(self):
         return self.processor.tokenizer
 
+    def _render(self, example: dict, messages: list[dict], generation: bool) -> str:
+        tools = {"tools": example["tools"]} if example.get("tools") else {}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False, **tools)
+
     def _prompt_text(self, example: dict) -> str:
-        return self.processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+        return self._render(example, example["prompt"], True)
 
-    def _response_ids(self, example: dict, prompt_text: str) -> list[int]:
-        """The response's ids as the chat template writes them (e.g. its leading space), ending with EOS.
+    def _segments(self, example: dict) -> list[tuple[str, str]]:
+        """The rendered conversation as [("prompt" | "assistant", text)], cut at each trained assistant reply.
 
-        The whole conversation is rendered and the text after the rendered prompt is tokenized on its own; what
-        follows the template's EOS (a newline) is dropped, since generation stops at EOS.
+        Reply i is the text the conversation up to it adds to the conversation before it with the generation
+        prompt (as the LM's own chat template writes it), up to the template's EOS; the EOS id is appended when
+        encoding, since generation stops there. Earlier replies are trained too with `assistant_turns="all"`
+        (LLaVA, LLaMA-Factory and TRL's assistant masks), else they stay in the (untrained) prompt.
         """
+        messages = list(example["prompt"])
         if example["response"] is None:
-            return []
-        assistant = {"role": "assistant", "content": example["response"]}
-        full = self.processor.apply_chat_template(example["prompt"] + [assistant], tokenize=False)
-        if not full.startswith(prompt_text):
-            raise ValueError(f"Row {example['id']!r}: the chat template does not render the prompt as a prefix of the chat.")
-        response = full[len(prompt_text) :]
-        eos = self.tokenizer.eos_token
-        if eos in response:
-            response = response[: response.rindex(eos)]
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            return [("prompt", self._prompt_text(example))]
+        messages.append({"role": "assistant", "content": example["response"]})
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        trained = trained if self.assistant_turns == "all" else trained[-1:]
+        segments, done, eos = [], "", self.tokenizer.eos_token
+        for index in trained:
+            prompt = self._render(example, messages[:index], True)
+            full = self._render(example, messages[: index + 1], False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError(
+                    f"Row {example['id']!r}: the chat template does not render the conversation as a sequence of prefixes "
+                    f"(at message {index}), so its assistant replies cannot be located."
+                )
+            reply = full[len(prompt):]
+            ends = eos is not None and eos in reply
+            reply = reply[: reply.rindex(eos)] if ends else reply
+            segments += [("prompt", prompt[len(done):]), ("assistant", reply)]
+            done = prompt + reply + (eos if ends else "")
+        return segments
+
+    def _reply_ids(self, example: dict, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         media_ids = set(self.tokenizer.convert_tokens_to_ids(list(MEDIA_TOKENS.values())))
         if media_ids.intersection(ids):
-            raise ValueError(f"Row {example['id']!r}: the response contains a media placeholder; only prompts may hold media.")
+            raise ValueError(f"Row {example['id']!r}: an assistant reply contains a media placeholder; only prompts may hold media.")
         return ids + [self.tokenizer.eos_token_id]
 
-    def _process_prompt(self, example: dict, prompt_text: str) -> dict:
-        media = example["media"]
+    @staticmethod
+    def _media_counts(text: str) -> dict[str, int]:
+        return {modality: text.count(token) for modality, token in MEDIA_TOKENS.items()}
+
+    def _split_media(self, example: dict, segments: list[tuple[str, str]]) -> list[tuple[dict, list]]:
+        """Each segment's media items (and video track flags), taken in order by its placeholders."""
+        taken, track_at, out = dict.fromkeys(MODALITIES, 0), 0, []
+        for kind, text in segments:
+            counts = self._media_counts(text) if kind == "prompt" else dict.fromkeys(MODALITIES, 0)
+            media = {m: example["media"][m][taken[m] : taken[m] + counts[m]] for m in MODALITIES}
+            tracks = example["use_audio_in_video"][track_at : track_at + counts["video"]]
+            for m in MODALITIES:
+                taken[m] += counts[m]
+            track_at += counts["video"]
+            out.append((media, tracks))
+        for m in MODALITIES:
+            if taken[m] != len(example["media"][m]):
+                raise ValueError(
+                    f"Row {example['id']!r}: {len(example['media'][m])} {m} item(s) but {taken[m]} {MEDIA_TOKENS[m]} "
+                    "placeholder(s) in the rendered conversation."
+                )
+        return out
+
+    def _process_prompt(self, example: dict, prompt_text: str, media: dict, tracks: list, first: bool) -> dict:
         for modality, items in media.items():
             for item in items:
                 if isinstance(item, str) and not os.path.isfile(item):
                     problem = "is not a regular file" if os.path.exists(item) else "does not exist"
                     raise ValueError(f"Row {example['id']!r}: {modality} file {item!r} {problem}.")
-        tracks = {"use_audio_in_video": example["use_audio_in_video"]} if any(example["use_audio_in_video"]) else {}
+        options = {"use_audio_in_video": tracks} if any(tracks) else {}
+        if not first:
+            options["add_special_tokens"] = False  # the BOS opens the conversation only
         try:
             return self.processor(
                 text=[prompt_text], images=media["image"] or None, audio=media["audio"] or None,
-                videos=media["video"] or None, return_tensors="pt", **tracks,
+                videos=media["video"] or None, return_tensors="pt", **options,
             )
         except ValueError as err:  # the processor names the item and its file ("sample 0, image 0 (file '...')")
             raise ValueError(f"Row {example['id']!r}: {err}") from err
+
+    def _fit(self, example: dict, pieces: list[tuple[int, bool, bool]]) -> list[int]:
+        """How many tokens of each (length, trained, has_media) piece fit `max_length`: a piece with media is kept
+        whole or dropped with all after it (a media item's tokens are never cut); text is cut at the limit."""
+        if self.max_length is None:
+            return [length for length, _, _ in pieces]
+        kept, total = [], 0
+        for length, _, has_media in pieces:
+            room = self.max_length - total
+            if length <= room:
+                kept.append(length)
+                total += length
+                continue
+            if not has_media and room > 0:
+                kept.append(room)
+            break
+        trained = sum(n for n, (_, is_reply, _) in zip(kept, pieces) if is_reply)
+        if any(is_reply for _, is_reply, _ in pieces) and trained == 0:
+            raise ValueError(
+                f"Row {example['id']!r}: its prompt is {pieces[0][0]} tokens (media included), over max_length="
+                f"{self.max_length}; filter such rows out with estimate_length."
+            )
+        return kept
 
     def __call__(self, row: dict, augment_key: tuple[int, int] | None = None) -> dict:
         """The row encoded; with `augment_key` = (epoch, index) and an augmentation, that sample's augmented version."""
@@ -458,25 +649,27 @@ class ExampleEncoder:
         if self.augmentation is not None and augment_key is not None:
             plan = self.augmentation.plan(*augment_key)
             example = self.augmentation.rewrite_example(example, plan)
-        prompt_text = self._prompt_text(example)
-        processed = self._process_prompt(example, prompt_text)
-        if plan is not None:
-            processed = self.augmentation.transform_tensors(processed, plan)
-        prompt_ids = processed["input_ids"][0].tolist()
-        response_ids = self._response_ids(example, prompt_text)
-        input_ids = prompt_ids + response_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            if len(prompt_ids) >= self.max_length:
-                raise ValueError(
-                    f"Row {example['id']!r}: its prompt is {len(prompt_ids)} tokens (media included), over max_length="
-                    f"{self.max_length}; filter such rows out with estimate_length."
-                )
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]  # truncate the response only
+        segments = self._segments(example)
+        pieces, processed = [], []  # (ids, trained, processor output or None)
+        for position, ((kind, text), (media, tracks)) in enumerate(zip(segments, self._split_media(example, segments))):
+            if kind == "assistant":
+                pieces.append((self._reply_ids(example, text), True, None))
+            elif position == 0 or any(media.values()):
+                out = self._process_prompt(example, text, media, tracks, first=position == 0)
+                if plan is not None:
+                    out = self.augmentation.transform_tensors(out, plan)
+                pieces.append((out["input_ids"][0].tolist(), False, out if any(media.values()) else None))
+            else:
+                pieces.append((self.tokenizer(text, add_special_tokens=False)["input_ids"], False, None))
+        kept = self._fit(example, [(len(ids), trained, out is not None) for ids, trained, out in pieces])
+        input_ids, labels = [], []
+        for n, (ids, trained, out) in zip(kept, pieces):
+            input_ids += ids[:n]
+            labels += ids[:n] if trained else [IGNORE_INDEX] * n
+            if out is not None:
+                processed.append(out)
         encoded = {"id": example["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
-        for key in MEDIA_TENSOR_KEYS:
-            if processed.get(key) is not None:
-                encoded[key] = processed[key]
+        encoded.update(_merge_media(processed))
         n_audios = len(example["media"]["audio"])
         if example["ctc_text"]:  # one row per audio clip
             if n_audios != 1:
@@ -492,27 +685,32 @@ class ExampleEncoder:
 
     # --- cheap lengths --------------------------------------------------------------------------
     def estimate_length(self, row: dict) -> int:
-        """Tokens of the encoded row (prompt with expanded media + response + EOS) without decoding any media."""
+        """Tokens of the encoded row (prompts with expanded media + trained replies + EOS) without decoding any media;
+        the same pieces and the same `max_length` fit as `__call__`, so the estimate is exact."""
         if self.layout is None:
             raise ValueError("estimate_length needs the MediaTokenLayout: pass layout= or a processor with .layout.")
         example = build_example(row, self.task)
-        prompt_text = self._prompt_text(example)
-        length = len(self.tokenizer(prompt_text)["input_ids"])
-        media = example["media"]
-        length += len(media["image"]) * (self.layout.image_tokens() - 1)
+        segments = self._segments(example)
+        pieces = []
+        for position, ((kind, text), (media, tracks)) in enumerate(zip(segments, self._split_media(example, segments))):
+            if kind == "assistant":
+                pieces.append((len(self._reply_ids(example, text)), True, False))
+                continue
+            length = len(self.tokenizer(text, add_special_tokens=position == 0)["input_ids"])
+            pieces.append((length + self._media_extra_tokens(example, media, tracks), False, any(media.values())))
+        return sum(self._fit(example, pieces))
+
+    def _media_extra_tokens(self, example: dict, media: dict, tracks: list) -> int:
+        """Tokens the media items add beyond their one placeholder each, from headers only."""
         extractor = getattr(self.processor, "feature_extractor", None)
         audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
-        for item, with_track in zip(media["video"], example["use_audio_in_video"]):
+        extra = len(media["image"]) * (self.layout.image_tokens() - 1)
+        for item, with_track in zip(media["video"], tracks):
             track_frames = video_track_mel_frames(item, **audio_args) if with_track else 0
-            length += self.layout.video_tokens(track_frames) - 1
+            extra += self.layout.video_tokens(track_frames) - 1
         for item in media["audio"]:
-            if not isinstance(item, str):
-                raise ValueError(
-                    f"Row {example['id']!r}: estimate_length reads audio lengths from files, got {type(item).__name__}."
-                )
-            length += self.layout.audio_tokens(audio_mel_frames(item, **audio_args)) - 1
-        length += len(self._response_ids(example, prompt_text))
-        return length if self.max_length is None else min(length, self.max_length)
+            extra += self.layout.audio_tokens(audio_item_mel_frames(item, example["id"], **audio_args)) - 1
+        return extra
 
     def estimate_lengths(self, dataset) -> list[int]:
         """`estimate_length` of every row, in order."""

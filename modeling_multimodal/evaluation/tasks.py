@@ -180,7 +180,8 @@ def evaluate_task(
     model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int | None = 3,
     rerank_top_k: int = 0, retrieval: bool = True,
 ):
-    """All scores that apply to `task`, plus the first `num_examples` (prediction, reference) examples (None: all).
+    """All scores that apply to `task` (task None: chat rows, their last assistant turn scored by exact match and
+    BLEU, and by WER / CER too when every row holds only audio), plus the first `num_examples` (prediction, reference) examples (None: all).
 
     rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only). retrieval=False skips retrieval."""
     spec = get_task(task)
@@ -189,10 +190,13 @@ def evaluate_task(
     scores, samples = {}, []
     if spec is None or spec.response_field:
         predictions, references, examples = generate_responses(model, processor, rows, task, batch_size, max_new_tokens)
-        if spec is not None and spec.ctc_field:  # transcription
+        transcription = spec.ctc_field if spec is not None else all(e["media"]["audio"] for e in examples) and not any(
+            e["media"]["image"] or e["media"]["video"] for e in examples
+        )  # chat rows: speech-only rows are transcripts (or spoken answers), scored by WER like the task
+        if transcription:
             scores["wer"] = word_error_rate(predictions, references)
             scores["cer"] = character_error_rate(predictions, references)
-        else:
+        if not (spec is not None and spec.ctc_field):
             scores["exact_match"] = exact_match(predictions, references)
             scores["bleu"] = bleu(predictions, references)["bleu"]
         samples = [

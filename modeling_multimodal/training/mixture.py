@@ -23,20 +23,37 @@ from torch.utils.data import DataLoader
 
 from ..data.collator import LengthGroupedBatchSampler, MultimodalCollator
 from ..data.examples import EncodedDataset, ExampleEncoder, load_manifest
+from ..data.length_cache import cached_lengths, encoder_fingerprint
 from .augmentation import Augmentation
 from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe
 
 
+LENGTH_CACHE_FOLDER = ".modeling_multimodal_cache"  # beside the data: per-row length estimates (data/length_cache.py)
+
+
 def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True) -> list[tuple[str, object]]:
     """[(task, datasets.Dataset)] for the recipe's manifest entries, paths resolved against data.root.
+
+    An entry's manifest is a file, an `.arrow` file or a `save_to_disk` folder (relative to data.root), or a
+    `datasets.Dataset` / `DatasetDict` object (Python); `format`, `media_root`, data.image_folder (LLaVA rows) and
+    `split` (default train / validation) go to `load_manifest`, with data.media_roots as further allowed folders.
 
     A training entry's `repeat` is applied by the training loader; an evaluation entry scores each row once,
     so `repeat` there is refused (by the recipe's `check_data_entries`) rather than ignored.
     """
-    loaded = []
+    loaded, data = [], recipe.data
+    root = Path(data.root)
     for entry in entries:
-        rows = load_manifest(Path(recipe.data.root) / entry["manifest"], root=recipe.data.root, task=entry.get("task"))
+        manifest = entry["manifest"]
+        source = manifest if not isinstance(manifest, (str, Path)) else root / manifest  # a Dataset object as it is
+        rows = load_manifest(
+            source, root=data.root, task=entry.get("task"), format=entry.get("format"),
+            media_root=root / entry["media_root"] if entry.get("media_root") else None,
+            image_folder=root / data.image_folder if data.image_folder else None,
+            media_roots=[root / r for r in data.media_roots],
+            split=entry.get("split") or ("train" if training else "validation"),
+        )
         if entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
         loaded.append((entry.get("task"), rows))
@@ -44,16 +61,8 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
 
 
 def encoding_fingerprint(part: EncodedDataset) -> str:
-    """What decides a part's encoded examples: its rows, the task, max_length and the whole processor."""
-    encoder, digest = part.encoder, hashlib.sha256()
-    tokenizer = encoder.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    settings = json.loads(encoder.processor.to_json_string())
-    for sub in [settings, *(v for v in settings.values() if isinstance(v, dict))]:
-        sub.pop("auto_map", None)  # where the code lives (added when a checkpoint is exported), not what it does
-    for text in (json.dumps(settings, sort_keys=True), vocabulary, repr(encoder.task), repr(encoder.max_length)):
-        digest.update(text.encode() + b"\0")
+    """What decides a part's encoded examples: its rows and the encoder (`encoder_fingerprint`)."""
+    digest = hashlib.sha256(encoder_fingerprint(part.encoder).encode() + b"\0")
     for row in part.rows:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\0")
     return digest.hexdigest()
@@ -114,9 +123,11 @@ def build_train_loader(recipe: TrainingRecipe, processor, rows_by_task, cache: E
     parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in data.train]
     for (task, rows), repeat in zip(rows_by_task, repeats):
         augmentation = Augmentation(recipe.augment, task, recipe.seed, processor) if recipe.augment.active else None
-        encoder = ExampleEncoder(processor, task, max_length=data.max_length, augmentation=augmentation)
+        encoder = ExampleEncoder(
+            processor, task, max_length=data.max_length, augmentation=augmentation, assistant_turns=data.assistant_turns
+        )
         parts.append(EncodedDataset(rows, encoder))
-        lengths += encoder.estimate_lengths(rows) * repeat
+        lengths += cached_lengths(encoder, rows, Path(data.root) / LENGTH_CACHE_FOLDER) * repeat
     dataset = MixedDataset(parts, repeats, cache if data.cache_in_memory else None)
     pad_id = processor.tokenizer.pad_token_id
     batch_size = recipe.optim.batch_size

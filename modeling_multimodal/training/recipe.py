@@ -127,19 +127,43 @@ def check_data_entries(key: str, entries, training: bool) -> list:
     """[{manifest, task, max_samples, repeat}]: `repeat` weights a training task; evaluation scores each row once."""
     if not isinstance(entries, list):
         raise ValueError(f"{key}={entries!r}: expected a list of {{manifest, task}} entries")
-    allowed = {"manifest", "task", "max_samples"} | ({"repeat"} if training else set())
+    from ..data.formats import FORMATS
+
+    allowed = {"manifest", "task", "max_samples", "format", "media_root", "split"} | ({"repeat"} if training else set())
     for index, entry in enumerate(entries):
         where = f"{key}[{index}]"
         if not isinstance(entry, dict) or set(entry) - allowed or "manifest" not in entry:
-            optional = "max_samples, repeat" if training else "max_samples; repeat is for data.train only"
+            optional = "format, media_root, split, max_samples" + (", repeat" if training else "; repeat is for data.train only")
             raise ValueError(f"data entry {entry} ({where}): expected keys manifest, task (optional {optional})")
-        check_text(f"{where}.manifest", entry["manifest"])
+        if not _in_memory(entry["manifest"]):
+            check_text(f"{where}.manifest", entry["manifest"])
         check_text(f"{where}.task", entry.get("task"), optional=True)
+        check_text(f"{where}.format", entry.get("format"), optional=True, choices=FORMATS)
+        check_text(f"{where}.media_root", entry.get("media_root"), optional=True)
+        check_text(f"{where}.split", entry.get("split"), optional=True)
         check_number(f"{where}.max_samples", entry.get("max_samples"), integer=True, minimum=1, optional=True)
         repeat = entry.get("repeat", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"data entry {entry} ({where}): repeat must be an integer >= 1 (times its rows appear per epoch), got {repeat!r}")
     return entries
+
+
+def _in_memory(manifest) -> bool:
+    """A `datasets.Dataset` / `DatasetDict` handed to the recipe in Python (a data entry's `manifest`)."""
+    import datasets
+
+    return isinstance(manifest, (datasets.Dataset, datasets.DatasetDict))
+
+
+def _described(entries: list) -> list:
+    """Data entries with in-memory manifests written as a description (what a saved recipe can hold)."""
+    def describe(manifest):
+        if not _in_memory(manifest):
+            return manifest
+        rows = manifest.num_rows if not isinstance(manifest.num_rows, dict) else sum(manifest.num_rows.values())
+        return f"<in-memory {type(manifest).__name__}: {rows} rows>"
+
+    return [{**entry, "manifest": describe(entry["manifest"])} for entry in entries]
 
 
 # --- the recipe ---------------------------------------------------------------------------------------
@@ -188,6 +212,9 @@ class DataSpec:
     group_by_length: bool = True
     num_workers: int = 0
     cache_in_memory: bool = False  # keep encoded examples after their first use (small data sets, many epochs)
+    image_folder: str | None = None  # chat media paths (LLaVA's `image`) are relative to it (relative: to root)
+    media_roots: list = field(default_factory=list)  # further folders media may come from (absolute paths inside)
+    assistant_turns: str = "all"  # chat rows: "all" assistant replies trained (LLaVA / LLaMA-Factory), or "last"
     eval_max_samples: int | None = 64
 
     def __post_init__(self):
@@ -197,6 +224,12 @@ class DataSpec:
         self.max_length = check_number("data.max_length", self.max_length, integer=True, minimum=1)
         self.num_workers = check_number("data.num_workers", self.num_workers, integer=True, minimum=0)
         self.eval_max_samples = check_number("data.eval_max_samples", self.eval_max_samples, integer=True, minimum=1, optional=True)
+        check_text("data.image_folder", self.image_folder, optional=True)
+        if not isinstance(self.media_roots, list):
+            raise ValueError(f"data.media_roots={self.media_roots!r}: expected a list of folders")
+        for index, folder in enumerate(self.media_roots):
+            check_text(f"data.media_roots[{index}]", folder)
+        check_text("data.assistant_turns", self.assistant_turns, choices=("all", "last"))
         for name in ("packing", "group_by_length", "cache_in_memory"):
             check_flag(f"data.{name}", getattr(self, name))
         if self.cache_in_memory and self.num_workers:
@@ -381,7 +414,13 @@ class TrainingRecipe:
             raise ValueError("augment.speed changes clip lengths, but data.packing plans its rows from the lengths in the files; turn one off")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as plain values (in-memory data sets described, not copied)."""
+        kept = self.data.train, self.data.eval
+        try:
+            self.data.train, self.data.eval = _described(self.data.train), _described(self.data.eval)
+            return dataclasses.asdict(self)
+        finally:
+            self.data.train, self.data.eval = kept
 
 
 # Old top-level keys -> their current names; recipes with the old keys still load (FutureWarning).

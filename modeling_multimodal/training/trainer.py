@@ -62,7 +62,13 @@ class Trainer:
     """One run of a recipe (one stage). example_cache: the encoded examples to reuse (`data.cache_in_memory`);
     give the same one to later runs on the same data (a stage chain, the demo) to decode each example once."""
 
-    def __init__(self, recipe: TrainingRecipe, example_cache: ExampleCache | None = None):
+    def __init__(self, recipe: TrainingRecipe, example_cache: ExampleCache | None = None, train_dataset=None, eval_dataset=None):
+        """train_dataset / eval_dataset: a `datasets.Dataset` or `DatasetDict` (chat rows in any format of
+        `data/formats.py`) that replaces the recipe's data.train / data.eval entries."""
+        if train_dataset is not None:
+            recipe.data.train = [{"manifest": train_dataset}]
+        if eval_dataset is not None:
+            recipe.data.eval = [{"manifest": eval_dataset}]
         if recipe.stages:
             raise ValueError("a recipe with `stages` runs through train(recipe), which starts one Trainer per stage")
         self.recipe = recipe

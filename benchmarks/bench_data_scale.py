@@ -1,0 +1,78 @@
+"""Start-up time of the data layer per row: first start (no cache) and repeated start (lengths cached).
+
+Writes N image-caption rows (all pointing at a handful of images), then, each in a fresh subprocess so peak
+memory is per run: `load_manifest` + the length estimates the trainer computes (`cached_lengths`, parallel over
+the cores) with an empty cache, then again with the cache from the first run. Prints ms/row and peak RSS.
+
+    python benchmarks/bench_data_scale.py --rows 1000 10000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _make(root: Path, rows: int) -> Path:
+    from modeling_multimodal.demo_data import make_demo_data
+
+    make_demo_data(root, seed=0, sizes={"image": {"train": 8, "validation": 0, "test": 0},
+                                        "video": {"train": 0, "validation": 0, "test": 0},
+                                        "speech": {"train": 0, "validation": 0, "test": 0}})
+    base = [json.loads(line) for line in (root / "image_train.jsonl").read_text().splitlines()]
+    manifest = root / f"rows_{rows}.jsonl"
+    with open(manifest, "w") as out:
+        for i in range(rows):
+            row = base[i % len(base)]
+            out.write(json.dumps({"id": f"r{i}", "image": row["image"], "caption": row["caption"]}) + "\n")
+    return manifest
+
+
+def _start(manifest: str, root: str, cache: str) -> None:
+    """One start, in this process: read the manifest, estimate (or read) every row's length."""
+    from modeling_multimodal.data.examples import ExampleEncoder, load_manifest
+    from modeling_multimodal.data.length_cache import cached_lengths
+    from modeling_multimodal.processing import MultimodalProcessor
+    from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    processor = MultimodalProcessor.from_config_and_components(tiny_config(tokenizer), tokenizer)
+    start = time.perf_counter()
+    rows = load_manifest(manifest, root, task="image_caption", cache_dir=os.path.join(cache, "hf"))
+    lengths = cached_lengths(ExampleEncoder(processor, task="image_caption"), rows, os.path.join(cache, "lengths"))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "rows": len(lengths), "peak_mb": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--_start", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._start:
+        return _start(*args._start)
+    print(f"{'rows':>8} {'first ms/row':>13} {'repeat s':>9} {'repeat ms/row':>14} {'peak MB (first)':>16}")
+    for rows in args.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            root, cache = Path(tmp) / "data", Path(tmp) / "cache"
+            manifest = _make(root, rows)
+            runs = []
+            for _ in range(2):
+                done = subprocess.run([sys.executable, __file__, "--_start", str(manifest), str(root), str(cache)],
+                                      capture_output=True, text=True, check=True)
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            first, repeat = runs
+            print(f"{rows:>8} {first['seconds'] / rows * 1e3:>13.3f} {repeat['seconds']:>9.2f} "
+                  f"{repeat['seconds'] / rows * 1e3:>14.4f} {first['peak_mb']:>16.0f}")
+
+
+if __name__ == "__main__":
+    main()
