@@ -10,9 +10,11 @@ trailing turns until a conversation fits `max_length`.
 """
 
 import bisect
+import os
 import re
 
 import torch
+from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import _get_template_variables, render_jinja_template
 
@@ -45,9 +47,12 @@ TRACK_FLAGS = "use_audio_in_video"  # per video item: also read the video file's
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # templates that mark the assistant's replies themselves
 
 
-class ChatTemplateMixin:
-    """`apply_chat_template` and its helpers, for a `ProcessorMixin` with `tokenizer`, `system_prompt`, `placeholder(kind)` and
-    a `__call__` that takes `return_offsets_mapping` and `return_text_replacement_offsets`."""
+class ChatTemplateMixin(ProcessorMixin):
+    """`ProcessorMixin` with our `apply_chat_template` and its helpers, for a processor with `tokenizer`, `system_prompt`,
+    `placeholder(kind)` and a `__call__` that takes `return_offsets_mapping` and `return_text_replacement_offsets`.
+
+    A `ProcessorMixin` subclass (not a mixin beside it) so that the processor's first base is a class that has
+    `ProcessorMixin`'s whole interface (`replace_image_token` ...), as transformers' processor tests expect."""
 
     def apply_chat_template(
         self,
@@ -245,7 +250,8 @@ class ChatTemplateMixin:
         value = next((item[key] for key in (kind, "path", "url") if item.get(key) is not None), None)
         if value is None:
             raise ValueError(f"conversation {index}, message {position}: a {kind} item needs a {kind!r} (or 'path') value")
-        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
+        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, (dict, str, os.PathLike, bytes)):
+            # an array's own rate; a file's (path, URL-named file, bytes) is read from its header by `load_audio`
             value = {"array": value, "sampling_rate": item["sampling_rate"]}
         found[kind].append(value)
         if kind == "video":

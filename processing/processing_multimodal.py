@@ -78,6 +78,35 @@ class MultimodalProcessorKwargs(ProcessingKwargs, total=False):
     videos_kwargs: MultimodalProcessorVideosKwargs
 
 
+# Each sub-processor and the modality it serves (the audio of videos' sound tracks needs the audio tower too).
+COMPONENT_MODALITY = {"image_processor": "image", "feature_extractor": "audio", "video_processor": "video"}
+COMPONENT_DEFAULTS = {
+    "image_processor": MultimodalImageProcessor,
+    "feature_extractor": WhisperFeatureExtractor,
+    "video_processor": MultimodalVideoProcessor,
+}
+
+
+def layout_modalities(layout: MediaTokenLayout) -> list[str]:
+    """The media kinds a token layout has towers for, in `MODALITIES` order (video needs the vision tower)."""
+    present = {
+        "image": layout.image_grid is not None,
+        "audio": layout.audio_max_positions is not None,
+        "video": layout.image_grid is not None and layout.video_num_frames > 0,
+    }
+    return [kind for kind in MODALITIES if present[kind]]
+
+
+class _PresentComponents:
+    """`get_attributes`: on the class, every component the processor can take (what `from_pretrained` passes, `None`
+    for an absent one); on an instance, the components it has (what `ProcessorMixin` checks, saves and prints)."""
+
+    def __get__(self, instance, owner):
+        if instance is None or "_components" not in vars(instance):
+            return lambda: ["tokenizer", *COMPONENT_MODALITY]
+        return lambda: list(instance._components)
+
+
 def _is_per_sample(media) -> bool:
     """A list whose every entry is a list (or None) gives media per sample; anything else is flat."""
     if not isinstance(media, (list, tuple)) or len(media) == 0:
@@ -92,7 +121,7 @@ def _flatten(media, kind: str) -> list:
     return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
-class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
+class MultimodalProcessor(ChatTemplateMixin):
     r"""
     Tokenizer + image processor + Whisper feature extractor + video processor, with token counts from `MediaTokenLayout`.
 
@@ -118,6 +147,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
     """
 
     valid_processor_kwargs = MultimodalProcessorKwargs
+    get_attributes = _PresentComponents()
     # Defaults, lowest priority (the tokenizer's own init kwargs and the call's arguments override them).
     text_kwargs = {"padding": True, "return_tensors": "pt"}
 
@@ -147,11 +177,15 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}")
         self.system_prompt = system_prompt
+        given = {"image_processor": image_processor, "feature_extractor": feature_extractor, "video_processor": video_processor}
+        # Only the components of the modalities the layout has: a model without an audio tower carries no feature
+        # extractor (vLLM and pipelines read a present one as "this model takes audio"); `get_attributes()` on the
+        # instance lists what it has, so saving and loading follow.
+        self._components = ["tokenizer"] + [name for name, kind in COMPONENT_MODALITY.items() if kind in self.supported_modalities]
+        components = {name: given[name] if given[name] is not None else COMPONENT_DEFAULTS[name]() for name in self._components[1:]}
         super().__init__(
-            tokenizer,
-            image_processor if image_processor is not None else MultimodalImageProcessor(),
-            feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
-            video_processor if video_processor is not None else MultimodalVideoProcessor(),
+            tokenizer=tokenizer,
+            **components,
             chat_template=chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE,
             **kwargs,
         )
@@ -240,6 +274,16 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         )
 
     @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """As `ProcessorMixin`'s, but a component of a modality the saved layout lacks is absent (`None`), not looked
+        up: an image-only model is saved without a feature extractor."""
+        present = layout_modalities(MediaTokenLayout.from_dict(processor_dict.get("token_layout") or {}))
+        absent = [name for name, kind in COMPONENT_MODALITY.items() if kind not in present and name not in processor_dict]
+        processor_dict = {**processor_dict, **dict.fromkeys(absent, False)}  # not a dict: the base class skips them
+        processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+        return {**processor_dict, **dict.fromkeys(absent, None)}, kwargs
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Rebuild the components from `processor_config.json` (no Auto* lookup, so no torchvision is needed).
 
@@ -251,15 +295,15 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         tokenizer = cls._load_tokenizer_from_pretrained(
             "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
+        layout = MediaTokenLayout.from_dict(processor_dict.get("token_layout") or {})
         components = []
-        for name, component_class in (
-            ("image_processor", MultimodalImageProcessor),
-            ("feature_extractor", WhisperFeatureExtractor),
-            ("video_processor", MultimodalVideoProcessor),
-        ):
+        for name, component_class in COMPONENT_DEFAULTS.items():
             values = processor_dict.get(name)
             if not isinstance(values, dict):
-                raise ValueError(f"{pretrained_model_name_or_path}: processor_config.json has no {name!r} entry")
+                if COMPONENT_MODALITY[name] in layout_modalities(layout):
+                    raise ValueError(f"{pretrained_model_name_or_path}: processor_config.json has no {name!r} entry")
+                components.append(None)  # the model takes no such media (saved without the component)
+                continue
             values = {k: v for k, v in values.items() if not k.endswith("_type")}
             options = {
                 key: value for key, value in kwargs.items()
@@ -275,13 +319,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
 
     @property
     def supported_modalities(self) -> list[str]:
-        layout = self.layout
-        found = ["image"] if layout.image_grid is not None else []
-        if layout.audio_max_positions is not None:
-            found.append("audio")
-        if layout.image_grid is not None and layout.video_num_frames > 0:
-            found.append("video")
-        return found
+        return layout_modalities(self.layout)
 
     def placeholder(self, kind: str) -> str:
         return {"image": self.image_token, "audio": self.audio_token, "video": self.video_token}[kind]
@@ -441,12 +479,13 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
         as truncated).
         """
-        layout, data = self.layout, {}
-        if image_sizes is not None:
+        layout, data, present = self.layout, {}, self.supported_modalities
+        # a modality the model lacks gets no count (vLLM probes every modality and reads a missing one as "none")
+        if image_sizes is not None and "image" in present:
             data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
-        if video_sizes is not None:
+        if video_sizes is not None and "video" in present:
             data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
-        if audio_lengths is not None:
+        if audio_lengths is not None and "audio" in present:
             frames = [min(self._mel_frames(n), layout.max_audio_mel_frames()) for n in audio_lengths]
             data["num_audio_tokens"] = [layout.audio_tokens(count) for count in frames]
         return MultiModalData(**data)
@@ -456,7 +495,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         known = set(MultimodalProcessorKwargs.__annotations__) | {"common_kwargs"}
         for group in ("text_kwargs", "images_kwargs", "audio_kwargs", "videos_kwargs"):
             known |= set(MultimodalProcessorKwargs.__annotations__[group].__annotations__)
-        for component in (self.image_processor, self.video_processor):
+        for component in (getattr(self, "image_processor", None), getattr(self, "video_processor", None)):
             known |= set(getattr(getattr(component, "valid_kwargs", None), "__annotations__", {}))
         return known
 
@@ -465,8 +504,9 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         token = self.placeholder(kind)
         counts = [sample.count(token) for sample in texts]
         if kind not in self.supported_modalities and (media is not None or any(counts)):
+            tower, items = {"image": ("vision tower", "images"), "audio": ("audio tower", "audio"), "video": ("vision tower", "videos")}[kind]
             raise ValueError(
-                f"this model takes no {kind} (its token layout has no {kind} tower), but "
+                f"this model has no {tower}, so it takes no {items}, but "
                 + (f"{kind} inputs were given" if media is not None else f"sample {counts.index(max(counts))} contains {token}")
             )
         if media is None:
@@ -634,10 +674,11 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         layout = self.layout
         audio_frames = data["input_features_mask"].sum(-1).tolist() if "input_features_mask" in data else []
         track_frames = self._track_mel_frames(data)
-        tokens = {  # tokens of each item, in flat order
-            "image": [layout.image_tokens()] * sum(len(items) for items in per_sample["image"]),
+        num_images, num_videos = (sum(len(items) for items in per_sample[kind]) for kind in ("image", "video"))
+        tokens = {  # tokens of each item, in flat order (a modality the model lacks has no items)
+            "image": [layout.image_tokens()] * num_images if num_images else [],
             "audio": [layout.audio_tokens(n) for n in audio_frames],
-            "video": [layout.video_tokens(n) for n in track_frames or [0] * sum(len(items) for items in per_sample["video"])],
+            "video": [layout.video_tokens(n) for n in track_frames or [0] * num_videos],
         }
         first = dict.fromkeys(tokens, 0)
         for sample, ids in enumerate(input_ids):
