@@ -155,7 +155,7 @@ BAD_INPUTS = [
     ("no_audio_stream", _no_audio, r"sample 0, video 0 \(file '.*plain\.mp4'\): file '.*plain\.mp4' has no audio stream"),
     ("corrupt_audio_stream", _corrupt_audio, r"sample 0, video 0 \(file '.*corrupt\.mp4'\): cannot decode the audio stream"),
     ("frame_array", _frame_array, r"sample 0, video 0 \(.*\): use_audio_in_video reads the sound track of a video file"),
-    ("longer_than_the_encoder", _too_long, r"long\.mp4'\) lasts 31\.00 s; .* must fit the audio encoder's 30\.00 s"),
+    ("longer_than_the_encoder", _too_long, r"long\.mp4'\): its frames last 31\.00 s; .* must fit the audio encoder's 30\.00 s"),
     ("wrong_flag_count", _wrong_flag_count, r"one bool per video \(1 in placeholder order\)"),
 ]
 

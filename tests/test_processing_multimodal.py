@@ -232,8 +232,8 @@ def test_drop_trailing_turns_decodes_the_media_once(tokenizer, monkeypatch):
         ]
     expected = processor.apply_chat_template(turns[:5], tokenize=True, return_dict=True)
     calls = []
-    images_to_tensors = processor._images_to_tensors
-    monkeypatch.setattr(processor, "_images_to_tensors", lambda *a, **k: calls.append(1) or images_to_tensors(*a, **k))
+    process_images = processor._process_images
+    monkeypatch.setattr(processor, "_process_images", lambda *a, **k: calls.append(1) or process_images(*a, **k))
     out = processor.apply_chat_template(
         turns, tokenize=True, return_dict=True, truncation=True, max_length=expected["input_ids"].shape[1],
         drop_trailing_turns=True,
