@@ -39,7 +39,7 @@ from transformers.video_processing_utils import VideoProcessorMixin
 
 from ..configuration.media_tokens import MODALITIES, MediaTokenLayout
 from .audio_loading import SoundTrackRequest, load_audio, log_mel, mel_frame_count, pad_log_mels
-from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin
+from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin, with_media_parts_as_placeholders
 from .image_processing_multimodal import MediaInputError, MultimodalImageProcessor, describe
 from .media_batch import assign_media, flags_per_video, locate, with_frame_rates
 from .truncation import truncate_outside_media
@@ -196,6 +196,9 @@ class MultimodalProcessor(ChatTemplateMixin):
                 )
             self.media_token_ids[kind] = token_id
             setattr(self, f"{kind}_token_id", token_id)  # what `ProcessorMixin.create_mm_token_type_ids` reads
+        if not self._takes_structured_content(self.chat_template):  # an LM's own string-content template
+            placeholders = {kind: self.placeholder(kind) for kind in MODALITIES}
+            self.chat_template = with_media_parts_as_placeholders(self.chat_template, placeholders)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `ProcessorMixin.save_pretrained`, writing the flattened code and `auto_map` as the model does

@@ -127,7 +127,7 @@ def test_message_objects_render_as_dicts(processor):
 # --- the tokenizer's own chat template -----------------------------------------------------------------------
 def test_tokenizer_chat_template_is_kept_with_media_placeholders():
     processor = chatml_processor()
-    assert processor.chat_template == CHATML
+    assert processor.chat_template.endswith(CHATML)  # kept, after the prelude that writes media parts
     prompt = processor.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True)
     assert prompt == "<|im_start|>user\n<image> what is in this picture?<|im_end|>\n<|im_start|>assistant\n"
     assert chatml_processor(chat_template=DEFAULT_CHAT_TEMPLATE).chat_template == DEFAULT_CHAT_TEMPLATE
@@ -254,3 +254,32 @@ def test_mm_token_type_ids_mark_each_modality(processor):
     ids, types = out["input_ids"][0], out["mm_token_type_ids"][0]
     for kind, type_id in (("image", 1), ("audio", 3)):
         assert torch.equal(types == type_id, ids == processor.media_token_ids[kind])
+
+
+OPENAI_MESSAGES = [
+    {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "and"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, {"type": "video", "video": "v.mp4"},
+        {"type": "image", "image": "x.png"}, {"type": "audio", "audio": "a.wav"},
+    ]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["default", "chatml"])
+def test_saved_template_writes_media_parts_under_plain_jinja(tmp_path, name):
+    """vLLM renders the saved chat template itself, with OpenAI-style parts: the saved file, rendered by jinja2 alone,
+    writes each media part as its placeholder, for our template and for an LM's own string-content one."""
+    import jinja2
+
+    processor = chatml_processor(DEFAULT_CHAT_TEMPLATE if name == "default" else None)
+    processor.save_pretrained(tmp_path)
+    source = (tmp_path / "chat_template.jinja").read_text()
+    environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    environment.globals["namespace"] = jinja2.utils.Namespace
+    if name == "default":  # transformers' `{% generation %}` tag: render its body as is
+        source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    rendered = environment.from_string(source).render(messages=OPENAI_MESSAGES, add_generation_prompt=True, eos_token="</s>")
+    assert rendered.count("<image>") == 2 and rendered.count("<audio>") == 2 and rendered.count("<video>") == 1
+    assert "<image> and <audio> <video> <image> <audio>" in rendered
+    if name == "chatml":
+        assert rendered.startswith("<|im_start|>user\n<image> and") and rendered.endswith("<|im_start|>assistant\n")
