@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -239,39 +240,63 @@ def load_audio(
     return resample(_to_float_mono(samples), sampling_rate, target_rate)
 
 
-def load_video_track(video: str | bytes, name: str, target_rate: int, seconds: float) -> tuple[np.ndarray, float]:
-    """The sound track of a video file, fitted to its frames: (mono float32 at `target_rate`, track seconds).
+@dataclass(frozen=True)
+class SoundTrackRequest:
+    """What `use_audio_in_video` asks of a video file's decoding pass: its sound track at `sampling_rate`, fitted to
+    the frames' span, which may hold at most `max_samples` samples (the audio encoder's `encoder_seconds`)."""
+
+    sampling_rate: int
+    max_samples: int
+    encoder_seconds: float
+
+
+def read_sound_track(container, name: str, request: SoundTrackRequest, seconds: float | None) -> tuple[np.ndarray, float]:
+    """The sound track of an open video container, fitted to its frames: (mono float32, the track's own seconds).
 
     `seconds` is how long the frames last (`SampledVideoMetadata.duration`). The track's first sample is taken to
     sit at the first frame; a longer track is cut at `seconds` (decoding stops there), a shorter one is padded with
-    silence to it, so the result has exactly round(seconds * target_rate) samples. The second value is the
-    track's own length (past `seconds`, from the stream header; the caller warns about a large mismatch). A file without an
-    audio stream, or whose audio stream does not decode to a single sample, raises a `ValueError` naming it.
+    silence to it, so the result has exactly round(seconds * rate) samples. The second value is the track's own
+    length (past `seconds`, from the stream header; the caller warns about a large mismatch). A span the encoder
+    cannot take, a file without an audio stream, or one whose audio does not decode raises a `ValueError`.
     """
-    source = open_media_file(video, name) if isinstance(video, str) else io.BytesIO(video)
+    if not seconds or seconds <= 0:
+        raise ValueError("cannot tell how long its frames last, so its sound track cannot be aligned")
+    if round(seconds * request.sampling_rate) > request.max_samples:
+        raise ValueError(
+            f"its frames last {seconds:.2f} s; with use_audio_in_video its sound track must fit the audio encoder's "
+            f"{request.encoder_seconds:.2f} s. Cut the video, or pass use_audio_in_video=False for it"
+        )
+    if not container.streams.audio:
+        raise ValueError(
+            f"{name} has no audio stream, but use_audio_in_video=True asks for its sound track; pass "
+            "use_audio_in_video=False (or a per-video list with False for this one)"
+        )
+    stream = container.streams.audio[0]
+    rate = stream.codec_context.sample_rate
+    _check_header(name, rate, stream.codec_context.channels)
+    limit = math.ceil(seconds * rate)
+    container.seek(0)  # the frames were decoded first: back to the start of the file
     try:
-        with source, av.open(source) as container:
-            if not container.streams.audio:
-                raise ValueError(
-                    f"{name} has no audio stream, but use_audio_in_video=True asks for its sound track; pass "
-                    "use_audio_in_video=False (or a per-video list with False for this one)"
-                )
-            stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate
-            _check_header(name, rate, stream.codec_context.channels)
-            limit = math.ceil(seconds * rate)
-            samples = _decode_stream(container, stream, limit)
-            declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        samples = _decode_stream(container, stream, limit)
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot decode the audio stream of {name}: {err}") from err
+    declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     if samples is None:
         raise ValueError(f"the audio stream of {name} has no decodable samples (corrupt or empty)")
     track_seconds = samples.shape[1] / rate
     if samples.shape[1] > limit and declared is not None:  # decoding stopped at the frames' end: the header says the rest
         track_seconds = max(track_seconds, declared)
-    mono = resample(_to_float_mono(samples), rate, target_rate)
-    length = round(seconds * target_rate)
+    mono = resample(_to_float_mono(samples), rate, request.sampling_rate)
+    length = round(seconds * request.sampling_rate)
     return np.pad(mono[:length], (0, max(0, length - len(mono)))), track_seconds
+
+
+def load_video_track(video: str | bytes, name: str, target_rate: int, seconds: float) -> tuple[np.ndarray, float]:
+    """`read_sound_track` of a video file opened for it alone (the processor reads the track in the frames' pass)."""
+    source = open_media_file(video, name) if isinstance(video, str) else io.BytesIO(video)
+    request = SoundTrackRequest(target_rate, max_samples=2**62, encoder_seconds=math.inf)
+    with source, av.open(source) as container:
+        return read_sound_track(container, name, request, seconds)
 
 
 def mel_frame_count(num_samples: int, hop_length: int, n_fft: int) -> int:
@@ -311,6 +336,6 @@ def log_mel(feature_extractor, samples: np.ndarray) -> torch.Tensor:
 
 
 __all__ = [
-    "AudioHeaderError", "AudioTooLongError", "load_audio", "load_video_track", "log_mel", "mel_frame_count", "pad_log_mels",
+    "AudioHeaderError", "AudioTooLongError", "SoundTrackRequest", "load_audio", "load_video_track", "read_sound_track", "log_mel", "mel_frame_count", "pad_log_mels",
     "resample",
 ]

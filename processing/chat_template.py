@@ -10,9 +10,11 @@ trailing turns until a conversation fits `max_length`.
 """
 
 import bisect
+import os
 import re
 
 import torch
+from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import _get_template_variables, render_jinja_template
 
@@ -24,12 +26,16 @@ logger = logging.get_logger(__name__)
 # tokenizer's EOS token. The assistant's reply is the text between ASSISTANT_PREFIX and its EOS (inclusive of
 # the EOS), which `return_assistant_tokens_mask=True` marks through the `{% generation %}` block.
 ASSISTANT_PREFIX = "assistant:"
+# OpenAI-style content parts (as vLLM's server and lmms-eval write them) and the media kind each one is.
+MEDIA_PART_KINDS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+_KINDS_JINJA = "{%- set MEDIA_PART_KINDS = " + repr(MEDIA_PART_KINDS) + " -%}"
 DEFAULT_CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
+    _KINDS_JINJA
+    + "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ ' ' + content }}"
     "{%- else -%}{%- for item in content -%}"
     "{%- if item['type'] == 'text' -%}{{ ' ' + item['text'] }}"
-    "{%- else -%}{{ ' <' + item['type'] + '>' }}"
+    "{%- else -%}{{ ' <' + MEDIA_PART_KINDS.get(item['type'], item['type']) + '>' }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
     "{%- for message in messages -%}"
@@ -41,13 +47,47 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
 )
+MEDIA_PARTS_MARKER = "{#- media content parts written as placeholders (modeling_multimodal) -#}"
+
+
+def with_media_parts_as_placeholders(template: str, placeholders: dict[str, str]) -> str:
+    """`template` (one that renders a message's content as one string: a text LM's ChatML and the like) preceded by
+    a plain-Jinja prelude that turns list content into that string: text parts joined by spaces, each media part
+    (`image`, `image_url`, `audio`, `input_audio`, `video`, ...) written as its placeholder. So the saved template
+    renders media parts wherever it is rendered, by vLLM's server as by `apply_chat_template`."""
+    if template.startswith(MEDIA_PARTS_MARKER):
+        return template
+    kinds = {**{kind: kind for kind in placeholders}, **MEDIA_PART_KINDS}
+    part = {name: placeholders[kind] for name, kind in kinds.items()}
+    prelude = (
+        MEDIA_PARTS_MARKER
+        + "{%- set media_placeholders = " + repr(part) + " -%}"
+        + "{%- set flat = namespace(messages=[]) -%}"
+        + "{%- for message in messages -%}"
+        + "{%- if message['content'] is string or message['content'] is none -%}"
+        + "{%- set flat.messages = flat.messages + [message] -%}"
+        + "{%- else -%}{%- set parts = namespace(text=[]) -%}"
+        + "{%- for item in message['content'] -%}"
+        + "{%- if item['type'] == 'text' -%}{%- set parts.text = parts.text + [item['text']] -%}"
+        + "{%- elif item['type'] in media_placeholders -%}{%- set parts.text = parts.text + [media_placeholders[item['type']]] -%}"
+        + "{%- endif -%}{%- endfor -%}"
+        + "{%- set flat.messages = flat.messages + [dict(message, content=parts.text | join(' '))] -%}"
+        + "{%- endif -%}{%- endfor -%}"
+        + "{%- set messages = flat.messages -%}"
+    )
+    return prelude + template
+
+
 TRACK_FLAGS = "use_audio_in_video"  # per video item: also read the video file's sound track (see the processor)
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")  # templates that mark the assistant's replies themselves
 
 
-class ChatTemplateMixin:
-    """`apply_chat_template` and its helpers, for a `ProcessorMixin` with `tokenizer`, `system_prompt`, `placeholder(kind)` and
-    a `__call__` that takes `return_offsets_mapping` and `return_text_replacement_offsets`."""
+class ChatTemplateMixin(ProcessorMixin):
+    """`ProcessorMixin` with our `apply_chat_template` and its helpers, for a processor with `tokenizer`, `system_prompt`,
+    `placeholder(kind)` and a `__call__` that takes `return_offsets_mapping` and `return_text_replacement_offsets`.
+
+    A `ProcessorMixin` subclass (not a mixin beside it) so that the processor's first base is a class that has
+    `ProcessorMixin`'s whole interface (`replace_image_token` ...), as transformers' processor tests expect."""
 
     def apply_chat_template(
         self,
@@ -245,7 +285,8 @@ class ChatTemplateMixin:
         value = next((item[key] for key in (kind, "path", "url") if item.get(key) is not None), None)
         if value is None:
             raise ValueError(f"conversation {index}, message {position}: a {kind} item needs a {kind!r} (or 'path') value")
-        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, dict):
+        if kind == "audio" and item.get("sampling_rate") is not None and not isinstance(value, (dict, str, os.PathLike, bytes)):
+            # an array's own rate; a file's (path, URL-named file, bytes) is read from its header by `load_audio`
             value = {"array": value, "sampling_rate": item["sampling_rate"]}
         found[kind].append(value)
         if kind == "video":
@@ -317,4 +358,4 @@ class ChatTemplateMixin:
         return messages
 
 
-__all__ = ["ASSISTANT_PREFIX", "DEFAULT_CHAT_TEMPLATE", "ChatTemplateMixin"]
+__all__ = ["ASSISTANT_PREFIX", "DEFAULT_CHAT_TEMPLATE", "ChatTemplateMixin", "with_media_parts_as_placeholders"]

@@ -38,9 +38,10 @@ from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 
 from ..configuration.media_tokens import MODALITIES, MediaTokenLayout
-from .audio_loading import load_audio, load_video_track, log_mel, mel_frame_count, pad_log_mels
-from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin
+from .audio_loading import SoundTrackRequest, load_audio, log_mel, mel_frame_count, pad_log_mels
+from .chat_template import ASSISTANT_PREFIX, DEFAULT_CHAT_TEMPLATE, ChatTemplateMixin, with_media_parts_as_placeholders
 from .image_processing_multimodal import MediaInputError, MultimodalImageProcessor, describe
+from .media_batch import assign_media, flags_per_video, locate, with_frame_rates
 from .truncation import truncate_outside_media
 from .video_processing_multimodal import MultimodalVideoProcessor, MultimodalVideosKwargs
 
@@ -54,10 +55,12 @@ VISION_NORMALIZATION = {"clip_vision_model": _CLIP, "siglip_vision_model": _HALF
 
 
 class MultimodalAudioKwargs(AudioKwargs, total=False):
-    """`AudioKwargs` plus `truncate_audio` (keep the first frames the encoder takes instead of raising)."""
+    """`AudioKwargs` plus `truncate_audio` (keep the first frames the encoder takes instead of raising) and
+    `audio_at_feature_rate` (raw arrays without `sampling_rate` are at the feature extractor's rate)."""
 
     sampling_rate: int | float | None  # checked (and a fractional rate refused, naming it) by `load_audio`
     truncate_audio: bool | None
+    audio_at_feature_rate: bool | None
 
 
 class MultimodalProcessorVideosKwargs(MultimodalVideosKwargs, total=False):
@@ -78,21 +81,37 @@ class MultimodalProcessorKwargs(ProcessingKwargs, total=False):
     videos_kwargs: MultimodalProcessorVideosKwargs
 
 
-def _is_per_sample(media) -> bool:
-    """A list whose every entry is a list (or None) gives media per sample; anything else is flat."""
-    if not isinstance(media, (list, tuple)) or len(media) == 0:
-        return False
-    return all(m is None or isinstance(m, (list, tuple)) for m in media)
+KWARGS_GROUPS = {"image": "images_kwargs", "audio": "audio_kwargs", "video": "videos_kwargs"}
+# Each sub-processor and the modality it serves (the audio of videos' sound tracks needs the audio tower too).
+COMPONENT_MODALITY = {"image_processor": "image", "feature_extractor": "audio", "video_processor": "video"}
+COMPONENT_DEFAULTS = {
+    "image_processor": MultimodalImageProcessor,
+    "feature_extractor": WhisperFeatureExtractor,
+    "video_processor": MultimodalVideoProcessor,
+}
 
 
-def _flatten(media, kind: str) -> list:
-    """Flat media as a list; a 4-D image array/tensor is a batch of images (a 4-D video array is one video)."""
-    if kind == "image" and isinstance(media, (np.ndarray, torch.Tensor)) and media.ndim == 4:
-        return list(media)
-    return list(media) if isinstance(media, (list, tuple)) else [media]
+def layout_modalities(layout: MediaTokenLayout) -> list[str]:
+    """The media kinds a token layout has towers for, in `MODALITIES` order (video needs the vision tower)."""
+    present = {
+        "image": layout.image_grid is not None,
+        "audio": layout.audio_max_positions is not None,
+        "video": layout.image_grid is not None and layout.video_num_frames > 0,
+    }
+    return [kind for kind in MODALITIES if present[kind]]
 
 
-class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
+class _PresentComponents:
+    """`get_attributes`: on the class, every component the processor can take (what `from_pretrained` passes, `None`
+    for an absent one); on an instance, the components it has (what `ProcessorMixin` checks, saves and prints)."""
+
+    def __get__(self, instance, owner):
+        if instance is None or "_components" not in vars(instance):
+            return lambda: ["tokenizer", *COMPONENT_MODALITY]
+        return lambda: list(instance._components)
+
+
+class MultimodalProcessor(ChatTemplateMixin):
     r"""
     Tokenizer + image processor + Whisper feature extractor + video processor, with token counts from `MediaTokenLayout`.
 
@@ -115,9 +134,14 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
             none. `None` leaves the template's own behaviour (SmolLM2's and Qwen's templates then write their default
             system prompt, 16 tokens in SmolLM2's case, into every sample); `""` gives an empty system turn. Saved with
             the processor, so training, evaluation and inference render the same prompt.
+        audio_at_feature_rate (`bool`, defaults to `False`): raw audio arrays given without `sampling_rate` are taken to
+            be at the feature extractor's rate instead of refused (vLLM resamples audio itself and passes no rate:
+            `mm_processor_kwargs={"audio_at_feature_rate": True}`). Off by default because a clip at another rate
+            would silently give wrong features. Saved with the processor.
     """
 
     valid_processor_kwargs = MultimodalProcessorKwargs
+    get_attributes = _PresentComponents()
     # Defaults, lowest priority (the tokenizer's own init kwargs and the call's arguments override them).
     text_kwargs = {"padding": True, "return_tensors": "pt"}
 
@@ -133,6 +157,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         audio_token: str = "<audio>",
         video_token: str = "<video>",
         system_prompt: str | None = None,
+        audio_at_feature_rate: bool = False,
         **kwargs,
     ):
         if tokenizer is None:
@@ -147,11 +172,16 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}")
         self.system_prompt = system_prompt
+        self.audio_at_feature_rate = bool(audio_at_feature_rate)
+        given = {"image_processor": image_processor, "feature_extractor": feature_extractor, "video_processor": video_processor}
+        # Only the components of the modalities the layout has: a model without an audio tower carries no feature
+        # extractor (vLLM and pipelines read a present one as "this model takes audio"); `get_attributes()` on the
+        # instance lists what it has, so saving and loading follow.
+        self._components = ["tokenizer"] + [name for name, kind in COMPONENT_MODALITY.items() if kind in self.supported_modalities]
+        components = {name: given[name] if given[name] is not None else COMPONENT_DEFAULTS[name]() for name in self._components[1:]}
         super().__init__(
-            tokenizer,
-            image_processor if image_processor is not None else MultimodalImageProcessor(),
-            feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
-            video_processor if video_processor is not None else MultimodalVideoProcessor(),
+            tokenizer=tokenizer,
+            **components,
             chat_template=chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE,
             **kwargs,
         )
@@ -165,6 +195,10 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                     f"tokenizer.add_special_tokens(...) and resize the model's embeddings"
                 )
             self.media_token_ids[kind] = token_id
+            setattr(self, f"{kind}_token_id", token_id)  # what `ProcessorMixin.create_mm_token_type_ids` reads
+        if not self._takes_structured_content(self.chat_template):  # an LM's own string-content template
+            placeholders = {kind: self.placeholder(kind) for kind in MODALITIES}
+            self.chat_template = with_media_parts_as_placeholders(self.chat_template, placeholders)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `ProcessorMixin.save_pretrained`, writing the flattened code and `auto_map` as the model does
@@ -240,6 +274,16 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         )
 
     @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """As `ProcessorMixin`'s, but a component of a modality the saved layout lacks is absent (`None`), not looked
+        up: an image-only model is saved without a feature extractor."""
+        present = layout_modalities(MediaTokenLayout.from_dict(processor_dict.get("token_layout") or {}))
+        absent = [name for name, kind in COMPONENT_MODALITY.items() if kind not in present and name not in processor_dict]
+        processor_dict = {**processor_dict, **dict.fromkeys(absent, False)}  # not a dict: the base class skips them
+        processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+        return {**processor_dict, **dict.fromkeys(absent, None)}, kwargs
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Rebuild the components from `processor_config.json` (no Auto* lookup, so no torchvision is needed).
 
@@ -251,15 +295,15 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         tokenizer = cls._load_tokenizer_from_pretrained(
             "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
+        layout = MediaTokenLayout.from_dict(processor_dict.get("token_layout") or {})
         components = []
-        for name, component_class in (
-            ("image_processor", MultimodalImageProcessor),
-            ("feature_extractor", WhisperFeatureExtractor),
-            ("video_processor", MultimodalVideoProcessor),
-        ):
+        for name, component_class in COMPONENT_DEFAULTS.items():
             values = processor_dict.get(name)
             if not isinstance(values, dict):
-                raise ValueError(f"{pretrained_model_name_or_path}: processor_config.json has no {name!r} entry")
+                if COMPONENT_MODALITY[name] in layout_modalities(layout):
+                    raise ValueError(f"{pretrained_model_name_or_path}: processor_config.json has no {name!r} entry")
+                components.append(None)  # the model takes no such media (saved without the component)
+                continue
             values = {k: v for k, v in values.items() if not k.endswith("_type")}
             options = {
                 key: value for key, value in kwargs.items()
@@ -275,13 +319,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
 
     @property
     def supported_modalities(self) -> list[str]:
-        layout = self.layout
-        found = ["image"] if layout.image_grid is not None else []
-        if layout.audio_max_positions is not None:
-            found.append("audio")
-        if layout.image_grid is not None and layout.video_num_frames > 0:
-            found.append("video")
-        return found
+        return layout_modalities(self.layout)
 
     def placeholder(self, kind: str) -> str:
         return {"image": self.image_token, "audio": self.audio_token, "video": self.video_token}[kind]
@@ -310,7 +348,7 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         num_mel_frames = int(audio_inputs["input_features_mask"][audio_idx].sum())
         return self.audio_token * self.layout.audio_tokens(num_mel_frames)
 
-    # --- the call ---------------------------------------------------------------------------------
+    # --- the call: ProcessorMixin's steps, with truncation between tokenizing and padding ----------
     def __call__(
         self,
         text: str | list[str] | None = None,
@@ -322,289 +360,167 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
         r"""
         Tokenize `text`, expanding each placeholder to its item's token count, and turn the media into tensors.
 
+        The steps and hooks of `ProcessorMixin.__call__` (`prepare_inputs_layout`, `_merge_kwargs`, `_process_images` /
+        `_process_audio` / `_process_videos` with `replace_<modality>_token`, `get_text_with_replacements`,
+        `_check_special_mm_tokens`), run here rather than through `super().__call__` for one reason: the base class
+        tokenizes, truncates and pads in one tokenizer call, and truncation must never cut a media span
+        (`truncation.py`), so the ids are truncated between tokenizing and padding.
+
         Args:
             text: one string or a list (one per sample), with `<image>`, `<audio>`, `<video>` placeholders.
-            images / audio / videos: per sample (a list with one list per text) or flat in placeholder order
-                (sample 0's first). Images: paths, bytes, PIL images, numpy arrays, torch tensors. Audio: arrays or
-                tensors (with `sampling_rate`), `{"array", "sampling_rate"}` dicts, paths or bytes (wav, flac, ogg, mp3,
-                or anything ffmpeg decodes). Videos: paths or bytes (mp4, webm, mkv, avi, ...), 4-D frame arrays, or
-                `{"frames", "fps"}` dicts. A Python list is never a single item.
-            **kwargs: `MultimodalProcessorKwargs`, flat or grouped as transformers' processors take them; defaults
-                come from `MultimodalProcessor.text_kwargs`, then the tokenizer's own init kwargs. The ones this
-                processor reads itself:
-                text: `return_tensors` ("pt" default, or "np"), `padding` (True) / `padding_side` / `pad_to_multiple_of`
-                    as the tokenizer's (`padding_side="left"` for generation); `truncation` / `max_length` cut text,
-                    but a cut that would remove any media token raises a `ValueError` (see
-                    `apply_chat_template(drop_trailing_turns=True)`); `add_special_tokens` (the tokenizer's BOS/EOS);
+            images / audio (or `audios`) / videos: per sample (a list with one list per text) or flat in placeholder
+                order (`media_batch.py`). Images: paths, bytes, PIL images, numpy arrays, torch tensors. Audio: arrays
+                or tensors (with `sampling_rate`), `{"array", "sampling_rate"}` dicts, paths or bytes (wav, flac, ogg,
+                mp3, or anything ffmpeg decodes). Videos: paths or bytes (mp4, webm, mkv, avi, ...), 4-D frame arrays,
+                or `{"frames", "fps"}` dicts.
+            **kwargs: `MultimodalProcessorKwargs`, flat or grouped; defaults come from `MultimodalProcessor.text_kwargs`,
+                then the tokenizer's own init kwargs. The ones this processor reads itself:
+                text: `return_tensors` ("pt" default, or "np"), `padding` (True) / `padding_side` / `pad_to_multiple_of`;
+                    `truncation` / `max_length` cut text, but a cut that would remove any media token raises a
+                    `ValueError` (see `apply_chat_template(drop_trailing_turns=True)`); `add_special_tokens`;
                     `return_offsets_mapping` (per sample, unpadded, a non-tensor entry).
-                audio: `sampling_rate` of raw arrays (resampled to the feature extractor's rate); `truncate_audio`
-                    keeps the first `layout.max_audio_mel_frames()` frames of longer clips (with a warning) instead
-                    of raising.
+                audio: `sampling_rate` of raw arrays (resampled to the feature extractor's rate); raw arrays without it
+                    are refused unless `audio_at_feature_rate=True` (here or on the processor) says they are already at
+                    the feature extractor's rate (vLLM's call); `truncate_audio` keeps the first
+                    `layout.max_audio_mel_frames()` frames of longer clips (with a warning) instead of raising.
                 videos: `fps` (sample at this rate, then fit to the layout's `video_num_frames`; default uniform),
-                    `return_metadata` (adds `video_metadata`, a non-tensor entry), `use_audio_in_video` (True, or one
-                    bool per video: read each video file's sound track too, see `_video_tracks`), and the video
-                    processor's options.
+                    `video_metadata` (one per frame array: its `fps`, as vLLM passes it), `return_metadata` (adds
+                    `video_metadata`, a non-tensor entry), `use_audio_in_video` (True, or one bool per video: each
+                    video file's sound track is read in the same pass as its frames), the video processor's options.
                 images: the image processor's options (`do_rescale`, `size`, `max_image_pixels`, ...).
-                `return_text_replacement_offsets`: where each placeholder was expanded in the text (non-tensor).
+                `return_text_replacement_offsets`: where each placeholder was expanded (non-tensor);
+                `return_mm_token_type_ids`: 0 text, 1 image, 2 video, 3 audio per token.
         """
-        unknown = sorted(set(kwargs) - self._known_kwargs())
-        if unknown:  # as transformers' processors: warned and ignored (pipelines pass options meant for others)
-            logger.warning(
-                f"Keyword arguments {unknown} are not options of the tokenizer, the image, audio or video processor, "
-                "nor of MultimodalProcessorKwargs, and are ignored."
-            )
-            kwargs = {key: value for key, value in kwargs.items() if key not in unknown}
-        options = self._merge_kwargs(MultimodalProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
-        text_options, audio_options = options["text_kwargs"], options["audio_kwargs"]
-        images_kwargs = {k: v for k, v in options["images_kwargs"].items() if k != "return_tensors"}
-        skip = ("return_tensors", "fps", "return_metadata", "use_audio_in_video")
-        videos_kwargs = {k: v for k, v in options["videos_kwargs"].items() if k not in skip}
-        fps, return_metadata = options["videos_kwargs"].get("fps"), options["videos_kwargs"].get("return_metadata", False)
-        use_audio_in_video = options["videos_kwargs"].get("use_audio_in_video") or False
-        sampling_rate, truncate_audio = audio_options.get("sampling_rate"), audio_options.get("truncate_audio", False)
+        if audio is None and "audios" in kwargs:  # the name lmms-eval and older pipelines pass
+            audio = kwargs.pop("audios")
+        images, texts, videos, audio = self.prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio)
+        options = self._merge_kwargs(
+            MultimodalProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **self._known_only(kwargs)
+        )
+        text_options = options["text_kwargs"]
         return_tensors = text_options.get("return_tensors") or "pt"
-        padding, padding_side = text_options.get("padding", True), text_options.get("padding_side")
-        truncation, max_length = text_options.get("truncation") or False, text_options.get("max_length")
-        pad_to_multiple_of = text_options.get("pad_to_multiple_of")
-        add_special_tokens = text_options.get("add_special_tokens", True)
-        return_offsets_mapping = bool(text_options.get("return_offsets_mapping"))
-        return_text_replacement_offsets = bool(options.get("return_text_replacement_offsets"))
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        if text is None:
-            raise ValueError("MultimodalProcessor needs text (use '<image>' etc. as placeholders for the media)")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(sample, str) for sample in texts):
-            raise ValueError("text must be a string or a non-empty list of strings")
 
-        # 1. cheap checks first: modalities, placeholder counts, batch lengths
-        given = {"image": images, "audio": audio, "video": videos}
-        per_sample = {kind: self._assign_media(kind, given[kind], texts) for kind in MODALITIES}
-
-        # 2. media -> tensors (every file and array is validated here, before any text is tokenized)
-        data, replacements = {}, {kind: [] for kind in MODALITIES}
-        if any(per_sample["image"]):
-            data.update(self._images_to_tensors(per_sample["image"], images_kwargs or {}))
-            replacements["image"] = [self.replace_image_token(data, i) for i in range(len(data["pixel_values"]))]
-        if any(per_sample["audio"]):
-            data.update(self._audio_to_tensors(per_sample["audio"], sampling_rate, truncate_audio))
-            replacements["audio"] = [self.replace_audio_token(data, i) for i in range(len(data["input_features"]))]
-        if any(per_sample["video"]):
-            data.update(self._videos_to_tensors(per_sample["video"], fps, videos_kwargs or {}, use_audio_in_video))
-            replacements["video"] = [self.replace_video_token(data, i) for i in range(len(data["pixel_values_videos"]))]
+        # media -> tensors (every file and array is validated here, before any text is tokenized)
+        data, replacements = {}, dict.fromkeys(MODALITIES, [])
+        steps = (("image", images, self._process_images), ("audio", audio, self._process_audio), ("video", videos, self._process_videos))
+        for kind, media, process in steps:
+            if media is not None:
+                processed, replacements[kind] = process(media, **options[KWARGS_GROUPS[kind]])
+                data.update(processed)
         metadata = data.pop("video_metadata", None)
 
-        # 3. text: expand placeholders, tokenize, check counts, truncate (never inside media), pad
-        expanded, offsets = self.get_text_with_replacements(
-            list(texts), replacements["image"], replacements["video"], replacements["audio"]
-        )
+        # text: expand placeholders, tokenize, check counts, truncate (never inside media), pad
+        expanded, offsets = self.get_text_with_replacements(texts, replacements["image"], replacements["video"], replacements["audio"])
+        return_offsets_mapping = bool(text_options.get("return_offsets_mapping"))
         encoded = self.tokenizer(
-            expanded, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets_mapping
+            expanded, add_special_tokens=text_options.get("add_special_tokens", True), return_offsets_mapping=return_offsets_mapping
         )
-        self._check_token_counts(encoded["input_ids"], per_sample, data)
-        if truncation:
-            max_length = max_length or self.tokenizer.model_max_length
-            media_ids = set(self.media_token_ids.values())
-            encoded = truncate_outside_media(encoded, max_length, media_ids, self.tokenizer.truncation_side == "left")
-        offset_mapping = encoded.pop("offset_mapping", None)
-        padded = self.tokenizer.pad(
-            dict(encoded),
-            padding=padding,
-            max_length=max_length if padding == "max_length" else None,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-            return_attention_mask=True,
-        )
-        output = BatchFeature({**padded, **data}, tensor_type="pt", skip_tensor_conversion=["video_metadata"])
+        self._check_special_mm_tokens(expanded, encoded, list(self.media_token_ids))
+        offset_mapping, padded = self._truncate_and_pad(encoded, text_options)
+        if options.get("return_mm_token_type_ids"):
+            padded["mm_token_type_ids"] = self.create_mm_token_type_ids(padded["input_ids"])
+        output = BatchFeature({**padded, **data}, tensor_type="pt")
         for key in ("input_ids", "attention_mask"):  # integers even for empty texts (torch reads [[]] as float)
             output[key] = output[key].long()
         if return_tensors == "np":
             output = BatchFeature({k: v.numpy() for k, v in output.items()})
         # non-tensor entries, added after the tensor conversion
-        if return_metadata and metadata is not None:
+        if options["videos_kwargs"].get("return_metadata") and metadata is not None:
             output["video_metadata"] = metadata
         if return_offsets_mapping:
             output["offset_mapping"] = offset_mapping
-        if return_text_replacement_offsets:
+        if options.get("return_text_replacement_offsets"):
             output["text_replacement_offsets"] = offsets
         return output
 
-    def _mel_frames(self, num_samples: int) -> int:
-        """Log-mel frames of a clip of `num_samples` samples at the feature extractor's rate."""
-        return mel_frame_count(num_samples, self.feature_extractor.hop_length, self.feature_extractor.n_fft)
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """The texts as a list and each modality's media as one list per sample (None when no sample has any), checked
+        against the placeholders (`media_batch.assign_media`). Nothing is fetched: the sub-processors decode paths."""
+        if text is None:
+            raise ValueError("MultimodalProcessor needs text (use '<image>' etc. as placeholders for the media)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(sample, str) for sample in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        given = {"image": images, "audio": audio, "video": videos}
+        per_sample = {
+            kind: assign_media(kind, given[kind], texts, self.placeholder(kind), kind in self.supported_modalities)
+            for kind in MODALITIES
+        }
+        images, audio, videos = (per_sample[kind] if any(per_sample[kind]) else None for kind in MODALITIES)
+        return images, texts, videos, audio
 
-    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
-        """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
-
-        image_sizes: (height, width) per image; video_sizes: (frames, height, width) per video (every image and
-        video is resized to the tower's crop and sampled to the layout's frame count, so only their number matters);
-        audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
-        as truncated).
-        """
-        layout, data = self.layout, {}
-        if image_sizes is not None:
-            data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
-        if video_sizes is not None:
-            data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
-        if audio_lengths is not None:
-            frames = [min(self._mel_frames(n), layout.max_audio_mel_frames()) for n in audio_lengths]
-            data["num_audio_tokens"] = [layout.audio_tokens(count) for count in frames]
-        return MultiModalData(**data)
-
-    def _known_kwargs(self) -> set[str]:
-        """Every flat or grouped argument `__call__` routes (the TypedDicts and the components' `valid_kwargs`)."""
-        known = set(MultimodalProcessorKwargs.__annotations__) | {"common_kwargs"}
-        for group in ("text_kwargs", "images_kwargs", "audio_kwargs", "videos_kwargs"):
-            known |= set(MultimodalProcessorKwargs.__annotations__[group].__annotations__)
-        for component in (self.image_processor, self.video_processor):
-            known |= set(getattr(getattr(component, "valid_kwargs", None), "__annotations__", {}))
-        return known
-
-    def _assign_media(self, kind: str, media, texts: list[str]) -> list[list]:
-        """Media of one kind as one list per sample, checked against the placeholders of each text."""
-        token = self.placeholder(kind)
-        counts = [sample.count(token) for sample in texts]
-        if kind not in self.supported_modalities and (media is not None or any(counts)):
-            raise ValueError(
-                f"this model takes no {kind} (its token layout has no {kind} tower), but "
-                + (f"{kind} inputs were given" if media is not None else f"sample {counts.index(max(counts))} contains {token}")
-            )
-        if media is None:
-            for index, count in enumerate(counts):
-                if count:
-                    raise ValueError(f"sample {index} has {count} {token} placeholder(s) but no {kind} was given")
-            return [[] for _ in texts]
-        if _is_per_sample(media):
-            if len(media) != len(texts):
-                raise ValueError(
-                    f"mismatched batch lengths: {len(texts)} texts but {len(media)} lists of {kind}s; "
-                    f"give one list per text (empty for none) or a flat list in placeholder order"
-                )
-            grouped = [list(items) if items is not None else [] for items in media]
-            for index, (items, count) in enumerate(zip(grouped, counts)):
-                if len(items) != count:
+    def _check_special_mm_tokens(self, text: list[str], text_inputs, modalities: list[str]) -> None:
+        """Each sample must hold one media token per placeholder token of its expanded text (else the tokenizer
+        split a placeholder)."""
+        for sample, (expanded, ids) in enumerate(zip(text, text_inputs["input_ids"])):
+            for kind in modalities:
+                token = self.placeholder(kind)
+                expected, found = expanded.count(token), list(ids).count(self.media_token_ids[kind])
+                if found != expected:
                     raise ValueError(
-                        f"sample {index} has {count} {token} placeholder(s) but {len(items)} {kind}(s) were given for it"
+                        f"sample {sample}: {found} {token} tokens after tokenization but its {kind}s need {expected}; "
+                        f"the tokenizer must treat {token} as one special token"
                     )
-            return grouped
-        flat = _flatten(media, kind)
-        if len(flat) != sum(counts):
-            raise ValueError(
-                f"the text has {sum(counts)} {token} placeholder(s) (per sample: {counts}) but {len(flat)} {kind}(s) "
-                "were given; each placeholder takes exactly one item, in order"
+
+    def _truncate_and_pad(self, encoded, text_options: dict) -> tuple[list | None, dict]:
+        """(offset mapping, padded ids and attention mask): truncated outside media (`truncation.py`), then padded."""
+        padding, max_length = text_options.get("padding", True), text_options.get("max_length")
+        if text_options.get("truncation"):
+            media_ids = set(self.media_token_ids.values())
+            left = self.tokenizer.truncation_side == "left"
+            encoded = truncate_outside_media(encoded, max_length or self.tokenizer.model_max_length, media_ids, left)
+        offset_mapping = encoded.pop("offset_mapping", None)
+        padded = self.tokenizer.pad(
+            dict(encoded),
+            padding=padding,
+            max_length=max_length if padding == "max_length" else None,
+            pad_to_multiple_of=text_options.get("pad_to_multiple_of"),
+            padding_side=text_options.get("padding_side"),
+            return_attention_mask=True,
+        )
+        return offset_mapping, dict(padded)
+
+    def _known_only(self, kwargs: dict) -> dict:
+        """`kwargs` without the ones no part of the processor takes, warned about and ignored as transformers'
+        processors do (pipelines pass options meant for others)."""
+        known = set(MultimodalProcessorKwargs.__annotations__) | {"common_kwargs"}
+        for group in ("text_kwargs", *KWARGS_GROUPS.values()):
+            known |= set(MultimodalProcessorKwargs.__annotations__[group].__annotations__)
+        for component in (getattr(self, "image_processor", None), getattr(self, "video_processor", None)):
+            known |= set(getattr(getattr(component, "valid_kwargs", None), "__annotations__", {}))
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            logger.warning(
+                f"Keyword arguments {unknown} are not options of the tokenizer, the image, audio or video processor, "
+                "nor of MultimodalProcessorKwargs, and are ignored."
             )
-        bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
-        return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+        return {key: value for key, value in kwargs.items() if key not in unknown}
 
-    @staticmethod
-    def _locate(per_sample: list[list], flat_index: int) -> tuple[int, int, object]:
-        """(sample, position in sample, item) of the flat_index-th item."""
-        for sample, items in enumerate(per_sample):
-            if flat_index < len(items):
-                return sample, flat_index, items[flat_index]
-            flat_index -= len(items)
-        raise IndexError(flat_index)
-
+    # --- media -> tensors (ProcessorMixin's `_process_<modality>` hooks: (tensors, replacement per item)) -----
     def _media_error(self, kind: str, per_sample: list[list], err: MediaInputError) -> ValueError:
-        sample, position, item = self._locate(per_sample, err.index)
+        sample, position, item = locate(per_sample, err.index)
         return ValueError(f"sample {sample}, {kind} {position} ({describe(item)}): {err.detail}")
 
-    def _images_to_tensors(self, per_sample: list[list], images_kwargs: dict) -> dict:
-        flat = [item for items in per_sample for item in items]
+    def _process_images(self, images: list[list], **kwargs) -> tuple[dict, list[str]]:
+        flat = [item for items in images for item in items]
+        options = {key: value for key, value in kwargs.items() if key != "return_tensors"}
         try:
-            return {"pixel_values": self.image_processor(flat, **images_kwargs)["pixel_values"]}
+            processed = {"pixel_values": self.image_processor(flat, **options)["pixel_values"]}
         except MediaInputError as err:
-            raise self._media_error("image", per_sample, err) from err
+            raise self._media_error("image", images, err) from err
+        return processed, [self.replace_image_token(processed, index) for index in range(len(flat))]
 
-    def _videos_to_tensors(self, per_sample: list[list], fps: float | None, videos_kwargs: dict, use_audio_in_video=False) -> dict:
-        num_frames = self.layout.video_num_frames
-        if videos_kwargs.get("num_frames", num_frames) != num_frames:
-            raise ValueError(
-                f"num_frames={videos_kwargs['num_frames']} but the model takes exactly {num_frames} frames per video"
-            )
-        options = {**videos_kwargs, "num_frames": num_frames, "return_metadata": True}
-        if fps is not None:
-            options["fps"] = fps
-        flat = [item for items in per_sample for item in items]
-        wanted = self._videos_with_track(use_audio_in_video, len(flat))  # checked before anything is decoded
-        try:
-            out = self.video_processor(flat, **options)
-        except MediaInputError as err:
-            raise self._media_error("video", per_sample, err) from err
-        data = {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
-        if any(wanted):
-            features, mask = self._video_tracks(per_sample, out["video_metadata"], wanted)
-            data.update(video_audio_features=features, video_audio_features_mask=mask)
-        return data
-
-    @staticmethod
-    def _videos_with_track(use_audio_in_video, num_videos: int) -> list[bool]:
-        """`use_audio_in_video` (a bool, or one bool per video, flat or per sample) as one bool per video."""
-        if isinstance(use_audio_in_video, (list, tuple)):
-            flags = [flag for item in use_audio_in_video for flag in (item if isinstance(item, (list, tuple)) else [item])]
-            if len(flags) != num_videos or not all(isinstance(flag, bool) for flag in flags):
-                raise ValueError(
-                    f"use_audio_in_video must be a bool or one bool per video ({num_videos} in placeholder order), "
-                    f"got {use_audio_in_video!r}"
-                )
-            return flags
-        if not isinstance(use_audio_in_video, bool):
-            raise ValueError(f"use_audio_in_video must be a bool or a list of bools, got {use_audio_in_video!r}")
-        return [use_audio_in_video] * num_videos
-
-    def _video_tracks(self, per_sample: list[list], metadata: list, wanted: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The log-mel of each wanted video's sound track, fitted to the span of its frames; padded as `pad_log_mels`.
-
-        The frames span `metadata.duration` seconds; the track is cut or padded with silence to exactly that, so
-        the layout's equal time windows (`MediaTokenLayout.video_token_steps`) are the frames' own. A track whose
-        length differs from the frames' by more than one window is still used, with a warning (whole windows then
-        hold silence, or sound past the last frame is dropped). The span must fit the audio encoder (30 s for
-        Whisper). Videos without a track get a row of length 0 (mask all 0).
-        """
-        extractor, layout = self.feature_extractor, self.layout
-        steps = layout.video_num_frames // layout.video_temporal_pool_stride
-        mels = []
-        for index, (video_metadata, with_track) in enumerate(zip(metadata, wanted)):
-            if not with_track:
-                mels.append(None)
-                continue
-            sample, position, item = self._locate(per_sample, index)
-            where = f"sample {sample}, video {position} ({describe(item)})"
-            if not isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
-                raise ValueError(
-                    f"{where}: use_audio_in_video reads the sound track of a video file (a path or bytes); "
-                    "frame arrays have none"
-                )
-            seconds = video_metadata.duration
-            if not seconds or seconds <= 0:
-                raise ValueError(f"{where}: cannot tell how long its frames last, so its sound track cannot be aligned")
-            limit = layout.max_audio_mel_frames() * extractor.hop_length / extractor.sampling_rate
-            if self._mel_frames(round(seconds * extractor.sampling_rate)) > layout.max_audio_mel_frames():
-                raise ValueError(
-                    f"{where} lasts {seconds:.2f} s; with use_audio_in_video its sound track must fit the audio "
-                    f"encoder's {limit:.2f} s. Cut the video, or pass use_audio_in_video=False for it"
-                )
-            name = f"file {os.fspath(item)!r}" if isinstance(item, (str, os.PathLike)) else f"video bytes ({len(item)} bytes)"
-            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else bytes(item)
-            try:
-                samples, track_seconds = load_video_track(source, name, extractor.sampling_rate, seconds)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from err
-            if abs(track_seconds - seconds) > seconds / steps:
-                how = "cut to" if track_seconds > seconds else "padded with silence to"
-                logger.warning(
-                    f"{where}: its sound track lasts {track_seconds:.2f} s{'+' if track_seconds > seconds else ''}, its "
-                    f"frames {seconds:.2f} s; the track is {how} the frames' span"
-                )
-            mels.append(log_mel(extractor, samples))
-        return pad_log_mels(mels)
-
-    def _audio_to_tensors(self, per_sample: list[list], sampling_rate: int | None, truncate_audio: bool) -> dict:
+    def _process_audio(self, audio: list[list], **kwargs) -> tuple[dict, list[str]]:
         """Each clip's log-mel alone, right-padded with zeros to the longest; the mask marks real frames."""
-        extractor = self.feature_extractor
-        max_frames = self.layout.max_audio_mel_frames()
+        extractor, max_frames = self.feature_extractor, self.layout.max_audio_mel_frames()
+        truncate_audio, sampling_rate = bool(kwargs.get("truncate_audio")), kwargs.get("sampling_rate")
+        at_feature_rate = kwargs.get("audio_at_feature_rate")
+        if sampling_rate is None and (self.audio_at_feature_rate if at_feature_rate is None else at_feature_rate):
+            sampling_rate = extractor.sampling_rate
         mels = []
-        for sample, items in enumerate(per_sample):
+        for sample, items in enumerate(audio):
             for position, item in enumerate(items):
                 where = f"sample {sample}, audio {position} ({describe(item)})"
                 try:
@@ -627,29 +543,91 @@ class MultimodalProcessor(ChatTemplateMixin, ProcessorMixin):
                     samples = samples[:limit]
                 mels.append(log_mel(extractor, samples))  # (n_mels, frames)
         features, mask = pad_log_mels(mels)
-        return {"input_features": features, "input_features_mask": mask}
+        processed = {"input_features": features, "input_features_mask": mask}
+        return processed, [self.replace_audio_token(processed, index) for index in range(len(mels))]
 
-    def _check_token_counts(self, input_ids: list[list[int]], per_sample: dict, data: dict) -> None:
-        """Each sample must hold exactly the media tokens its items produce (else the tokenizer split a placeholder)."""
-        layout = self.layout
-        audio_frames = data["input_features_mask"].sum(-1).tolist() if "input_features_mask" in data else []
-        track_frames = self._track_mel_frames(data)
-        tokens = {  # tokens of each item, in flat order
-            "image": [layout.image_tokens()] * sum(len(items) for items in per_sample["image"]),
-            "audio": [layout.audio_tokens(n) for n in audio_frames],
-            "video": [layout.video_tokens(n) for n in track_frames or [0] * sum(len(items) for items in per_sample["video"])],
-        }
-        first = dict.fromkeys(tokens, 0)
-        for sample, ids in enumerate(input_ids):
-            for kind, token_id in self.media_token_ids.items():
-                items = len(per_sample[kind][sample])
-                expected = sum(tokens[kind][first[kind] : first[kind] + items])
-                first[kind] += items
-                found = ids.count(token_id)
-                if found != expected:
-                    raise ValueError(
-                        f"sample {sample}: {found} {self.placeholder(kind)} tokens after tokenization but its {kind}s "
-                        f"need {expected}; the tokenizer must treat {self.placeholder(kind)} as one special token"
-                    )
+    def _process_videos(self, videos: list[list], **kwargs) -> tuple[dict, list[str]]:
+        """Frames (and, with `use_audio_in_video`, each file's sound track, read in the same decoding pass)."""
+        num_frames = self.layout.video_num_frames
+        if kwargs.get("num_frames", num_frames) != num_frames:
+            raise ValueError(f"num_frames={kwargs['num_frames']} but the model takes exactly {num_frames} frames per video")
+        skip = ("return_tensors", "return_metadata", "use_audio_in_video", "video_metadata", "do_sample_frames")
+        options = {key: value for key, value in kwargs.items() if key not in skip and value is not None}
+        flat = [item for items in videos for item in items]
+        wanted = flags_per_video(kwargs.get("use_audio_in_video") or False, len(flat))  # checked before decoding
+        if kwargs.get("video_metadata") is not None:
+            flat = with_frame_rates(flat, kwargs["video_metadata"])
+        try:
+            out = self.video_processor(
+                flat, **options, num_frames=num_frames, return_metadata=True, sound_tracks=self._track_requests(videos, wanted)
+            )
+        except MediaInputError as err:
+            raise self._media_error("video", videos, err) from err
+        processed = {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
+        if any(wanted):
+            mels = [self._track_mel(videos, index, track) for index, track in enumerate(out["video_sound_tracks"])]
+            processed["video_audio_features"], processed["video_audio_features_mask"] = pad_log_mels(mels)
+        return processed, [self.replace_video_token(processed, index) for index in range(len(flat))]
+
+    def _track_requests(self, videos: list[list], wanted: list[bool]) -> list[SoundTrackRequest | None] | None:
+        """What `use_audio_in_video` asks of each video's decoding pass: its sound track at the feature extractor's
+        rate, fitted to the frames' span, which must fit the audio encoder (30 s for Whisper)."""
+        if not any(wanted):
+            return None
+        extractor, max_frames = self.feature_extractor, self.layout.max_audio_mel_frames()
+        request = SoundTrackRequest(
+            sampling_rate=extractor.sampling_rate,
+            max_samples=(max_frames + 1) * extractor.hop_length - 1,  # the longest clip of at most max_frames frames
+            encoder_seconds=max_frames * extractor.hop_length / extractor.sampling_rate,
+        )
+        for index, with_track in enumerate(wanted):
+            sample, position, item = locate(videos, index)
+            if with_track and not isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
+                raise ValueError(
+                    f"sample {sample}, video {position} ({describe(item)}): use_audio_in_video reads the sound track "
+                    "of a video file (a path or bytes); frame arrays have none"
+                )
+        return [request if with_track else None for with_track in wanted]
+
+    def _track_mel(self, videos: list[list], index: int, track) -> torch.Tensor | None:
+        """The log-mel of a video's sound track (None without one), warning when the track's own length differs
+        from its frames' by more than one time window (whole windows then hold silence, or sound past the last
+        frame is dropped)."""
+        if track is None:
+            return None
+        samples, track_seconds = track
+        seconds = len(samples) / self.feature_extractor.sampling_rate  # the frames' span: the track is fitted to it
+        steps = self.layout.video_num_frames // self.layout.video_temporal_pool_stride
+        if abs(track_seconds - seconds) > seconds / steps:
+            sample, position, item = locate(videos, index)
+            how = "cut to" if track_seconds > seconds else "padded with silence to"
+            logger.warning(
+                f"sample {sample}, video {position} ({describe(item)}): its sound track lasts {track_seconds:.2f} "
+                f"s{'+' if track_seconds > seconds else ''}, its frames {seconds:.2f} s; the track is {how} the frames' span"
+            )
+        return log_mel(self.feature_extractor, samples)
+
+    def _mel_frames(self, num_samples: int) -> int:
+        """Log-mel frames of a clip of `num_samples` samples at the feature extractor's rate."""
+        return mel_frame_count(num_samples, self.feature_extractor.hop_length, self.feature_extractor.n_fft)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
+
+        image_sizes: (height, width) per image; video_sizes: (frames, height, width) per video (every image and
+        video is resized to the tower's crop and sampled to the layout's frame count, so only their number matters);
+        audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
+        as truncated). A modality the model lacks gets no count (vLLM probes every modality and reads that as "none").
+        """
+        layout, data, present = self.layout, {}, self.supported_modalities
+        if image_sizes is not None and "image" in present:
+            data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        if video_sizes is not None and "video" in present:
+            data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
+        if audio_lengths is not None and "audio" in present:
+            frames = [min(self._mel_frames(n), layout.max_audio_mel_frames()) for n in audio_lengths]
+            data["num_audio_tokens"] = [layout.audio_tokens(count) for count in frames]
+        return MultiModalData(**data)
+
 
 __all__ = ["MultimodalProcessor", "DEFAULT_CHAT_TEMPLATE", "ASSISTANT_PREFIX"]

@@ -51,6 +51,7 @@ from .image_processing_multimodal import (
     load_image,
     preprocess_rgb_arrays,
 )
+from .audio_loading import SoundTrackRequest, read_sound_track
 from .media_files import open_media_file
 
 
@@ -165,8 +166,12 @@ def video_file_span(path: str) -> float:
         return frames_span(times, float(stream.average_rate) if stream.average_rate else None)
 
 
-def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float | None, max_pixels: int | None):
-    """Decode `num_frames` sampled frames of a video file: ((num_frames, H, W, 3) uint8, metadata)."""
+def _read_video_file(
+    source: str | bytes, name: str, num_frames: int, fps: float | None, max_pixels: int | None,
+    sound_track: SoundTrackRequest | None = None,
+):
+    """Decode `num_frames` sampled frames of a video file: ((num_frames, H, W, 3) uint8, metadata, track), with its
+    sound track (`read_sound_track`: (samples, seconds)) read in the same pass when `sound_track` asks for it."""
     stream_source = open_media_file(source, name) if isinstance(source, str) else io.BytesIO(source)
     try:
         with stream_source, av.open(stream_source) as container:
@@ -197,6 +202,8 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
                 # the frame actually kept: the wanted one, or its stand-in when that one did not decode
                 kept.append((bisect.bisect_left(frame_pts, frame.pts) if frame.pts is not None else index, id(frame)))
             average_rate = float(stream.average_rate) if stream.average_rate else None
+            duration = frames_span(times, average_rate)
+            track = None if sound_track is None else read_sound_track(container, name, sound_track, duration)
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot decode {name} as video: {err}") from err
     replaced = sorted({index for index, (kept_index, _) in zip(indices, kept) if kept_index != index})
@@ -211,13 +218,13 @@ def _read_video_file(source: str | bytes, name: str, num_frames: int, fps: float
         fps=average_rate,
         width=frames.shape[2],
         height=frames.shape[1],
-        duration=frames_span(times, average_rate),
+        duration=duration,
         video_backend="pyav",
         frames_indices=[index for index, _ in kept],
         frames_timestamps=[round(times[min(index, len(times) - 1)], 6) for index, _ in kept],
         num_decoded_frames=decoded,
     )
-    return frames, metadata
+    return frames, metadata, track
 
 
 def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: float | None, max_pixels: int | None):
@@ -254,10 +261,8 @@ def load_video(video, num_frames: int, fps: float | None = None, max_pixels: int
 
     `max_pixels` bounds each frame (height * width; `None`: no limit), from the stream header for files.
     """
-    if isinstance(video, (str, os.PathLike)):
-        return _read_video_file(os.fspath(video), describe(video), num_frames, fps, max_pixels)
-    if isinstance(video, (bytes, bytearray, memoryview)):
-        return _read_video_file(bytes(video), f"video bytes ({len(video)} bytes)", num_frames, fps, max_pixels)
+    if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return _read_video_file(*_file_source(video), num_frames, fps, max_pixels)[:2]
     if isinstance(video, dict):
         if "frames" not in video:
             raise ValueError(f"a video dict needs a 'frames' key (and optionally 'fps'), got keys {sorted(video)}")
@@ -268,6 +273,13 @@ def load_video(video, num_frames: int, fps: float | None = None, max_pixels: int
         f"unsupported video type {type(video).__name__}; expected a path, bytes, a 4-D frame array/tensor "
         'or {"frames": ..., "fps": ...}'
     )
+
+
+def _file_source(video) -> tuple[str | bytes, str]:
+    """(what `_read_video_file` opens, its name in errors) of a path or bytes."""
+    if isinstance(video, (str, os.PathLike)):
+        return os.fspath(video), describe(video)
+    return bytes(video), f"video bytes ({len(video)} bytes)"
 
 
 def flatten_videos(videos) -> list:
@@ -286,6 +298,7 @@ class MultimodalVideosKwargs(VideosKwargs, total=False):
     the per-frame pixel limit."""
 
     max_image_pixels: int | None
+    sound_tracks: list | None  # one `SoundTrackRequest` (or None) per video: read that file's sound track too
 
 
 class MultimodalVideoProcessor(VideoProcessorMixin):
@@ -319,7 +332,9 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
-    do_sample_frames = True
+    # The frames are always sampled to `num_frames` (uniformly, or at `fps`) with no metadata needed, so the processor
+    # does not ask callers for any (vLLM requires video metadata from processors that set this)
+    do_sample_frames = False
     num_frames = 8
     fps = None
     return_metadata = False
@@ -346,14 +361,22 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive number or None, got {fps!r}")
 
-        clips, metadata = [], []
-        for index, video in enumerate(flatten_videos(videos)):
+        flat = flatten_videos(videos)
+        requests = kwargs.get("sound_tracks") or [None] * len(flat)
+        clips, metadata, tracks = [], [], []
+        for index, (video, request) in enumerate(zip(flat, requests)):
             try:
-                frames, video_metadata = load_video(video, num_frames, fps, kwargs["max_image_pixels"])
+                if request is None:
+                    frames, video_metadata, track = *load_video(video, num_frames, fps, kwargs["max_image_pixels"]), None
+                else:  # frames and sound track in one pass over the file (`use_audio_in_video`)
+                    frames, video_metadata, track = _read_video_file(
+                        *_file_source(video), num_frames, fps, kwargs["max_image_pixels"], request
+                    )
             except ValueError as err:
                 raise MediaInputError("video", index, str(err)) from err
             clips.append(frames)
             metadata.append(video_metadata)
+            tracks.append(track)
         if not clips:
             raise ValueError("no videos were given")
 
@@ -365,6 +388,8 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
         if kwargs.get("return_tensors") == "np":
             pixel_values = pixel_values.numpy()
         data = {"pixel_values_videos": pixel_values}
+        if kwargs.get("sound_tracks"):
+            data["video_sound_tracks"] = tracks  # (samples, track seconds) per video, None where not asked for
         if kwargs["return_metadata"]:
             data["video_metadata"] = metadata
         return BatchFeature(data=data)

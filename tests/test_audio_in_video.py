@@ -77,6 +77,31 @@ def test_processor_expands_one_placeholder_to_frames_and_track(clips):
     assert "video_audio_features" not in plain and int((plain["input_ids"] == VIDEO_ID).sum()) == 8
 
 
+def test_each_video_file_is_opened_once_for_frames_and_track(clips, monkeypatch):
+    """use_audio_in_video demuxes each file once (frames, then its sound track from the same container), and gives
+    the features a separate read of the frames and of the track gives."""
+    import av
+
+    import modeling_multimodal.processing.video_processing_multimodal as video_module
+
+    opened, real_open = [], av.open
+    monkeypatch.setattr(video_module.av, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    out = PROCESSOR(text=["<video>", "<video> and <video>"], videos=[clips["av"], clips["av_low"], clips["plain"]],
+                    use_audio_in_video=[True, True, False], return_metadata=True)  # fmt: skip
+    assert len(opened) == 3  # one container per video file, the two tracks included
+    monkeypatch.setattr(video_module.av, "open", real_open)
+    frames_only = PROCESSOR(text=["<video>", "<video> and <video>"], videos=[clips["av"], clips["av_low"], clips["plain"]])
+    torch.testing.assert_close(out["pixel_values_videos"], frames_only["pixel_values_videos"], rtol=0, atol=0)
+    extractor = PROCESSOR.feature_extractor
+    for index, path in enumerate([clips["av"], clips["av_low"]]):
+        samples, _ = load_video_track(path, path, extractor.sampling_rate, out["video_metadata"][index].duration)
+        expected = log_mel(extractor, samples)
+        frames = int(out["video_audio_features_mask"][index].sum())
+        assert frames == expected.shape[-1]
+        torch.testing.assert_close(out["video_audio_features"][index, :, :frames], expected, rtol=0, atol=0)
+    assert out["video_audio_features_mask"][2].sum() == 0  # the third video asked for no track
+
+
 def test_track_is_decoded_at_16_khz_mono(clips):
     """The track of a 16 kHz file decodes to the sine that was written (AAC is lossy: compared loosely)."""
     samples, seconds = load_video_track(clips["av_low"], "av_low", 16000, 2.0)
@@ -155,7 +180,7 @@ BAD_INPUTS = [
     ("no_audio_stream", _no_audio, r"sample 0, video 0 \(file '.*plain\.mp4'\): file '.*plain\.mp4' has no audio stream"),
     ("corrupt_audio_stream", _corrupt_audio, r"sample 0, video 0 \(file '.*corrupt\.mp4'\): cannot decode the audio stream"),
     ("frame_array", _frame_array, r"sample 0, video 0 \(.*\): use_audio_in_video reads the sound track of a video file"),
-    ("longer_than_the_encoder", _too_long, r"long\.mp4'\) lasts 31\.00 s; .* must fit the audio encoder's 30\.00 s"),
+    ("longer_than_the_encoder", _too_long, r"long\.mp4'\): its frames last 31\.00 s; .* must fit the audio encoder's 30\.00 s"),
     ("wrong_flag_count", _wrong_flag_count, r"one bool per video \(1 in placeholder order\)"),
 ]
 

@@ -11,6 +11,7 @@ from transformers import AutoProcessor
 
 from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal.configuration import MediaTokenLayout
+from modeling_multimodal.configuration.media_tokens import MODALITIES
 from modeling_multimodal.processing import MultimodalImageProcessor, MultimodalProcessor, register_processors
 
 
@@ -231,8 +232,8 @@ def test_drop_trailing_turns_decodes_the_media_once(tokenizer, monkeypatch):
         ]
     expected = processor.apply_chat_template(turns[:5], tokenize=True, return_dict=True)
     calls = []
-    images_to_tensors = processor._images_to_tensors
-    monkeypatch.setattr(processor, "_images_to_tensors", lambda *a, **k: calls.append(1) or images_to_tensors(*a, **k))
+    process_images = processor._process_images
+    monkeypatch.setattr(processor, "_process_images", lambda *a, **k: calls.append(1) or process_images(*a, **k))
     out = processor.apply_chat_template(
         turns, tokenize=True, return_dict=True, truncation=True, max_length=expected["input_ids"].shape[1],
         drop_trailing_turns=True,
@@ -277,13 +278,56 @@ def test_from_config_checks_components(tokenizer):
         MultimodalProcessor.from_config_and_components(config, tokenizer)
 
 
-def test_model_without_audio_tower(tokenizer):
-    processor = MultimodalProcessor.from_config_and_components(tiny_config(tokenizer, audio=False), tokenizer)
-    assert processor.supported_modalities == ["image", "video"]
-    with pytest.raises(ValueError, match="this model takes no audio .* audio inputs were given"):
-        processor("<audio>", audio=tone(1.0), sampling_rate=16000)
-    with pytest.raises(ValueError, match="this model takes no audio .* sample 0 contains <audio>"):
-        processor("<audio> hello")
+# (config options, modalities, absent sub-processors, media the model refuses and the tower named)
+ABSENT_TOWER_CASES = [
+    ("image_only", dict(audio=False), ["image", "video"], ["feature_extractor"], "audio", "audio tower"),
+    ("audio_only", dict(vision=False), ["audio"], ["image_processor", "video_processor"], "image", "vision tower"),
+]
+
+
+@pytest.mark.parametrize("name, options, modalities, absent, refused, tower", ABSENT_TOWER_CASES, ids=[c[0] for c in ABSENT_TOWER_CASES])
+def test_model_without_a_tower(tokenizer, tmp_path, name, options, modalities, absent, refused, tower):
+    """A model without a tower carries no sub-processor for its media, still saves and loads, answers `None` for
+    those media's token counts (vLLM's probe), works for text alone, and refuses the media naming the tower."""
+    processor = MultimodalProcessor.from_config_and_components(tiny_config(tokenizer, **options), tokenizer)
+    assert processor.supported_modalities == modalities
+    assert all(not hasattr(processor, component) for component in absent)
+    assert processor.get_attributes() == ["tokenizer", *(c for c in ("image_processor", "feature_extractor", "video_processor") if c not in absent)]
+    text_only = processor(["hello world", "hello"])
+    assert text_only["input_ids"].shape == (2, 2) and set(text_only) == {"input_ids", "attention_mask"}
+
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert all(component not in saved for component in absent)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert loaded.get_attributes() == processor.get_attributes() and loaded.token_layout == processor.token_layout
+    assert torch.equal(loaded(["hello world", "hello"])["input_ids"], text_only["input_ids"])
+
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(32, 32)], video_sizes=[(4, 32, 32)], audio_lengths=[16000])
+    assert {kind: getattr(counts, f"num_{kind}_tokens", None) is not None for kind in MODALITIES} == {
+        kind: kind in modalities for kind in MODALITIES
+    }
+    media = {"image": dict(images=random_image(32, 32)), "audio": dict(audio=tone(1.0), sampling_rate=16000)}[refused]
+    with pytest.raises(ValueError, match=f"this model has no {tower}, so it takes no {refused}.* inputs were given"):
+        processor(f"<{refused}>", **media)
+    with pytest.raises(ValueError, match=f"this model has no {tower}, .* sample 0 contains <{refused}>"):
+        processor(f"<{refused}> hello")
+
+
+def test_audio_only_model_processes_audio_and_agrees_with_the_model(tokenizer):
+    """An LM + audio encoder without a vision tower (the Qwen2-Audio shape): audio expands to the model's counts."""
+    from modeling_multimodal import MultimodalForConditionalGeneration
+
+    config = tiny_config(tokenizer, vision=False)
+    processor = MultimodalProcessor.from_config_and_components(config, tokenizer)
+    batch = processor(["<audio> hello", "hello <audio>"], audio=[tone(1.0), tone(0.5)], sampling_rate=16000)
+    layout = MediaTokenLayout.from_config(config)
+    expected = [layout.audio_tokens(n) for n in batch["input_features_mask"].sum(-1).tolist()]
+    assert [count(batch, processor, "audio", sample) for sample in range(2)] == expected
+    model = MultimodalForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
 
 
 # --- bad inputs: one line per case ---------------------------------------------------------------------

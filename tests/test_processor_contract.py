@@ -127,7 +127,7 @@ def test_message_objects_render_as_dicts(processor):
 # --- the tokenizer's own chat template -----------------------------------------------------------------------
 def test_tokenizer_chat_template_is_kept_with_media_placeholders():
     processor = chatml_processor()
-    assert processor.chat_template == CHATML
+    assert processor.chat_template.endswith(CHATML)  # kept, after the prelude that writes media parts
     prompt = processor.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True)
     assert prompt == "<|im_start|>user\n<image> what is in this picture?<|im_end|>\n<|im_start|>assistant\n"
     assert chatml_processor(chat_template=DEFAULT_CHAT_TEMPLATE).chat_template == DEFAULT_CHAT_TEMPLATE
@@ -191,3 +191,95 @@ def test_raw_audio_without_sampling_rate_is_an_error_not_a_guess(processor):
     given = processor(text="<audio>", audio=tone(0.5), sampling_rate=16000)
     as_dict = processor(text="<audio>", audio={"array": tone(0.5), "sampling_rate": 16000})
     torch.testing.assert_close(as_dict["input_features"], given["input_features"], rtol=0, atol=0)
+
+
+def test_first_base_has_processor_mixins_interface(processor):
+    """transformers' processor tests read `replace_image_token` & co. on the processor's first base class."""
+    from transformers.processing_utils import ProcessorMixin
+
+    base = type(processor).__mro__[1]
+    assert issubclass(base, ProcessorMixin) and hasattr(base, "replace_image_token") and hasattr(base, "replace_audio_token")
+    assert type(processor).apply_chat_template is base.apply_chat_template  # ours, not ProcessorMixin's
+
+
+def test_chat_audio_by_path_and_sampling_rate_reach_the_call(processor, tmp_path):
+    """An audio file item with its own "sampling_rate" is read from the file (its header's rate); a call's
+    `sampling_rate=` reaches `__call__` for raw arrays in the messages."""
+    import soundfile
+
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, tone(0.5, sampling_rate=8000), 8000)
+    chat = lambda audio, **item: [{"role": "user", "content": [{"type": "audio", "audio": audio, **item}]}]  # noqa: E731
+    by_path = processor.apply_chat_template(chat(str(path), sampling_rate=8000), tokenize=True, return_dict=True)
+    direct = processor(text="user: <audio></s>\n", audio=str(path))
+    torch.testing.assert_close(by_path["input_features"], direct["input_features"], rtol=0, atol=0)
+    by_call = processor.apply_chat_template(chat(tone(0.5, sampling_rate=8000)), tokenize=True, return_dict=True, sampling_rate=8000)
+    array = processor(text="user: <audio></s>\n", audio=tone(0.5, sampling_rate=8000), sampling_rate=8000)
+    torch.testing.assert_close(by_call["input_features"], array["input_features"], rtol=0, atol=0)
+
+
+def test_raw_audio_at_the_feature_extractors_rate_when_the_caller_says_so(processor, tmp_path):
+    """vLLM resamples audio to the feature extractor's rate and passes arrays without `sampling_rate`, as `audio=`
+    (lmms-eval: `audios=`): `audio_at_feature_rate=True`, in the call or saved on the processor, accepts them."""
+    expected = processor(text="<audio>", audio=tone(0.5), sampling_rate=16000)
+    in_call = processor(text="<audio>", audio=[tone(0.5)], audio_at_feature_rate=True)
+    as_audios = processor(text="<audio>", audios=[tone(0.5)], audio_at_feature_rate=True)
+    processor.save_pretrained(tmp_path)
+    loaded = MultimodalProcessor.from_pretrained(tmp_path, audio_at_feature_rate=True)
+    for out in (in_call, as_audios, loaded(text="<audio>", audio=[tone(0.5)])):
+        torch.testing.assert_close(out["input_features"], expected["input_features"], rtol=0, atol=0)
+    assert MultimodalProcessor.from_pretrained(tmp_path).audio_at_feature_rate is False
+    with pytest.raises(ValueError, match="without a sampling rate"):
+        processor(text="<audio>", audio=[tone(0.5)])
+
+
+def test_video_arrays_need_no_metadata_and_take_vllms(processor):
+    """The video processor asks for no metadata (`do_sample_frames=False`: vLLM requires metadata otherwise); frame
+    arrays are sampled uniformly, and `video_metadata` (one dict per video, as vLLM passes) gives them their rate."""
+    frames = VIDEO["frames"]
+    assert processor.video_processor.do_sample_frames is False
+    plain = processor(text="<video>", videos=[frames], return_metadata=True)
+    as_dict = processor(text="<video>", videos=[{"frames": frames, "fps": 6.0}], return_metadata=True)
+    torch.testing.assert_close(plain["pixel_values_videos"], as_dict["pixel_values_videos"], rtol=0, atol=0)
+    meta = {"fps": 6.0, "duration": 1.0, "total_num_frames": 6, "frames_indices": list(range(6)), "video_backend": "opencv"}
+    vllm = processor(text="<video>", videos=[frames], video_metadata=[meta], do_sample_frames=False, return_metadata=True)
+    torch.testing.assert_close(vllm["pixel_values_videos"], as_dict["pixel_values_videos"], rtol=0, atol=0)
+    assert vllm["video_metadata"][0].fps == 6.0 and plain["video_metadata"][0].fps is None
+    with pytest.raises(ValueError, match="video_metadata has 2 entries for 1 videos"):
+        processor(text="<video>", videos=[frames], video_metadata=[meta, meta])
+
+
+def test_mm_token_type_ids_mark_each_modality(processor):
+    out = processor(text=["<image> hi <audio>"], images=IMAGE, audio=tone(0.5), sampling_rate=16000, return_mm_token_type_ids=True)
+    ids, types = out["input_ids"][0], out["mm_token_type_ids"][0]
+    for kind, type_id in (("image", 1), ("audio", 3)):
+        assert torch.equal(types == type_id, ids == processor.media_token_ids[kind])
+
+
+OPENAI_MESSAGES = [
+    {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "and"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, {"type": "video", "video": "v.mp4"},
+        {"type": "image", "image": "x.png"}, {"type": "audio", "audio": "a.wav"},
+    ]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["default", "chatml"])
+def test_saved_template_writes_media_parts_under_plain_jinja(tmp_path, name):
+    """vLLM renders the saved chat template itself, with OpenAI-style parts: the saved file, rendered by jinja2 alone,
+    writes each media part as its placeholder, for our template and for an LM's own string-content one."""
+    import jinja2
+
+    processor = chatml_processor(DEFAULT_CHAT_TEMPLATE if name == "default" else None)
+    processor.save_pretrained(tmp_path)
+    source = (tmp_path / "chat_template.jinja").read_text()
+    environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    environment.globals["namespace"] = jinja2.utils.Namespace
+    if name == "default":  # transformers' `{% generation %}` tag: render its body as is
+        source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    rendered = environment.from_string(source).render(messages=OPENAI_MESSAGES, add_generation_prompt=True, eos_token="</s>")
+    assert rendered.count("<image>") == 2 and rendered.count("<audio>") == 2 and rendered.count("<video>") == 1
+    assert "<image> and <audio> <video> <image> <audio>" in rendered
+    if name == "chatml":
+        assert rendered.startswith("<|im_start|>user\n<image> and") and rendered.endswith("<|im_start|>assistant\n")
