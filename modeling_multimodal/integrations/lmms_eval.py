@@ -12,7 +12,8 @@ through the package's own evaluation code, so lmms-eval's scores equal `evaluate
 - `generate_until`: `evaluation.tasks.generate_responses` (greedy, left-padded batches), cut at the `until` strings;
 - `loglikelihood`: `evaluation.tasks.pair_log_likelihoods` of the continuation as the assistant reply (with its
   EOS, as trained). lmms-eval's multiple-choice tasks take the *argmin* of what `loglikelihood` returns, so the
-  first element is the loss -log p(continuation | context), not the log-probability.
+  first element is the loss -log p(continuation | context), not the log-probability; each pair goes back wrapped
+  in a `GenerationResult`, since lmms-eval 0.7.3 turns a bare tuple into its string.
 
 `manifest_to_lmms_eval_task` (CLI: `python -m modeling_multimodal.integrations.lmms_eval`) turns a manifest of
 ours into a JSONL file plus a task YAML (`dataset_path: json`, `dataset_kwargs: {data_files: ...}`).
@@ -31,11 +32,11 @@ from ..data.examples import _MODALITY_OF_TOKEN, _PLACEHOLDER, ExampleEncoder, bu
 from ..evaluation.tasks import generate_responses, pair_log_likelihoods, split_prompt_response
 
 try:  # lmms-eval is optional (the `eval` extra); the manifest conversion needs only the package
-    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.instance import GenerationResult, Instance
     from lmms_eval.api.model import lmms
     from lmms_eval.models.registry_v2 import ModelManifest
 except ImportError:  # pragma: no cover - exercised when lmms-eval is absent
-    lmms, Instance, ModelManifest = object, None, None
+    lmms, Instance, GenerationResult, ModelManifest = object, None, None, None
 
 MODEL_NAME = "modeling_multimodal"
 TASK_TEMPLATES = Path(__file__).parent / "lmms_eval_tasks"
@@ -131,8 +132,9 @@ class MultimodalLMMS(lmms):
         return outputs
 
     @torch.no_grad()
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(loss = -log p(continuation | context), whether greedy decoding gives the continuation) per request."""
+    def loglikelihood(self, requests) -> list:
+        """(loss = -log p(continuation | context), whether greedy decoding gives the continuation) per request,
+        each in a `GenerationResult` (its `text` is the pair)."""
         encoder = ExampleEncoder(self.processor)
         results = []
         for request in requests:
@@ -143,7 +145,8 @@ class MultimodalLMMS(lmms):
             row = {"id": name, "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": continuation.strip()}]}
             prompt, response = split_prompt_response(encoder(row))
             log_p = pair_log_likelihoods(self.model, [prompt], [response], [(0, 0)], self.processor.tokenizer.pad_token_id)[0]
-            results.append((-float(log_p), self._is_greedy(prompt, response)))
+            # wrapped: lmms-eval 0.7.3's evaluator turns any other non-string output, tuples too, into its str()
+            results.append(GenerationResult(text=(-float(log_p), self._is_greedy(prompt, response))))
         return results
 
     def _is_greedy(self, prompt: dict, response: torch.Tensor) -> bool:
