@@ -22,6 +22,7 @@ from media_builders import random_image, tone
 from test_modeling import TOKENIZER, build_model
 
 from modeling_multimodal import MultimodalProcessor
+from modeling_multimodal.testing_utils import tiny_config
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 MAX_NEW_TOKENS = 8
@@ -89,7 +90,10 @@ def _strip_eos(ids: list[int]) -> list[int]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm")
-    model = build_model()
+    # vLLM's CPU attention has no kernel for head_dim 8 (the tiny LM's 32 / 4 heads): one head of 32
+    text = tiny_config(TOKENIZER).text_config
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 1, 1, text.hidden_size
+    model = build_model(text_config=text)
     processor = MultimodalProcessor.from_config_and_components(model.config, TOKENIZER)
     checkpoint = folder / "checkpoint"
     model.save_pretrained(checkpoint)  # carries the remote code
