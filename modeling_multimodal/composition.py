@@ -25,6 +25,7 @@ from .configuration import MultimodalConfig
 from .configuration.configuration_multimodal import VISION_HALF_OF
 from .configuration.media_tokens import VISION_TOWERS_WITH_CLS
 from .processing import MultimodalImageProcessor, MultimodalProcessor, MultimodalVideoProcessor
+from .processing.chat_template import with_generation_markers
 from .tokenization import MEDIA_TOKENS
 
 # What a video processor takes over from the vision tower's image preprocessing.
@@ -178,6 +179,8 @@ def from_pretrained_components(
     processor = MultimodalProcessor.from_config_and_components(
         config, tokenizer, image_processor=image_processor, feature_extractor=feature_extractor, video_processor=video_processor,
         system_prompt=system_prompt,
+        # the LM's own template, with `{% generation %}` around the replies (TRL's assistant_only_loss needs them)
+        chat_template=with_generation_markers(getattr(tokenizer, "chat_template", None)),
     )
 
     # 2. weights: each part read once and moved into a model built on the meta device.
