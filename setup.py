@@ -13,6 +13,7 @@ PACKAGE_DATA = {
     "modeling_multimodal.evaluation": ["metrics/*/*.py", "english_reference.txt"],
     "modeling_multimodal.model_cards": ["*.md"],
     "modeling_multimodal.recipes": ["*.yaml"],
+    "modeling_multimodal.integrations": ["lmms_eval_tasks/*.yaml", "lmms_eval_tasks/*.py"],
 }
 
 setup(
@@ -61,6 +62,12 @@ setup(
         # `quantize --method int8-weight-only / int4-weight-only` (CPU); QLoRA (`lora.quantize: 4bit`, CUDA only).
         "quantize": ["optimum-quanto>=0.2.7,<0.3"],
         "qlora": ["bitsandbytes>=0.45"],
+        # lmms-eval's model class (modeling_multimodal/integrations/lmms_eval.py). Its own requirements pull a CUDA
+        # torch: on CPU install it with scripts/setup_eval.sh (--no-deps plus the few modules it imports).
+        "eval": ["lmms-eval==0.7.3"],
     },
-    entry_points={"console_scripts": ["modeling-multimodal=modeling_multimodal.cli:main"]},
+    entry_points={
+        "console_scripts": ["modeling-multimodal=modeling_multimodal.cli:main"],
+        "lmms_eval.models": ["modeling_multimodal=modeling_multimodal.integrations.lmms_eval:lmms_eval_manifest"],
+    },
 )

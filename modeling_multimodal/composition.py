@@ -25,7 +25,10 @@ from .configuration import MultimodalConfig
 from .configuration.configuration_multimodal import VISION_HALF_OF
 from .configuration.media_tokens import VISION_TOWERS_WITH_CLS
 from .processing import MultimodalImageProcessor, MultimodalProcessor, MultimodalVideoProcessor
+from .processing.chat_template import with_generation_markers
 from .tokenization import MEDIA_TOKENS
+
+logger = logging.get_logger(__name__)
 
 # What a video processor takes over from the vision tower's image preprocessing.
 IMAGE_OPTIONS_SHARED_WITH_VIDEO = (
@@ -178,6 +181,8 @@ def from_pretrained_components(
     processor = MultimodalProcessor.from_config_and_components(
         config, tokenizer, image_processor=image_processor, feature_extractor=feature_extractor, video_processor=video_processor,
         system_prompt=system_prompt,
+        # the LM's own template, with `{% generation %}` around the replies (TRL's assistant_only_loss needs them)
+        chat_template=_trainable_template(getattr(tokenizer, "chat_template", None)),
     )
 
     # 2. weights: each part read once and moved into a model built on the meta device.
@@ -203,3 +208,14 @@ def from_pretrained_components(
         setattr(model.generation_config, name, getattr(language_model.generation_config, name, None))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
+
+
+def _trainable_template(template: str | None) -> str | None:
+    """The LM's own template with `{% generation %}` around its replies where `with_generation_markers` can place
+    them (ChatML-style templates); any other template is kept as it is (TRL's `assistant_only_loss` then needs the
+    markers added by hand), since composing must work with every LM's template."""
+    try:
+        return with_generation_markers(template)
+    except ValueError as err:
+        logger.info(f"keeping the LM's chat template without generation markers: {err}")
+        return template

@@ -358,4 +358,69 @@ class ChatTemplateMixin(ProcessorMixin):
         return messages
 
 
-__all__ = ["ASSISTANT_PREFIX", "DEFAULT_CHAT_TEMPLATE", "ChatTemplateMixin", "with_media_parts_as_placeholders"]
+__all__ = ["ASSISTANT_PREFIX", "DEFAULT_CHAT_TEMPLATE", "ChatTemplateMixin", "with_generation_markers", "with_media_parts_as_placeholders"]
+
+
+# --- `{% generation %}` markers for an LM's own template ---------------------------------------------
+_CONTENT_TERM = re.compile(r"""^message(\[['"]content['"]\]|\.content)$""")
+_OUTPUT_BLOCK = re.compile(r"{{-?(.*?)-?}}", re.S)
+
+
+def _split_concatenation(expression: str) -> list[str]:
+    """`'<a>' + message['role'] + '\\n'` -> its `+` terms, splitting only outside quotes and brackets."""
+    terms, depth, quote, start = [], 0, None, 0
+    for index, char in enumerate(expression):
+        if quote:
+            if char == quote and expression[index - 1] != "\\":
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        elif char == "+" and depth == 0:
+            terms.append(expression[start:index].strip())
+            start = index + 1
+    return terms + [expression[start:].strip()]
+
+
+def _is_whitespace_literal(term: str) -> bool:
+    return len(term) >= 2 and term[0] == term[-1] and term[0] in "'\"" and not term[1:-1].replace("\\n", "").strip()
+
+
+def with_generation_markers(template: str | None) -> str | None:
+    """`template` with the assistant's reply wrapped in `{% generation %}` ... `{% endgeneration %}`, as TRL's
+    `SFTTrainer(assistant_only_loss=True)` requires (it refuses a template without them unless it knows the
+    template); a template that already has them, or None, is returned as is.
+
+    Handles the common form of a text LM's own template (ChatML: SmolLM2, Qwen, ...): one output expression per
+    message, a `+` concatenation such as `'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'`.
+    For assistant messages that expression is rewritten so the content and the end-of-turn terms after it (up to
+    a trailing whitespace literal, such as the newline between turns) are inside the generation block, so the
+    reply and its end-of-turn token are trained; other roles render exactly as before. Raises `ValueError` when
+    the template has no such expression (then add the markers by hand).
+    """
+    if template is None or GENERATION_BLOCK.search(template):
+        return template
+    for match in _OUTPUT_BLOCK.finditer(template):
+        terms = _split_concatenation(match.group(1))
+        content = [i for i, term in enumerate(terms) if _CONTENT_TERM.match(term)]
+        if len(content) != 1:
+            continue
+        start = content[0]
+        end = len(terms)
+        while end > start + 1 and _is_whitespace_literal(terms[end - 1]):
+            end -= 1  # trailing newlines belong to the turn separator, not the reply
+        prefix, reply, suffix = terms[:start], terms[start:end], terms[end:]
+
+        def output(parts):
+            return "{{ " + " + ".join(parts) + " }}" if parts else ""
+
+        assistant = output(prefix) + "{% generation %}" + output(reply) + "{% endgeneration %}" + output(suffix)
+        rewritten = "{% if message['role'] == 'assistant' %}" + assistant + "{% else %}" + match.group(0) + "{% endif %}"
+        return template[: match.start()] + rewritten + template[match.end() :]
+    raise ValueError(
+        "cannot add {% generation %} markers to this chat template: no single output expression concatenates "
+        "message['content'] (add `{% generation %}` ... `{% endgeneration %}` around the assistant reply by hand)"
+    )

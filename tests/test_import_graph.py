@@ -30,7 +30,7 @@ LAYERS = [
     ("data", ["data"]),  # manifests, tasks, example encoding, collation: shared by evaluation and training
     ("evaluation", ["evaluation"]),
     ("training and sharing", ["training", "hub"]),
-    ("applications", ["demo", "cli", "train", "testing_utils"]),
+    ("applications", ["demo", "cli", "train", "testing_utils", "integrations"]),  # integrations: other tools run our checkpoints
 ]
 EXCEPTIONS = {
     # save_pretrained writes the flattened code with the packager, imported by name (not part of the flattened code;

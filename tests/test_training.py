@@ -543,3 +543,26 @@ def test_training_samples_are_augmented_per_epoch_and_index(data_root, tmp_path)
     assert torch.equal(first, dataset[0]["pixel_values"])
     dataset.set_epoch(1)
     assert not torch.equal(first, dataset[0]["pixel_values"])
+
+
+def test_finetune_adapter_records_its_base_and_merges_back_to_the_exported_model(data_root, tmp_path):
+    """The adapter a finetune run saves names what it was trained on (`init_from`), so `push --merge-adapter`
+    (`merge_adapter_checkpoint`) folds it into that base and gets the model the run exported; a run composed from
+    a config records nothing, and the merge then asks for --base-model by name."""
+    from modeling_multimodal.hub.weights import merge_adapter_checkpoint
+
+    common = ["data.eval=[]", "optim.max_steps=2"]
+    first = Trainer(recipe(data_root, tmp_path / "a", *common)).train()
+    tuned = Trainer(recipe(data_root, tmp_path / "b", *common, "stage=finetune", f"init_from={first['final_dir']}")).train()
+    adapter = Path(tuned["adapter_dir"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(Path(first["final_dir"]).resolve())
+    merged = merge_adapter_checkpoint(adapter, tmp_path / "merged")
+    exported = load_file(Path(tuned["final_dir"]) / "model.safetensors")
+    again = load_file(Path(merged) / "model.safetensors")
+    assert set(again) == set(exported)
+    assert all(torch.allclose(again[name], exported[name], atol=1e-6) for name in exported)
+
+    scratch = Trainer(recipe(data_root, tmp_path / "c", *common, "stage=finetune")).train()
+    assert json.loads((Path(scratch["adapter_dir"]) / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    with pytest.raises(ValueError, match="records no base model .* pass the checkpoint it was trained on with --base-model"):
+        merge_adapter_checkpoint(scratch["adapter_dir"], tmp_path / "merged2")

@@ -25,6 +25,11 @@ def merge_adapter_checkpoint(
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} is not a LoRA adapter checkpoint: it has no adapter_config.json")
     base_model = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not base_model:
+        raise ValueError(
+            f"{adapter_dir}/adapter_config.json records no base model (base_model_name_or_path is null: the run composed "
+            "its model from components or a config); pass the checkpoint it was trained on with --base-model"
+        )
     base_config = AutoConfig.from_pretrained(base_model, token=token)
     for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel):
         if type(base_config) in auto_class._model_mapping:

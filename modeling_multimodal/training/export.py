@@ -36,6 +36,7 @@ def export_run(
     final_dir = Path(output_dir) / "final"
     paths = {"final_dir": str(final_dir)}
     if hasattr(model, "merge_and_unload"):
+        _record_adapter_base(model, recipe)
         model.save_pretrained(final_dir / "adapter")
         paths["adapter_dir"] = str(final_dir / "adapter")
         model = model.merge_and_unload()
@@ -50,6 +51,25 @@ def export_run(
     if recipe.report:
         paths["report"] = str(write_report(log_history, eval_history, Path(output_dir) / "report.png"))
     return paths
+
+
+def adapter_base(recipe: TrainingRecipe) -> str | None:
+    """The checkpoint a run's LoRA adapter was trained on: `init_from` or `model.checkpoint` (a local folder as an
+    absolute path, a Hub id as is); None for a model composed from components or built from a config, which no
+    single checkpoint holds (`push --merge-adapter` then needs `--base-model`)."""
+    source = recipe.init_from or recipe.model.checkpoint
+    if source is None:
+        return None
+    return str(Path(source).resolve()) if Path(source).expanduser().is_dir() else source
+
+
+def _record_adapter_base(model, recipe: TrainingRecipe) -> None:
+    """Write what the adapter was trained on into its `adapter_config.json` (`base_model_name_or_path`), which
+    PEFT otherwise leaves null for our model (its config has no `name_or_path` when built in the run)."""
+    base = adapter_base(recipe)
+    if base is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base
 
 
 def finished(recipe: TrainingRecipe) -> bool:
