@@ -31,14 +31,17 @@ def _checkpoint(value: str) -> str:
     return value  # a Hub id: from_pretrained resolves it (and says so when offline)
 
 
-def _load_checkpoint(checkpoint: str):
+def _load_checkpoint(checkpoint: str, command: str):
     """(model in eval mode, processor) from a checkpoint; a corrupt weights file is named as such."""
     from safetensors import SafetensorError
+
+    from .folder_kind import require_model_folder
 
     from .compression import is_quantized_checkpoint, load_quantized
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
+    require_model_folder(checkpoint, command)  # before any model is built: a checkpoint-N/, an adapter, a plain LM
     try:
         if is_quantized_checkpoint(checkpoint):  # written by `quantize`
             return load_quantized(checkpoint)
@@ -124,6 +127,22 @@ def _write_predictions(out: str, checkpoint: str, results: list[dict]) -> None:
         path.write_text(json.dumps({"checkpoint": checkpoint, "results": results}, indent=2) + "\n", encoding="utf-8")
 
 
+def _refuse_writing_over_inputs(out: str, checkpoint: str, manifests: list[Path], runs: list) -> None:
+    """`evaluate --out` must not replace what it reads: a manifest, a media file its rows name, or any file of the
+    checkpoint folder (its config.json, weights, tokenizer). Paths are compared after resolving symlinks."""
+    target = os.path.realpath(out)
+    if any(os.path.realpath(manifest) == target for manifest in manifests):
+        raise ValueError(f"--out {out!r} is one of the manifests being evaluated; write the predictions to a new file")
+    folder = Path(checkpoint)
+    if folder.is_dir() and os.path.exists(target):
+        if os.path.commonpath([os.path.realpath(folder), target]) == os.path.realpath(folder):
+            raise ValueError(f"--out {out!r} is a file of checkpoint {checkpoint!r}; write the predictions outside the checkpoint's files")
+    for manifest, _, rows in runs:
+        for row in rows:
+            if any(isinstance(value, str) and os.path.realpath(value) == target for value in row.values()):
+                raise ValueError(f"--out {out!r} is a media file of manifest {manifest!r} (row id {row.get('id')!r}); write the predictions to a new file")
+
+
 def _evaluate(args):
     from .threads import set_threads
 
@@ -141,7 +160,9 @@ def _evaluate(args):
         if args.max_samples:
             rows = rows.select(range(min(args.max_samples, len(rows))))
         runs.append((manifest, task, list(rows)))
-    model, processor = _load_checkpoint(checkpoint)
+    if args.out:
+        _refuse_writing_over_inputs(args.out, checkpoint, [Path(args.root) / manifest for manifest, _, _ in runs], runs)
+    model, processor = _load_checkpoint(checkpoint, "evaluate")
     results = []
     for manifest, task, rows in runs:
         scores, predictions = evaluate_task(
@@ -156,7 +177,7 @@ def _evaluate(args):
 
 
 def _generate(args):
-    model, processor = _load_checkpoint(_checkpoint(args.checkpoint))
+    model, processor = _load_checkpoint(_checkpoint(args.checkpoint), "generate")
     content = [{"type": kind, kind: path} for kind in ("image", "audio", "video") for path in getattr(args, kind) or []]
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "user", "content": content}]
@@ -167,6 +188,9 @@ def _generate(args):
 
 def _push(args):
     from .hub.push import push_checkpoint
+    from .folder_kind import require_model_folder
+
+    require_model_folder(_checkpoint(args.checkpoint), "push", accept=("multimodal", "quantized", "adapter", "other model"))
 
     info = push_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,

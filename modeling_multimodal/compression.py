@@ -141,6 +141,9 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, m
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
+    from .folder_kind import require_model_folder
+
+    require_model_folder(checkpoint, "quantize", accept=("multimodal",))  # before a model is built from it
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output folder {str(out)!r} exists and is not empty; pick a new folder")

@@ -162,7 +162,7 @@ def test_make_demo_data_sizes_and_image_size(data):
 def test_evaluate_several_manifests_one_load_every_prediction(checkpoint, data, tmp_path, capsys, monkeypatch):
     loads = []
     load = cli._load_checkpoint
-    monkeypatch.setattr(cli, "_load_checkpoint", lambda path: loads.append(path) or load(path))
+    monkeypatch.setattr(cli, "_load_checkpoint", lambda path, command: loads.append(path) or load(path, command))
     out = tmp_path / "predictions.jsonl"
     argv = ["evaluate", checkpoint, "--root", data, "--manifest", "image_test.jsonl:image_caption",
             "--manifest", "video_test.jsonl", "--task", "video_caption", "--no-retrieval", "--out", out]
