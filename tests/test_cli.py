@@ -72,7 +72,7 @@ def _write(tmp, name, text):
 USER_ERRORS = [  # (name, argv built from (checkpoint, data, tmp), pattern the one line must match)
     ("checkpoint_folder_missing", lambda c, d, t: ["generate", t / "no-such-run", "--prompt", "hi"], r"checkpoint folder '.*no-such-run' does not exist"),
     ("checkpoint_is_a_file", lambda c, d, t: ["generate", c / "config.json", "--prompt", "hi"], r"checkpoint '.*config.json' is a file; pass the folder"),
-    ("corrupt_safetensors", lambda c, d, t: ["generate", _corrupt_checkpoint(c, t), "--prompt", "hi"], r"cannot read the weights of checkpoint '.*corrupt'.*corrupt or truncated .safetensors"),
+    ("corrupt_safetensors", lambda c, d, t: ["generate", _corrupt_checkpoint(c, t), "--prompt", "hi"], r"corrupt/model.safetensors cannot be read .*corrupt or truncated .safetensors"),
     ("hub_id_while_offline", lambda c, d, t: ["generate", "someone/missing-model", "--prompt", "hi"], r"cannot load checkpoint 'someone/missing-model': .*(connect|offline)"),
     ("missing_media_file", lambda c, d, t: ["generate", c, "--prompt", "hi", "--image", t / "nope.png"], r"image 0 \(file '.*nope.png'\).* does not exist"),
     ("malformed_manifest_line", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", _write(d, "bad.jsonl", '{"image": \n').name + ":image_caption"], r"Manifest '.*bad.jsonl', line 1: not valid JSON"),

