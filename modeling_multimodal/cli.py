@@ -346,18 +346,24 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions caused by what the user gave us or their environment, not by a bug here:
     ValueError (our checks: manifests, recipes, media, arguments; also JSON syntax), OSError (missing files,
     permissions, disk full, transformers' "can't load" messages, Hub HTTP errors, offline mode, connection
-    errors and timeouts), YAML syntax errors, corrupt safetensors, and httpx transport errors (no answer)."""
+    errors and timeouts), YAML syntax errors, corrupt safetensors, httpx transport errors (no answer), and Jinja
+    errors from a checkpoint's chat template (syntax, or an attribute the sandbox blocks: `SecurityError`)."""
     import httpx2
+    import jinja2
     import yaml
     from safetensors import SafetensorError
 
-    return (ValueError, OSError, yaml.YAMLError, SafetensorError, httpx2.TransportError)
+    return (ValueError, OSError, yaml.YAMLError, SafetensorError, httpx2.TransportError, jinja2.TemplateError)
 
 
 def error_line(error: BaseException) -> str:
     """One line for stderr: an OSError as "file: reason", anything else its message, whitespace collapsed."""
+    import jinja2
+
     if isinstance(error, OSError) and error.filename and error.strerror:
         message = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, jinja2.TemplateError):  # only chat templates are rendered with Jinja here
+        message = f"the checkpoint's chat template cannot be rendered ({type(error).__name__}): {error}"
     else:
         message = str(error) or type(error).__name__
     return " ".join(message.split())

@@ -168,6 +168,13 @@ def _image_manifest(tmp):
     return root
 
 
+def _escaping_template(checkpoint, tmp):
+    """A chat template that reaches for Python internals: the sandbox blocks it, the CLI reports it in one line."""
+    folder = _copy(checkpoint, tmp, "hostile")
+    (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    return folder
+
+
 def _evaluate(checkpoint, root, out):
     return ["evaluate", checkpoint, "--root", root, "--manifest", "test.jsonl:image_caption", "--no-retrieval", "--out", out]
 
@@ -182,6 +189,7 @@ CLI_CASES = [  # (name, argv from (checkpoint, quantized, tmp), pattern of the o
     ("generate_on_empty_folder", lambda c, q, t: ["generate", t, "--prompt", "hi"], r"`generate` cannot use '.*': it has no config.json"),
     ("generate_tampered_quantized", lambda c, q, t: ["generate", _tampered(q, t, "dynamic-int8", f"{LAYER}.weight_scale", dtype="I32"), "--prompt", "hi"], r"model.quantized.safetensors: tensor '.*weight_scale' is torch.int32"),
     ("generate_truncated_weights", lambda c, q, t: ["generate", _weights(c, t, 0.5), "--prompt", "hi"], r"cut/model.safetensors cannot be read"),
+    ("chat_template_sandbox_escape", lambda c, q, t: ["generate", _escaping_template(c, t), "--prompt", "hi"], r"the checkpoint's chat template cannot be rendered \(SecurityError\): access to attribute '__class__' of 'str' object is unsafe"),
     ("evaluate_out_is_its_manifest", lambda c, q, t: _evaluate(c, (root := _image_manifest(t)), root / "test.jsonl"), r"--out '.*test.jsonl' is one of the manifests being evaluated"),
     ("evaluate_out_is_the_checkpoint_config", lambda c, q, t: _evaluate(c, _image_manifest(t), c / "config.json"), r"--out '.*config.json' is a file of checkpoint"),
     ("evaluate_out_is_a_media_file", lambda c, q, t: _evaluate(c, (root := _image_manifest(t)), root / "a.png"), r"--out '.*a.png' is a media file of manifest 'test.jsonl' \(row id '0'\)"),
