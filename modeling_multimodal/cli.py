@@ -147,7 +147,7 @@ def _evaluate(args):
     from .threads import set_threads
 
     set_threads(args.threads, request=True)
-    from .evaluation.tasks import evaluate_task
+    from .evaluation.tasks import check_scorable, evaluate_task
     from .data.examples import load_manifest
 
     checkpoint = _checkpoint(args.checkpoint)
@@ -160,6 +160,11 @@ def _evaluate(args):
         if args.max_samples:
             rows = rows.select(range(min(args.max_samples, len(rows))))
         runs.append((manifest, task, list(rows)))
+    for manifest, task, rows in runs:
+        try:
+            check_scorable(rows, task, retrieval=not args.no_retrieval)
+        except ValueError as err:
+            raise ValueError(f"--manifest {manifest!r}: {err}") from None
     if args.out:
         _refuse_writing_over_inputs(args.out, checkpoint, [Path(args.root) / manifest for manifest, _, _ in runs], runs)
     model, processor = _load_checkpoint(checkpoint, "evaluate")

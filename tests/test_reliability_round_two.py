@@ -326,3 +326,49 @@ def test_a_sound_track_longer_than_the_frames_is_reported_in_every_container(tmp
     samples, track_seconds = load_video_track(str(path), "long", 16000, 2.0)
     assert samples.shape == (32000,)
     assert track_seconds == pytest.approx(10.0, abs=0.1)  # what the processor's "cut to" warning reports
+
+
+# --- augmentation and evaluation that would silently do nothing ----------------------------------------------
+@pytest.mark.parametrize("caption, refused", [("a red square on the left", True), ("a red square, Rightmost", True), ("a red square", False), ("a bright square", False)])
+def test_hflip_with_no_swaps_refuses_captions_that_name_a_side(checkpoint, tmp_path, caption, refused):
+    from modeling_multimodal.data.examples import ExampleEncoder
+    from modeling_multimodal.training.augmentation import Augmentation
+    from modeling_multimodal.training.recipe import AugmentSpec
+
+    processor = MultimodalProcessor.from_pretrained(checkpoint)
+    PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    augmentation = Augmentation(AugmentSpec(hflip=0.5, flip_word_swaps={}), "image_caption", seed=0, processor=processor)
+    encode = ExampleEncoder(processor, "image_caption", augmentation=augmentation)
+    row = {"id": "r7", "image": str(tmp_path / "a.png"), "caption": caption}
+    if refused:
+        with pytest.raises(ValueError, match=r"Row 'r7': augment.hflip is on with an empty augment.flip_word_swaps, but its text names a side"):
+            encode(row, augment_key=(0, 0))
+    else:
+        assert encode(row, augment_key=(0, 0))["labels"].ne(-100).any()
+
+
+@pytest.mark.parametrize(
+    "rows, retrieval, pattern",
+    [
+        ([{"id": "0", "caption": "a"}, {"id": "1", "caption": "b"}], False, r"task 'image_text_pair' is scored by retrieval only, and retrieval is off"),
+        ([{"id": "0", "caption": "a"}], True, r"needs at least 2 rows with distinct 'caption' texts to rank; got 1 row\(s\) with 1 distinct"),
+        ([{"id": "0", "caption": "a"}, {"id": "1", "caption": "a"}], True, r"got 2 row\(s\) with 1 distinct"),
+    ],
+)
+def test_retrieval_only_tasks_refuse_to_score_nothing(rows, retrieval, pattern):
+    from modeling_multimodal.evaluation.tasks import check_scorable
+
+    rows = [{**row, "image": "x.png"} for row in rows]
+    with pytest.raises(ValueError, match=pattern):
+        check_scorable(rows, "image_text_pair", retrieval)
+    check_scorable(rows, "image_caption", retrieval)  # generation scores every row: fine
+
+
+def test_evaluate_image_text_pair_with_no_retrieval_is_one_line(checkpoint, tmp_path, capsys):
+    root = _image_manifest(tmp_path)
+    argv = ["evaluate", checkpoint, "--root", root, "--manifest", "test.jsonl:image_text_pair", "--no-retrieval"]
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("modeling-multimodal")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(ERROR_PREFIX + r"--manifest 'test.jsonl': task 'image_text_pair' is scored by retrieval only.*", lines[0])
