@@ -8,6 +8,7 @@ invalid combinations raise a `ValueError` at construction rather than deep insid
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Literal
 
@@ -25,6 +26,9 @@ VISION_STEMS = ("patch", "conv")
 AUXILIARY_TASKS = ("audio_ctc", "media_bow")
 # Old config keys -> their current names. Saved configs and call sites with the old keys still work (FutureWarning).
 DEPRECATED_NAMES = {"other_loss_weight": "auxiliary_loss_weight", "cross_loss_weight": "contrastive_loss_weight"}
+# Keys every config.json this package has written holds (since its first version) when the tower is there: a
+# saved config without one was damaged, and its class default may not be what the weights were trained with.
+SAVED_TOWER_KEYS = {"vision_config": ("vision_feature_layer",), "audio_config": ("audio_feature_layer",)}
 
 
 class MultimodalConfig(PreTrainedConfig):
@@ -126,6 +130,13 @@ class MultimodalConfig(PreTrainedConfig):
             self.tie_word_embeddings = True
         self.auxiliary_tasks = list(self.auxiliary_tasks)
         self._check()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """The saved config's dict, refused unless it is a whole multimodal config (see `check_saved_config`)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_saved_config(config_dict, pretrained_model_name_or_path)
+        return config_dict, kwargs
 
     # ---------------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -249,4 +260,32 @@ class MultimodalConfig(PreTrainedConfig):
         return found
 
 
-__all__ = ["MultimodalConfig"]
+def check_saved_config(config_dict: dict, source) -> None:
+    """Refuse a saved config that is not a whole `MultimodalConfig`, before any model is built from it.
+
+    transformers' own loading turns each of these into something quietly wrong: a folder with no config.json
+    (a training `checkpoint-N/`, an adapter folder) gives `{}` and so the default config (a 6.7B Llama), an
+    unknown or foreign `model_type` only logs a warning, a missing `text_config` falls back to the default Llama,
+    and a missing tower key to the class default.
+    """
+    where = f"{source}/config.json" if os.path.isdir(str(source)) else f"the config of {str(source)!r}"
+    if not config_dict:
+        raise ValueError(f"{source!s} has no config.json (or an empty one): it is not a saved multimodal model")
+    model_type = config_dict.get("model_type")
+    if model_type != MultimodalConfig.model_type:
+        raise ValueError(
+            f"{where} has model_type={model_type!r}, expected {MultimodalConfig.model_type!r}: "
+            "not a multimodal checkpoint (a plain language model is composed with towers through a recipe's model.components)"
+        )
+    if not isinstance(config_dict.get("text_config"), dict):
+        raise ValueError(f"{where} has no text_config: the language model's config is missing, so its size and weights are unknown")
+    for tower, keys in SAVED_TOWER_KEYS.items():
+        missing = [key for key in keys if config_dict.get(tower) is not None and key not in config_dict]
+        if missing:
+            raise ValueError(
+                f"{where} has a {tower} but no {', '.join(missing)}; every config this package saves records it, "
+                "so the file was edited or damaged: put the value the model was trained with back"
+            )
+
+
+__all__ = ["MultimodalConfig", "check_saved_config"]

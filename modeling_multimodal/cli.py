@@ -31,14 +31,17 @@ def _checkpoint(value: str) -> str:
     return value  # a Hub id: from_pretrained resolves it (and says so when offline)
 
 
-def _load_checkpoint(checkpoint: str):
+def _load_checkpoint(checkpoint: str, command: str):
     """(model in eval mode, processor) from a checkpoint; a corrupt weights file is named as such."""
     from safetensors import SafetensorError
+
+    from .folder_kind import require_model_folder
 
     from .compression import is_quantized_checkpoint, load_quantized
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
+    require_model_folder(checkpoint, command)  # before any model is built: a checkpoint-N/, an adapter, a plain LM
     try:
         if is_quantized_checkpoint(checkpoint):  # written by `quantize`
             return load_quantized(checkpoint)
@@ -126,11 +129,27 @@ def _write_predictions(out: str, checkpoint: str, results: list[dict]) -> None:
         path.write_text(json.dumps({"checkpoint": checkpoint, "results": results}, indent=2) + "\n", encoding="utf-8")
 
 
+def _refuse_writing_over_inputs(out: str, checkpoint: str, manifests: list[Path], runs: list) -> None:
+    """`evaluate --out` must not replace what it reads: a manifest, a media file its rows name, or any file of the
+    checkpoint folder (its config.json, weights, tokenizer). Paths are compared after resolving symlinks."""
+    target = os.path.realpath(out)
+    if any(os.path.realpath(manifest) == target for manifest in manifests):
+        raise ValueError(f"--out {out!r} is one of the manifests being evaluated; write the predictions to a new file")
+    folder = Path(checkpoint)
+    if folder.is_dir() and os.path.exists(target):
+        if os.path.commonpath([os.path.realpath(folder), target]) == os.path.realpath(folder):
+            raise ValueError(f"--out {out!r} is a file of checkpoint {checkpoint!r}; write the predictions outside the checkpoint's files")
+    for manifest, _, rows in runs:
+        for row in rows:
+            if any(isinstance(value, str) and os.path.realpath(value) == target for value in row.values()):
+                raise ValueError(f"--out {out!r} is a media file of manifest {manifest!r} (row id {row.get('id')!r}); write the predictions to a new file")
+
+
 def _evaluate(args):
     from .threads import set_threads
 
     set_threads(args.threads, request=True)
-    from .evaluation.tasks import evaluate_task
+    from .evaluation.tasks import check_scorable, evaluate_task
     from .data.examples import TASKS, load_manifest
 
     checkpoint = _checkpoint(args.checkpoint)
@@ -149,7 +168,14 @@ def _evaluate(args):
         if args.max_samples:
             rows = rows.select(range(min(args.max_samples, len(rows))))
         runs.append((manifest, task, list(rows)))
-    model, processor = _load_checkpoint(checkpoint)
+    for manifest, task, rows in runs:
+        try:
+            check_scorable(rows, task, retrieval=not args.no_retrieval)
+        except ValueError as err:
+            raise ValueError(f"--manifest {manifest!r}: {err}") from None
+    if args.out:
+        _refuse_writing_over_inputs(args.out, checkpoint, [Path(args.root) / manifest for manifest, _, _ in runs], runs)
+    model, processor = _load_checkpoint(checkpoint, "evaluate")
     results = []
     for manifest, task, rows in runs:
         scores, predictions = evaluate_task(
@@ -164,7 +190,7 @@ def _evaluate(args):
 
 
 def _generate(args):
-    model, processor = _load_checkpoint(_checkpoint(args.checkpoint))
+    model, processor = _load_checkpoint(_checkpoint(args.checkpoint), "generate")
     content = [{"type": kind, kind: path} for kind in ("image", "audio", "video") for path in getattr(args, kind) or []]
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "user", "content": content}]
@@ -175,6 +201,9 @@ def _generate(args):
 
 def _push(args):
     from .hub.push import push_checkpoint
+    from .folder_kind import require_model_folder
+
+    require_model_folder(_checkpoint(args.checkpoint), "push", accept=("multimodal", "quantized", "adapter", "other model"))
 
     info = push_checkpoint(
         args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
@@ -332,18 +361,24 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions caused by what the user gave us or their environment, not by a bug here:
     ValueError (our checks: manifests, recipes, media, arguments; also JSON syntax), OSError (missing files,
     permissions, disk full, transformers' "can't load" messages, Hub HTTP errors, offline mode, connection
-    errors and timeouts), YAML syntax errors, corrupt safetensors, and httpx transport errors (no answer)."""
+    errors and timeouts), YAML syntax errors, corrupt safetensors, httpx transport errors (no answer), and Jinja
+    errors from a checkpoint's chat template (syntax, or an attribute the sandbox blocks: `SecurityError`)."""
     import httpx2
+    import jinja2
     import yaml
     from safetensors import SafetensorError
 
-    return (ValueError, OSError, yaml.YAMLError, SafetensorError, httpx2.TransportError)
+    return (ValueError, OSError, yaml.YAMLError, SafetensorError, httpx2.TransportError, jinja2.TemplateError)
 
 
 def error_line(error: BaseException) -> str:
     """One line for stderr: an OSError as "file: reason", anything else its message, whitespace collapsed."""
+    import jinja2
+
     if isinstance(error, OSError) and error.filename and error.strerror:
         message = f"{error.filename}: {error.strerror}"
+    elif isinstance(error, jinja2.TemplateError):  # only chat templates are rendered with Jinja here
+        message = f"the checkpoint's chat template cannot be rendered ({type(error).__name__}): {error}"
     else:
         message = str(error) or type(error).__name__
     return " ".join(message.split())

@@ -141,6 +141,9 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, m
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
+    from .folder_kind import require_model_folder
+
+    require_model_folder(checkpoint, "quantize", accept=("multimodal",))  # before a model is built from it
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output folder {str(out)!r} exists and is not empty; pick a new folder")
@@ -193,6 +196,29 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / QUANTIZATION_FILE).is_file()
 
 
+def _check_stored_tensors(file: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], quanto_prefixes=()) -> None:
+    """Every tensor in the quantized weights has the dtype and shape the model built from the config expects.
+
+    `load_state_dict` casts on copy, so a float32 scale whose header was re-declared int32 would load silently
+    (logits off by ~1e12), and a changed shape ends in a RuntimeError naming no file. Tensors the model has are
+    compared with its own; quanto's parts (`<module>.weight._data` / `._scale` / `._shift`, `input_scale`,
+    `output_scale`), which it builds itself, must be integer data and floating-point scales.
+    """
+    for name, value in state.items():
+        if name in expected:
+            want = expected[name]
+            if value.dtype != want.dtype or value.shape != want.shape:
+                raise ValueError(
+                    f"{file}: tensor {name!r} is {value.dtype} {list(value.shape)}, but the config's model expects "
+                    f"{want.dtype} {list(want.shape)}; the file was altered or written for another config"
+                )
+        elif name.startswith(tuple(quanto_prefixes)):
+            integer = name.endswith("._data")
+            if integer == torch.is_floating_point(value):
+                kind = "integer" if integer else "floating-point"
+                raise ValueError(f"{file}: tensor {name!r} is {value.dtype}, expected a {kind} tensor; the file was altered")
+
+
 def load_quantized(path: str | os.PathLike):
     """(model in eval mode, processor) from a folder written by `quantize_checkpoint`; CPU, float32 activations."""
     from .configuration import MultimodalConfig
@@ -205,7 +231,12 @@ def load_quantized(path: str | os.PathLike):
     record = json.loads((path / QUANTIZATION_FILE).read_text())
     if record.get("method") not in QUANTIZATION_METHODS:
         raise ValueError(f"{path / QUANTIZATION_FILE}: unknown method {record.get('method')!r}; expected one of {QUANTIZATION_METHODS}")
-    state = load_file(path / QUANTIZED_WEIGHTS)
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(path / QUANTIZED_WEIGHTS)
+    except (SafetensorError, FileNotFoundError) as err:
+        raise ValueError(f"{path / QUANTIZED_WEIGHTS} cannot be read ({err}): a missing, corrupt or truncated file") from None
     model = MultimodalForConditionalGeneration(MultimodalConfig.from_pretrained(path)).float().eval()
     quantized = ()  # names load_state_dict may report missing: the quanto modules it filled itself
     if record["method"] == "dynamic-int8":  # the same swap as when quantizing, then the whole state loads
@@ -217,14 +248,31 @@ def load_quantized(path: str | os.PathLike):
         swapped = _quantize_dynamic(model)
         if swapped != {"modules": record["modules"], "embeddings": record["embeddings"]}:
             raise ValueError(f"{path}: the model's layers differ from the quantized ones in {QUANTIZATION_FILE}")
+        _check_stored_tensors(path / QUANTIZED_WEIGHTS, state, model.state_dict())
         missing, unexpected = model.load_state_dict(state, strict=False)
         _retie(model, record["embeddings"])
     else:  # quanto swaps the layers from its map, then the whole state loads
         language_model, prefix = _language_model(model), record["prefix"] + "."
         quantized = tuple(prefix + name + "." for name in record["modules"])
         lm_state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
-        _quanto().requantize(language_model, lm_state, record["quantization_map"], device=torch.device("cpu"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        float_shapes = {name: value.shape for name, value in model.state_dict().items()}
+        _check_stored_tensors(path / QUANTIZED_WEIGHTS, state, model.state_dict(), quantized)
+        try:
+            _quanto().requantize(language_model, lm_state, record["quantization_map"], device=torch.device("cpu"))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except (RuntimeError, KeyError) as err:  # a quanto part of the wrong shape, or a module map that does not fit
+            raise ValueError(f"{path / QUANTIZED_WEIGHTS} does not fit {QUANTIZATION_FILE} and the config: {err}") from None
+        for name in record["modules"]:  # quanto takes a part's shape as stored: each weight must keep its layer's shape
+            stored, want = language_model.get_submodule(name).weight, float_shapes[prefix + name + ".weight"]
+            try:
+                shape = stored.dequantize().shape if stored.shape == want else stored.shape
+            except RuntimeError:  # data and scales that do not broadcast
+                shape = "parts that do not fit together"
+            if shape != want:
+                raise ValueError(
+                    f"{path / QUANTIZED_WEIGHTS}: the weight of {prefix + name!r} has {shape}, but the config's layer "
+                    f"is {list(want)}; the file was altered or written for another config"
+                )
     missing = [name for name in missing if not name.startswith(quantized) and name not in record.get("tied", {})]
     if missing or unexpected:
         raise ValueError(f"{path / QUANTIZED_WEIGHTS} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")

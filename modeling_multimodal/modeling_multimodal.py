@@ -41,6 +41,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
+from .input_checks import check_media_inputs, check_weight_files
 from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, labelled_lm_loss, masked_mean
 from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
@@ -144,6 +145,12 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
     # A checkpoint trained with λ > 0 carries auxiliary heads that a model loaded with λ = 0 does not build.
     _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\."]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a local folder's weight files are checked first (`input_checks`)."""
+        check_weight_files(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
@@ -487,6 +494,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_media_inputs(input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, input_features=input_features, video_audio_features=video_audio_features)
         for name, value, tower in (
             ("pixel_values", pixel_values, self.vision_tower),
             ("pixel_values_videos", pixel_values_videos, self.vision_tower if self.config.video_token_id is not None else None),

@@ -49,8 +49,28 @@ def _check_sampling_rate(sampling_rate) -> int:
     return int(sampling_rate)
 
 
-def _to_float_mono(array) -> np.ndarray:
-    """1-D samples or 2-D (channels, samples) / (samples, channels) -> float32 mono; integer PCM is scaled to [-1, 1]."""
+def _channel_axis(shape: tuple[int, int]) -> int:
+    """Which axis of a 2-D array holds the channels: the one with at most MAX_CHANNELS entries.
+
+    When both axes are that short ((3, 8): 3 channels of 8 samples, or 8 of 3?) nothing in the array says which,
+    so it is refused rather than guessed; a real clip has far more than MAX_CHANNELS samples.
+    """
+    short = [axis for axis in (0, 1) if shape[axis] <= MAX_CHANNELS]
+    if len(short) == 1:
+        return short[0]
+    if not short:
+        raise ValueError(f"audio array of shape {shape} has more than {MAX_CHANNELS} entries on both axes: neither can be its channels")
+    raise ValueError(
+        f"audio array of shape {shape} is ambiguous: both axes could hold the channels (at most {MAX_CHANNELS}); "
+        "pass 1-D mono samples, or a clip longer than that"
+    )
+
+
+def _to_float_mono(array, channel_axis: int | None = None) -> np.ndarray:
+    """1-D samples or 2-D (channels, samples) / (samples, channels) -> float32 mono; integer PCM is scaled to [-1, 1].
+
+    `channel_axis` is given for decoded files (always (channels, samples)); for a 2-D array from the user it is
+    the axis with at most MAX_CHANNELS entries (`_channel_axis`)."""
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
@@ -60,12 +80,12 @@ def _to_float_mono(array) -> np.ndarray:
         array = array.astype(np.float32) / float(-np.iinfo(array.dtype).min)
     elif not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"audio samples must be numbers, got dtype {array.dtype}")
-    if array.ndim == 2:  # the short axis holds the channels
-        array = array.mean(axis=0 if array.shape[0] <= array.shape[1] else 1)
+    if array.size == 0:  # before averaging: the mean over an empty axis is NaN
+        raise ValueError(f"the audio is empty (0 samples, shape {array.shape})")
+    if array.ndim == 2:
+        array = array.mean(axis=_channel_axis(array.shape) if channel_axis is None else channel_axis)
     elif array.ndim != 1:
         raise ValueError(f"expected 1-D audio or 2-D (channels, samples), got shape {array.shape}")
-    if array.size == 0:
-        raise ValueError("the audio is empty (0 samples)")
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ValueError("the audio contains NaN or infinite samples")
@@ -218,12 +238,13 @@ def load_audio(
         if "array" not in item:
             raise ValueError(f"an audio dict needs an 'array' key (and 'sampling_rate'), got keys {sorted(item)}")
         samples, sampling_rate = item["array"], item.get("sampling_rate", sampling_rate)
-    elif isinstance(item, (str, os.PathLike)):
-        name = f"file {os.fspath(item)!r}"
-        samples, sampling_rate = _decode_file(os.fspath(item), name, max_seconds, truncate)
-    elif isinstance(item, (bytes, bytearray, memoryview)):
-        name = f"audio bytes ({len(item)} bytes)"
-        samples, sampling_rate = _decode_file(bytes(item), name, max_seconds, truncate)
+    elif isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
+        is_path = isinstance(item, (str, os.PathLike))
+        name = f"file {os.fspath(item)!r}" if is_path else f"audio bytes ({len(item)} bytes)"
+        samples, sampling_rate = _decode_file(os.fspath(item) if is_path else bytes(item), name, max_seconds, truncate)
+        if samples.shape[-1] == 0:
+            raise ValueError(f"{name} holds no samples (0 frames): an empty recording")
+        return resample(_to_float_mono(samples, channel_axis=0), _check_sampling_rate(sampling_rate), target_rate)
     elif isinstance(item, (np.ndarray, torch.Tensor)):
         samples = item
     else:
@@ -281,12 +302,14 @@ def read_sound_track(container, name: str, request: SoundTrackRequest, seconds: 
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot decode the audio stream of {name}: {err}") from err
     declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+    if declared is None and container.duration:  # Matroska / WebM keep no per-stream duration, only the file's
+        declared = container.duration / av.time_base
     if samples is None:
         raise ValueError(f"the audio stream of {name} has no decodable samples (corrupt or empty)")
     track_seconds = samples.shape[1] / rate
     if samples.shape[1] > limit and declared is not None:  # decoding stopped at the frames' end: the header says the rest
         track_seconds = max(track_seconds, declared)
-    mono = resample(_to_float_mono(samples), rate, request.sampling_rate)
+    mono = resample(_to_float_mono(samples, channel_axis=0), rate, request.sampling_rate)
     length = round(seconds * request.sampling_rate)
     return np.pad(mono[:length], (0, max(0, length - len(mono)))), track_seconds
 

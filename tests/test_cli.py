@@ -72,7 +72,7 @@ def _write(tmp, name, text):
 USER_ERRORS = [  # (name, argv built from (checkpoint, data, tmp), pattern the one line must match)
     ("checkpoint_folder_missing", lambda c, d, t: ["generate", t / "no-such-run", "--prompt", "hi"], r"checkpoint folder '.*no-such-run' does not exist"),
     ("checkpoint_is_a_file", lambda c, d, t: ["generate", c / "config.json", "--prompt", "hi"], r"checkpoint '.*config.json' is a file; pass the folder"),
-    ("corrupt_safetensors", lambda c, d, t: ["generate", _corrupt_checkpoint(c, t), "--prompt", "hi"], r"cannot read the weights of checkpoint '.*corrupt'.*corrupt or truncated .safetensors"),
+    ("corrupt_safetensors", lambda c, d, t: ["generate", _corrupt_checkpoint(c, t), "--prompt", "hi"], r"corrupt/model.safetensors cannot be read .*corrupt or truncated .safetensors"),
     ("hub_id_while_offline", lambda c, d, t: ["generate", "someone/missing-model", "--prompt", "hi"], r"cannot load checkpoint 'someone/missing-model': .*(connect|offline)"),
     ("missing_media_file", lambda c, d, t: ["generate", c, "--prompt", "hi", "--image", t / "nope.png"], r"image 0 \(file '.*nope.png'\).* does not exist"),
     ("malformed_manifest_line", lambda c, d, t: ["evaluate", c, "--root", d, "--manifest", _write(d, "bad.jsonl", '{"image": \n').name + ":image_caption"], r"Manifest '.*bad.jsonl', line 1: not valid JSON"),
@@ -162,7 +162,7 @@ def test_make_demo_data_sizes_and_image_size(data):
 def test_evaluate_several_manifests_one_load_every_prediction(checkpoint, data, tmp_path, capsys, monkeypatch):
     loads = []
     load = cli._load_checkpoint
-    monkeypatch.setattr(cli, "_load_checkpoint", lambda path: loads.append(path) or load(path))
+    monkeypatch.setattr(cli, "_load_checkpoint", lambda path, command: loads.append(path) or load(path, command))
     out = tmp_path / "predictions.jsonl"
     argv = ["evaluate", checkpoint, "--root", data, "--manifest", "image_test.jsonl:image_caption",
             "--manifest", "video_test.jsonl", "--task", "video_caption", "--no-retrieval", "--out", out]

@@ -22,9 +22,9 @@ PACKAGE_DIRS = {
 }
 # Lowest first; a module may import from its own layer or any lower one. The first matching prefix decides.
 LAYERS = [
-    ("foundations", ["constants", "configuration", "tokenization", "threads", "model_cards", "recipes", "conversion", "demo_data"]),
+    ("foundations", ["constants", "folder_kind", "configuration", "tokenization", "threads", "model_cards", "recipes", "conversion", "demo_data"]),
     ("processing", ["processing"]),
-    ("model parts", ["encoders", "projectors", "losses", "vision_stem", "composition", "quantized_layers"]),
+    ("model parts", ["encoders", "input_checks", "projectors", "losses", "vision_stem", "composition", "quantized_layers"]),
     ("model", ["modeling_multimodal", ""]),  # modeling_multimodal.py and the package's public API (__init__)
     ("compression", ["compression"]),  # quantizing a built model (inference checkpoints; QLoRA for training)
     ("data", ["data"]),  # manifests, tasks, example encoding, collation: shared by evaluation and training

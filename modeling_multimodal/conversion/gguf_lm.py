@@ -16,6 +16,28 @@ from pathlib import Path
 from .output import atomic_output
 
 
+def check_gguf_file(gguf_path: Path) -> None:
+    """Raise a ValueError naming the file when its header does not parse or its tensors run past its end.
+
+    The `gguf` reader (which transformers uses) reports a file cut inside its header as a bare `struct.error`
+    and one cut inside its tensor data as "cannot reshape array", neither naming the file; its reader maps the
+    file without copying it, so checking first costs no more than the header.
+    """
+    import struct
+
+    from gguf import GGUFReader
+
+    size = gguf_path.stat().st_size
+    try:
+        reader = GGUFReader(gguf_path)
+    except (struct.error, ValueError, IndexError, KeyError, OverflowError) as err:
+        raise ValueError(f"GGUF file {gguf_path} ({size} bytes) is truncated or not a GGUF file: the gguf reader cannot map it ({err})") from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ValueError(f"GGUF file {gguf_path} is truncated: tensor {tensor.name!r} ends at byte {end}, the file has {size}")
+
+
 def convert_gguf_lm(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Convert the GGUF file `gguf_path` into a Hugging Face causal-LM folder at `out_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -23,6 +45,7 @@ def convert_gguf_lm(gguf_path: str | Path, out_dir: str | Path, overwrite: bool 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    check_gguf_file(gguf_path)
     # dequantize=True: plain float32 tensors even where a GGUF matmul kernel would keep the blocks packed.
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype="float32",

@@ -51,7 +51,12 @@ def dinov2_state_dict(onnx_path: str | Path) -> tuple[dict[str, torch.Tensor], d
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load(str(onnx_path)).graph
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(onnx_path)).graph
+    except DecodeError as err:  # a cut or damaged file: protobuf's message names neither the file nor the cause
+        raise ValueError(f"ONNX file {onnx_path} is truncated or not an ONNX model: it does not parse ({err})") from None
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:

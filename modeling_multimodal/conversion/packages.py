@@ -80,10 +80,18 @@ def source_of(name: str) -> Path | list[Path]:
     """The converter's source for output folder `name`: one path, or the ordered split parts."""
     if name not in CONVERTED_MODELS:
         raise ValueError(f"unknown converted model {name!r}; known: {', '.join(CONVERTED_MODELS)}")
-    paths = [find_weight_package(package.module) / relative for package, relative in CONVERTED_MODELS[name].files]
-    for path in paths:
+    paths, problems = [], []  # every part's problem, so a split package names each missing part, not the first
+    for package, relative in CONVERTED_MODELS[name].files:
+        try:
+            path = find_weight_package(package.module) / relative
+        except FileNotFoundError as error:
+            problems.append(str(error))
+            continue
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing from its weight package (expected in the pinned version)")
+            problems.append(f"{path} is missing from its weight package (expected in the pinned version)")
+        paths.append(path)
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
     return paths[0] if len(paths) == 1 else paths
 
 

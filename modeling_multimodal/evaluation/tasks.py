@@ -176,6 +176,22 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     return scores
 
 
+def check_scorable(rows: list[dict], task, retrieval: bool = True) -> None:
+    """Raise a ValueError when `evaluate_task` would score nothing: a retrieval-only task (`image_text_pair`) with
+    retrieval off, or with fewer than 2 distinct paired texts (recall needs candidates to rank). Reads no media."""
+    spec = get_task(task)
+    if spec is None or spec.response_field:
+        return  # generation scores every row
+    if not retrieval:
+        raise ValueError(f"task {spec.name!r} is scored by retrieval only, and retrieval is off (--no-retrieval): nothing would be scored")
+    texts = {build_example(row, spec)["pair_text"] for row in rows} - {None, ""}
+    if len(texts) < 2:
+        raise ValueError(
+            f"task {spec.name!r} is scored by retrieval, which needs at least 2 rows with distinct {spec.pair_field!r} "
+            f"texts to rank; got {len(rows)} row(s) with {len(texts)} distinct"
+        )
+
+
 def evaluate_task(
     model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int | None = 3,
     rerank_top_k: int = 0, retrieval: bool = True,
@@ -185,6 +201,7 @@ def evaluate_task(
 
     rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only). retrieval=False skips retrieval."""
     spec = get_task(task)
+    check_scorable(rows, task, retrieval)
     was_training = model.training
     model.eval()
     scores, samples = {}, []

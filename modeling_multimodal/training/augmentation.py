@@ -35,6 +35,27 @@ import torch.nn.functional as F
 from ..processing.audio_loading import load_audio, resample
 
 # Attributes a task's text can name -> the transforms that could make that text false.
+# Words a mirror image changes the meaning of; with `flip_word_swaps: {}` no text may hold one (see below).
+SIDE_WORDS = re.compile(r"\b(left|right)(most|wards?)?\b", re.IGNORECASE)
+
+
+def _refuse_sides_without_swaps(example: dict) -> None:
+    """`hflip` with an empty `flip_word_swaps` states that no text names a side: an example whose prompt, response
+    or paired text says "left" / "right" would train on a mirrored image whose caption is now wrong, so it is refused."""
+    texts = [example.get("response"), example.get("pair_text")]
+    for message in example.get("prompt") or []:
+        content = message.get("content")
+        texts += [content] if isinstance(content, str) else [i.get("text") for i in content or [] if i.get("type") == "text"]
+    for text in texts:
+        found = SIDE_WORDS.search(text) if isinstance(text, str) else None
+        if found:
+            raise ValueError(
+                f"Row {example.get('id')!r}: augment.hflip is on with an empty augment.flip_word_swaps, but its text names a "
+                f"side ({found.group(0)!r}, in {text[:60]!r}); a mirrored image would contradict it: list the swaps "
+                "(e.g. {left: right, right: left}) or set augment.hflip: 0"
+            )
+
+
 DISABLED_BY = {
     "colour": ("colour_jitter",),
     "position": ("crop",),
@@ -197,6 +218,8 @@ class Augmentation:
         """The example with its texts rewritten for a flip and its audio sped up or slowed down (a new dict)."""
         example = dict(example)
         visual = example["media"]["image"] or example["media"]["video"]
+        if self.spec.hflip and visual and not self.swaps:
+            _refuse_sides_without_swaps(example)
         if plan.flip and visual and self.swaps:
             example["prompt"] = [self._swap_message(message) for message in example["prompt"]]
             for key in ("response", "pair_text"):
