@@ -41,6 +41,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
+from .configuration.media_registry import VIDEO_TRACK_INPUTS
 from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, RetrievalHead, labelled_lm_loss, masked_mean
 from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
@@ -116,8 +117,6 @@ def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], 
         )
 
 
-# Our media inputs that transformers' `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL` does not know.
-VIDEO_TRACK_INPUTS = ("video_audio_features", "video_audio_features_mask")
 _FEATURES_ONLY = {"output_hidden_states": False, "return_dict": True}  # get_<modality>_features for the features alone
 
 

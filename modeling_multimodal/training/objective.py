@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..configuration.media_registry import MEDIA_INPUTS
 from ..encoders import has_trainable_parameters
 from ..losses import gather_rows_across_ranks
 from ..modeling_multimodal import MultimodalForConditionalGeneration
@@ -30,8 +31,7 @@ from .stages import base_model
 # The batch keys the objective reads (a collator may add others, e.g. for evaluation).
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",  # packed rows: `packing.varlen_kwargs`
-    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "video_audio_features",
-    "video_audio_features_mask",
+    *MEDIA_INPUTS,
 )
 TARGETS = ("labels", "ctc_labels", "pair_input_ids", "pair_attention_mask", "segment_ids")
 
