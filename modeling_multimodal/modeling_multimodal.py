@@ -125,8 +125,10 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
-    # A checkpoint trained with λ > 0 carries auxiliary heads that a model loaded with λ = 0 does not build.
-    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\."]
+    # Heads a checkpoint may carry that this model does not build: auxiliary heads (trained with λ > 0, loaded with
+    # λ = 0), the retrieval head (α = 0 and no `retrieval_head`), and both, with the LM head, when the whole
+    # checkpoint of `MultimodalForConditionalGeneration` is loaded into `MultimodalModel` (vLLM's `AutoModel`).
+    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\.", r"^retrieval_head\.", r"^lm_head\."]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),
@@ -582,9 +584,11 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
             in_features = config.audio_config.d_model if task == "audio_ctc" else text.hidden_size
             heads[task] = AUXILIARY_HEADS[task](in_features, text.vocab_size)
         self.auxiliary_heads = nn.ModuleDict(heads)
-        self.retrieval_head = RetrievalHead(
-            text.hidden_size, config.contrastive_dim or text.hidden_size, config.contrastive_init_temperature
-        )
+        self.retrieval_head = None  # only with α > 0 or `config.retrieval_head`: never a parameter without a gradient
+        if config.builds_retrieval_head:
+            self.retrieval_head = RetrievalHead(
+                text.hidden_size, config.contrastive_dim or text.hidden_size, config.contrastive_init_temperature
+            )
         if config.tie_word_embeddings:
             embeddings = self.model.language_model.get_input_embeddings()
             name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
