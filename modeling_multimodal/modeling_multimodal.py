@@ -494,7 +494,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
             features = encoder_outputs.get(modality)
             counts = None if features is None else [item.shape[0] for item in features.pooler_output]
             masks[modality] = self.get_placeholder_mask(input_ids, inputs_embeds, modality, counts)
-            if features is None and is_prefill and masks[modality].any():
+            # Given `inputs_embeds` may be merged already (vLLM merges them itself): then placeholders need no media.
+            if features is None and is_prefill and input_ids is not None and masks[modality].any():
                 raise ValueError(
                     f"input_ids contain <{modality}> placeholders (samples "
                     f"{masks[modality].any(-1).nonzero().flatten().tolist()}) but no {modality} inputs were given."

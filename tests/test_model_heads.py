@@ -69,3 +69,18 @@ def test_whole_checkpoint_loads_into_the_base_model(tmp_path):
     expected = full.model.state_dict()
     for name, value in base.state_dict().items():
         torch.testing.assert_close(value, expected[name], msg=name)
+
+
+def test_base_model_takes_already_merged_inputs_embeds_without_media():
+    """Issue 31 fix 4: vLLM calls the base model with input_ids=None and merged inputs_embeds; a placeholder's
+    embedding among them (a generated `<audio>` token) must not be taken for media that were not passed."""
+    torch.manual_seed(0)
+    model = MultimodalForConditionalGeneration(tiny_config(TOKENIZER)).eval()
+    ids = torch.tensor([[20, model.config.audio_token_id, 21]])
+    with pytest.raises(ValueError, match="no audio inputs were given"):  # the refusal stays for input_ids
+        model.model(input_ids=ids)
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        out = model.model(inputs_embeds=embeds)
+        reference = model.model.language_model(inputs_embeds=embeds)
+    torch.testing.assert_close(out.last_hidden_state, reference.last_hidden_state)
