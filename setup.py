@@ -44,6 +44,7 @@ setup(
         "safetensors>=0.4",
         "evaluate>=0.4",
         "huggingface_hub>=1.0",
+        "httpx2",  # imported directly (cli.py, hub/push.py: timeouts, transport errors); huggingface_hub 1.x uses it
         "numpy",
         "pillow",
         "av>=12",

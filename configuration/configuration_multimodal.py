@@ -74,6 +74,8 @@ class MultimodalConfig(PreTrainedConfig):
             audio encoder; "media_bow": the paired text's bag of words from the pooled media tokens); those whose
             modality is absent are skipped.
         contrastive_dim: size of the shared retrieval space (defaults to the LM hidden size).
+        retrieval_head: build the retrieval head (`get_retrieval_embeddings`) even with contrastive_loss_weight 0,
+            e.g. to keep a checkpoint's head trained with α > 0 after fine-tuning with α = 0; with α > 0 it is always built.
         contrastive_init_temperature: initial temperature of the InfoNCE loss (learnable).
         freeze_vision_tower / freeze_audio_tower / freeze_language_model: set `requires_grad=False` at init.
     """
@@ -111,6 +113,7 @@ class MultimodalConfig(PreTrainedConfig):
     contrastive_loss_weight: float | int = 0.0
     auxiliary_tasks: list[str] | tuple[str, ...] = ("audio_ctc",)
     contrastive_dim: int | None = None
+    retrieval_head: bool = False
     contrastive_init_temperature: float = 0.07
     freeze_vision_tower: bool = True
     freeze_audio_tower: bool = True
@@ -235,6 +238,11 @@ class MultimodalConfig(PreTrainedConfig):
     def vision_feature_dim(self) -> int:
         """Width of the vision features the image / video projectors receive."""
         return self.vision_config.hidden_size * len(self.vision_feature_layers)
+
+    @property
+    def builds_retrieval_head(self) -> bool:
+        """The retrieval head exists with α > 0 (it is trained) or when asked for (`retrieval_head=True`)."""
+        return self.contrastive_loss_weight > 0 or bool(self.retrieval_head)
 
     @property
     def active_auxiliary_tasks(self) -> list[str]:

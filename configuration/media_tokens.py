@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .media_registry import MODALITIES  # noqa: F401  (re-exported: the processor reads it from here)
+
 # Vision towers whose sequence starts with a CLS token (SigLIP has none).
-MODALITIES = ("image", "audio", "video")  # the media kinds, in the order the processor and the model handle them
 VISION_TOWERS_WITH_CLS = {"clip_vision_model", "vit", "dinov2"}
 # Whisper-style audio encoders: conv(stride 1) -> conv(stride 2) -> transformer over `max_source_positions`.
 AUDIO_CONV_STRIDE = 2

@@ -19,6 +19,9 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from .configuration.media_tokens import AUDIO_CONV_STRIDE
 
+# get_<modality>_features for the LM-ready features alone
+FEATURES_ONLY = {"output_hidden_states": False, "return_dict": True}
+
 
 def build_audio_tower(audio_config) -> nn.Module:
     """The encoder half of Whisper (or a Qwen2-Audio encoder, which has the same layout)."""

@@ -7,17 +7,24 @@
   transcription on the audio encoder) or from the pooled media tokens (`media_bow`: the paired text's
   bag of words, i.e. image/video tagging and keyword spotting).
 - `RetrievalHead`: the shared retrieval space and the symmetric InfoNCE over it (the contrastive loss).
+- `MultimodalLoss`: the whole objective, as open_clip's `ClipLoss`: it owns λ and α, the world size and the
+  cross-rank gather of the contrastive embeddings, the normalisation over an accumulation window and the
+  zero-weight touch of the modules a batch left unused. The model gives it its outputs and heads;
+  `MultimodalForConditionalGeneration.forward` calls it when targets are given, so `model(**batch).loss` is the
+  training loss.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .constants import IGNORE_INDEX
+from .encoders import has_trainable_parameters
 from .projectors import keep_torch_default_init
 
 
@@ -55,9 +62,6 @@ def labelled_lm_loss(
 class AudioCTCHead(nn.Module):
     """CTC over the audio encoder's positions predicting the transcript's token ids (blank = last class)."""
 
-    modality = "audio"
-    labels_key = "ctc_labels"
-
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
         self.blank_id = vocab_size
@@ -87,20 +91,6 @@ class AudioCTCHead(nn.Module):
         ) / target_lengths
         return per_clip.sum() / (num_items if num_items is not None else per_clip.numel())
 
-    @torch.no_grad()
-    def greedy_decode(self, encoder_states: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-        """Best-path decoding: argmax, merge repeats, drop blanks."""
-        best = self(encoder_states).argmax(-1)
-        sequences = []
-        for row, length in zip(best.tolist(), lengths.tolist()):
-            tokens, previous = [], None
-            for token in row[:length]:
-                if token != previous and token != self.blank_id:
-                    tokens.append(token)
-                previous = token
-            sequences.append(tokens)
-        return sequences
-
 
 class MediaBagOfWordsHead(nn.Module):
     """Predicts the words of a sample's paired text (caption, transcript) from its pooled media tokens.
@@ -111,9 +101,6 @@ class MediaBagOfWordsHead(nn.Module):
     previous words, so the towers must see every attribute themselves instead of leaning on the LM's
     word-to-word statistics; unlike the contrastive loss it needs no negatives from the batch.
     """
-
-    modality = "media"
-    labels_key = "pair_input_ids"
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
@@ -206,3 +193,183 @@ def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """Mean over positions where mask is true: (n, L, d), (n, L) -> (n, d)."""
     mask = mask.to(hidden_states.dtype)[..., None]
     return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+# The targets `MultimodalLoss` reads from a batch besides `labels` (forward takes them as keyword arguments).
+LOSS_TARGETS = ("shift_labels", "ctc_labels", "pair_input_ids", "pair_attention_mask", "segment_ids")
+
+
+@dataclass
+class LossTerms:
+    """The loss terms of one batch: `text` (L_text), `auxiliary` (L_auxiliary per auxiliary task), `contrastive`
+    (L_contrastive)."""
+
+    text: torch.Tensor | None = None
+    auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)
+    contrastive: torch.Tensor | None = None
+
+    @property
+    def auxiliary_total(self) -> torch.Tensor | None:
+        return sum(self.auxiliary.values()) if self.auxiliary else None
+
+
+class MultimodalLoss:
+    """`L_text + λ·L_auxiliary + α·L_contrastive` from the model's outputs, for one process or one rank of many.
+
+    auxiliary_loss_weight (λ) / contrastive_loss_weight (α): a weight of 0 skips its term's computation.
+    world_size > 1: `L_contrastive` is taken over every rank's pairs (`gather_rows_across_ranks`, so every rank must
+        call this in every step, pairs or not), and the summed terms are multiplied by the world size, which undoes
+        DDP's gradient average (their divisors already count the items of all ranks, see `num_items`).
+    touch_unused_modules: add 0 × a tiny pass through each module the batch left unused, so that every rank runs
+        every module it owns whatever mix of modalities it drew (DDP fails on unused parameters, FSDP / ZeRO-3
+        hang) and one process gives its optimizer the same zero gradients as several would. The value is unchanged.
+
+    `num_items` (per call) divides each summed term by its count over a whole accumulation window and all ranks:
+    "text" (labelled tokens), "audio_ctc" (clips with a transcript), "media_bow" (samples with a paired text) and
+    "contrastive" (micro-batches in the window: `L_contrastive` is a mean per micro-batch). Default: this batch's.
+    """
+
+    def __init__(
+        self,
+        auxiliary_loss_weight: float = 0.0,
+        contrastive_loss_weight: float = 0.0,
+        world_size: int = 1,
+        touch_unused_modules: bool = False,
+    ):
+        self.auxiliary_loss_weight = auxiliary_loss_weight
+        self.contrastive_loss_weight = contrastive_loss_weight
+        self.world_size = world_size
+        self.touch_unused_modules = touch_unused_modules
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "MultimodalLoss":
+        return cls(config.auxiliary_loss_weight, config.contrastive_loss_weight, **kwargs)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return gather_rows_across_ranks(rows) if self.world_size > 1 else rows
+
+    def __call__(
+        self, model, outputs, targets: dict, num_items: dict | None = None, contrastive: bool = True, media_used: dict | None = None
+    ) -> tuple[torch.Tensor | None, LossTerms]:
+        """(loss, terms) for `MultimodalForConditionalGeneration` `model`'s `MultimodalModel` outputs and the targets
+        given (see its `forward`). `media_used` {modality: bool}: the media the batch carried (for the touch pass).
+        The loss is None when no term applies (and nothing is touched)."""
+        num_items = num_items or {}
+        terms = self.terms(model, outputs, num_items=num_items, contrastive=contrastive, **targets)
+        like = outputs.inputs_embeds
+        if self.touch_unused_modules:
+            loss = self.combine(terms, like, num_items)
+            loss = like.new_zeros((), dtype=torch.float32) if loss is None else loss
+            used = {
+                **(media_used or {}),
+                "audio_ctc": "audio_ctc" in terms.auxiliary,
+                "media_bow": "media_bow" in terms.auxiliary,
+                "retrieval": terms.contrastive is not None,
+            }
+            return loss + 0.0 * touch_unused_modules(model, used, like), terms
+        return self.combine(terms, like, num_items), terms
+
+    def terms(
+        self,
+        model,
+        outputs,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        ctc_labels: torch.LongTensor | None = None,
+        pair_input_ids: torch.LongTensor | None = None,
+        pair_attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        num_items: dict | None = None,
+        contrastive: bool = True,
+    ) -> LossTerms:
+        """The three terms. Outputs of `MultimodalModel.merge_media` alone (no LM run, `last_hidden_state` None) give
+        only `L_auxiliary`: `L_text` and `L_contrastive` need the LM. contrastive=False skips `L_contrastive`."""
+        num_items = num_items or {}
+        terms = LossTerms()
+        runs_language_model = outputs.last_hidden_state is not None
+        if (labels is not None or shift_labels is not None) and runs_language_model:
+            terms.text = labelled_lm_loss(
+                outputs.last_hidden_state, labels, model.lm_head, num_items.get("text"), shift_labels=shift_labels
+            )
+        heads = model.auxiliary_heads
+        wants_bow = self.auxiliary_loss_weight > 0 and "media_bow" in heads
+        wants_cross = contrastive and self.contrastive_loss_weight > 0 and runs_language_model
+        pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
+        if (wants_bow or wants_cross) and (pair_input_ids is not None or self.world_size > 1):
+            pairs = model._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
+        if self.auxiliary_loss_weight > 0:
+            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_outputs is not None:
+                terms.auxiliary["audio_ctc"] = heads["audio_ctc"].loss(
+                    outputs.audio_outputs.last_hidden_state, outputs.audio_positions, ctc_labels, num_items.get("audio_ctc")
+                )
+            if wants_bow and pairs is not None and pairs[0]:
+                pooled = torch.stack([t.mean(0) for t in pairs[0]])  # each sample's mean media token, before the LM
+                terms.auxiliary["media_bow"] = heads["media_bow"].loss(pooled, pairs[1], pairs[2], num_items.get("media_bow"))
+            terms.auxiliary = {task: value for task, value in terms.auxiliary.items() if value is not None}
+        if wants_cross and pairs is not None:
+            terms.contrastive = self.contrastive_term(model, *pairs)
+        return terms
+
+    def contrastive_term(self, model, tokens, pair_input_ids, pair_attention_mask) -> torch.Tensor | None:
+        """InfoNCE between each sample's media (media-only LM pass) and its paired text (text-only LM pass), over
+        every rank's pairs; None with fewer than 2 pairs in all."""
+        media_embeds = model._media_embeddings(tokens)
+        if tokens:
+            text_embeds = model._text_embeddings(pair_input_ids, pair_attention_mask)
+        else:
+            text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
+        media_embeds, text_embeds = self.gather(media_embeds), self.gather(text_embeds)
+        if media_embeds.shape[0] < 2:
+            return None
+        return model.retrieval_head.contrastive_loss(media_embeds, text_embeds)
+
+    def combine(self, terms: LossTerms, like: torch.Tensor, num_items: dict | None = None) -> torch.Tensor | None:
+        """`world·(L_text + λ·L_auxiliary) + α·L_contrastive / micro-batches` over the terms present (None if none);
+        with one process and one micro-batch, `L_text + λ·L_auxiliary + α·L_contrastive`."""
+        if terms.text is None and terms.auxiliary_total is None and terms.contrastive is None:
+            return None
+        world, steps = self.world_size, (num_items or {}).get("contrastive", 1)
+        loss = terms.text if terms.text is not None else like.new_zeros((), dtype=torch.float32)
+        if world != 1:
+            loss = world * loss
+        if terms.auxiliary_total is not None:
+            auxiliary = self.auxiliary_loss_weight * terms.auxiliary_total
+            loss = loss + (world * auxiliary if world != 1 else auxiliary)
+        if terms.contrastive is not None:
+            contrastive = self.contrastive_loss_weight * terms.contrastive
+            loss = loss + (contrastive / steps if steps != 1 else contrastive)
+        return loss
+
+
+def touch_unused_modules(model, used: dict[str, bool], like: torch.Tensor) -> torch.Tensor:
+    """Sum of a tiny pass through each module of `model` (`MultimodalForConditionalGeneration`) this batch left
+    unused (to be multiplied by 0). `used`: {"image", "video", "audio", "audio_ctc", "media_bow", "retrieval": bool}."""
+    config, inner, total = model.config, model.model, like.new_zeros((), dtype=torch.float32)
+    # A frozen tower has nothing to synchronise: only its projector is touched, never the tower itself.
+    if inner.vision_tower is not None:
+        vision = config.vision_config
+        if not used.get("image"):
+            if has_trainable_parameters(inner.vision_tower):
+                total = total + inner.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
+            else:
+                total = total + inner.multi_modal_projector["image"].touch(like)
+        if config.video_token_id is not None and not used.get("video"):
+            total = total + inner.video_projector.touch(like)
+    if inner.audio_tower is not None:
+        states = None
+        if not used.get("audio"):
+            if has_trainable_parameters(inner.audio_tower):
+                clips, states, _ = inner.encode_audio(like.new_zeros(1, config.audio_config.num_mel_bins, 2))
+                total = total + clips[0].sum()
+            else:
+                total = total + inner.multi_modal_projector["audio"].touch(like)
+        if "audio_ctc" in model.auxiliary_heads and not used.get("audio_ctc"):
+            states = states if states is not None else like.new_zeros(1, 1, config.audio_config.d_model)
+            total = total + model.auxiliary_heads["audio_ctc"](states).sum()
+    if "media_bow" in model.auxiliary_heads and not used.get("media_bow"):
+        total = total + model.auxiliary_heads["media_bow"](like.new_zeros(1, config.text_config.hidden_size)).sum()
+    head = getattr(model, "retrieval_head", None)
+    if head is not None and not used.get("retrieval"):
+        zeros = like.new_zeros(1, config.text_config.hidden_size)
+        total = total + head.media_projection(zeros).sum() + head.text_projection(zeros).sum() + head.logit_scale.sum()
+    return total

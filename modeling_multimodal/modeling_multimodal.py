@@ -21,12 +21,10 @@ Where it departs from LLaVA:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -42,9 +40,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .input_checks import check_media_inputs, check_weight_files
-from .encoders import build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
-from .losses import AUXILIARY_HEADS, RetrievalHead, labelled_lm_loss, masked_mean
+from .configuration.media_registry import VIDEO_TRACK_INPUTS
+from .encoders import FEATURES_ONLY, build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
+from .losses import AUXILIARY_HEADS, LOSS_TARGETS, MultimodalLoss, RetrievalHead
 from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
+from .retrieval import RetrievalMixin
 from .vision_stem import use_conv_stem
 
 
@@ -81,20 +81,6 @@ class MultimodalCausalLMOutput(_MediaHiddenStates, MultimodalCausalLMOutputWithP
     loss_contrastive: torch.Tensor | None = None
 
 
-@dataclass
-class LossTerms:
-    """The loss terms of one batch: `text` (L_text), `auxiliary` (L_auxiliary per auxiliary task), `contrastive`
-    (L_contrastive)."""
-
-    text: torch.Tensor | None = None
-    auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)
-    contrastive: torch.Tensor | None = None
-
-    @property
-    def auxiliary_total(self) -> torch.Tensor | None:
-        return sum(self.auxiliary.values()) if self.auxiliary else None
-
-
 def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], tokens_per_item: list[int]) -> None:
     """Media items are consumed in order, sample by sample; each sample's placeholders must match exactly."""
     item = 0
@@ -117,9 +103,6 @@ def check_placeholder_counts(modality: str, placeholders_per_sample: list[int], 
         )
 
 
-# Our media inputs that transformers' `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL` does not know.
-VIDEO_TRACK_INPUTS = ("video_audio_features", "video_audio_features_mask")
-_FEATURES_ONLY = {"output_hidden_states": False, "return_dict": True}  # get_<modality>_features for the features alone
 
 
 def _tower_features(tower, features, output_hidden_states: bool) -> BaseModelOutputWithPooling:
@@ -143,8 +126,10 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
-    # A checkpoint trained with λ > 0 carries auxiliary heads that a model loaded with λ = 0 does not build.
-    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\."]
+    # Heads a checkpoint may carry that this model does not build: auxiliary heads (trained with λ > 0, loaded with
+    # λ = 0), the retrieval head (α = 0 and no `retrieval_head`), and both, with the LM head, when the whole
+    # checkpoint of `MultimodalForConditionalGeneration` is loaded into `MultimodalModel` (vLLM's `AutoModel`).
+    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\.", r"^retrieval_head\.", r"^lm_head\."]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -291,7 +276,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
 
         With sound tracks (see `get_video_features`), a list of (video_tokens(track)_i, text_hidden) instead.
         """
-        return self.get_video_features(pixel_values_videos, video_audio_features, video_audio_features_mask, **_FEATURES_ONLY).pooler_output
+        return self.get_video_features(pixel_values_videos, video_audio_features, video_audio_features_mask, **FEATURES_ONLY).pooler_output
 
     def _with_sound_tracks(
         self, frame_tokens: torch.Tensor, video_audio_features: torch.Tensor, video_audio_features_mask: torch.Tensor | None
@@ -517,7 +502,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
             features = encoder_outputs.get(modality)
             counts = None if features is None else [item.shape[0] for item in features.pooler_output]
             masks[modality] = self.get_placeholder_mask(input_ids, inputs_embeds, modality, counts)
-            if features is None and is_prefill and masks[modality].any():
+            # Given `inputs_embeds` may be merged already (vLLM merges them itself): then placeholders need no media.
+            if features is None and is_prefill and input_ids is not None and masks[modality].any():
                 raise ValueError(
                     f"input_ids contain <{modality}> placeholders (samples "
                     f"{masks[modality].any(-1).nonzero().flatten().tolist()}) but no {modality} inputs were given."
@@ -594,7 +580,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         )
 
 
-class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMixin):
+class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedModel, GenerationMixin):
     """The generating model: `MultimodalModel` + LM head + auxiliary heads + retrieval head."""
 
     def __init__(self, config: MultimodalConfig):
@@ -607,9 +593,11 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             in_features = config.audio_config.d_model if task == "audio_ctc" else text.hidden_size
             heads[task] = AUXILIARY_HEADS[task](in_features, text.vocab_size)
         self.auxiliary_heads = nn.ModuleDict(heads)
-        self.retrieval_head = RetrievalHead(
-            text.hidden_size, config.contrastive_dim or text.hidden_size, config.contrastive_init_temperature
-        )
+        self.retrieval_head = None  # only with α > 0 or `config.retrieval_head`: never a parameter without a gradient
+        if config.builds_retrieval_head:
+            self.retrieval_head = RetrievalHead(
+                text.hidden_size, config.contrastive_dim or text.hidden_size, config.contrastive_init_temperature
+            )
         if config.tie_word_embeddings:
             embeddings = self.model.language_model.get_input_embeddings()
             name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
@@ -679,73 +667,6 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def get_retrieval_embeddings(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        input_features_mask: torch.Tensor | None = None,
-        video_audio_features: torch.Tensor | None = None,
-        video_audio_features_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(n, contrastive_dim) L2-normalised embeddings of the shared retrieval space that `L_contrastive` trains, of
-        one modality's inputs: texts (`input_ids`, `attention_mask`), images, videos or audio clips. The dot product
-        of two embeddings is their cosine similarity (text-to-image scores: `texts @ images.T`). Videos may come with
-        their sound tracks (`video_audio_features`, the processor's `use_audio_in_video`): the embedding then reads
-        the interleaved frame and track tokens.
-        """
-        if video_audio_features is not None and pixel_values_videos is None:
-            raise ValueError("video_audio_features are videos' sound tracks: pass them with pixel_values_videos.")
-        given = {
-            name: value
-            for name, value in (
-                ("input_ids", input_ids), ("pixel_values", pixel_values),
-                ("pixel_values_videos", pixel_values_videos), ("input_features", input_features),
-            )
-            if value is not None
-        }
-        if len(given) != 1:
-            raise ValueError(
-                "get_retrieval_embeddings embeds one modality per call: pass exactly one of input_ids, pixel_values, "
-                f"pixel_values_videos, input_features (got {sorted(given) or 'none'})."
-            )
-        if input_ids is not None:
-            return self._text_embeddings(input_ids, attention_mask)
-        if pixel_values is not None:
-            features = self.model.get_image_features(pixel_values, **_FEATURES_ONLY, output_attentions=False)
-        elif pixel_values_videos is not None:
-            features = self.model.get_video_features(
-                pixel_values_videos, video_audio_features, video_audio_features_mask, **_FEATURES_ONLY, output_attentions=False
-            )
-        else:
-            features = self.model.get_audio_features(input_features, input_features_mask, **_FEATURES_ONLY)
-        return self._media_embeddings(list(features.pooler_output))
-
-    def _text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Text-only LM pass, mean over real tokens, projected and L2-normalised: the text side of retrieval."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.retrieval_head.embed_text(masked_mean(hidden.last_hidden_state, attention_mask.bool()))
-
-    def _media_embeddings(self, media_tokens: list[torch.Tensor]) -> torch.Tensor:
-        """Media-only LM pass over each item's LM-ready tokens (n_i, d), mean-pooled, projected, L2-normalised.
-
-        The media side of retrieval reads its tokens through the LM, as the text side reads its words: the
-        LM sees the tokens in order, so where something is in an image (and when, in a video) survives
-        into the embedding; a plain mean over an image's patch tokens loses it.
-        Each item is its own sequence, so an embedding never depends on the rest of the batch.
-        """
-        if not media_tokens:
-            return self.retrieval_head.media_projection.weight.new_zeros(0, self.retrieval_head.media_projection.out_features)
-        lengths = torch.tensor([t.shape[0] for t in media_tokens], device=media_tokens[0].device)
-        padded = torch.stack([F.pad(t, (0, 0, 0, int(lengths.max()) - t.shape[0])) for t in media_tokens])
-        mask = torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]
-        hidden = self.model.language_model(inputs_embeds=padded, attention_mask=mask.long(), use_cache=False)
-        return self.retrieval_head.embed_media(masked_mean(hidden.last_hidden_state, mask))
-
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media; the videos' sound
         tracks are dropped after it, as transformers drops the other media inputs (encoded once, at prefill).
@@ -779,74 +700,68 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-        ctc_labels: torch.LongTensor | None = None,
-        pair_input_ids: torch.LongTensor | None = None,
-        pair_attention_mask: torch.Tensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_logits: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalCausalLMOutput:
         r"""
         video_audio_features / video_audio_features_mask: (n_videos, n_mels, T) / (n_videos, T) each video's sound
             track (the processor's `use_audio_in_video`), interleaved with its frames at its `<video>` placeholders.
-        The loss is `L_text + λ·L_auxiliary + α·L_contrastive` with λ = `config.auxiliary_loss_weight`, α = `config.contrastive_loss_weight`
-        (a weight of 0 skips its term's computation); each term is also returned on its own. Which terms are taken
-        follows the targets given, as CLIP's `return_loss` does for its contrastive loss.
-
         labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media): `L_text`.
-        shift_labels: (batch, seq) targets already shifted (position t predicts shift_labels[:, t]), as transformers'
-            losses take them under sequence / context parallelism; used instead of shifting `labels`.
-        ctc_labels: (n_audios, max_len) transcript token ids of each clip, -100 padded: the `audio_ctc` part of `L_auxiliary`.
-        pair_input_ids / pair_attention_mask: (n_samples, pair_len) the text paired with each sample's media
-            (caption, transcript): `L_contrastive` and the `media_bow` part of `L_auxiliary`; all-padding rows take no part.
-        segment_ids: (batch, seq) index of the sample each position belongs to, -1 on padding; needed when
-            several samples are packed into one row (default: one sample per row).
-        num_items_in_batch: divide the summed token loss by this (labelled tokens of the whole accumulation
-            window across ranks) instead of this batch's count, as transformers' Trainer passes it.
-        return_logits: False skips the full (batch, seq, vocab) logits; the loss is computed either way.
+
+        The loss is `L_text + λ·L_auxiliary + α·L_contrastive` (`losses.MultimodalLoss`, λ = `config.auxiliary_loss_weight`,
+        α = `config.contrastive_loss_weight`; a weight of 0 skips its term), each term also returned on its own. Which
+        terms are taken follows the targets given, as CLIP's `return_loss` does. Training-only keyword arguments:
+        - shift_labels: (batch, seq) targets already shifted (sequence / context parallelism), instead of `labels`;
+        - ctc_labels: (n_audios, max_len) transcript ids of each clip, -100 padded: `audio_ctc` of `L_auxiliary`;
+        - pair_input_ids / pair_attention_mask: (n_samples, pair_len) the text paired with each sample's media:
+          `L_contrastive` and `media_bow`; all-padding rows take no part;
+        - segment_ids: (batch, seq) the sample of each position (-1 on padding), for packed rows;
+        - num_items_in_batch: the labelled tokens of the accumulation window (as transformers' Trainer passes it),
+          or num_items: every term's divisor over the window (`MultimodalLoss`); contrastive=False skips `L_contrastive`;
+        - loss_function: a `MultimodalLoss` for this call (world size, touch pass), else the config's;
+        - return_logits=False skips the full logits; run_language_model=False merges the media and computes
+          `λ·L_auxiliary` only, without running the LM (the `encoders` training stage).
         """
+        targets = {key: kwargs.pop(key) for key in LOSS_TARGETS if kwargs.get(key) is not None}
+        num_items = kwargs.pop("num_items", None) or {"text": kwargs.pop("num_items_in_batch", None)}
+        kwargs.pop("num_items_in_batch", None)
+        loss_function = kwargs.pop("loss_function", None) or MultimodalLoss.from_config(self.config)
+        contrastive, return_logits = kwargs.pop("contrastive", True), kwargs.pop("return_logits", True)
+        run_language_model = kwargs.pop("run_language_model", True)
+        if labels is not None:
+            targets["labels"] = labels
         length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
-            if targets is not None and targets.shape != length:
+        for name in ("labels", "shift_labels"):
+            if name in targets and targets[name].shape != length:
                 raise ValueError(
-                    f"{name} has shape {tuple(targets.shape)} but the inputs are {tuple(length)} (batch, seq); "
+                    f"{name} has shape {tuple(targets[name].shape)} but the inputs are {tuple(length)} (batch, seq); "
                     f"{name} must hold one target per input position (-100 where no loss is taken)."
                 )
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            input_features=input_features,
-            input_features_mask=input_features_mask,
-            video_audio_features=video_audio_features,
+        media = dict(
+            pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, input_features=input_features,
+            input_features_mask=input_features_mask, video_audio_features=video_audio_features,
             video_audio_features_mask=video_audio_features_mask,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
         )
+        if run_language_model:
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **media, **kwargs,
+            )
+        else:
+            outputs = self.model.merge_media(input_ids, inputs_embeds, **media)
         logits = None
-        if return_logits:
+        if return_logits and outputs.last_hidden_state is not None:
             logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        terms = self.loss_terms(
-            outputs,
-            labels=labels,
-            shift_labels=shift_labels,
-            ctc_labels=ctc_labels,
-            pair_input_ids=pair_input_ids,
-            pair_attention_mask=pair_attention_mask,
-            segment_ids=segment_ids,
-            num_items={"text": num_items_in_batch},
-        )
+        tracks = video_audio_features_mask
+        media_used = {
+            "image": pixel_values is not None,
+            "video": pixel_values_videos is not None,
+            "audio": input_features is not None or bool(tracks is not None and tracks.any()),  # sound tracks use it too
+        }
+        loss, terms = loss_function(self, outputs, targets, num_items, contrastive=contrastive, media_used=media_used)
         return MultimodalCausalLMOutput(
-            loss=self.weighted_loss(terms, like=outputs.inputs_embeds),
+            loss=loss,
             logits=logits,
             loss_text=terms.text,
             loss_auxiliary=terms.auxiliary_total,
@@ -858,105 +773,6 @@ class MultimodalForConditionalGeneration(MultimodalPreTrainedModel, GenerationMi
             video_outputs=outputs.video_outputs,
             audio_outputs=outputs.audio_outputs,
         )
-
-    # --- the loss terms ------------------------------------------------------------------------------
-    def loss_terms(
-        self,
-        outputs: MultimodalModelOutput,
-        labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-        ctc_labels: torch.LongTensor | None = None,
-        pair_input_ids: torch.LongTensor | None = None,
-        pair_attention_mask: torch.Tensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        num_items: dict[str, int | torch.Tensor | None] | None = None,
-        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        contrastive: bool = True,
-    ) -> LossTerms:
-        """The three terms from `MultimodalModel`'s outputs and the targets given (see `forward`).
-
-        The training objective (`training/objective.py`) calls this with what a data-parallel step needs and
-        `forward` does not: `num_items` divides each summed term by its count over a whole accumulation window
-        and all ranks (keys "text", "audio_ctc", "media_bow"; default: this batch's count), and `gather` collects
-        every rank's embedding rows for `L_contrastive` (every rank then calls it in every step, pairs or not).
-        Outputs of `MultimodalModel.merge_media` alone (no LM run, `last_hidden_state` None) give only `L_auxiliary`:
-        `L_text` and `L_contrastive` need the LM. contrastive=False skips `L_contrastive` (a training step without it).
-        """
-        num_items = num_items or {}
-        terms = LossTerms()
-        runs_language_model = outputs.last_hidden_state is not None
-        if (labels is not None or shift_labels is not None) and runs_language_model:
-            terms.text = labelled_lm_loss(
-                outputs.last_hidden_state, labels, self.lm_head, num_items.get("text"), shift_labels=shift_labels
-            )
-        heads = self.auxiliary_heads
-        wants_bow = self.config.auxiliary_loss_weight > 0 and "media_bow" in heads
-        wants_cross = contrastive and self.config.contrastive_loss_weight > 0 and runs_language_model
-        pairs = None  # (media tokens per sample, pair ids, pair mask) of the samples that have both
-        if (wants_bow or wants_cross) and (pair_input_ids is not None or gather is not None):
-            pairs = self._media_text_pairs(outputs, pair_input_ids, pair_attention_mask, segment_ids)
-        if self.config.auxiliary_loss_weight > 0:
-            if "audio_ctc" in heads and ctc_labels is not None and outputs.audio_outputs is not None:
-                terms.auxiliary["audio_ctc"] = heads["audio_ctc"].loss(
-                    outputs.audio_outputs.last_hidden_state, outputs.audio_positions, ctc_labels, num_items.get("audio_ctc")
-                )
-            if wants_bow and pairs is not None:
-                terms.auxiliary["media_bow"] = self._bag_of_words_loss(*pairs, num_items.get("media_bow"))
-            terms.auxiliary = {task: value for task, value in terms.auxiliary.items() if value is not None}
-        if wants_cross and pairs is not None:
-            terms.contrastive = self._contrastive_loss(*pairs, gather)
-        return terms
-
-    def weighted_loss(self, terms: LossTerms, like: torch.Tensor) -> torch.Tensor | None:
-        """`L_text + λ·L_auxiliary + α·L_contrastive` over the terms present (None when there is none)."""
-        if terms.text is None and terms.auxiliary_total is None and terms.contrastive is None:
-            return None
-        loss = terms.text if terms.text is not None else like.new_zeros((), dtype=torch.float32)
-        if terms.auxiliary_total is not None:
-            loss = loss + self.config.auxiliary_loss_weight * terms.auxiliary_total
-        if terms.contrastive is not None:
-            loss = loss + self.config.contrastive_loss_weight * terms.contrastive
-        return loss
-
-    def _media_text_pairs(self, outputs, pair_input_ids, pair_attention_mask, segment_ids):
-        """(media tokens per sample, pair ids (n, S), pair mask (n, S)) of the samples with media and a pair text.
-
-        A sample's media tokens are its merged media features (the LM's input at its placeholders, in
-        order), not hidden states: the text side of `L_contrastive` must not see the media, nor the media side
-        the text.
-        """
-        embeds, media_mask = outputs.inputs_embeds, outputs.media_mask.bool()
-        if pair_input_ids is None:  # this rank has no pairs, but may join the other ranks' gather
-            pair_input_ids = torch.zeros(0, 1, dtype=torch.long, device=embeds.device)
-        if pair_attention_mask is None:
-            pair_attention_mask = torch.ones_like(pair_input_ids)
-        if segment_ids is None:  # one sample per row
-            segment_ids = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand(media_mask.shape)
-        num_samples = pair_input_ids.shape[0]
-        membership = (segment_ids[..., None] == torch.arange(num_samples, device=embeds.device)) & media_mask[..., None]
-        paired = membership.any((0, 1)) & pair_attention_mask.bool().any(-1)
-        tokens = [embeds[membership[..., i]] for i in paired.nonzero().flatten().tolist()]
-        return tokens, pair_input_ids[paired], pair_attention_mask[paired]
-
-    def _bag_of_words_loss(self, tokens, pair_input_ids, pair_attention_mask, num_items) -> torch.Tensor | None:
-        """`media_bow` on each sample's mean media token (the towers' and projectors' output, before the LM)."""
-        if not tokens:
-            return None
-        pooled = torch.stack([t.mean(0) for t in tokens])
-        return self.auxiliary_heads["media_bow"].loss(pooled, pair_input_ids, pair_attention_mask, num_items)
-
-    def _contrastive_loss(self, tokens, pair_input_ids, pair_attention_mask, gather=None) -> torch.Tensor | None:
-        """InfoNCE between each sample's media (media-only LM pass) and its paired text (text-only LM pass)."""
-        media_embeds = self._media_embeddings(tokens)
-        if tokens:
-            text_embeds = self._text_embeddings(pair_input_ids, pair_attention_mask)
-        else:
-            text_embeds = media_embeds.new_zeros(0, media_embeds.shape[-1])
-        if gather is not None:
-            media_embeds, text_embeds = gather(media_embeds), gather(text_embeds)
-        if media_embeds.shape[0] < 2:
-            return None
-        return self.retrieval_head.contrastive_loss(media_embeds, text_embeds)
 
 
 __all__ = ["MultimodalForConditionalGeneration", "MultimodalModel", "MultimodalPreTrainedModel"]

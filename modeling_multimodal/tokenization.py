@@ -14,8 +14,10 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .configuration.media_registry import PLACEHOLDERS
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-MEDIA_TOKENS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
+MEDIA_TOKENS = PLACEHOLDERS  # {"image": "<image>", ...}, declared in configuration.media_registry
 
 
 def build_tokenizer(

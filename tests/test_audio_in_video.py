@@ -43,7 +43,7 @@ def clips(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MultimodalForConditionalGeneration(tiny_config(TOKENIZER)).eval()
+    return MultimodalForConditionalGeneration(tiny_config(TOKENIZER, retrieval_head=True)).eval()  # retrieval at α = 0
 
 
 # --- the layout: one function for processor and model ---------------------------------------------------

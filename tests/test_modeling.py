@@ -380,7 +380,7 @@ def test_no_split_modules_cover_every_tower():
 
 
 def test_retrieval_embeddings_are_normalised_and_consistent():
-    model = build_model()
+    model = build_model(retrieval_head=True)  # α = 0: the head only when asked for
     pixels = torch.randn(3, 3, 32, 32)
     image = model.get_retrieval_embeddings(pixel_values=pixels)
     text = model.get_retrieval_embeddings(**TOKENIZER(["a red circle", "a blue square moving"], padding=True, return_tensors="pt"))

@@ -59,9 +59,9 @@ STAGE_CASES = [
 @pytest.mark.parametrize("stage,encoders,trained,frozen", STAGE_CASES, ids=[f"{c[0]}-encoders{c[1]}" for c in STAGE_CASES])
 def test_each_stage_trains_exactly_the_intended_parameters(stage, encoders, trained, frozen):
     torch.manual_seed(0)
-    config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
+    config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, freeze_vision_tower=False, freeze_audio_tower=False)
     if stage != "encoders":  # the other stages keep the towers the config freezes frozen
-        config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5)
+        config = tiny_config(tiny_tokenizer(), auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5)  # α > 0: the retrieval head exists
     model = MultimodalForConditionalGeneration(config)
     values = {"model": {"config": {}}, "data": {"train": [{"manifest": "x"}]}, "stage": stage, "lora": {"encoders": encoders}}
     trainable = apply_stage(model, load_recipe(values=values))

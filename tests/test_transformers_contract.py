@@ -16,7 +16,7 @@ from modeling_multimodal.losses import masked_mean
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model()
+    return build_model(retrieval_head=True)  # the retrieval checks need the head (α = 0 builds none)
 
 
 @pytest.fixture(scope="module")

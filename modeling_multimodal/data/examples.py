@@ -46,6 +46,7 @@ import datasets
 import soundfile
 import torch
 
+from ..configuration.media_registry import MEDIA_INPUTS, MODALITIES  # ("image", "audio", "video")
 from ..constants import IGNORE_INDEX
 from ..processing.audio_loading import mel_frame_count
 from ..processing.media_files import open_media_file
@@ -54,12 +55,8 @@ from ..tokenization import MEDIA_TOKENS
 from .containers import media_value, open_container, undecoded_media
 from .formats import FORMATS, ROLES, decode_data_url, detect_format, row_tools, to_messages
 
-MODALITIES = tuple(MEDIA_TOKENS)  # ("image", "audio", "video")
 # The media tensors an encoded example carries (whichever of them its media need).
-MEDIA_TENSOR_KEYS = (
-    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "video_audio_features",
-    "video_audio_features_mask",
-)
+MEDIA_TENSOR_KEYS = MEDIA_INPUTS
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
 _MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}

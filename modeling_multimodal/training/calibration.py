@@ -13,12 +13,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..configuration.media_registry import MEDIA_INPUTS
 from .stages import base_model
 
-MEDIA_INPUTS = (
-    "pixel_values", "pixel_values_videos", "input_features", "input_features_mask", "video_audio_features",
-    "video_audio_features_mask",
-)
 
 
 def projectors_to_calibrate(model) -> dict[str, torch.nn.Module]:

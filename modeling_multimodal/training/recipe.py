@@ -36,9 +36,10 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from ..configuration.configuration_multimodal import DEPRECATED_NAMES
 
 STAGES = ("encoders", "align", "finetune", "full")
 MAX_RECIPE_BYTES = 1 << 20
@@ -424,7 +425,7 @@ class TrainingRecipe:
 
 
 # Old top-level keys -> their current names; recipes with the old keys still load (FutureWarning).
-DEPRECATED_KEYS = {"other_loss_weight": "auxiliary_loss_weight", "cross_loss_weight": "contrastive_loss_weight"}
+DEPRECATED_KEYS = DEPRECATED_NAMES  # the loss weights' old names: one map, the config's
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "optim": OptimSpec, "augment": AugmentSpec}
 
 
@@ -559,10 +560,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), value
     return recipe
 
 
-def recipe_from_dict(values: dict, overrides: list[str] = ()) -> TrainingRecipe:
-    return load_recipe(values=values, overrides=overrides)
-
-
 # --- chained stages -------------------------------------------------------------------------------------
 def stage_recipes(recipe: TrainingRecipe) -> list[TrainingRecipe]:
     """The recipe of each stage of `recipe.stages` (or [recipe] itself): see the module docstring."""
@@ -592,7 +589,3 @@ def stage_recipes(recipe: TrainingRecipe) -> list[TrainingRecipe]:
         previous = Path(values["output_dir"]) / "final"
     return recipes
 
-
-def describe(recipe: TrainingRecipe) -> dict[str, Any]:
-    """The recipe as plain data (for logs, checkpoints and model cards)."""
-    return recipe.to_dict()

@@ -48,7 +48,7 @@ def modules_to_save(model: MultimodalForConditionalGeneration) -> list[str]:
     """Full attribute paths of the projectors and heads (PEFT matches them by suffix)."""
     names = [f"model.multi_modal_projector.{key}" for key in model.model.multi_modal_projector]
     names += [f"auxiliary_heads.{key}" for key in model.auxiliary_heads]
-    return names + ["retrieval_head"]
+    return names + (["retrieval_head"] if model.retrieval_head is not None else [])
 
 
 def apply_stage(model: MultimodalForConditionalGeneration, recipe) -> nn.Module:
@@ -62,7 +62,8 @@ def apply_stage(model: MultimodalForConditionalGeneration, recipe) -> nn.Module:
         model.requires_grad_(True)
         model.model.apply_freezing()  # towers the config freezes stay frozen
         for module in (model.model.language_model, model.lm_head, model.retrieval_head):
-            module.requires_grad_(False)
+            if module is not None:
+                module.requires_grad_(False)
         return model
     if recipe.stage == "full":
         model.requires_grad_(True)

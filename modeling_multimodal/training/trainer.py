@@ -138,7 +138,7 @@ class Trainer:
 
         The token, CTC and bag-of-words losses are sums divided by the window's global counts (all ranks), and the
         contrastive loss gathers every rank's pairs, so the update equals the one-process update on the
-        same global batch. `total` multiplies the summed terms by the world size to undo DDP's average.
+        same global batch (`losses.MultimodalLoss`, built by the objective with the world size, undoes DDP's average).
         """
         accelerator, objective = self.accelerator, self.objective
         config = base_model(self.model).config
@@ -149,21 +149,13 @@ class Trainer:
         for i, batch in enumerate(window):
             context = accelerator.no_sync(objective) if i < steps - 1 and world > 1 else contextlib.nullcontext()
             with context:
-                out = objective(**batch, num_items=num_items, gather=world > 1, contrastive=contrastive)
-                total = 0.0 * out.loss  # zero, but keeps every module the forward touched in the graph
-                if out.loss_text is not None:
-                    total = total + world * out.loss_text
-                    totals[0] += out.loss_text.detach()
-                    totals[3] += 1
-                if out.loss_auxiliary is not None:
-                    total = total + world * config.auxiliary_loss_weight * out.loss_auxiliary
-                    totals[1] += out.loss_auxiliary.detach()
-                    totals[4] += 1
-                if out.loss_contrastive is not None:
-                    total = total + config.contrastive_loss_weight * out.loss_contrastive / steps
-                    totals[2] += out.loss_contrastive.detach() / steps / world  # the same value on every rank
-                    totals[5] += 1
-                accelerator.backward(total)
+                out = objective(**batch, num_items=num_items, contrastive=contrastive)
+                # the logged figures are the loss's own terms; L_contrastive is the same value on every rank
+                for index, (term, share) in enumerate(((out.loss_text, 1), (out.loss_auxiliary, 1), (out.loss_contrastive, steps * world))):
+                    if term is not None:
+                        totals[index] += term.detach() / share
+                        totals[index + 3] += 1
+                accelerator.backward(out.loss)
         reduced = accelerator.reduce(totals, "sum").tolist()
         # A term no micro-batch of any rank had is None (not 0) in the logs.
         loss_text, loss_auxiliary, loss_contrastive = (value if seen else None for value, seen in zip(reduced[:3], reduced[3:]))
@@ -250,7 +242,7 @@ class Trainer:
             logger.info("Projector input statistics from %s feature rows", seen)
         # The objective is what runs each step, so it is what DDP / FSDP2 / ZeRO-3 wrap; self.model stays the
         # model inside it (FSDP2 shards it in place), which checkpoints and exports save under its own names.
-        self.objective = TrainingObjective(self.model, run_language_model=recipe.stage != "encoders")
+        self.objective = TrainingObjective(self.model, run_language_model=recipe.stage != "encoders", world_size=accelerator.num_processes)
         self.objective, self.optimizer = accelerator.prepare(self.objective, self.optimizer)
         accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
 

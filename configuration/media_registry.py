@@ -1,0 +1,53 @@
+"""Each media kind declared once: its model inputs, its placeholder, its tower and its projector.
+
+Every list of media input names in the package (the model's, the training objective's, calibration's, the
+data layer's) and every placeholder string is derived from `MEDIA`, so adding a modality or an input is one
+entry here plus its encoder pass. `MediaTokenLayout` (media_tokens.py) says how many tokens an item becomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """One modality as the model sees it.
+
+    inputs: the batch keys that carry it, the first being the one whose presence means "items of this kind given"
+        (the rest are masks or companions, e.g. a video's own sound track).
+    placeholder: the token written in the text where its features go (`<image>`), expanded by the processor.
+    tower / projector: the attribute of `MultimodalModel` that encodes it and the `multi_modal_projector` key that
+        maps it into the LM (video may share the image projector, see `MultimodalModel.video_projector`).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    placeholder: str
+    tower: str
+    projector: str
+
+    @property
+    def main_input(self) -> str:
+        return self.inputs[0]
+
+
+MEDIA = {
+    kind.name: kind
+    for kind in (
+        MediaKind("image", ("pixel_values",), "<image>", tower="vision_tower", projector="image"),
+        MediaKind("audio", ("input_features", "input_features_mask"), "<audio>", tower="audio_tower", projector="audio"),
+        # a video's frames go through the vision tower; its own sound track (`use_audio_in_video`) through the audio one
+        MediaKind(
+            "video", ("pixel_values_videos", "video_audio_features", "video_audio_features_mask"), "<video>",
+            tower="vision_tower", projector="video",
+        ),
+    )
+}
+MODALITIES = tuple(MEDIA)  # ("image", "audio", "video"): the order the processor and the model handle them in
+PLACEHOLDERS = {name: kind.placeholder for name, kind in MEDIA.items()}  # {"image": "<image>", ...}
+MEDIA_INPUTS = tuple(name for kind in MEDIA.values() for name in kind.inputs)  # every media tensor a batch may carry
+# Inputs transformers' `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL` does not know (dropped after prefill by us).
+VIDEO_TRACK_INPUTS = MEDIA["video"].inputs[1:]
+
+__all__ = ["MEDIA", "MEDIA_INPUTS", "MODALITIES", "PLACEHOLDERS", "VIDEO_TRACK_INPUTS", "MediaKind"]
