@@ -20,3 +20,17 @@ def _keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model + processor folder (32 px images, 4 video frames), one per test module (a module may define its own)."""
+    from modeling_multimodal import MultimodalForConditionalGeneration, MultimodalProcessor
+    from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(tokenizer)
+    MultimodalForConditionalGeneration(config).save_pretrained(folder)
+    MultimodalProcessor.from_config_and_components(config, tokenizer).save_pretrained(folder)
+    return folder

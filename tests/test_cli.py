@@ -15,23 +15,9 @@ import sys
 
 import pytest
 
-from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 from modeling_multimodal import cli
 
 ERROR_PREFIX = "modeling-multimodal: error: "
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny model + processor folder (32 px images, 4 video frames)."""
-    from modeling_multimodal import MultimodalForConditionalGeneration, MultimodalProcessor
-
-    folder = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = tiny_tokenizer()
-    config = tiny_config(tokenizer)
-    MultimodalForConditionalGeneration(config).save_pretrained(folder)
-    MultimodalProcessor.from_config_and_components(config, tokenizer).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +167,21 @@ def test_evaluate_several_manifests_one_load_every_prediction(checkpoint, data, 
 
 
 def test_evaluate_json_out_keeps_retrieval_by_default(checkpoint, data, tmp_path, capsys):
-    out = tmp_path / "result.json"
-    assert cli.main([str(a) for a in ["evaluate", checkpoint, "--root", data, "--manifest", "image_test.jsonl:image_caption", "--out", out]]) == 0
-    result = json.loads(out.read_text())
-    (only,) = result["results"]
-    assert len(only["predictions"]) == 3 and "text_to_media_recall@1" in only["scores"]
+    """Retrieval scores come by default where the model has a retrieval head; a model without one (α = 0) still
+    gets its caption scores."""
+    from modeling_multimodal import MultimodalForConditionalGeneration, MultimodalProcessor
+
+    with_head = tmp_path / "with_head"
+    model = MultimodalForConditionalGeneration.from_pretrained(checkpoint)
+    model.config.retrieval_head = True
+    MultimodalForConditionalGeneration(model.config).save_pretrained(with_head)
+    MultimodalProcessor.from_pretrained(checkpoint).save_pretrained(with_head)
+    for folder, retrieval in ((with_head, True), (checkpoint, False)):
+        out = tmp_path / f"result_{retrieval}.json"
+        assert cli.main([str(a) for a in ["evaluate", folder, "--root", data, "--manifest", "image_test.jsonl:image_caption", "--out", out]]) == 0
+        (only,) = json.loads(out.read_text())["results"]
+        assert len(only["predictions"]) == 3 and "exact_match" in only["scores"]
+        assert ("text_to_media_recall@1" in only["scores"]) is retrieval
 
 
 # --- push: timeouts and unreachable hubs (subprocesses: HF_ENDPOINT is read at import) --------------------

@@ -20,19 +20,8 @@ import pytest
 import torch
 
 from modeling_multimodal import MultimodalForConditionalGeneration, MultimodalProcessor, cli
-from modeling_multimodal.testing_utils import tiny_config, tiny_tokenizer
 
 ERROR_PREFIX = "modeling-multimodal: error: "
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = tiny_tokenizer()
-    config = tiny_config(tokenizer)
-    MultimodalForConditionalGeneration(config).save_pretrained(folder)
-    MultimodalProcessor.from_config_and_components(config, tokenizer).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -382,11 +382,12 @@ def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: st
     return content
 
 
-def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
+def build_example(row: dict, task: str | TaskSpec | None = None, require_response: bool = True) -> dict:
     """One row -> {"id", "prompt" (chat messages), "response" (str or None), "media" {modality: [items]},
     "use_audio_in_video" (one bool per video), "pair_text", "ctc_text"}. Media are collected in placeholder order,
     which is the order the model consumes them. A video content item with `"use_audio_in_video": True` (chat rows,
-    or a task with `use_audio_in_video`) brings its sound track.
+    or a task with `use_audio_in_video`) brings its sound track. `require_response=False` accepts a chat row that
+    ends on the user's turn (a prompt to score elsewhere, as multiple choice does); training always needs a reply.
     """
     spec, row_id = get_task(task), str(row.get("id"))
     if spec is None:
@@ -404,7 +405,7 @@ def build_example(row: dict, task: str | TaskSpec | None = None) -> dict:
         if messages and messages[-1].get("role") == "assistant":
             response = _text_of(messages[-1]["content"])
             messages = messages[:-1]
-        elif not pair_text:
+        elif not pair_text and require_response:
             raise ValueError(
                 f"Row {row_id!r}: the conversation does not end with an assistant turn, so it has nothing to train on; "
                 "end it with the assistant's reply (or give a pair_text for the contrastive loss)."

@@ -199,7 +199,8 @@ def evaluate_task(
     """All scores that apply to `task` (task None: chat rows, their last assistant turn scored by exact match and
     BLEU, and by WER / CER too when every row holds only audio), plus the first `num_examples` (prediction, reference) examples (None: all).
 
-    rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only). retrieval=False skips retrieval."""
+    rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only). retrieval=False skips retrieval, and so
+    does a generation task on a model without a retrieval head."""
     spec = get_task(task)
     check_scorable(rows, task, retrieval)
     was_training = model.training
@@ -220,7 +221,10 @@ def evaluate_task(
             {"id": e["id"], "media": {k: [str(x) for x in v] for k, v in e["media"].items() if v}, "prediction": p, "reference": r}
             for e, p, r in list(zip(examples, predictions, references))[:num_examples]
         ]
-    if retrieval and spec is not None and spec.pair_field:
+    # A generation task's retrieval scores need the retrieval head (built with α > 0 or `retrieval_head=True`); a
+    # retrieval-only task (nothing generated) asks for them anyway, so a model without the head is refused by name.
+    has_head = getattr(model, "retrieval_head", None) is not None
+    if retrieval and spec is not None and spec.pair_field and (has_head or not spec.response_field):
         scores.update(retrieval_scores(model, processor, rows, task, batch_size, rerank_top_k))
     model.train(was_training)
     return scores, samples

@@ -185,7 +185,7 @@ def manifest_to_lmms_eval_task(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for row in load_manifest(manifest, root=root, task=task):
-        example = build_example(row, task)
+        example = build_example(row, task, require_response=False)  # multiple-choice rows keep the answer apart
         (user,) = [m for m in example["prompt"] if m["role"] == "user"][-1:] or [None]
         if user is None or isinstance(user["content"], str):
             content = [{"type": "text", "text": user["content"] if user else ""}]
