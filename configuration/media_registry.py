@@ -1,8 +1,10 @@
-"""Each media kind declared once: its model inputs, its placeholder, its tower and its projector.
+"""Each media kind declared once: its model inputs and its placeholder.
 
 Every list of media input names in the package (the model's, the training objective's, calibration's, the
 data layer's) and every placeholder string is derived from `MEDIA`, so adding a modality or an input is one
 entry here plus its encoder pass. `MediaTokenLayout` (media_tokens.py) says how many tokens an item becomes.
+Which tower and projector encode a kind is still the model's code (`MultimodalModel.merge_media`): declared here
+it would be a second statement that nothing reads.
 """
 
 from __future__ import annotations
@@ -17,31 +19,20 @@ class MediaKind:
     inputs: the batch keys that carry it, the first being the one whose presence means "items of this kind given"
         (the rest are masks or companions, e.g. a video's own sound track).
     placeholder: the token written in the text where its features go (`<image>`), expanded by the processor.
-    tower / projector: the attribute of `MultimodalModel` that encodes it and the `multi_modal_projector` key that
-        maps it into the LM (video may share the image projector, see `MultimodalModel.video_projector`).
     """
 
     name: str
     inputs: tuple[str, ...]
     placeholder: str
-    tower: str
-    projector: str
-
-    @property
-    def main_input(self) -> str:
-        return self.inputs[0]
 
 
 MEDIA = {
     kind.name: kind
     for kind in (
-        MediaKind("image", ("pixel_values",), "<image>", tower="vision_tower", projector="image"),
-        MediaKind("audio", ("input_features", "input_features_mask"), "<audio>", tower="audio_tower", projector="audio"),
+        MediaKind("image", ("pixel_values",), "<image>"),
+        MediaKind("audio", ("input_features", "input_features_mask"), "<audio>"),
         # a video's frames go through the vision tower; its own sound track (`use_audio_in_video`) through the audio one
-        MediaKind(
-            "video", ("pixel_values_videos", "video_audio_features", "video_audio_features_mask"), "<video>",
-            tower="vision_tower", projector="video",
-        ),
+        MediaKind("video", ("pixel_values_videos", "video_audio_features", "video_audio_features_mask"), "<video>"),
     )
 }
 MODALITIES = tuple(MEDIA)  # ("image", "audio", "video"): the order the processor and the model handle them in

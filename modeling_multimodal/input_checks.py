@@ -15,15 +15,12 @@ import json
 import os
 
 import torch
-
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-MEDIA_ARGUMENTS = ("pixel_values", "pixel_values_videos", "input_features", "video_audio_features")
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 
 def _local_weight_files(folder: str) -> list[str]:
     """The folder's weight files: `model.safetensors`, or the shards its index names (none: transformers says so)."""
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as handle:
             try:
@@ -31,7 +28,7 @@ def _local_weight_files(folder: str) -> list[str]:
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"{index}: not a valid weights index (a JSON object with a 'weight_map'): {err}") from None
         return [os.path.join(folder, shard) for shard in shards if os.path.isfile(os.path.join(folder, shard))]
-    single = os.path.join(folder, WEIGHTS_NAME)
+    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
     return [single] if os.path.isfile(single) else []
 
 

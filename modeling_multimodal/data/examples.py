@@ -36,7 +36,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +52,11 @@ from ..processing.media_files import open_media_file
 from ..processing.video_processing_multimodal import video_file_span
 from ..tokenization import MEDIA_TOKENS
 from .containers import media_value, open_container, undecoded_media
-from .formats import FORMATS, ROLES, decode_data_url, detect_format, row_tools, to_messages
+from .formats import FORMATS, ROLES, decode_data_url, detect_format, row_tools, split_at_placeholders, to_messages
 
 # The media tensors an encoded example carries (whichever of them its media need).
 MEDIA_TENSOR_KEYS = MEDIA_INPUTS
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
-_MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
 
 
 # --- task templates --------------------------------------------------------------------------------
@@ -360,20 +357,16 @@ def _template_content(prompt: str, row: dict, media: dict[str, list], row_id: st
     """"<image> describe {x}." -> [{"type": "image", "image": path}, {"type": "text", "text": "describe ..."}].
 
     With `video_tracks`, video items carry `"use_audio_in_video": True` (their sound track goes in too)."""
-    content, used = [], dict.fromkeys(MODALITIES, 0)
-    for piece in _PLACEHOLDER.split(prompt):
-        if piece in _MODALITY_OF_TOKEN:
-            modality = _MODALITY_OF_TOKEN[piece]
-            if used[modality] >= len(media[modality]):
-                raise ValueError(f"Row {row_id!r}: the prompt has more {piece} than the row has {modality} items.")
-            item = {"type": modality, modality: media[modality][used[modality]]}
-            content.append({**item, "use_audio_in_video": True} if modality == "video" and video_tracks else item)
-            used[modality] += 1
-        elif piece.strip():
+    used = dict.fromkeys(MODALITIES, 0)
+    content = split_at_placeholders(prompt, media, used, f"Row {row_id!r}")
+    for item in content:
+        if item["type"] == "text":
             try:
-                content.append({"type": "text", "text": piece.strip().format_map(row)})
+                item["text"] = item["text"].format_map(row)
             except KeyError as err:
                 raise ValueError(f"Row {row_id!r}: the prompt template needs column {err} the row does not have.") from None
+        elif item["type"] == "video" and video_tracks:
+            item["use_audio_in_video"] = True
     for modality, count in used.items():
         if count != len(media[modality]):
             raise ValueError(

@@ -29,11 +29,11 @@ import os
 import re
 from collections.abc import Mapping
 
+from ..configuration.media_registry import MODALITIES
 from ..tokenization import MEDIA_TOKENS
 
 FORMATS = ("llava", "sharegpt", "openai", "messages", "fields")
 ROLES = ("system", "user", "assistant", "tool")
-MODALITIES = tuple(MEDIA_TOKENS)
 # ShareGPT / LLaVA `from` values (LLaMA-Factory's defaults) -> chat roles.
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -41,8 +41,8 @@ SHAREGPT_ROLES = {
 }
 MEDIA_LIST_FIELDS = {"image": "images", "audio": "audios", "video": "videos"}  # ShareGPT / LLaMA-Factory
 LLAVA_MEDIA_FIELDS = {"image": "image", "audio": "audio", "video": "video"}  # LLaVA: one path or a list
-_PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
-_MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
+PLACEHOLDER = re.compile("(" + "|".join(re.escape(token) for token in MEDIA_TOKENS.values()) + ")")
+MODALITY_OF_TOKEN = {token: modality for modality, token in MEDIA_TOKENS.items()}
 
 
 def detect_format(row: Mapping) -> str:
@@ -96,12 +96,13 @@ def _canonical(role: str, items: list[dict]) -> dict:
     return {"role": role, "content": items}
 
 
-def _split_placeholders(text: str, media: dict[str, list], used: dict[str, int], where: str) -> list[dict]:
-    """"<image>\\nwhat is it?" -> [image item (the next of `media["image"]`), text item]."""
+def split_at_placeholders(text: str, media: dict[str, list], used: dict[str, int], where: str) -> list[dict]:
+    """"<image>\\nwhat is it?" -> [image item (the next of `media["image"]`), text item]; `used` counts the items
+    taken so far per modality (shared across a conversation's turns). Every format fills placeholders this way."""
     items = []
-    for piece in _PLACEHOLDER.split(text):
-        if piece in _MODALITY_OF_TOKEN:
-            modality = _MODALITY_OF_TOKEN[piece]
+    for piece in PLACEHOLDER.split(text):
+        if piece in MODALITY_OF_TOKEN:
+            modality = MODALITY_OF_TOKEN[piece]
             if used[modality] >= len(media[modality]):
                 _fail(where, f"more {piece} placeholders than the {len(media[modality])} {modality} item(s) its media list holds")
             items.append({"type": modality, modality: media[modality][used[modality]]})
@@ -132,7 +133,7 @@ def _conversation(row: Mapping, where: str, media_fields: dict[str, str], media_
             _fail(where, f"turn {position} has from/role {speaker!r}, which maps to no chat role; expected one of {sorted(SHAREGPT_ROLES)}")
         if not isinstance(text, str):
             _fail(where, f"turn {position}: expected its value/content as a string, got {type(text).__name__}")
-        messages.append(_canonical(SHAREGPT_ROLES[speaker], _split_placeholders(text, media, used, f"{where}, turn {position}")))
+        messages.append(_canonical(SHAREGPT_ROLES[speaker], split_at_placeholders(text, media, used, f"{where}, turn {position}")))
     for modality, items in media.items():
         if used[modality] != len(items):
             _fail(where, f"{len(items)} {modality} item(s) in {media_fields[modality]!r} but {used[modality]} {MEDIA_TOKENS[modality]} placeholder(s) in the text")
