@@ -101,7 +101,9 @@ def test_trainer_takes_dataset_objects_and_files(name, data_root, tmp_path):
             recipe.data.train = [{"manifest": source, "task": "speech_transcription"}]
             Trainer(recipe).train()
         else:
+            before = list(recipe.data.train)
             Trainer(recipe, train_dataset=source).train()
+            assert recipe.data.train == before  # the run used its own copy of the recipe
     steps = json.loads((tmp_path / "log_history.json").read_text())["train"]
     assert len(steps) == 2
     saved = json.loads((tmp_path / "final" / "training_recipe.json").read_text())

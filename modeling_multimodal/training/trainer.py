@@ -21,6 +21,7 @@ What a reader should know:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -64,11 +65,15 @@ class Trainer:
 
     def __init__(self, recipe: TrainingRecipe, example_cache: ExampleCache | None = None, train_dataset=None, eval_dataset=None):
         """train_dataset / eval_dataset: a `datasets.Dataset` or `DatasetDict` (chat rows in any format of
-        `data/formats.py`) that replaces the recipe's data.train / data.eval entries."""
-        if train_dataset is not None:
-            recipe.data.train = [{"manifest": train_dataset}]
-        if eval_dataset is not None:
-            recipe.data.eval = [{"manifest": eval_dataset}]
+        `data/formats.py`) that replaces the recipe's data.train / data.eval entries (in this run's copy of the
+        recipe: the caller's recipe is left as it was)."""
+        if train_dataset is not None or eval_dataset is not None:
+            recipe = copy.copy(recipe)
+            recipe.data = copy.copy(recipe.data)
+            if train_dataset is not None:
+                recipe.data.train = [{"manifest": train_dataset}]
+            if eval_dataset is not None:
+                recipe.data.eval = [{"manifest": eval_dataset}]
         if recipe.stages:
             raise ValueError("a recipe with `stages` runs through train(recipe), which starts one Trainer per stage")
         self.recipe = recipe
