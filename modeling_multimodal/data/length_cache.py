@@ -10,7 +10,8 @@ reads the file instead of re-reading every media header. Media files changed in 
 manifest are not noticed (change the manifest, or delete the cache folder). A folder that cannot be written
 is skipped with no error: the lengths are then computed every time.
 
-First starts split the rows over the cores (`workers`, default the cores this process may use): each worker
+First starts split the rows over the cores (`workers`, default `threads.available_threads()`: the cores this
+process may use, shared among the processes on the machine): each worker
 estimates a contiguous range, so the order is kept and peak memory does not grow with the rows beyond the
 lengths themselves.
 """
@@ -24,6 +25,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+
+from ..threads import available_threads
 
 PARALLEL_MIN_ROWS = 2_000  # below this, starting worker processes costs more than it saves
 
@@ -57,7 +60,7 @@ def _estimate_range(bounds: tuple[int, int]) -> np.ndarray:
 
 def estimate_lengths_parallel(encoder, rows, workers: int | None = None) -> np.ndarray:
     """`encoder.estimate_length` of every row, in order, over `workers` processes (contiguous ranges)."""
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or available_threads()  # the cores per process: torchrun's ranks share the machine
     if workers <= 1 or len(rows) < PARALLEL_MIN_ROWS:
         return np.fromiter((encoder.estimate_length(row) for row in rows), dtype=np.int32, count=len(rows))
     chunk = max(1, -(-len(rows) // (workers * 4)))
