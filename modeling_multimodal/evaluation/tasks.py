@@ -39,9 +39,12 @@ def _process(processor, examples: list[dict], texts: list[str], padding_side: st
 
 
 @torch.no_grad()
-def generate_responses(model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32):
-    """Greedy responses for `rows`; returns (predictions, references, examples)."""
-    examples = [build_example(row, task) for row in rows]
+def generate_responses(
+    model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, require_response: bool = True
+):
+    """Greedy responses for `rows`; returns (predictions, references, examples). require_response=False takes chat
+    rows that end on the user's turn (prompts only, as lmms-eval sends them; their references are None)."""
+    examples = [build_example(row, task, require_response=require_response) for row in rows]
     predictions = []
     for chunk in _batches(examples, batch_size):
         prompts = [processor.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in chunk]

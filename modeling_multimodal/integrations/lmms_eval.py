@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.examples import _MODALITY_OF_TOKEN, _PLACEHOLDER, ExampleEncoder, build_example, load_manifest
+from ..configuration.media_registry import PLACEHOLDERS
+from ..data.examples import ExampleEncoder, build_example, load_manifest
+from ..data.formats import MODALITY_OF_TOKEN, PLACEHOLDER
 from ..evaluation.tasks import generate_responses, pair_log_likelihoods, split_prompt_response
 
 try:  # lmms-eval is optional (the `eval` extra); the manifest conversion needs only the package
@@ -53,8 +55,7 @@ def content_to_prompt(content: list[dict]) -> tuple[str, list[str]]:
         if kind == "text":
             pieces.append(item["text"])
         else:
-            token = next(token for token, modality in _MODALITY_OF_TOKEN.items() if modality == kind)
-            pieces.append(token)
+            pieces.append(PLACEHOLDERS[kind])
             media.append(next(value for key, value in item.items() if key not in ("type", "use_audio_in_video")))
     return " ".join(pieces), media
 
@@ -63,14 +64,14 @@ def prompt_to_content(prompt: str, media: list, request: str) -> list[dict]:
     """The inverse of `content_to_prompt`: "<image> describe it." + [path] -> [{"type": "image", ...}, {"type": "text", ...}].
 
     request: how errors name the request (lmms-eval's task and doc id)."""
-    pieces = _PLACEHOLDER.split(prompt)
-    placeholders = sum(piece in _MODALITY_OF_TOKEN for piece in pieces)
+    pieces = PLACEHOLDER.split(prompt)
+    placeholders = sum(piece in MODALITY_OF_TOKEN for piece in pieces)
     if placeholders != len(media):
         raise ValueError(f"{request}: doc_to_visual gave {len(media)} media but the prompt has {placeholders} placeholders.")
     content, items = [], iter(media)
     for piece in pieces:
-        if piece in _MODALITY_OF_TOKEN:
-            modality = _MODALITY_OF_TOKEN[piece]
+        if piece in MODALITY_OF_TOKEN:
+            modality = MODALITY_OF_TOKEN[piece]
             content.append({"type": modality, modality: next(items)})
         elif piece.strip():
             content.append({"type": "text", "text": piece.strip()})
@@ -103,7 +104,7 @@ class MultimodalLMMS(lmms):
             raise ValueError(f"unknown model_args for {MODEL_NAME}: {sorted(kwargs)} (known: pretrained, batch_size, max_new_tokens, device, dtype)")
         from ..cli import _checkpoint, _load_checkpoint
 
-        self.model, self.processor = _load_checkpoint(_checkpoint(str(pretrained)))
+        self.model, self.processor = _load_checkpoint(_checkpoint(str(pretrained)), "lmms-eval")
         self.model.to(device=device or "cpu", dtype=getattr(torch, dtype))
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
 
@@ -125,7 +126,8 @@ class MultimodalLMMS(lmms):
         for max_new_tokens in sorted({m for m, _ in settings}):  # one generation run per length budget
             indices = [i for i, (m, _) in enumerate(settings) if m == max_new_tokens]
             predictions, _, _ = generate_responses(
-                self.model, self.processor, [rows[i] for i in indices], None, self.batch_size, max_new_tokens
+                self.model, self.processor, [rows[i] for i in indices], None, self.batch_size, max_new_tokens,
+                require_response=False,  # lmms-eval's requests are prompts; it holds the answers itself
             )
             for i, prediction in zip(indices, predictions):
                 outputs[i] = _truncate(prediction, settings[i][1])
