@@ -119,6 +119,12 @@ class MultimodalCollator:
         return batch
 
 
+def length_sorted_batches(group: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The indices of `group` sorted longest first (by `lengths[i]`) and cut into batches of `batch_size`."""
+    ordered = sorted(group, key=lambda i: -lengths[i])
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of indices of similar length: seeded shuffle, sort within groups, shuffle the batches.
 
@@ -146,8 +152,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         group_size = self.batch_size * self.group_batches
         batches = []
         for start in range(0, len(order), group_size):
-            group = sorted(order[start : start + group_size], key=lambda i: -self.lengths[i])
-            batches.extend(group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size))
+            batches.extend(length_sorted_batches(order[start : start + group_size], self.lengths, self.batch_size))
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         rng.shuffle(batches)
@@ -160,4 +165,4 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return full_groups * self.group_batches + last_group
 
 
-__all__ = ["LengthGroupedBatchSampler", "MultimodalCollator", "collate_media", "pad_sequences"]
+__all__ = ["LengthGroupedBatchSampler", "MultimodalCollator", "collate_media", "length_sorted_batches", "pad_sequences"]

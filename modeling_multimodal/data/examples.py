@@ -219,16 +219,19 @@ def _check_jsonl(path: str) -> None:
         raise ValueError(f"Manifest {path!r} has no rows (only blank lines).")
 
 
-def _read_manifest_files(files: list[str], builder: str, cache_dir: str | None) -> datasets.Dataset:
+def _read_manifest_files(files: list[str], builder: str, cache_dir: str | None, streaming: bool = False):
     """`datasets.load_dataset` on manifest files, with the errors a malformed file causes turned into `ValueError`s
-    that name it (JSONL lines are checked first, so a bad line is named by its number)."""
+    that name it (JSONL lines are checked first, so a bad line is named by its number). Streamed (an
+    `IterableDataset`), nothing is read up front: a malformed line is found when it is read."""
     for f in files:
         if not os.path.isfile(f):
             raise ValueError(f"Manifest {f!r} does not exist (or is not a regular file).")
         if os.path.getsize(f) == 0:
             raise ValueError(f"Manifest {f!r} is empty: it has no rows.")
-        if f.lower().endswith(".jsonl"):
+        if f.lower().endswith(".jsonl") and not streaming:
             _check_jsonl(f)
+    if streaming:
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
     try:
         dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
@@ -245,18 +248,47 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple)) and not value)
 
 
-def _check_required_values(dataset: datasets.Dataset, spec: TaskSpec, source: str) -> None:
-    """Each row must hold what its task trains on: its media and its response (or, for retrieval, its pair text)."""
+def _required_columns(spec: TaskSpec) -> list[str]:
+    """What a task trains on: its media and its response (or, for retrieval, its pair text)."""
     text_field = spec.response_field or spec.pair_field
-    required = list(spec.media_fields.values()) + ([text_field] if text_field else [])
-    for column in required:
+    return list(spec.media_fields.values()) + ([text_field] if text_field else [])
+
+
+def _missing_value_error(spec: TaskSpec, source: str, position: int, row_id, column: str) -> ValueError:
+    return ValueError(
+        f"{source}, row {position} (id {row_id!r}): no {column!r} value, which task {spec.name!r} needs; "
+        "fill it in or drop the row."
+    )
+
+
+def _check_required_values(dataset: datasets.Dataset, spec: TaskSpec, source: str) -> None:
+    """Each row must hold what its task trains on (`_required_columns`)."""
+    for column in _required_columns(spec):
         for position, value in enumerate(dataset[column]):
             if _missing(value):
-                row_id = dataset[position]["id"]
-                raise ValueError(
-                    f"{source}, row {position} (id {row_id!r}): no {column!r} value, which task {spec.name!r} needs; "
-                    "fill it in or drop the row."
-                )
+                raise _missing_value_error(spec, source, position, dataset[position]["id"], column)
+
+
+def _check_row_values(row: dict, position: int, spec: TaskSpec, source: str) -> dict:
+    """`_check_required_values` for one streamed row, as it is read (a `map` that changes nothing)."""
+    for column in _required_columns(spec):
+        if _missing(row.get(column)):
+            raise _missing_value_error(spec, source, position, row.get("id"), column)
+    return {}
+
+
+def _streamed_id(row: dict, position: int) -> dict:
+    """A streamed row's `id`: its own, as a string, else its position in the stream."""
+    return {"id": str(position) if row.get("id") is None else str(row["id"])}
+
+
+def _stream_columns(dataset: datasets.IterableDataset, source: str) -> list[str]:
+    """A streamed data set's columns: from its features, else from its first row (JSON files declare none)."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    for row in dataset.take(1):
+        return list(row)
+    raise ValueError(f"{source} has no rows.")
 
 
 def load_manifest(
@@ -270,7 +302,8 @@ def load_manifest(
     image_folder: str | os.PathLike | None = None,
     media_roots=(),
     split: str = "train",
-) -> datasets.Dataset:
+    streaming: bool = False,
+):
     """A manifest as a `datasets.Dataset` with an `id` per row and media paths resolved against `root`.
 
     source: a `.jsonl`/`.json`/`.csv`/`.parquet` file (or a list of files of one format), an `.arrow` file, a
@@ -286,10 +319,13 @@ def load_manifest(
     image_folder: the same for LLaVA rows only (`data.image_folder`: LLaVA's `image` names a file in it).
     media_roots: further folders media may come from (absolute paths inside them are accepted); a path outside
         `root`, `media_root` and every one of these is refused, symlinks resolved first.
+    streaming: read the rows as they are needed (a `datasets.IterableDataset`, also what an `IterableDataset`
+        source gives): nothing is indexed or checked up front; each row is normalised, checked and resolved
+        exactly as above when it is read, and a bad row raises then, named the same way.
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r}: expected one of {FORMATS}.")
-    opened = open_container(source, split)
+    opened = open_container(source, split, streaming)
     if opened is not None:
         dataset, source_name = opened
         if root is None and isinstance(source, (str, os.PathLike)):
@@ -304,45 +340,60 @@ def load_manifest(
                 "save_to_disk folder."
             )
         builder = MANIFEST_BUILDERS[suffixes.pop()]
-        dataset = _read_manifest_files(files, builder, cache_dir)
+        dataset = _read_manifest_files(files, builder, cache_dir, streaming)
         root = root if root is not None else os.path.dirname(os.path.abspath(files[0]))
-    if len(dataset) == 0:
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    if not streamed and len(dataset) == 0:
         raise ValueError(f"{source_name} has no rows.")
     dataset = undecoded_media(dataset)
-    if "id" not in dataset.column_names:
+    columns = _stream_columns(dataset, source_name) if streamed else dataset.column_names
+    if streamed:
+        dataset = dataset.map(_streamed_id, with_indices=True)
+        columns = list(dict.fromkeys([*columns, "id"]))
+    elif "id" not in columns:
         dataset = dataset.add_column("id", [str(i) for i in range(len(dataset))])
+        columns = dataset.column_names
     elif dataset.features["id"].dtype != "string":
         dataset = dataset.cast_column("id", datasets.Value("string"))
 
     spec = get_task(task)
     if spec is not None and format not in (None, "fields"):
         raise ValueError(f"{source_name}: task {spec.name!r} maps simple fields; it cannot be combined with format={format!r}.")
-    chat = spec is None and format != "fields" and bool({"messages", "conversations"} & set(dataset.column_names))
+    chat = spec is None and format != "fields" and bool({"messages", "conversations"} & set(columns))
     allowed_roots = [r for r in (media_root, image_folder, *media_roots) if r is not None]
     if chat:
         absolute = {name: os.path.abspath(value) if value is not None else None for name, value in
                     (("media_root", media_root), ("image_folder", image_folder), ("data_root", root))}
+        removed = [c for c in CHAT_COLUMNS if c in columns]
         dataset = dataset.map(
             _normalize_chat_row, fn_kwargs={"fmt": format, "source": source_name, **absolute},
-            remove_columns=[c for c in CHAT_COLUMNS if c in dataset.column_names], desc="Reading chat rows",
+            remove_columns=removed, **_progress(streamed, "Reading chat rows"),
         )
-    media_columns = list(spec.media_fields.values()) if spec else [m for m in MODALITIES if m in dataset.column_names]
+        columns = [c for c in columns if c not in removed] + ["messages", "tools"]
+    media_columns = list(spec.media_fields.values()) if spec else [m for m in MODALITIES if m in columns]
     needed = media_columns + ([c for c in (spec.response_field, spec.pair_field, spec.ctc_field) if c] if spec else [])
-    missing = sorted({c for c in needed if c not in dataset.column_names})
+    missing = sorted({c for c in needed if c not in columns})
     if missing:
-        raise ValueError(f"{source_name} has no column(s) {missing} that task {spec.name!r} reads; columns: {dataset.column_names}.")
-    if spec is not None:
+        raise ValueError(f"{source_name} has no column(s) {missing} that task {spec.name!r} reads; columns: {columns}.")
+    if spec is not None and streamed:
+        dataset = dataset.map(_check_row_values, with_indices=True, fn_kwargs={"spec": spec, "source": source_name})
+    elif spec is not None:
         _check_required_values(dataset, spec, source_name)
-    has_paths = media_columns or "messages" in dataset.column_names
+    has_paths = media_columns or "messages" in columns
     if has_paths and root is None:
         raise ValueError("load_manifest: pass root= (the folder media paths are relative to) for an in-memory Dataset.")
     if has_paths:
         dataset = dataset.map(
             _resolve_row,
             fn_kwargs={"root": root, "media_columns": media_columns, "allowed_roots": allowed_roots, "source": source_name},
-            desc="Resolving media paths",
+            **_progress(streamed, "Resolving media paths"),
         )
     return dataset
+
+
+def _progress(streamed: bool, text: str) -> dict:
+    """`map`'s progress description where the data set takes one (a `Dataset`; an `IterableDataset` does not)."""
+    return {} if streamed else {"desc": text}
 
 
 # --- rows -> examples ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,7 @@ from ..data.length_cache import cached_lengths, encoder_fingerprint
 from .augmentation import Augmentation
 from .packing import PackedBatchSampler, PackingCollator
 from .recipe import TrainingRecipe
+from .streaming import GROUP_BATCHES, StreamedExamples, StreamingBatchSampler
 
 
 LENGTH_CACHE_FOLDER = ".modeling_multimodal_cache"  # beside the data: per-row length estimates (data/length_cache.py)
@@ -44,6 +46,7 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
     """
     loaded, data = [], recipe.data
     root = Path(data.root)
+    streaming = training and data.streams()
     for entry in entries:
         manifest = entry["manifest"]
         source = manifest if not isinstance(manifest, (str, Path)) else root / manifest  # a Dataset object as it is
@@ -52,9 +55,14 @@ def load_rows(recipe: TrainingRecipe, entries: list[dict], training: bool = True
             media_root=root / entry["media_root"] if entry.get("media_root") else None,
             image_folder=root / data.image_folder if data.image_folder else None,
             media_roots=[root / r for r in data.media_roots],
-            split=entry.get("split") or ("train" if training else "validation"),
+            split=entry.get("split") or ("train" if training else "validation"), streaming=streaming,
         )
-        if entry.get("max_samples"):
+        if isinstance(rows, datasets.IterableDataset) and not streaming:  # an IterableDataset to score: its rows, read once
+            limit = entry.get("max_samples") or data.eval_max_samples
+            rows = datasets.Dataset.from_list(list(rows.take(limit) if limit else rows))
+        if entry.get("max_samples") and streaming:
+            rows = rows.take(int(entry["max_samples"]))
+        elif entry.get("max_samples"):
             rows = rows.select(range(min(len(rows), int(entry["max_samples"]))))
         loaded.append((entry.get("task"), rows))
     return loaded
@@ -99,6 +107,10 @@ class MixedDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def calibration_parts(self, per_task: int) -> list[EncodedDataset]:
+        """The tasks' encoded datasets (`calibration_batches` spreads its `per_task` samples over each)."""
+        return self.parts
+
     def __getitem__(self, index):
         part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
         key = (part, (index - self.offsets[part]) % len(self.parts[part]))  # a repeated row is one example
@@ -112,31 +124,64 @@ class MixedDataset(torch.utils.data.Dataset):
         return example
 
 
-def build_train_loader(recipe: TrainingRecipe, processor, rows_by_task, cache: ExampleCache | None = None):
-    """(DataLoader, its batch sampler) over the mixture: length-grouped batches, or packed rows with `data.packing`.
+def _encoder(recipe: TrainingRecipe, processor, task) -> ExampleEncoder:
+    data = recipe.data
+    augmentation = Augmentation(recipe.augment, task, recipe.seed, processor) if recipe.augment.active else None
+    return ExampleEncoder(processor, task, max_length=data.max_length, augmentation=augmentation, assistant_turns=data.assistant_turns)
+
+
+def _collator(recipe: TrainingRecipe, processor):
+    pad_id = processor.tokenizer.pad_token_id
+    if recipe.data.packing:
+        return PackingCollator(pad_token_id=pad_id, max_length=recipe.data.max_length)
+    return MultimodalCollator(pad_token_id=pad_id, padding_side="right")
+
+
+def build_streaming_loader(recipe: TrainingRecipe, processor, rows_by_task, rank: int = 0, world_size: int = 1):
+    """(DataLoader, its `StreamingBatchSampler`) over streamed rows (`training/streaming.py`): this rank's shard,
+    planned in order by the sampler and encoded by the loader's workers. Not for Accelerate's `prepare`: each
+    rank already reads its own shard."""
+    data = recipe.data
+    if data.cache_in_memory:
+        raise ValueError("data.cache_in_memory keeps every example of an indexed data set; streamed rows are read once per pass")
+    encoders = [_encoder(recipe, processor, task) for task, _ in rows_by_task]
+    sampler = StreamingBatchSampler(
+        [rows for _, rows in rows_by_task], encoders, [entry.get("repeat", 1) for entry in data.train],
+        recipe.optim.batch_size, seed=recipe.seed, packing=data.packing, max_length=data.max_length,
+        group_by_length=data.group_by_length, shuffle_buffer=data.shuffle_buffer, rank=rank, world_size=world_size,
+    )
+    loader = DataLoader(
+        StreamedExamples([rows for _, rows in rows_by_task], encoders), batch_sampler=sampler, collate_fn=_collator(recipe, processor),
+        num_workers=data.num_workers, generator=torch.Generator().manual_seed(recipe.seed),
+    )
+    return loader, sampler
+
+
+def build_train_loader(
+    recipe: TrainingRecipe, processor, rows_by_task, cache: ExampleCache | None = None, rank: int = 0, world_size: int = 1
+):
+    """(DataLoader, its batch sampler) over the mixture: length-grouped batches, or packed rows with `data.packing`;
+    streamed rows (`data.streams()`) through `build_streaming_loader` (this `rank`'s shard of `world_size`).
 
     The cache is used only with `data.cache_in_memory`. The sampler is returned too, because the trainer sets
     its epoch itself (Accelerate's loader does not reach it in every setup); so does it the dataset's
     (`loader.dataset`, a `MixedDataset`), which augmentation draws by.
     """
     data = recipe.data
+    if data.streams():
+        return build_streaming_loader(recipe, processor, rows_by_task, rank, world_size)
     parts, lengths, repeats = [], [], [entry.get("repeat", 1) for entry in data.train]
     for (task, rows), repeat in zip(rows_by_task, repeats):
-        augmentation = Augmentation(recipe.augment, task, recipe.seed, processor) if recipe.augment.active else None
-        encoder = ExampleEncoder(
-            processor, task, max_length=data.max_length, augmentation=augmentation, assistant_turns=data.assistant_turns
-        )
+        encoder = _encoder(recipe, processor, task)
         parts.append(EncodedDataset(rows, encoder))
         lengths += cached_lengths(encoder, rows, Path(data.root) / LENGTH_CACHE_FOLDER) * repeat
     dataset = MixedDataset(parts, repeats, cache if data.cache_in_memory else None)
-    pad_id = processor.tokenizer.pad_token_id
     batch_size = recipe.optim.batch_size
+    collator = _collator(recipe, processor)
     if data.packing:  # batch_size counts packed rows
-        collator = PackingCollator(pad_token_id=pad_id, max_length=data.max_length)
         batch_sampler = PackedBatchSampler(lengths, data.max_length, rows_per_batch=batch_size, seed=recipe.seed)
     else:
-        collator = MultimodalCollator(pad_token_id=pad_id, padding_side="right")
-        groups = 50 if data.group_by_length else 1
+        groups = GROUP_BATCHES if data.group_by_length else 1
         batch_sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=recipe.seed, group_batches=groups)
     loader = DataLoader(
         dataset,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import datasets
+
 from ..configuration import MultimodalConfig
 from ..data.examples import build_example, get_task
 from ..modeling_multimodal import MultimodalForConditionalGeneration
@@ -22,6 +24,12 @@ def tokenizer_corpus(rows_by_task) -> list[str]:
     """Every text a from-scratch tokenizer must know: prompts, responses, paired texts, chat roles."""
     texts = ["user: assistant: system:"]
     for task, rows in rows_by_task:
+        if isinstance(rows, datasets.IterableDataset):
+            raise ValueError(
+                "model.config trains a model from scratch, whose tokenizer is built from every training row; streamed "
+                "data (data.streaming, or an IterableDataset) is not read up front: start from pretrained components "
+                "or a checkpoint, or turn streaming off"
+            )
         spec = get_task(task)
         if spec is not None:
             texts.append(spec.prompt)

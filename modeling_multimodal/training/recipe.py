@@ -153,7 +153,7 @@ def _in_memory(manifest) -> bool:
     """A `datasets.Dataset` / `DatasetDict` handed to the recipe in Python (a data entry's `manifest`)."""
     import datasets
 
-    return isinstance(manifest, (datasets.Dataset, datasets.DatasetDict))
+    return isinstance(manifest, (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset, datasets.IterableDatasetDict))
 
 
 def _described(entries: list) -> list:
@@ -161,8 +161,9 @@ def _described(entries: list) -> list:
     def describe(manifest):
         if not _in_memory(manifest):
             return manifest
-        rows = manifest.num_rows if not isinstance(manifest.num_rows, dict) else sum(manifest.num_rows.values())
-        return f"<in-memory {type(manifest).__name__}: {rows} rows>"
+        rows = getattr(manifest, "num_rows", None)
+        rows = sum(rows.values()) if isinstance(rows, dict) else rows
+        return f"<in-memory {type(manifest).__name__}: {'streamed' if rows is None else rows} rows>"
 
     return [{**entry, "manifest": describe(entry["manifest"])} for entry in entries]
 
@@ -217,6 +218,8 @@ class DataSpec:
     media_roots: list = field(default_factory=list)  # further folders media may come from (absolute paths inside)
     assistant_turns: str = "all"  # chat rows: "all" assistant replies trained (LLaVA / LLaMA-Factory), or "last"
     eval_max_samples: int | None = 64
+    streaming: bool = False  # read training rows as they are needed (training/streaming.py); also for IterableDatasets
+    shuffle_buffer: int = 1000  # streaming: rows in each task's shuffle buffer
 
     def __post_init__(self):
         check_text("data.root", self.root)
@@ -231,10 +234,20 @@ class DataSpec:
         for index, folder in enumerate(self.media_roots):
             check_text(f"data.media_roots[{index}]", folder)
         check_text("data.assistant_turns", self.assistant_turns, choices=("all", "last"))
-        for name in ("packing", "group_by_length", "cache_in_memory"):
+        for name in ("packing", "group_by_length", "cache_in_memory", "streaming"):
             check_flag(f"data.{name}", getattr(self, name))
+        self.shuffle_buffer = check_number("data.shuffle_buffer", self.shuffle_buffer, integer=True, minimum=1)
+        if self.cache_in_memory and self.streams():
+            raise ValueError("data.cache_in_memory keeps every example of an indexed data set; streamed data (data.streaming) is read once per pass")
         if self.cache_in_memory and self.num_workers:
             raise ValueError("data.cache_in_memory needs data.num_workers=0 (each worker would keep its own copy)")
+
+
+    def streams(self) -> bool:
+        """Whether the training rows are streamed: `streaming` is set, or a manifest is an `IterableDataset`."""
+        import datasets
+
+        return self.streaming or any(isinstance(e["manifest"], (datasets.IterableDataset, datasets.IterableDatasetDict)) for e in self.train)
 
 
 @dataclass

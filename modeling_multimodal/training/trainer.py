@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, send_to_device, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -118,12 +118,35 @@ class Trainer:
 
     # --- data ---
     def _train_loader(self):
-        loader, self.batch_sampler = build_train_loader(self.recipe, self.processor, self.train_rows, self.example_cache)
-        self.train_dataset = loader.dataset  # a MixedDataset: `_batches` sets its epoch (augmentation draws by it)
-        return self.accelerator.prepare_data_loader(loader)
+        accelerator = self.accelerator
+        loader, self.batch_sampler = build_train_loader(
+            self.recipe, self.processor, self.train_rows, self.example_cache,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+        )
+        self.train_dataset = loader.dataset  # `_batches` sets its epoch (augmentation draws by it)
+        if self.streaming:  # each rank already reads its own shard (training/streaming.py)
+            return loader
+        return accelerator.prepare_data_loader(loader)
+
+    @property
+    def streaming(self) -> bool:
+        return self.recipe.data.streams()
+
+    def _streamed_batches(self, loader, epoch: int, skip: int):
+        """`_batches` for streamed data: the sampler replays the first `skip` batches' plan without encoding them."""
+        while True:
+            self.batch_sampler.set_epoch(epoch)
+            self.batch_sampler.skip(skip)
+            self.train_dataset.set_epoch(epoch)
+            for index, batch in enumerate(loader, start=skip):
+                yield epoch, index + 1, send_to_device(batch, self.accelerator.device)
+            epoch, skip = epoch + 1, 0
 
     def _batches(self, loader, epoch: int, skip: int):
         """(epoch, index, batch) forever; the first epoch starts `skip` batches in."""
+        if self.streaming:
+            yield from self._streamed_batches(loader, epoch, skip)
+            return
         while True:
             # Both: the loader's own counter (its __iter__ re-applies it to the samplers it can reach, which is ours
             # in one process) and our sampler directly (several processes wrap it in a BatchSamplerShard that
@@ -241,7 +264,10 @@ class Trainer:
             collate = MultimodalCollator(pad_token_id=self.processor.tokenizer.pad_token_id, padding_side="right")
             seen = calibrate_projectors(
                 self.model,
-                calibration_batches(self.train_dataset.parts, collate, CALIBRATION_SAMPLES_PER_TASK, optim.batch_size),
+                calibration_batches(
+                    self.train_dataset.calibration_parts(CALIBRATION_SAMPLES_PER_TASK), collate, CALIBRATION_SAMPLES_PER_TASK,
+                    optim.batch_size,
+                ),
                 reduce=lambda t: accelerator.reduce(t, "sum"),
             )
             logger.info("Projector input statistics from %s feature rows", seen)
@@ -258,6 +284,8 @@ class Trainer:
                 checkpoint, self.model, _torch_optimizer(self.optimizer), self.scheduler, accelerator.process_index
             )
             step, epoch, skip = state["step"], state["epoch"], state["batch"]
+            if "positions" in state:  # streamed data: each rank's own position in its shard
+                epoch, skip = _rank_position(state["positions"], accelerator.process_index, accelerator.num_processes, checkpoint)
             self.log_history, self.eval_history = state["log_history"], state["eval_history"]
             self.run_id = state.get("run_id") or self.run_id
             if accelerator.is_main_process:  # trackers live on the main process (other ranks get a stub)
@@ -302,6 +330,8 @@ class Trainer:
 
     def _save_checkpoint(self, step: int, epoch: int, batch_index: int):
         accelerator = self.accelerator
+        # Streamed shards end their epochs apart, so every rank's position is kept (the indexed ranks move together).
+        positions = gather_object([[epoch, batch_index]]) if self.streaming else None
         save_checkpoint(
             self.output_dir,
             step,
@@ -311,6 +341,7 @@ class Trainer:
             {
                 "step": step, "epoch": epoch, "batch": batch_index, "run_id": self.run_id,
                 "log_history": self.log_history, "eval_history": self.eval_history,
+                **({"positions": positions} if positions is not None else {}),
             },
             rank=accelerator.process_index,
             is_main=accelerator.is_main_process,
@@ -329,6 +360,18 @@ class Trainer:
         return export_run(
             self.output_dir, self.model, self.processor, self.recipe, final, self.log_history, self.eval_history, full_state
         )
+
+
+def _rank_position(positions, rank: int, world_size: int, checkpoint) -> tuple[int, int]:
+    """(epoch, batch) of this rank in a streamed run's checkpoint; its shards exist only for the same process count."""
+    if not isinstance(positions, list) or len(positions) != world_size:
+        saved = len(positions) if isinstance(positions, list) else positions
+        raise ValueError(
+            f"{checkpoint}: a streamed run's data positions are per process ({saved} saved) and this run has {world_size} "
+            "processes; resume streamed data with the process count it was saved with"
+        )
+    epoch, batch = positions[rank]
+    return int(epoch), int(batch)
 
 
 def _torch_optimizer(optimizer):
