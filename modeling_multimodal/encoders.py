@@ -32,14 +32,8 @@ def build_audio_tower(audio_config) -> nn.Module:
     return AutoModel.from_config(audio_config)
 
 
-def encode_audio(
-    tower: nn.Module, input_features: torch.Tensor, mel_lengths: torch.Tensor, feature_layer: int = -1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a Whisper-style encoder on clips of different lengths.
-
-    input_features (n, n_mels, T) right-padded; mel_lengths (n,) real frames per clip.
-    Returns hidden states (n, L, d) with L = the longest clip's positions, and positions per clip.
-    """
+def _audio_stem(tower: nn.Module, input_features: torch.Tensor, mel_lengths: torch.Tensor):
+    """The conv stem and position table on the batch's real length: (embeddings, positions per clip, attention mask)."""
     max_positions = tower.embed_positions.num_embeddings
     frames = input_features.shape[-1]
     frame_mask = torch.arange(frames, device=input_features.device)[None, :] < mel_lengths[:, None]
@@ -53,9 +47,20 @@ def encode_audio(
     length = hidden.shape[1]
     hidden = hidden + tower.embed_positions.weight[:length].to(hidden.dtype)
     hidden = F.dropout(hidden, p=tower.config.dropout, training=tower.training)
-
     padding_mask = torch.arange(length, device=hidden.device)[None, :] < positions[:, None]  # (n, L)
     attention_mask = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=padding_mask)
+    return hidden, positions, attention_mask
+
+
+def encode_audio(
+    tower: nn.Module, input_features: torch.Tensor, mel_lengths: torch.Tensor, feature_layer: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a Whisper-style encoder on clips of different lengths, up to the selected layer only.
+
+    input_features (n, n_mels, T) right-padded; mel_lengths (n,) real frames per clip.
+    Returns hidden states (n, L, d) with L = the longest clip's positions, and positions per clip.
+    """
+    hidden, positions, attention_mask = _audio_stem(tower, input_features, mel_lengths)
     num_layers = len(tower.layers)
     target = feature_layer % (num_layers + 1)  # index into [embeddings, layer 1, ..., layer N]
     for layer in tower.layers[:target]:
@@ -63,6 +68,29 @@ def encode_audio(
     if target == num_layers:  # the encoder's final output is layer-normed
         hidden = tower.layer_norm(hidden)
     return hidden, positions
+
+
+def encode_audio_layers(
+    tower: nn.Module, input_features: torch.Tensor, mel_lengths: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """`encode_audio` through every layer, keeping each: (hidden states, attentions, positions).
+
+    hidden states: the embeddings and each layer's output (N + 1 tensors, the last one layer-normed as the
+    encoder's output), so `hidden_states[feature_layer]` is what `encode_audio` returns for that layer;
+    attentions: each layer's attention weights (n, heads, L, L), as the layer's attention computes them (eager
+    attention; None under SDPA, which does not return them).
+    """
+    hidden, positions, attention_mask = _audio_stem(tower, input_features, mel_lengths)
+    states, attentions = [hidden], []
+    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: attentions.append(out[1])) for layer in tower.layers]
+    try:
+        for layer in tower.layers:
+            states.append(layer(states[-1], attention_mask))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    states[-1] = tower.layer_norm(states[-1])
+    return tuple(states), tuple(attentions), positions
 
 
 def select_vision_features(hidden_states: tuple[torch.Tensor, ...], layers: list[int], drop_cls: bool) -> torch.Tensor:

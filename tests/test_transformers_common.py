@@ -1,8 +1,8 @@
-"""transformers 5.24's own common model tests (`ModelTesterMixin`), run against our classes.
+"""transformers' own common model tests (`ModelTesterMixin`, of the installed version), run against our classes.
 
 The tests come from transformers' source distribution, which the wheel does not ship; nothing is
 downloaded here. Point `TRANSFORMERS_TESTS_DIR` at the `tests/` folder of the unpacked sdist of the
-installed version (`pip download --no-deps --no-binary :all: transformers==5.24.0`, then untar), or
+installed version (`scripts/setup_transformers_tests.sh` unpacks it into .cache/, and scripts/test.sh points there), or
 leave it unset to skip this module. Two of the sdist's own imports are missing from it
 (`tests/exporters/test_export.py`, `tests/generation/test_utils.py`, only in the git repository):
 they are replaced by empty mixins, so the export and generation tests do not run here (ours:
@@ -105,11 +105,7 @@ NOT_APPLICABLE = {
 
 # Where our classes differ from transformers 5.24 on purpose or by a known gap: expected failures (strict, so that a
 # fix shows), each with the reason. See the README's contract section.
-KNOWN_DIFFERENCES = {
-    "test_get_audio_features_hidden_states": "audio runs through our own length-following layer loop up to the selected "
-    "layer, so `hidden_states` holds that one layer, not every layer's",
-    "test_get_audio_features_attentions": "the length-following audio pass does not record attention weights",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}  # none left: every gap the mixin found is fixed
 
 
 def _mark(cls):
