@@ -158,9 +158,10 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
     # Heads a checkpoint may carry that this model does not build: auxiliary heads (trained with λ > 0, loaded with
-    # λ = 0), the retrieval head (α = 0 and no `retrieval_head`), and both, with the LM head, when the whole
-    # checkpoint of `MultimodalForConditionalGeneration` is loaded into `MultimodalModel` (vLLM's `AutoModel`).
-    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\.", r"^retrieval_head\.", r"^lm_head\."]
+    # λ = 0), the retrieval head (α = 0 and no `retrieval_head`), and both when the whole checkpoint of
+    # `MultimodalForConditionalGeneration` is loaded into `MultimodalModel` (vLLM's `AutoModel`). Not `lm_head`:
+    # vLLM drops the keys these patterns match before loading, and it builds its own LM head from `lm_head.weight`.
+    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\.", r"^retrieval_head\."]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
