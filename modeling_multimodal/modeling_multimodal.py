@@ -14,8 +14,9 @@ Where it departs from LLaVA:
   logits only at labelled positions (`return_logits=False` skips the full logits entirely);
 - retrieval: `get_retrieval_embeddings` gives the L2-normalised embedding of the shared image/video/audio-text
   space (`L_contrastive` trains it). `get_<modality>_features` keep transformers 5.24's layout (LLaVA's for images,
-  LLaVA-NeXT-Video's for video, Voxtral's for audio): the tower's output, with the LM-ready features of each item
-  as `pooler_output`; `get_text_features` is the LM's text-only output.
+  LLaVA-NeXT-Video's for video, Voxtral's for audio): the tower's output, with the LM-ready features as
+  `pooler_output` (per image a list entry, per video a row, audio one (total_tokens, d) tensor whose
+  `token_counts` split it by clip); `get_text_features` is the LM's text-only output.
 """
 
 from __future__ import annotations
@@ -63,8 +64,24 @@ class _MediaHiddenStates:
         return None if self.video_outputs is None else self.video_outputs.pooler_output
 
     @property
-    def audio_hidden_states(self) -> list[torch.Tensor] | None:
+    def audio_hidden_states(self) -> torch.Tensor | None:
         return None if self.audio_outputs is None else self.audio_outputs.pooler_output
+
+
+@dataclass
+class AudioFeaturesOutput(BaseModelOutputWithPooling):
+    """`get_audio_features`' output: Voxtral's layout, with each clip's token count beside it.
+
+    `pooler_output` (total_tokens, d) holds every clip's LM-ready rows, clip after clip, as Voxtral (and vLLM's
+    Transformers backend, which splits it by its own counts) expects; clips run at their own length here, so
+    `token_counts` (n,) says how many rows each clip has (`clips()` splits them back).
+    """
+
+    token_counts: torch.LongTensor | None = None
+
+    def clips(self) -> list[torch.Tensor]:
+        """One (tokens_i, d) tensor per clip."""
+        return list(self.pooler_output.split(self.token_counts.tolist()))
 
 
 @dataclass
@@ -115,6 +132,20 @@ def _tower_features(tower, features, output_hidden_states: bool) -> BaseModelOut
     )
 
 
+def _tokens_per_item(features: BaseModelOutputWithPooling) -> list[int]:
+    """How many LM-ready rows each item of a `get_<modality>_features` output has (audio: its `token_counts`)."""
+    if isinstance(features, AudioFeaturesOutput):
+        return features.token_counts.tolist()
+    return [item.shape[0] for item in features.pooler_output]
+
+
+def _flat_features(pooler_output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """(tokens of all items, d) from a list of (tokens_i, d), a (n, tokens, d) or an already flat (tokens, d)."""
+    if isinstance(pooler_output, torch.Tensor):
+        return pooler_output.reshape(-1, pooler_output.shape[-1])
+    return torch.cat(list(pooler_output))
+
+
 class MultimodalPreTrainedModel(PreTrainedModel):
     config_class = MultimodalConfig
     config: MultimodalConfig
@@ -127,9 +158,10 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
     # Heads a checkpoint may carry that this model does not build: auxiliary heads (trained with λ > 0, loaded with
-    # λ = 0), the retrieval head (α = 0 and no `retrieval_head`), and both, with the LM head, when the whole
-    # checkpoint of `MultimodalForConditionalGeneration` is loaded into `MultimodalModel` (vLLM's `AutoModel`).
-    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\.", r"^retrieval_head\.", r"^lm_head\."]
+    # λ = 0), the retrieval head (α = 0 and no `retrieval_head`), and both when the whole checkpoint of
+    # `MultimodalForConditionalGeneration` is loaded into `MultimodalModel` (vLLM's `AutoModel`). Not `lm_head`:
+    # vLLM drops the keys these patterns match before loading, and it builds its own LM head from `lm_head.weight`.
+    _keys_to_ignore_on_load_unexpected = [r"^auxiliary_heads\.", r"^retrieval_head\."]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -400,25 +432,33 @@ class MultimodalModel(MultimodalPreTrainedModel):
         """(n, n_mels, T) -> the audio encoder's output, with the LM-ready features as `pooler_output` (as Voxtral's).
 
         `last_hidden_state` (n, positions, audio_hidden) the selected encoder layer, padded past each clip's
-        positions; `pooler_output` one (tokens_i, text_hidden) tensor per clip, as long as the clip (Voxtral gives
-        the same rows concatenated). With `output_hidden_states` / `output_attentions` (or the config's) the pass runs
-        through every layer and keeps them (`encoders.encode_audio_layers`: the embeddings and each layer, N + 1;
-        each layer's attention weights under eager attention); otherwise it stops at the selected layer.
+        positions; `pooler_output` (total_tokens, text_hidden) every clip's rows one after the other, as Voxtral's,
+        each clip as long as the clip itself, with `token_counts` (n,) the rows of each (`output.clips()` splits
+        them). With `output_hidden_states` / `output_attentions` (or the config's) the pass runs through every layer
+        and keeps them (`encoders.encode_audio_layers`: the embeddings and each layer, N + 1; each layer's attention
+        weights under eager attention); otherwise it stops at the selected layer.
         """
         return self._audio_outputs(input_features, input_features_mask, output_hidden_states, output_attentions)[0]
 
     def _audio_outputs(self, input_features, input_features_mask=None, output_hidden_states=None, output_attentions=None):
         """`get_audio_features`' output and each clip's encoder positions (the CTC head's lengths)."""
         hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
-        if not (hidden or attentions):
+        layers = weights = None
+        if hidden or attentions:
+            input_features, mel_lengths = self._audio_inputs(input_features, input_features_mask)
+            layers, weights, positions = run_frozen_aware(
+                self.audio_tower, encode_audio_layers, self.audio_tower, input_features, mel_lengths
+            )
+            states = layers[self.config.audio_feature_layer]
+            clips = self._project_audio(states, positions)
+        else:
             clips, states, positions = self.encode_audio(input_features, input_features_mask)
-            return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=clips), positions
-        input_features, mel_lengths = self._audio_inputs(input_features, input_features_mask)
-        layers, weights, positions = run_frozen_aware(self.audio_tower, encode_audio_layers, self.audio_tower, input_features, mel_lengths)
-        states = layers[self.config.audio_feature_layer]
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=states, pooler_output=self._project_audio(states, positions),
-            hidden_states=layers if hidden else None, attentions=weights if attentions else None,
+        output = AudioFeaturesOutput(
+            last_hidden_state=states,
+            pooler_output=torch.cat(clips),  # (total_tokens, text_hidden)
+            hidden_states=layers if hidden else None,
+            attentions=weights if attentions else None,
+            token_counts=torch.tensor([clip.shape[0] for clip in clips], device=states.device),
         )
         return output, positions
 
@@ -517,7 +557,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         masks = {}
         for modality in self.config.modalities:
             features = encoder_outputs.get(modality)
-            counts = None if features is None else [item.shape[0] for item in features.pooler_output]
+            counts = None if features is None else _tokens_per_item(features)
             masks[modality] = self.get_placeholder_mask(input_ids, inputs_embeds, modality, counts)
             # Given `inputs_embeds` may be merged already (vLLM merges them itself): then placeholders need no media.
             if features is None and is_prefill and input_ids is not None and masks[modality].any():
@@ -529,7 +569,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         for modality, mask in masks.items():
             media_mask |= mask
             if modality in encoder_outputs:
-                flat = torch.cat(list(encoder_outputs[modality].pooler_output))  # (tokens of all items, d)
+                flat = _flat_features(encoder_outputs[modality].pooler_output)  # (tokens of all items, d)
                 inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], flat.to(inputs_embeds.device, inputs_embeds.dtype))
         return MultimodalModelOutput(
             media_mask=media_mask.long(),
@@ -661,7 +701,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         return self.model.get_video_features(pixel_values_videos, video_audio_features, video_audio_features_mask, **kwargs)
 
     def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None, **kwargs):
-        """As `MultimodalModel.get_audio_features`: `pooler_output` holds the LM-ready features of each clip."""
+        """As `MultimodalModel.get_audio_features`: `pooler_output` (total_tokens, d) the clips' LM-ready rows."""
         return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
 
     @can_return_tuple

@@ -69,6 +69,7 @@ class RetrievalMixin:
             )
         else:
             features = self.model.get_audio_features(input_features, input_features_mask, **FEATURES_ONLY)
+            return self._media_embeddings(features.clips())
         return self._media_embeddings(list(features.pooler_output))
 
     def _text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

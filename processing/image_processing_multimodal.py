@@ -180,7 +180,13 @@ def _open_image(source, name: str, max_pixels: int | None) -> np.ndarray:
 
 
 def load_image(item, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Any supported image form -> RGB uint8 (H, W, 3). Raises `ValueError` describing the problem."""
+    """Any supported image form -> RGB uint8 (H, W, 3). Raises `ValueError` describing the problem.
+
+    Besides paths, bytes, PIL images and arrays: 🤗 Datasets' stored image form `{"bytes": ..., "path": ...}`, which
+    a dataset yields for an image nested inside chat messages (TRL's GRPO prompts) or under `Image(decode=False)`.
+    """
+    if isinstance(item, dict) and {"bytes", "path"} >= set(item) and (item.get("bytes") or item.get("path")):
+        item = item["bytes"] or item["path"]
     if isinstance(item, (str, os.PathLike)):
         return _open_image(os.fspath(item), describe(item), max_pixels)
     if isinstance(item, (bytes, bytearray, memoryview)):
@@ -194,7 +200,8 @@ def load_image(item, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.nd
         channels_first = False
     else:
         raise ValueError(
-            f"unsupported image type {type(item).__name__}; expected a path, bytes, PIL image, numpy array or torch tensor"
+            f"unsupported image type {type(item).__name__}; expected a path, bytes, PIL image, numpy array, torch tensor "
+            "or a datasets image dict {'bytes': ..., 'path': ...}"
         )
     image = _array_to_rgb(item, channels_first)
     check_pixels(image.shape[0], image.shape[1], max_pixels)

@@ -115,3 +115,17 @@ def test_batch_forms_and_numpy_output():
     assert torch.equal(processor(np.stack(images))["pixel_values"], flat)  # 4-D batch array
     assert torch.equal(processor([[images[0]], images[1:]])["pixel_values"], flat)  # nested per sample
     assert isinstance(processor(images, return_tensors="np")["pixel_values"], np.ndarray)
+
+
+def test_a_datasets_image_dict_loads_as_its_bytes_or_path(tmp_path):
+    """🤗 Datasets stores an image nested in chat messages as {"bytes", "path"} (what TRL's GRPO prompts hand over)."""
+    from modeling_multimodal.processing.image_processing_multimodal import load_image
+
+    pixels = random_image(16, 12, seed=3)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    (tmp_path / "image.png").write_bytes(buffer.getvalue())
+    np.testing.assert_array_equal(load_image({"bytes": buffer.getvalue(), "path": None}), pixels)
+    np.testing.assert_array_equal(load_image({"bytes": None, "path": str(tmp_path / "image.png")}), pixels)
+    with pytest.raises(ValueError, match="unsupported image type dict"):
+        load_image({"bytes": None, "path": None})

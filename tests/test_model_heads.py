@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -69,6 +71,18 @@ def test_whole_checkpoint_loads_into_the_base_model(tmp_path):
     expected = full.model.state_dict()
     for name, value in base.state_dict().items():
         torch.testing.assert_close(value, expected[name], msg=name)
+
+
+def test_ignored_keys_are_the_heads_a_serving_wrapper_does_not_build():
+    """vLLM's Transformers backend drops every checkpoint key that the base model's `_keys_to_ignore_on_load_unexpected`
+    matches, then loads `lm_head.weight` into its own LM head: were that key dropped, the head would stay zero and every
+    logit equal (greedy decoding then repeats token 1, as it did on the merged tree)."""
+    config = tiny_config(TOKENIZER, auxiliary_loss_weight=0.5, contrastive_loss_weight=0.5, auxiliary_tasks=["audio_ctc", "media_bow"])
+    keys = MultimodalForConditionalGeneration(config).state_dict()
+    patterns = [re.compile(pattern) for pattern in MultimodalModel._keys_to_ignore_on_load_unexpected]
+    dropped = {key for key in keys if any(pattern.search(key) for pattern in patterns)}
+    assert dropped == {key for key in keys if key.startswith(("auxiliary_heads.", "retrieval_head."))} != set()
+    assert "lm_head.weight" in keys and "lm_head.weight" not in dropped
 
 
 def test_base_model_takes_already_merged_inputs_embeds_without_media():

@@ -82,7 +82,8 @@ def test_outputs_carry_each_modalitys_encoder_output(model, batch):
     assert [item.shape for item in out.image_outputs.pooler_output] == [(layout.image_tokens(), 32)]
     assert out.video_outputs.last_hidden_state.shape[0] == model.config.video_num_frames  # one row per frame
     assert out.video_outputs.pooler_output.shape == (1, layout.video_tokens(), 32)
-    assert [item.shape[0] for item in out.audio_outputs.pooler_output] == [layout.audio_tokens(120)]
+    assert out.audio_outputs.pooler_output.shape == (layout.audio_tokens(120), 32)  # Voxtral's: clips' rows, flat
+    assert out.audio_outputs.token_counts.tolist() == [layout.audio_tokens(120)]
     torch.testing.assert_close(torch.stack(out.image_hidden_states), model.model.encode_images(batch["pixel_values"]))
     assert model(input_ids=batch["input_ids"][:, -3:]).image_outputs is None  # text only: no encoder ran
 
@@ -173,11 +174,31 @@ def test_features_follow_transformers_layout_and_retrieval_embeddings_are_unchan
     # LLaVA-NeXT-Video's: the tower's output over all frames, (n, tokens, d) LM-ready as pooler_output.
     assert outputs["video"].last_hidden_state.shape[::2] == (2 * 4, vision_hidden)
     torch.testing.assert_close(outputs["video"].pooler_output, model.model.encode_videos(videos))
-    # Voxtral's (one entry per clip): the encoder's selected layer, the LM-ready rows as pooler_output.
+    # Voxtral's: the encoder's selected layer, every clip's LM-ready rows in one (total_tokens, d) pooler_output.
     assert outputs["audio"].last_hidden_state.shape[::2] == (2, model.config.audio_config.d_model)
-    assert [item.shape for item in outputs["audio"].pooler_output] == [(layout.audio_tokens(100), 32)] * 2
+    assert outputs["audio"].pooler_output.shape == (2 * layout.audio_tokens(100), 32)
+    assert outputs["audio"].token_counts.tolist() == [layout.audio_tokens(100)] * 2
     assert outputs["text"].last_hidden_state.shape == (2, texts["input_ids"].shape[1], 32)
     assert outputs["text"].pooler_output is None
+
+
+def test_audio_features_split_by_the_processors_counts_give_each_clip(model):
+    """vLLM's Transformers backend splits `get_audio_features(...).pooler_output` (one tensor, `.ndim` read) by the
+    token counts the processor wrote into the prompt; clips of different lengths must come back as encoded alone."""
+    layout = model.config.token_layout
+    mels = torch.randn(2, 80, 120, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 120, dtype=torch.long)
+    mask[1, 70:] = 0  # the second clip is 70 mel frames long, padded to 120
+    features = model.get_audio_features(mels, mask)
+    assert isinstance(features.pooler_output, torch.Tensor) and features.pooler_output.ndim == 2
+    processor_counts = [layout.audio_tokens(120), layout.audio_tokens(70)]
+    assert features.token_counts.tolist() == processor_counts
+    for clip, (mel, length) in enumerate(zip(mels, (120, 70))):
+        (alone,), _, _ = model.model.encode_audio(mel[None, :, :length])
+        torch.testing.assert_close(features.pooler_output.split(processor_counts)[clip], alone, msg=f"clip {clip}")
+        torch.testing.assert_close(features.clips()[clip], alone, msg=f"clip {clip}")
+    as_tuple = model.get_audio_features(mels, mask, return_dict=False)
+    torch.testing.assert_close(as_tuple[1], features.pooler_output)
 
 
 def test_features_accept_return_dict_and_output_hidden_states(model):

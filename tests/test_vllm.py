@@ -39,7 +39,8 @@ VLLM_SCRIPT = textwrap.dedent(
     def main():
         checkpoint, cases = sys.argv[1], json.load(open(sys.argv[2]))
         llm = LLM(model=checkpoint, model_impl="transformers", trust_remote_code=True, dtype="float32",
-                  max_model_len=1024, enforce_eager=True, distributed_executor_backend="uni", limit_mm_per_prompt={"image": 1, "audio": 1, "video": 1})
+                  max_model_len=1024, enforce_eager=True, distributed_executor_backend="uni", limit_mm_per_prompt={"image": 1, "audio": 1, "video": 1},
+                  mm_processor_kwargs={"audio_at_feature_rate": True})  # vLLM resamples audio and passes no rate (docs/MODEL.md)
         params = SamplingParams(temperature=0.0, max_tokens=int(sys.argv[3]))
         out = {}
         for name, case in cases.items():
