@@ -58,6 +58,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "parameterized"],  # parameterized: transformers' common tests
+        # DeepSpeed ZeRO through `accelerate launch` (GPUs; on CPU processes it does not start: docs/TRAINING.md).
+        "deepspeed": ["deepspeed>=0.19,<1"],
         # Converters of the shipped real weights (GGUF, ONNX) and the runtimes their parity tests compare with.
         "convert": ["gguf>=0.17,<1", "onnx>=1.17,<2", "ctranslate2>=4.5,<5", "onnxruntime>=1.20,<2"],
         # `quantize --method int8-weight-only / int4-weight-only` (CPU); QLoRA (`lora.quantize: 4bit`, CUDA only).

@@ -175,18 +175,34 @@ def _evaluate(args):
             raise ValueError(f"--manifest {manifest!r}: {err}") from None
     if args.out:
         _refuse_writing_over_inputs(args.out, checkpoint, [Path(args.root) / manifest for manifest, _, _ in runs], runs)
+    # Under torchrun / `accelerate launch` every process loads the model and scores its share of each manifest's
+    # rows (`evaluation.distributed`); the main process prints and writes the gathered result. Alone: one process.
+    state = _evaluation_processes()
     model, processor = _load_checkpoint(checkpoint, "evaluate")
+    if state.num_processes > 1:
+        model.to(state.device)
     results = []
     for manifest, task, rows in runs:
         scores, predictions = evaluate_task(
             model, processor, rows, task, batch_size=args.batch_size, rerank_top_k=args.rerank_top_k,
-            num_examples=None, retrieval=not args.no_retrieval,
+            num_examples=None, retrieval=not args.no_retrieval, distributed=True,
         )
         results.append({"manifest": manifest, "task": task, "rows": len(rows), "scores": scores, "predictions": predictions})
-    summary = [{**{k: v for k, v in r.items() if k != "predictions"}, "samples": r["predictions"][:3]} for r in results]
-    print(json.dumps({"checkpoint": args.checkpoint, "results": summary}, indent=2))
-    if args.out:
-        _write_predictions(args.out, args.checkpoint, results)
+    if state.is_main_process:
+        summary = [{**{k: v for k, v in r.items() if k != "predictions"}, "samples": r["predictions"][:3]} for r in results]
+        print(json.dumps({"checkpoint": args.checkpoint, "results": summary}, indent=2))
+        if args.out:
+            _write_predictions(args.out, args.checkpoint, results)
+    state.wait_for_everyone()
+
+
+def _evaluation_processes():
+    """Accelerate's process state: the process group of a torchrun / `accelerate launch` job (gloo without a GPU),
+    or this process alone."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _generate(args):

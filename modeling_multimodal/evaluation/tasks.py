@@ -19,6 +19,7 @@ import torch
 from ..constants import IGNORE_INDEX
 from ..data.collator import MultimodalCollator, collate_media
 from ..data.examples import MEDIA_TENSOR_KEYS, ExampleEncoder, build_example, get_task
+from .distributed import Ranks, batches_of, cpu, media_signature
 from .functional import bleu, character_error_rate, cosine_similarity, exact_match, retrieval_recall, word_error_rate
 
 MEDIA_ARGUMENTS = (("images", "image"), ("audio", "audio"), ("videos", "video"))
@@ -40,19 +41,27 @@ def _process(processor, examples: list[dict], texts: list[str], padding_side: st
 
 @torch.no_grad()
 def generate_responses(
-    model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, require_response: bool = True
+    model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, require_response: bool = True,
+    distributed: bool = False,
 ):
     """Greedy responses for `rows`; returns (predictions, references, examples). require_response=False takes chat
-    rows that end on the user's turn (prompts only, as lmms-eval sends them; their references are None)."""
+    rows that end on the user's turn (prompts only, as lmms-eval sends them; their references are None).
+
+    distributed: every rank of the process group calls this with the same rows; each generates its share and all
+    get every prediction (`evaluation.distributed`)."""
     examples = [build_example(row, task, require_response=require_response) for row in rows]
-    predictions = []
-    for chunk in _batches(examples, batch_size):
-        prompts = [processor.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in chunk]
-        inputs = _process(processor, chunk, prompts, padding_side="left").to(model.device)
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    ranks = Ranks.of(model, distributed)
+    keys = [media_signature(e) for e in examples] if ranks.world > 1 else None
+    predictions = {}
+    for chunk in batches_of(ranks.share(keys if keys is not None else [None] * len(examples)), keys, batch_size):
+        chosen = [examples[index] for index, _ in chunk]
+        prompts = [processor.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in chosen]
+        inputs = _process(processor, chosen, prompts, padding_side="left").to(model.device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=ranks.sharded)
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        predictions += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-    return predictions, [e["response"] for e in examples], examples
+        texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
+        predictions.update((index, text.strip()) for (index, padding), text in zip(chunk, texts) if not padding)
+    return ranks.gather(predictions, len(examples)), [e["response"] for e in examples], examples
 
 
 def split_prompt_response(example: dict) -> tuple[dict, torch.Tensor]:
@@ -65,7 +74,7 @@ def split_prompt_response(example: dict) -> tuple[dict, torch.Tensor]:
 
 @torch.no_grad()
 def pair_log_likelihoods(
-    model, prompts: list[dict], responses: list[torch.Tensor], pairs: list[tuple[int, int]], pad_token_id: int,
+    model, prompts: list[dict] | dict[int, dict], responses: list[torch.Tensor], pairs: list[tuple[int, int]], pad_token_id: int,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """log p(responses[t] | prompts[m]) of each (t, m) in `pairs`, as a (len(pairs),) float tensor.
@@ -140,12 +149,16 @@ def reranked_recall(similarity: np.ndarray, pair_scores: dict[tuple[int, int], f
 
 
 @torch.no_grad()
-def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int = 32, rerank_top_k: int = 0) -> dict[str, float]:
+def retrieval_scores(
+    model, processor, rows: list[dict], task, batch_size: int = 32, rerank_top_k: int = 0, distributed: bool = False
+) -> dict[str, float]:
     """Recall@1/5/10 text→media and media→text over rows with distinct paired texts.
 
     rerank_top_k: also re-rank each query's top k candidates by log p(text | media) (`reranked_*` keys).
     The task's own prompt and response format are used, so the task must have a response (captions,
     transcripts); the cost is one LM pass per candidate pair, at most 2·k per query.
+    distributed: each rank embeds its share of the rows (`evaluation.distributed`); re-ranking is split by query
+    unless the model is sharded, where its passes (a different number per query) run on every rank alike.
     """
     spec = get_task(task)
     if rerank_top_k < 0:
@@ -153,29 +166,45 @@ def retrieval_scores(model, processor, rows: list[dict], task, batch_size: int =
     if rerank_top_k > 0 and (spec is None or not spec.response_field):
         raise ValueError(f"rerank_top_k needs a task whose response is the paired text (a caption or transcript); got {task!r}.")
     encoder = ExampleEncoder(processor, task)
-    encoded, seen = [], set()
+    chosen, seen = [], set()
     for row in rows:
         pair_text = build_example(row, task)["pair_text"]
         if pair_text and pair_text not in seen:
             seen.add(pair_text)
             # the pair text as the response, so one encoding (one media decode) serves embeddings and re-ranking
-            encoded.append(encoder({**row, spec.response_field: pair_text} if rerank_top_k > 0 else row))
-    if len(encoded) < 2:
+            chosen.append({**row, spec.response_field: pair_text} if rerank_top_k > 0 else row)
+    if len(chosen) < 2:
         return {}
-    media_embeds, text_embeds = [], []
+    ranks = Ranks.of(model, distributed)
     tokenizer = processor.tokenizer
-    for chunk in _batches(encoded, batch_size):
-        inputs = {key: value.to(model.device) for key, value in collate_media(chunk, tokenizer.pad_token_id).items()}
+    encoded, embeddings = {}, {}  # by row index: this rank's share
+    for chunk in batches_of(ranks.share([None] * len(chosen)), None, batch_size):
+        examples = [encoder(chosen[index]) for index, _ in chunk]
+        inputs = {key: value.to(model.device) for key, value in collate_media(examples, tokenizer.pad_token_id).items()}
         media = {key: inputs[key] for key in MEDIA_TENSOR_KEYS if key in inputs}  # one modality per retrieval task
-        media_embeds.append(model.get_retrieval_embeddings(**media))
-        text_embeds.append(model.get_retrieval_embeddings(inputs["pair_input_ids"], inputs["pair_attention_mask"]))
-    similarity = cosine_similarity(torch.cat(text_embeds).float().cpu(), torch.cat(media_embeds).float().cpu())
+        media_embeds = cpu(model.get_retrieval_embeddings(**media)).float()
+        text_embeds = cpu(model.get_retrieval_embeddings(inputs["pair_input_ids"], inputs["pair_attention_mask"])).float()
+        for row, ((index, padding), example) in enumerate(zip(chunk, examples)):
+            if not padding:
+                encoded[index], embeddings[index] = example, (text_embeds[row], media_embeds[row])
+    text_embeds, media_embeds = (torch.stack(side) for side in zip(*ranks.gather(embeddings, len(chosen))))
+    similarity = cosine_similarity(text_embeds, media_embeds)
     scores = retrieval_recall(similarity)
     if rerank_top_k > 0:
         pairs = sorted(_top_k_pairs(similarity, rerank_top_k))
-        prompts, responses = zip(*map(split_prompt_response, encoded))
-        log_likelihoods = pair_log_likelihoods(model, prompts, responses, pairs, tokenizer.pad_token_id, batch_size)
-        scores.update(reranked_recall(similarity, dict(zip(pairs, log_likelihoods.tolist())), rerank_top_k))
+        # Each rank scores the pairs of the media it encoded. Sharded, every rank scores every pair instead: a
+        # prompt's pass count depends on its candidates, and collective forwards must match across ranks.
+        if ranks.sharded:
+            encoded.update((i, encoder(chosen[i])) for i in range(len(chosen)) if i not in encoded)
+        parts = {index: split_prompt_response(example) for index, example in encoded.items()}
+        responses = ranks.gather({index: response for index, (_, response) in parts.items()}, len(chosen))
+        mine = [position for position, (_, media) in enumerate(pairs) if media in parts]
+        log_likelihoods = pair_log_likelihoods(
+            model, {index: prompt for index, (prompt, _) in parts.items()}, responses, [pairs[p] for p in mine],
+            tokenizer.pad_token_id, batch_size,
+        )
+        pair_scores = dict(zip(pairs, ranks.gather(dict(zip(mine, log_likelihoods.tolist())), len(pairs))))
+        scores.update(reranked_recall(similarity, pair_scores, rerank_top_k))
     return scores
 
 
@@ -197,20 +226,21 @@ def check_scorable(rows: list[dict], task, retrieval: bool = True) -> None:
 
 def evaluate_task(
     model, processor, rows: list[dict], task, batch_size: int = 16, max_new_tokens: int = 32, num_examples: int | None = 3,
-    rerank_top_k: int = 0, retrieval: bool = True,
+    rerank_top_k: int = 0, retrieval: bool = True, distributed: bool = False,
 ):
     """All scores that apply to `task` (task None: chat rows, their last assistant turn scored by exact match and
     BLEU, and by WER / CER too when every row holds only audio), plus the first `num_examples` (prediction, reference) examples (None: all).
 
     rerank_top_k: passed to `retrieval_scores` (0: embedding retrieval only). retrieval=False skips retrieval, and so
-    does a generation task on a model without a retrieval head."""
+    does a generation task on a model without a retrieval head. distributed: every rank of the process group calls
+    this with the same rows, scores its share and returns the scores of all rows (`evaluation.distributed`)."""
     spec = get_task(task)
     check_scorable(rows, task, retrieval)
     was_training = model.training
     model.eval()
     scores, samples = {}, []
     if spec is None or spec.response_field:
-        predictions, references, examples = generate_responses(model, processor, rows, task, batch_size, max_new_tokens)
+        predictions, references, examples = generate_responses(model, processor, rows, task, batch_size, max_new_tokens, distributed=distributed)
         transcription = spec.ctc_field if spec is not None else all(e["media"]["audio"] for e in examples) and not any(
             e["media"]["image"] or e["media"]["video"] for e in examples
         )  # chat rows: speech-only rows are transcripts (or spoken answers), scored by WER like the task
@@ -228,6 +258,6 @@ def evaluate_task(
     # retrieval-only task (nothing generated) asks for them anyway, so a model without the head is refused by name.
     has_head = getattr(model, "retrieval_head", None) is not None
     if retrieval and spec is not None and spec.pair_field and (has_head or not spec.response_field):
-        scores.update(retrieval_scores(model, processor, rows, task, batch_size, rerank_top_k))
+        scores.update(retrieval_scores(model, processor, rows, task, batch_size, rerank_top_k, distributed))
     model.train(was_training)
     return scores, samples

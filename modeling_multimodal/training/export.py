@@ -13,6 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+
 from ..hub import save_custom_code, training_card_inputs, write_model_card_inputs
 from .recipe import TrainingRecipe
 from .report import write_report
@@ -30,16 +35,19 @@ def export_run(
 ) -> dict:
     """Write final/ (and the adapter, history and report); returns their paths. Main process only.
 
-    model: the trained model or its PeftModel (merged before saving). state_dict: full tensors gathered from an
-    FSDP2 run's shards (`checkpointing.gather_full_state`), else the model's own.
+    model: the trained model or its PeftModel (its adapter saved, then merged into the saved weights). state_dict:
+    full tensors gathered from an FSDP2 run's shards (`checkpointing.gather_full_state`), else the model's own.
     """
     final_dir = Path(output_dir) / "final"
     paths = {"final_dir": str(final_dir)}
     if hasattr(model, "merge_and_unload"):
+        # One path for one process and for FSDP2's gathered shards: the adapter's tensors and the merged model are
+        # both taken from the full state dict (PEFT filters the adapter's own; `merged_lora_state` merges the rest).
+        state_dict = state_dict if state_dict is not None else model.state_dict()
         _record_adapter_base(model, recipe)
-        model.save_pretrained(final_dir / "adapter")
+        model.save_pretrained(final_dir / "adapter", state_dict=state_dict)
         paths["adapter_dir"] = str(final_dir / "adapter")
-        model = model.merge_and_unload()
+        state_dict, model = merged_lora_state(model, state_dict), model.get_base_model()
     model.save_pretrained(final_dir, state_dict=state_dict)
     processor.save_pretrained(final_dir)
     (final_dir / "training_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
@@ -51,6 +59,58 @@ def export_run(
     if recipe.report:
         paths["report"] = str(write_report(log_history, eval_history, Path(output_dir) / "report.png"))
     return paths
+
+
+def merged_lora_state(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`peft_model.merge_and_unload().state_dict()` computed from a state dict of the PeftModel, under the base
+    model's own names: each LoRA Linear's weight plus its scaled `B @ A`, each `modules_to_save` copy in place of
+    its original, the adapter's own tensors dropped.
+
+    Why on the state dict: an FSDP2 run's parameters are shards, which PEFT's in-place merge cannot add to; the
+    gathered full state (`checkpointing.gather_full_state`, rank 0's CPU only) can be merged one layer at a time,
+    so the export needs no second copy of the model. The module tree only supplies each layer's scaling.
+    """
+    lora_layers, saved_copies = {}, {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if not isinstance(module, LoraLinear) or any(module.use_dora.get(a) or module.lora_bias.get(a) for a in adapters):
+                raise ValueError(f"merging LoRA layer {name!r} ({type(module).__name__}) from a state dict: only plain LoRA on Linear layers is supported")
+            lora_layers[name] = (module, adapters)
+        elif isinstance(module, ModulesToSaveWrapper):
+            saved_copies[name] = module.active_adapters
+
+    def owner(key: str, layers: dict):
+        prefix = key
+        while "." in prefix:
+            prefix = prefix.rsplit(".", 1)[0]
+            if prefix in layers:
+                return prefix, key[len(prefix) + 1 :]
+        return None, key
+
+    merged = {}
+    for key, value in state_dict.items():
+        name = key
+        prefix, rest = owner(key, saved_copies)
+        if prefix is not None:
+            adapter_prefix = f"modules_to_save.{saved_copies[prefix][0]}."
+            if not rest.startswith(adapter_prefix):
+                continue  # the frozen original the copy replaces
+            name = f"{prefix}.{rest[len(adapter_prefix):]}"
+        prefix, rest = owner(key, lora_layers)
+        if prefix is not None:
+            if not rest.startswith("base_layer."):
+                continue  # lora_A / lora_B
+            name = f"{prefix}.{rest[len('base_layer.'):]}"
+            if rest == "base_layer.weight":
+                module, adapters = lora_layers[prefix]
+                value = value.clone()
+                for adapter in adapters:
+                    a, b = (state_dict[f"{prefix}.lora_{x}.{adapter}.weight"].float() for x in "AB")
+                    delta = (b @ a).T if module.fan_in_fan_out else b @ a
+                    value += (delta * module.scaling[adapter]).to(value.dtype)
+        merged[name.removeprefix("base_model.model.")] = value
+    return merged
 
 
 def adapter_base(recipe: TrainingRecipe) -> str | None:

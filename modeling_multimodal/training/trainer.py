@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, send_to_device, set_seed
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -206,20 +207,19 @@ class Trainer:
 
     # --- evaluation ---
     def evaluate(self, step: int) -> dict:
+        """Score data.eval: every rank evaluates its share of the rows and gets every score (`evaluation.distributed`)."""
         results, samples = {}, {}
         model = base_model(self.model)
-        if self.accelerator.is_main_process:
+        with _unsharded_root(self.objective):
             for task, rows in self.eval_rows:
                 limit = self.recipe.data.eval_max_samples
                 subset = [rows[i] for i in range(min(len(rows), limit or len(rows)))]
-                scores, examples = evaluate_task(model, self.processor, subset, task)
+                scores, examples = evaluate_task(model, self.processor, subset, task, distributed=True)
                 name = task or "chat"
                 results.update({f"{name}/{k}": v for k, v in scores.items()})
                 samples[name] = examples
-            record = {"step": step, **results}
-            self.eval_history.append(record)
-            self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
-        self.accelerator.wait_for_everyone()
+        self.eval_history.append({"step": step, **results})  # on every rank: a checkpoint saves rank 0's copy
+        self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
         return {"scores": results, "samples": samples}
 
     # --- main ---
@@ -240,17 +240,6 @@ class Trainer:
                 "save_steps / resume under DeepSpeed: checkpoints gather through torch.distributed.checkpoint, which does "
                 "not know ZeRO-3's partitions; use FSDP2 (examples/accelerate/fsdp.yaml) for a run that must resume"
             )
-        if accelerator.distributed_type == DistributedType.FSDP:
-            if recipe.stage == "finetune":
-                raise ValueError(
-                    "stage=finetune under FSDP: the final export merges the LoRA adapter into the model, which is not "
-                    "implemented for sharded parameters; train stage=full (or align) under FSDP, or finetune with DDP"
-                )
-            if recipe.data.eval:  # evaluation runs on the main process alone: a sharded forward would wait for the others
-                raise ValueError(
-                    "data.eval under FSDP: evaluation is not sharded; set data.eval=[] and score final/ afterwards "
-                    "with `modeling-multimodal evaluate`"
-                )
         checkpoint = prepare_output_dir(self.output_dir, recipe.resume, recipe.overwrite_output_dir, accelerator.is_main_process)
         accelerator.wait_for_everyone()  # the main process may have cleared the folder
         # Fused AdamW (transformers' Trainer default since torch 2.8): one kernel per group, and no temporaries; the
@@ -372,6 +361,21 @@ def _rank_position(positions, rank: int, world_size: int, checkpoint) -> tuple[i
         )
     epoch, batch = positions[rank]
     return int(epoch), int(batch)
+
+
+@contextlib.contextmanager
+def _unsharded_root(objective):
+    """Under FSDP2, the root unit's parameters (embeddings, projectors, LM head: whatever no per-layer unit holds)
+    gathered while the model is called directly, as evaluation does (the root's own forward hook would gather them
+    for the objective's forward only); the per-layer units gather themselves in their forward hooks."""
+    if not isinstance(objective, FSDPModule):
+        yield
+        return
+    objective.unshard()
+    try:
+        yield
+    finally:
+        objective.reshard()
 
 
 def _torch_optimizer(optimizer):
