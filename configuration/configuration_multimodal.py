@@ -21,6 +21,36 @@ SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "vit", "d
 SUPPORTED_AUDIO_TOWERS = ("whisper", "qwen2_audio_encoder")
 # Composite configs whose vision or audio half we take when a user passes the whole thing.
 VISION_HALF_OF = {"clip": "vision_config", "siglip": "vision_config"}
+AUDIO_HALF_OF = {"qwen2_audio": "audio_config"}
+# Tower families refused from their config, with the reason (docs/MODEL.md, "Composition").
+REFUSED_TOWERS = {
+    "siglip2_vision_model": (
+        "SigLIP2 (NaFlex) gives every image its own patch grid (aspect ratio kept, up to max_num_patches) and takes "
+        "flattened patches with spatial_shapes and a patch mask, while the token layout here gives every image of a "
+        "tower one fixed grid; use a fixed-resolution SigLIP (model_type 'siglip' / 'siglip_vision_model')"
+    ),
+    "wav2vec2": (
+        "Wav2Vec2 is a raw-waveform encoder (input_values through a strided convolution stack, its own feature "
+        "extractor and length rule), while the audio path here feeds log-mel input_features to a Whisper-style "
+        "encoder; use a Whisper or Qwen2-Audio encoder"
+    ),
+}
+REFUSED_TOWERS["siglip2"] = REFUSED_TOWERS["siglip2_vision_model"]
+REFUSED_TOWERS["hubert"] = REFUSED_TOWERS["wav2vec2"].replace("Wav2Vec2 is", "HuBERT is")
+
+
+def tower_type_error(field: str, model_type: str, supported: tuple[str, ...]) -> str | None:
+    """Why a `field` (vision_config / audio_config) of `model_type` cannot be used; None when it can."""
+    if model_type in supported:
+        return None
+    reason = REFUSED_TOWERS.get(model_type, f"supported: {supported}")
+    return f"{field}.model_type={model_type!r}: {reason}"
+
+
+def tower_half(config: PreTrainedConfig) -> PreTrainedConfig:
+    """A whole CLIP / SigLIP / Qwen2-Audio config's vision or audio half; any other config as it is."""
+    halves = {**VISION_HALF_OF, **AUDIO_HALF_OF}
+    return getattr(config, halves[config.model_type]) if config.model_type in halves else config
 PROJECTOR_TYPES = ("linear", "mlp")
 VISION_STEMS = ("patch", "conv")
 AUXILIARY_TASKS = ("audio_ctc", "media_bow")
@@ -125,9 +155,10 @@ class MultimodalConfig(PreTrainedConfig):
             if old in kwargs:
                 warnings.warn(f"MultimodalConfig: {old} is deprecated, use {new}", FutureWarning, stacklevel=3)
                 setattr(self, new, kwargs.pop(old))
-        # Accept a whole CLIPConfig / SiglipConfig and keep its vision half.
-        if isinstance(self.vision_config, PreTrainedConfig) and self.vision_config.model_type in VISION_HALF_OF:
-            self.vision_config = getattr(self.vision_config, VISION_HALF_OF[self.vision_config.model_type])
+        # Accept a whole CLIPConfig / SiglipConfig / Qwen2AudioConfig and keep its vision or audio half.
+        for name in ("vision_config", "audio_config"):
+            if isinstance(getattr(self, name), PreTrainedConfig):
+                setattr(self, name, tower_half(getattr(self, name)))
         super().__post_init__(**kwargs)
         if self.text_config.tie_word_embeddings and not self.tie_word_embeddings:
             self.tie_word_embeddings = True
@@ -146,9 +177,9 @@ class MultimodalConfig(PreTrainedConfig):
         """Reject combinations that cannot work, with a message that says what to change."""
         errors = []
         if self.vision_config is not None:
-            vision_type = self.vision_config.model_type
-            if vision_type not in SUPPORTED_VISION_TOWERS:
-                errors.append(f"vision_config.model_type={vision_type!r}; supported: {SUPPORTED_VISION_TOWERS}")
+            refused = tower_type_error("vision_config", self.vision_config.model_type, SUPPORTED_VISION_TOWERS)
+            if refused:
+                errors.append(refused)
             else:
                 grid = self.vision_config.image_size // self.vision_config.patch_size
                 if grid % self.image_pool_stride:
@@ -186,9 +217,9 @@ class MultimodalConfig(PreTrainedConfig):
                         f"{layout.image_grid_tokens()}; set video_spatial_pool_stride=image_pool_stride or use a video projector"
                     )
         if self.audio_config is not None:
-            audio_type = self.audio_config.model_type
-            if audio_type not in SUPPORTED_AUDIO_TOWERS:
-                errors.append(f"audio_config.model_type={audio_type!r}; supported: {SUPPORTED_AUDIO_TOWERS}")
+            refused = tower_type_error("audio_config", self.audio_config.model_type, SUPPORTED_AUDIO_TOWERS)
+            if refused:
+                errors.append(refused)
             else:
                 n_hidden = self.audio_config.encoder_layers + 1
                 if not -n_hidden <= self.audio_feature_layer < n_hidden:

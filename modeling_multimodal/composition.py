@@ -16,21 +16,26 @@ folder its tokenizer (and chat template), a CLIP/SigLIP/ViT/DINOv2 folder its
 
 from __future__ import annotations
 
+import copy
+import os
+
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 from transformers.utils import logging
 
 from .configuration import MultimodalConfig
-from .configuration.configuration_multimodal import VISION_HALF_OF
+from .configuration.configuration_multimodal import SUPPORTED_AUDIO_TOWERS, SUPPORTED_VISION_TOWERS, tower_half, tower_type_error
 from .configuration.media_tokens import VISION_TOWERS_WITH_CLS
+from .part_weights import load_part
 from .processing import MultimodalImageProcessor, MultimodalProcessor, MultimodalVideoProcessor
 from .processing.chat_template import with_generation_markers
 from .tokenization import MEDIA_TOKENS
 
 logger = logging.get_logger(__name__)
 
-# What a video processor takes over from the vision tower's image preprocessing.
+# The image preprocessing options our processor takes over from a tower's own (and a video processor from the images).
 IMAGE_OPTIONS_SHARED_WITH_VIDEO = (
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std",
@@ -44,22 +49,59 @@ _POSITION_TABLE = {
 }
 
 
-def _vision_half(config):
-    """A CLIPConfig / SiglipConfig's vision half; any other vision config as it is."""
-    return getattr(config, VISION_HALF_OF[config.model_type]) if config.model_type in VISION_HALF_OF else config
+def check_part_location(role: str, source: str) -> None:
+    """A part that is neither an existing folder nor a valid Hub id is named as a missing folder."""
+    if os.path.isdir(source):
+        return
+    try:
+        looks_like_path = source.startswith((".", "~", os.sep)) or source.count("/") > 1 or "\\" in source
+        validate_repo_id(source)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise ValueError(f"{role}={source!r}: the folder does not exist (and it is not a Hub id either)")
+
+
+def _part_config(role: str, source: str, supported: tuple[str, ...]):
+    """The tower's config (a dual encoder's or whole model's tower half), refused with the reason when unsupported."""
+    config = tower_half(AutoConfig.from_pretrained(source))
+    refused = tower_type_error(f"{role}_config", config.model_type, supported)
+    if refused:
+        raise ValueError(f"{role}={source!r} cannot be composed: {refused}")
+    return config
+
+
+def _plain_size(size) -> dict | None:
+    """A SizeDict (or dict) as the plain dict of its set entries."""
+    return None if size is None else {key: value for key, value in dict(size).items() if value is not None}
 
 
 def _image_processor(vision: str, image_size: int | None) -> MultimodalImageProcessor:
-    """The tower's own preprocessing; `image_size` resizes its crop (and its resize edge in proportion)."""
-    processor = MultimodalImageProcessor.from_pretrained(vision)
-    if image_size is not None:
-        crop = processor.crop_size if processor.do_center_crop else processor.size
-        edge = processor.size.shortest_edge
-        scaled_edge = round(edge * image_size / crop.height) if edge else image_size
-        processor = MultimodalImageProcessor(
-            **{**processor.to_dict(), "size": {"shortest_edge": scaled_edge}, "crop_size": {"height": image_size, "width": image_size}}
+    """The tower's own preprocessing in our processor: its own class's defaults decide what its config leaves out
+    (SigLIP and ViT resize to a square and do not crop; CLIP and DINOv2 resize the short edge, then crop).
+
+    A processor that only resizes the short edge gives images of any aspect ratio, which a fixed patch grid cannot
+    take: a centre crop of that edge is added, with a warning. `image_size` sets the side the tower sees (a cropping
+    processor's resize edge follows in proportion).
+    """
+    own = AutoImageProcessor.from_pretrained(vision)
+    values = {name: getattr(own, name, None) for name in IMAGE_OPTIONS_SHARED_WITH_VIDEO}
+    values.update(size=_plain_size(values["size"]), crop_size=_plain_size(values["crop_size"]), do_center_crop=bool(values["do_center_crop"]))
+    size = values["size"] or {}
+    if not values["do_center_crop"] and not ("height" in size and "width" in size):
+        side = size.get("shortest_edge")
+        logger.warning(
+            f"{vision}: its image processor ({type(own).__name__}) resizes the shortest edge to {side} without a crop; "
+            f"a {side}x{side} centre crop is added so that every image fits the vision tower's patch grid"
         )
-    return processor
+        values.update(do_center_crop=True, crop_size={"height": side, "width": side})
+    if image_size is not None:
+        if values["do_center_crop"]:
+            scale = image_size / values["crop_size"]["height"]
+            values.update(size={key: round(value * scale) for key, value in size.items()}, crop_size={"height": image_size, "width": image_size})
+        else:
+            values["size"] = {"height": image_size, "width": image_size}
+    return MultimodalImageProcessor(**{key: value for key, value in values.items() if value is not None})
 
 
 def processed_image_side(image_processor) -> int:
@@ -100,20 +142,6 @@ def fit_vision_tower(tower: nn.Module, image_size: int) -> nn.Module:
     return tower
 
 
-def _load_audio_encoder(path: str, audio_config, dtype) -> nn.Module:
-    """The encoder half only: a Whisper checkpoint's decoder is never read into memory."""
-    if audio_config.model_type == "whisper":
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # the decoder's weights are left on disk on purpose: no "unexpected keys" report
-        try:
-            return WhisperEncoder.from_pretrained(path, config=audio_config, dtype=dtype, key_mapping={r"^model\.encoder\.": ""})
-        finally:
-            logging.set_verbosity(verbosity)
-    return AutoModel.from_pretrained(path, dtype=dtype)
-
-
 def _materialise_new_modules(model) -> None:
     """Give the modules no part provided (projectors, heads) real memory and their usual initialisation."""
     for module in model.modules():
@@ -148,6 +176,12 @@ def from_pretrained_components(
     system_prompt: the processor's `system_prompt` (None keeps the LM's chat template's own default system turn).
     """
     # 1. configs, tokenizer and preprocessing: everything is checked before a weight is read.
+    for role, source in (("text", text), ("vision", vision), ("audio", audio)):
+        if source:
+            check_part_location(role, source)
+    # the towers' types first: an unsupported family is refused from its config alone, with the reason
+    native_vision = _part_config("vision", vision, SUPPORTED_VISION_TOWERS) if vision else None
+    audio_config = _part_config("audio", audio, SUPPORTED_AUDIO_TOWERS) if audio else None
     tokenizer = AutoTokenizer.from_pretrained(text)
     wanted = (["image", "video"] if vision else []) + (["audio"] if audio else [])
     tokenizer.add_special_tokens(
@@ -157,13 +191,12 @@ def from_pretrained_components(
         tokenizer.pad_token = tokenizer.eos_token
     text_config = AutoConfig.from_pretrained(text)
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
-    vision_config = audio_config = image_processor = video_processor = feature_extractor = None
+    vision_config = image_processor = video_processor = feature_extractor = None
     if vision:
         image_processor = _image_processor(vision, image_size)
-        vision_config = _vision_half(AutoConfig.from_pretrained(vision))
-        vision_config.image_size = processed_image_side(image_processor)
+        vision_config = copy.deepcopy(native_vision)
+        vision_config.image_size = processed_image_side(image_processor)  # the size the tower's own processor gives
     if audio:
-        audio_config = AutoConfig.from_pretrained(audio)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(audio)
     ids = {m: tokenizer.convert_tokens_to_ids(MEDIA_TOKENS[m]) for m in wanted}
     config = MultimodalConfig(
@@ -185,7 +218,8 @@ def from_pretrained_components(
         chat_template=_trainable_template(getattr(tokenizer, "chat_template", None)),
     )
 
-    # 2. weights: each part read once and moved into a model built on the meta device.
+    # 2. weights: each part read once and moved into a model built on the meta device; a tower's keys alone are
+    # read from its checkpoint (a dual encoder's text half, Whisper's decoder, Qwen2-Audio's LM stay on disk).
     load_dtype = dtype if dtype is not None else torch.float32
     with torch.device("meta"):
         model = cls(config)
@@ -195,10 +229,12 @@ def from_pretrained_components(
     model.model.language_model = language_model.base_model
     model.lm_head = language_model.get_output_embeddings()
     if vision:
-        tower = type(model.model.vision_tower).from_pretrained(vision, dtype=load_dtype)
+        # the tower at its checkpoint's own grid, re-gridded once its weights are in
+        tower = load_part(type(model.model.vision_tower), native_vision, vision, "vision tower", load_dtype)
         model.model.vision_tower = fit_vision_tower(tower, config.vision_config.image_size)
     if audio:
-        model.model.audio_tower = _load_audio_encoder(audio, config.audio_config, load_dtype)
+        tower_class = type(model.model.audio_tower)
+        model.model.audio_tower = load_part(tower_class, config.audio_config, audio, "audio encoder", load_dtype)
     _materialise_new_modules(model)
     _row_end_from_newline(model, tokenizer)
     model.model.apply_freezing()

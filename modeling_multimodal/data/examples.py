@@ -746,7 +746,7 @@ class ExampleEncoder:
         """Tokens the media items add beyond their one placeholder each, from headers only."""
         extractor = getattr(self.processor, "feature_extractor", None)
         audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
-        extra = len(media["image"]) * (self.layout.image_tokens() - 1)
+        extra = len(media["image"]) * (self.layout.image_tokens() - 1) if media["image"] else 0  # no tower, no images
         for item, with_track in zip(media["video"], tracks):
             track_frames = video_track_mel_frames(item, **audio_args) if with_track else 0
             extra += self.layout.video_tokens(track_frames) - 1

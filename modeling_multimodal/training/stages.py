@@ -21,25 +21,32 @@ import re
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..modeling_multimodal import MultimodalForConditionalGeneration
 
 HEAD_PREFIXES = ("model.multi_modal_projector.", "auxiliary_heads.", "retrieval_head.")
 
 
+# The layers LoRA adapts: nn.Linear, and transformers' Conv1D (GPT-2-style LMs: a Linear with its weight transposed,
+# which PEFT adapts with fan_in_fan_out).
+LORA_LAYER_TYPES = (nn.Linear, Conv1D)
+
+
 def linear_leaf_names(module: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)})
+    """The last name of every Linear-like layer (`LORA_LAYER_TYPES`) of `module`."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, LORA_LAYER_TYPES)})
 
 
 def default_lora_targets(model: MultimodalForConditionalGeneration, encoders: bool) -> str:
-    """A regex matching every Linear of the LM (and of the towers when `encoders`), nothing else."""
+    """A regex matching every Linear (or Conv1D) layer of the LM (and of the towers when `encoders`), nothing else."""
     scopes = {"model.language_model": model.model.language_model}
     if encoders:
         scopes.update({"model.vision_tower": model.model.vision_tower, "model.audio_tower": model.model.audio_tower})
     patterns = []
     for prefix, module in scopes.items():
-        if module is not None:
-            names = "|".join(map(re.escape, linear_leaf_names(module)))
+        names = "|".join(map(re.escape, linear_leaf_names(module))) if module is not None else ""
+        if names:
             patterns.append(rf"{re.escape(prefix)}\..*\.({names})")
     return "^(" + "|".join(patterns) + ")$"
 
