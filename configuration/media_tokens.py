@@ -12,12 +12,30 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from transformers.image_processing_utils import select_best_resolution
+
 from .media_registry import MODALITIES  # noqa: F401  (re-exported: the processor reads it from here)
 
 # Vision towers whose sequence starts with a CLS token (SigLIP has none).
 VISION_TOWERS_WITH_CLS = {"clip_vision_model", "vit", "dinov2"}
 # Whisper-style audio encoders: conv(stride 1) -> conv(stride 2) -> transformer over `max_source_positions`.
 AUDIO_CONV_STRIDE = 2
+
+
+def tile_grids(max_tiles: int) -> list[tuple[int, int]]:
+    """Every (rows, cols) grid of at most `max_tiles` crops, rows first (the order ties are broken in)."""
+    return [(rows, cols) for rows in range(1, max_tiles + 1) for cols in range(1, max_tiles // rows + 1)]
+
+
+def best_tile_grid(height: int, width: int, tile_size: int, max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of `tile_size` crops that fit a `height` x `width` image best: LLaVA-NeXT's rule
+    (`select_best_resolution`): the most image pixels kept when the image is scaled into the grid's canvas, then the
+    least canvas wasted. An image no larger than one crop gets (1, 1); a wide one more columns, a tall one more rows."""
+    if height < 1 or width < 1:
+        raise ValueError(f"an image must be at least 1x1 pixels to be tiled, got {width}x{height}")
+    candidates = [(rows * tile_size, cols * tile_size) for rows, cols in tile_grids(max_tiles)]
+    best_height, best_width = select_best_resolution((height, width), candidates)
+    return best_height // tile_size, best_width // tile_size
 
 
 def _ceil_div(numerator, denominator):
@@ -34,6 +52,8 @@ class MediaTokenLayout:
     image_keep_cls: bool = False  # vision_feature_select_strategy == "full"
     image_pool_stride: int = 1
     image_newline: bool = False  # a row-end token after each row of an image's pooled grid
+    image_size: int | None = None  # pixels per side of one crop the vision tower takes
+    image_max_tiles: int = 0  # 0: one crop per image; N: a grid of up to N crops plus a global view
     audio_max_positions: int | None = None  # encoder positions after the conv stem (Whisper: 1500)
     audio_pool_stride: int = 1
     video_num_frames: int = 0
@@ -52,6 +72,8 @@ class MediaTokenLayout:
                 image_keep_cls=has_cls and config.vision_feature_select_strategy == "full",
                 image_pool_stride=config.image_pool_stride,
                 image_newline=config.image_newline,
+                image_size=vision.image_size,
+                image_max_tiles=config.image_max_tiles,
                 video_num_frames=config.video_num_frames if config.video_token_id is not None else 0,
                 video_temporal_pool_stride=config.video_temporal_pool_stride,
                 video_spatial_pool_stride=config.video_spatial_pool_stride,
@@ -82,9 +104,37 @@ class MediaTokenLayout:
         side = self.image_grid_side()
         return side * side + int(self.image_keep_cls)
 
-    def image_tokens(self) -> int:
-        """Tokens for one image in the LM: `image_grid_tokens`, plus a row-end token per grid row with `image_newline`."""
+    def crop_tokens(self) -> int:
+        """Tokens for one crop the tower sees: `image_grid_tokens`, plus a row-end token per grid row with `image_newline`."""
         return self.image_grid_tokens() + (self.image_grid_side() if self.image_newline else 0)
+
+    def image_tile_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the crops a `height` x `width` image is tiled into (`best_tile_grid`; needs tiling on)."""
+        if not self.image_max_tiles:
+            raise ValueError("This model does not tile images (image_max_tiles=0): every image is one crop.")
+        return best_tile_grid(height, width, self.image_size, self.image_max_tiles)
+
+    def image_crops(self, grid: tuple[int, int] | None = None) -> int:
+        """Crops the tower runs for one image: 1 untiled; with a (rows, cols) grid, the global view plus rows * cols
+        tiles, or the global view alone for a (1, 1) grid (its one tile would be the same picture)."""
+        if not self.image_max_tiles:
+            if grid is not None and tuple(grid) != (1, 1):
+                raise ValueError(f"This model does not tile images (image_max_tiles=0), but got a {tuple(grid)} tile grid.")
+            return 1
+        if grid is None:
+            raise ValueError("This model tiles images (image_max_tiles > 0): an image's token count needs its tile grid.")
+        rows, cols = (int(n) for n in grid)
+        if rows < 1 or cols < 1 or rows * cols > self.image_max_tiles:
+            raise ValueError(f"tile grid {rows}x{cols} is outside 1..image_max_tiles={self.image_max_tiles} crops")
+        return 1 if rows * cols == 1 else 1 + rows * cols
+
+    def image_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens for one image in the LM. Untiled: `crop_tokens`. Tiled (`grid` = (rows, cols)): each crop's
+        `crop_tokens` after one marker token naming the crop (the global view first, then the tiles row by row)."""
+        if not self.image_max_tiles:
+            self.image_crops(grid)  # refuses a grid other than (1, 1)
+            return self.crop_tokens()
+        return self.image_crops(grid) * (1 + self.crop_tokens())
 
     def max_audio_mel_frames(self) -> int:
         """Longest clip, in mel frames, the audio encoder accepts (Whisper: 3000 = 30 s)."""

@@ -40,11 +40,12 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .input_checks import check_media_inputs, check_weight_files
-from .configuration.media_registry import VIDEO_TRACK_INPUTS
+from .configuration.media_registry import PREFILL_ONLY_INPUTS
 from .encoders import FEATURES_ONLY, build_audio_tower, encode_audio, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, LOSS_TARGETS, MultimodalLoss, RetrievalHead
-from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
+from .projectors import MultiModalProjector, append_row_ends, compress_patch_grid, pool_time
 from .retrieval import RetrievalMixin
+from .tiling import TileMarkers, arrange_tiled_images, crops_per_image
 from .vision_stem import use_conv_stem
 
 
@@ -167,6 +168,10 @@ class MultimodalPreTrainedModel(PreTrainedModel):
             if module.row_end is not None:  # as LLaVA-NeXT's image_newline: a random vector of the LM's init scale
                 with torch.no_grad():
                     module.row_end.normal_(0.0, getattr(self.config.text_config, "initializer_range", 0.02))
+        if isinstance(module, TileMarkers):  # as the row end: random vectors of the LM's init scale
+            with torch.no_grad():
+                for marker in module.parameters():
+                    marker.normal_(0.0, getattr(self.config.text_config, "initializer_range", 0.02))
         if isinstance(module, RetrievalHead):
             with torch.no_grad():
                 module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
@@ -188,8 +193,9 @@ class MultimodalModel(MultimodalPreTrainedModel):
             vision_hidden = config.vision_feature_dim
             positions = config.projector_position_embeddings
             projectors["image"] = MultiModalProjector(
-                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act, config.projector_input_standardize,
-                num_positions=self.layout.image_grid_tokens() if positions else 0, row_end=config.image_newline,
+                config.image_projector_in_features, text_hidden, config.image_projector, config.projector_hidden_act,
+                config.projector_input_standardize, num_positions=self.layout.image_grid_tokens() if positions else 0,
+                row_end=config.image_newline, max_tiles=config.image_max_tiles,
             )
             if config.video_token_id is not None and config.video_projector != "image":
                 projectors["video"] = MultiModalProjector(
@@ -236,20 +242,29 @@ class MultimodalModel(MultimodalPreTrainedModel):
         )
 
     def _image_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """(n, image_tokens, text_hidden) from the vision tower's hidden states: selected layers, pooled, projected."""
+        """(crops, crop_tokens, text_hidden) from the vision tower's hidden states: selected layers, compressed
+        (`image_token_compression`), projected."""
         drop_cls = self.layout.image_has_cls and not self.layout.image_keep_cls
         features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, drop_cls)
-        features = pool_patch_grid(features, self.config.image_pool_stride)
+        features = compress_patch_grid(features, self.config.image_pool_stride, self.config.image_token_compression)
         projector = self.multi_modal_projector["image"]
         tokens = projector(features)
         if projector.row_end is not None:
             tokens = append_row_ends(tokens, self.layout.image_grid_side(), projector.row_end)
         return tokens
 
+    def _tokens_per_image(self, crop_tokens: torch.Tensor, image_tiles: torch.Tensor | None) -> list[torch.Tensor]:
+        """One (image_tokens(grid), text_hidden) tensor per image from its crops' tokens (`tiling`); untiled, one crop each."""
+        grids = crops_per_image(self.layout, image_tiles, crop_tokens.shape[0])
+        if not self.layout.image_max_tiles:
+            return list(crop_tokens)
+        return arrange_tiled_images(crop_tokens, grids, self.multi_modal_projector["image"].tile_markers)
+
     def _video_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...], n: int, frames: int) -> torch.Tensor:
         """(n, video_tokens, text_hidden) from the vision tower's hidden states over all frames (n * frames, ...)."""
         features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, self.layout.image_has_cls)
-        features = pool_patch_grid(features, self.config.video_spatial_pool_stride)  # (n*frames, patches, d)
+        compression = self.config.image_token_compression if self.config.video_projector == "image" else "avg_pool"
+        features = compress_patch_grid(features, self.config.video_spatial_pool_stride, compression)  # (n*frames, patches, d)
         stride = self.config.video_temporal_pool_stride
         features = features.view(n, frames // stride, stride, *features.shape[1:]).mean(2)  # (n, frames/s, patches, d)
         return self.video_projector(features.flatten(1, 2))
@@ -262,9 +277,11 @@ class MultimodalModel(MultimodalPreTrainedModel):
                 f"{self.config.video_num_frames} (the processor samples exactly that many)."
             )
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) -> (n, image_tokens, text_hidden), the LM-ready features."""
-        return self._image_tokens(self._vision_tower_outputs(pixel_values).hidden_states)
+    def encode_images(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """(n, 3, H, W) -> (n, image_tokens, text_hidden), the LM-ready features; tiled (`image_tiles` (n_images, 2),
+        `pixel_values` every image's crops), one (image_tokens(grid), text_hidden) tensor per image."""
+        tokens = self._image_tokens(self._vision_tower_outputs(pixel_values).hidden_states)
+        return tokens if not self.layout.image_max_tiles else self._tokens_per_image(tokens, image_tiles)
 
     def encode_videos(
         self,
@@ -341,6 +358,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
+        image_tiles: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -349,10 +367,12 @@ class MultimodalModel(MultimodalPreTrainedModel):
 
         `last_hidden_state` (n, patches, vision_hidden), `hidden_states` / `attentions` when asked for, and
         `pooler_output` one (image_tokens, text_hidden) tensor per image: what the LM reads at its placeholders.
+        Tiled (`config.image_max_tiles`), `pixel_values` holds every image's crops and `image_tiles` (n_images, 2) each
+        image's (rows, cols); the tower's outputs are per crop, `pooler_output` per image (`tiling`).
         """
         hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
         tower = self._vision_tower_outputs(pixel_values, attentions)
-        return _tower_features(tower, list(self._image_tokens(tower.hidden_states)), hidden)
+        return _tower_features(tower, self._tokens_per_image(self._image_tokens(tower.hidden_states), image_tiles), hidden)
 
     @can_return_tuple
     def get_video_features(
@@ -408,13 +428,13 @@ class MultimodalModel(MultimodalPreTrainedModel):
     # --- merge ------------------------------------------------------------------------------------
     def encode_media(
         self, pixel_values=None, pixel_values_videos=None, input_features=None, input_features_mask=None,
-        video_audio_features=None, video_audio_features_mask=None,
+        video_audio_features=None, video_audio_features_mask=None, image_tiles=None,
     ):  # fmt: skip
         """{modality: `get_<modality>_features` output} of the media given, and each audio clip's encoder positions
         (None without audio), for the CTC head. Videos' sound tracks belong to the videos (their `<video>` tokens)."""
         outputs, audio_positions = {}, None
         if pixel_values is not None:
-            outputs["image"] = self.get_image_features(pixel_values, return_dict=True)
+            outputs["image"] = self.get_image_features(pixel_values, image_tiles, return_dict=True)
         if pixel_values_videos is not None:
             outputs["video"] = self.get_video_features(
                 pixel_values_videos, video_audio_features, video_audio_features_mask, return_dict=True
@@ -470,6 +490,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         is_prefill: bool = True,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
     ) -> MultimodalModelOutput:
         """The LM's input: token embeddings with the media features written at their placeholders.
 
@@ -494,7 +515,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         encoder_outputs, audio_positions = self.encode_media(
             pixel_values, pixel_values_videos, input_features, input_features_mask, video_audio_features,
-            video_audio_features_mask,
+            video_audio_features_mask, image_tiles,
         )
         # Masks first, from the embeddings before any merge (an `inputs_embeds` search must see the placeholders).
         masks = {}
@@ -536,6 +557,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalModelOutput:
@@ -556,6 +578,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             is_prefill=cache is None or cache.get_seq_length() == 0,
             video_audio_features=video_audio_features,
             video_audio_features_mask=video_audio_features_mask,
+            image_tiles=image_tiles,
         )
         inputs_embeds = merged.inputs_embeds
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -669,7 +692,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media; the videos' sound
-        tracks are dropped after it, as transformers drops the other media inputs (encoded once, at prefill).
+        tracks and images' tile grids are dropped after it, as transformers drops the other media inputs (encoded once, at prefill).
 
         transformers runs an assistant model's first pass (assisted decoding) with `is_first_iteration=False`,
         which would drop `pixel_values` & co. and leave the assistant placeholders without media.
@@ -679,7 +702,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         if not is_first_iteration and model_inputs.get("use_cache", True):  # as transformers drops `pixel_values_videos`
-            for name in VIDEO_TRACK_INPUTS:
+            for name in PREFILL_ONLY_INPUTS:
                 model_inputs.pop(name, None)
         return model_inputs
 
@@ -699,6 +722,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         input_features_mask: torch.Tensor | None = None,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -707,6 +731,8 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         r"""
         video_audio_features / video_audio_features_mask: (n_videos, n_mels, T) / (n_videos, T) each video's sound
             track (the processor's `use_audio_in_video`), interleaved with its frames at its `<video>` placeholders.
+        image_tiles: (n_images, 2) each image's (rows, cols) tile grid when `config.image_max_tiles` > 0 (`pixel_values`
+            then holds every image's crops: the processor gives both).
         labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media): `L_text`.
 
         The loss is `L_text + λ·L_auxiliary + α·L_contrastive` (`losses.MultimodalLoss`, λ = `config.auxiliary_loss_weight`,
@@ -741,7 +767,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         media = dict(
             pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, input_features=input_features,
             input_features_mask=input_features_mask, video_audio_features=video_audio_features,
-            video_audio_features_mask=video_audio_features_mask,
+            video_audio_features_mask=video_audio_features_mask, image_tiles=image_tiles,
         )
         if run_language_model:
             outputs = self.model(

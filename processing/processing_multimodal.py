@@ -16,7 +16,8 @@
 
 Outputs (names of the model's `forward` arguments):
     input_ids, attention_mask          (batch, seq)
-    pixel_values                       (n_images, 3, H, W)           all images, sample 0's first
+    pixel_values                       (n_images, 3, H, W)           all images, sample 0's first (tiled: all crops)
+    image_tiles                        (n_images, 2)                 only with image_max_tiles > 0: (rows, cols) per image
     input_features                     (n_audios, n_mels, T_max)     zero-padded log-mels
     input_features_mask                (n_audios, T_max)             1 = real mel frame
     pixel_values_videos                (n_videos, num_frames, 3, H, W)
@@ -326,12 +327,14 @@ class MultimodalProcessor(ChatTemplateMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
+        names = ["input_ids", "attention_mask", "pixel_values", "image_tiles", "input_features", "input_features_mask"]
         return names + ["pixel_values_videos", "video_audio_features", "video_audio_features_mask"]
 
     # --- placeholder expansion (STYLE: replace_<modality>_token) -------------------------------------
     def replace_image_token(self, image_inputs=None, image_idx: int = 0, **kwargs) -> str:
-        return self.image_token * self.layout.image_tokens()
+        """The image's tokens; tiled, as many as its tile grid (`image_inputs["image_tiles"][image_idx]`) gives."""
+        tiles = (image_inputs or {}).get("image_tiles")
+        return self.image_token * self.layout.image_tokens(None if tiles is None else tuple(tiles[image_idx].tolist()))
 
     def replace_video_token(self, video_inputs=None, video_idx: int = 0, **kwargs) -> str:
         """The video's frame tokens, and with its sound track the track's tokens too (all as `<video>`)."""
@@ -505,9 +508,13 @@ class MultimodalProcessor(ChatTemplateMixin):
 
     def _process_images(self, images: list[list], **kwargs) -> tuple[dict, list[str]]:
         flat = [item for items in images for item in items]
+        max_tiles = self.layout.image_max_tiles
+        if kwargs.get("max_tiles", max_tiles) not in (None, max_tiles):
+            raise ValueError(f"max_tiles={kwargs['max_tiles']} but the model tiles images into at most image_max_tiles={max_tiles}")
         options = {key: value for key, value in kwargs.items() if key != "return_tensors"}
         try:
-            processed = {"pixel_values": self.image_processor(flat, **options)["pixel_values"]}
+            out = self.image_processor(flat, **{**options, "max_tiles": max_tiles})
+            processed = {key: out[key] for key in ("pixel_values", "image_tiles") if key in out}
         except MediaInputError as err:
             raise self._media_error("image", images, err) from err
         return processed, [self.replace_image_token(processed, index) for index in range(len(flat))]
@@ -614,14 +621,19 @@ class MultimodalProcessor(ChatTemplateMixin):
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
         """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
 
-        image_sizes: (height, width) per image; video_sizes: (frames, height, width) per video (every image and
-        video is resized to the tower's crop and sampled to the layout's frame count, so only their number matters);
+        image_sizes: (height, width) per image (untiled, every image is resized to the tower's crop and only their
+        number matters; tiled, each size decides its tile grid and so its tokens and crops, `num_image_patches`);
+        video_sizes: (frames, height, width) per video (sampled to the layout's frame count: only their number matters);
         audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
         as truncated). A modality the model lacks gets no count (vLLM probes every modality and reads that as "none").
         """
         layout, data, present = self.layout, {}, self.supported_modalities
         if image_sizes is not None and "image" in present:
-            data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+            grids = [layout.image_tile_grid(*size) if layout.image_max_tiles else None for size in image_sizes]
+            data.update(
+                num_image_tokens=[layout.image_tokens(grid) for grid in grids],
+                num_image_patches=[layout.image_crops(grid) for grid in grids],
+            )
         if video_sizes is not None and "video" in present:
             data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
         if audio_lengths is not None and "audio" in present:

@@ -40,7 +40,7 @@ def pad_sequences(sequences: list[torch.Tensor], value: int, side: str = "right"
 def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Media, CTC and pair-text inputs of `examples`, concatenated in example order (shared with packing)."""
     batch = {}
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "image_tiles", "pixel_values_videos"):  # tiled images: every crop, and each image's grid
         tensors = [e[key] for e in examples if e.get(key) is not None]
         if tensors:
             batch[key] = torch.cat(tensors)

@@ -48,6 +48,7 @@ import torch
 from ..configuration.media_registry import MEDIA_INPUTS, MODALITIES  # ("image", "audio", "video")
 from ..constants import IGNORE_INDEX
 from ..processing.audio_loading import mel_frame_count
+from ..processing.image_processing_multimodal import image_size_from_header
 from ..processing.media_files import open_media_file
 from ..processing.video_processing_multimodal import video_file_span
 from ..tokenization import MEDIA_TOKENS
@@ -695,7 +696,11 @@ class ExampleEncoder:
         """Tokens the media items add beyond their one placeholder each, from headers only."""
         extractor = getattr(self.processor, "feature_extractor", None)
         audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
-        extra = len(media["image"]) * (self.layout.image_tokens() - 1)
+        layout = self.layout
+        extra = 0
+        for item in media["image"]:  # tiled, an image's tokens follow its size (read from the header)
+            grid = layout.image_tile_grid(*image_size_from_header(item)) if layout.image_max_tiles else None
+            extra += layout.image_tokens(grid) - 1
         for item, with_track in zip(media["video"], tracks):
             track_frames = video_track_mel_frames(item, **audio_args) if with_track else 0
             extra += self.layout.video_tokens(track_frames) - 1
