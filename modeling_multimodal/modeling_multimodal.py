@@ -651,9 +651,9 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         self.lm_head = new_embeddings
 
     # --- features (transformers' layout) and retrieval embeddings -------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+    def get_image_features(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor | None = None, **kwargs):
         """As `MultimodalModel.get_image_features`: `pooler_output` holds the LM-ready features of each image."""
-        return self.model.get_image_features(pixel_values, **kwargs)
+        return self.model.get_image_features(pixel_values, image_tiles, **kwargs)
 
     def get_video_features(
         self,
