@@ -77,7 +77,14 @@ class MultimodalConfig(PreTrainedConfig):
             an image that one crop holds gets the global view alone. A learned marker token before each crop says
             which it is (global, or tile row r / column c), so each image costs `MediaTokenLayout.image_tokens(grid)`.
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
-        video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
+        video_num_frames: frames sampled per video (fixed, so a video's token count is fixed); with `video_fps`, the
+            most frames a video keeps.
+        video_fps: None (default) samples `video_num_frames` frames uniformly from every video. A rate (frames per
+            second) samples each video at that rate, so a longer video keeps more frames: up to `video_num_frames`,
+            in whole time steps of `video_temporal_pool_stride` frames (`media_tokens.frames_at_rate`); the processor
+            gives each video's count as `video_frames`, and a video's tokens follow it.
+        video_timestamps: the processor writes each time step's time as text, "<t=1.5s>", before that step's tokens
+            (Qwen2.5-VL / SmolVLM2 give frames their time as text), so the LM can answer when something happens.
         video_temporal_pool_stride / video_spatial_pool_stride: pooling of video frame features.
         auxiliary_loss_weight: λ, the weight of the auxiliary loss (the auxiliary tasks' heads, e.g. audio CTC).
         contrastive_loss_weight: α, the weight of the contrastive media-text loss (InfoNCE in the retrieval space).
@@ -121,6 +128,8 @@ class MultimodalConfig(PreTrainedConfig):
     image_max_tiles: int = 0
     audio_pool_stride: int = 2
     video_num_frames: int = 8
+    video_fps: float | int | None = None
+    video_timestamps: bool = False
     video_temporal_pool_stride: int = 1
     video_spatial_pool_stride: int = 2
     auxiliary_loss_weight: float | int = 0.0
@@ -234,6 +243,8 @@ class MultimodalConfig(PreTrainedConfig):
                 f"({self.video_spatial_pool_stride}) = image_pool_stride ({self.image_pool_stride}): frames go through the "
                 "image projector, whose input is stride^2 x the feature width"
             )
+        if self.video_fps is not None and not (isinstance(self.video_fps, (int, float)) and 0 < self.video_fps < float("inf")):
+            errors.append(f"video_fps must be a positive number of frames per second or None, got {self.video_fps!r}")
         if not isinstance(self.image_max_tiles, int) or self.image_max_tiles < 0:
             errors.append(f"image_max_tiles must be an integer >= 0 (0: no tiling), got {self.image_max_tiles!r}")
         for name in ("image_pool_stride", "audio_pool_stride", "video_temporal_pool_stride", "video_spatial_pool_stride"):

@@ -38,6 +38,12 @@ def best_tile_grid(height: int, width: int, tile_size: int, max_tiles: int) -> t
     return best_height // tile_size, best_width // tile_size
 
 
+def frames_at_rate(rate_frames: int, max_frames: int, multiple: int) -> int:
+    """Frames kept of a video sampled at a rate that gives `rate_frames` frames: at most `max_frames`, rounded down to
+    a whole number of `multiple`-frame time steps, and at least one step (a shorter video repeats frames)."""
+    return max(multiple, min(rate_frames, max_frames) // multiple * multiple)
+
+
 def _ceil_div(numerator, denominator):
     """Ceiling division that works on ints and integer tensors alike."""
     return (numerator + denominator - 1) // denominator
@@ -56,7 +62,9 @@ class MediaTokenLayout:
     image_max_tiles: int = 0  # 0: one crop per image; N: a grid of up to N crops plus a global view
     audio_max_positions: int | None = None  # encoder positions after the conv stem (Whisper: 1500)
     audio_pool_stride: int = 1
-    video_num_frames: int = 0
+    video_num_frames: int = 0  # frames per video; with video_fps, the most a video keeps
+    video_fps: float | None = None  # None: every video is video_num_frames frames; a rate: frames follow the length
+    video_timestamps: bool = False  # "<t=1.5s>" text before each time step's tokens (the processor writes it)
     video_temporal_pool_stride: int = 1
     video_spatial_pool_stride: int = 1
 
@@ -75,6 +83,8 @@ class MediaTokenLayout:
                 image_size=vision.image_size,
                 image_max_tiles=config.image_max_tiles,
                 video_num_frames=config.video_num_frames if config.video_token_id is not None else 0,
+                video_fps=config.video_fps,
+                video_timestamps=config.video_timestamps,
                 video_temporal_pool_stride=config.video_temporal_pool_stride,
                 video_spatial_pool_stride=config.video_spatial_pool_stride,
             )
@@ -162,10 +172,29 @@ class MediaTokenLayout:
         side = self.image_grid // self.video_spatial_pool_stride
         return side * side
 
-    def video_token_steps(self, track_mel_frames: int = 0) -> list[tuple[int, int]]:
+    def video_frame_count(self, rate_frames: int | None = None) -> int:
+        """Frames one video keeps: `video_num_frames`; with `video_fps`, `frames_at_rate` of the `rate_frames` frames
+        the rate gives over the video's length (bounded by `video_num_frames`, whole time steps)."""
+        if self.video_fps is None or rate_frames is None:
+            return self.video_num_frames
+        return frames_at_rate(rate_frames, self.video_num_frames, self.video_temporal_pool_stride)
+
+    def check_video_frames(self, num_frames: int) -> None:
+        """Refuse a frame count this layout cannot produce (naming it and the rule)."""
+        stride, most = self.video_temporal_pool_stride, self.video_num_frames
+        if self.video_fps is None and num_frames != most:
+            raise ValueError(f"a video has {num_frames} frames; this model takes exactly video_num_frames={most}")
+        if num_frames < 1 or num_frames > most or num_frames % stride:
+            raise ValueError(
+                f"a video has {num_frames} frames; this model takes 1..{most} (video_num_frames) in whole time steps of "
+                f"video_temporal_pool_stride={stride} frames"
+            )
+
+    def video_token_steps(self, track_mel_frames: int = 0, num_frames: int | None = None) -> list[tuple[int, int]]:
         """(frame tokens, sound-track tokens) of each temporal step of one video, in the order the LM reads them.
 
-        A video is `video_num_frames // video_temporal_pool_stride` temporal steps of pooled frame tokens. With its
+        A video of `num_frames` frames (default `video_num_frames`; with `video_fps` each video's own count,
+        `video_frame_count`) is `num_frames // video_temporal_pool_stride` temporal steps of pooled frame tokens. With its
         sound track (`use_audio_in_video`, `track_mel_frames` > 0 log-mel frames, fitted by the processor to the
         frames' span) the track's `audio_tokens` are cut into as many equal time windows, and each step's frame
         tokens are followed by the tokens of its window: audio token j (of A) lands in window floor(j * steps / A),
@@ -173,11 +202,14 @@ class MediaTokenLayout:
         has 0 audio tokens.
         """
         per_step = self.video_tokens_per_step()
-        steps = self.video_num_frames // self.video_temporal_pool_stride
+        num_frames = self.video_num_frames if num_frames is None else int(num_frames)
+        self.check_video_frames(num_frames)
+        steps = num_frames // self.video_temporal_pool_stride
         track = self.audio_tokens(track_mel_frames) if track_mel_frames else 0
         return [(per_step, _ceil_div((i + 1) * track, steps) - _ceil_div(i * track, steps)) for i in range(steps)]
 
-    def video_tokens(self, track_mel_frames: int = 0) -> int:
-        """Tokens for one video of `video_num_frames` frames after temporal and spatial pooling, plus its sound
-        track's tokens when it comes with one (`track_mel_frames` > 0, see `video_token_steps`)."""
-        return sum(frames + audio for frames, audio in self.video_token_steps(track_mel_frames))
+    def video_tokens(self, track_mel_frames: int = 0, num_frames: int | None = None) -> int:
+        """Placeholder tokens for one video of `num_frames` frames (default `video_num_frames`) after temporal and
+        spatial pooling, plus its sound track's tokens when it comes with one (`track_mel_frames` > 0, see
+        `video_token_steps`). `video_timestamps` text between the steps is text, not placeholders: not counted here."""
+        return sum(frames + audio for frames, audio in self.video_token_steps(track_mel_frames, num_frames))
