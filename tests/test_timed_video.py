@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from media_builders import make_video
+from media_builders import make_av_video, make_video
 
 from modeling_multimodal import MultimodalForConditionalGeneration
 from modeling_multimodal.configuration.media_tokens import frames_at_rate
@@ -126,6 +126,31 @@ def test_collators_and_length_estimate_follow_each_videos_frames(timed, tmp_path
         with torch.no_grad():
             loss = model(**{k: v for k, v in batch.items() if k != "segment_ids"}).loss
         assert torch.isfinite(loss)
+
+
+def test_sound_tracks_interleave_with_each_videos_own_steps(timed, tmp_path):
+    model, processor = timed
+    paths = [str(make_av_video(tmp_path / f"{seconds}.mp4", video_seconds=seconds, fps=10)) for seconds in (1.0, 3.0)]
+    batch = processor(text=["<video> a <video>"], videos=[paths], use_audio_in_video=True, return_metadata=True)
+    frames = batch["video_frames"].tolist()
+    assert frames == [2, 6]
+    tracks = batch["video_audio_features_mask"].sum(-1).tolist()
+    layout = model.config.token_layout
+    steps = [layout.video_token_steps(int(track), count) for track, count in zip(tracks, frames)]
+    assert [len(s) for s in steps] == [1, 3]
+    with torch.no_grad():
+        merged = model.model.get_video_features(
+            batch["pixel_values_videos"], batch["video_audio_features"], batch["video_audio_features_mask"], video_frames=batch["video_frames"]
+        ).pooler_output
+        plain = model.model.encode_videos(batch["pixel_values_videos"], video_frames=batch["video_frames"])
+        audio, _, _ = model.model.encode_audio(batch["video_audio_features"], batch["video_audio_features_mask"])
+    for video, track, video_steps, features in zip(plain, audio, steps, merged):
+        pieces, frame_at, track_at = [], 0, 0
+        for frame_tokens, track_tokens in video_steps:  # each step's frames, then its window of the track
+            pieces += [video[frame_at : frame_at + frame_tokens], track[track_at : track_at + track_tokens]]
+            frame_at, track_at = frame_at + frame_tokens, track_at + track_tokens
+        torch.testing.assert_close(features, torch.cat(pieces))
+    assert sum(f.shape[0] for f in merged) == int((batch["input_ids"] == model.config.video_token_id).sum())
 
 
 def test_round_trip(timed, tmp_path):
