@@ -6,7 +6,9 @@ transformers v5's video processors all need torchvision; this one needs PyAV onl
   video's token count never depends on its length. Every video comes back with exactly `num_frames`
   frames: uniform sampling takes the middle frame of `num_frames` equal segments (a video shorter
   than that repeats frames); `fps` sampling takes a grid at that rate and then picks `num_frames`
-  frames uniformly from the grid (a cap for long videos, repetition for short ones).
+  frames uniformly from the grid (a cap for long videos, repetition for short ones). With `frame_multiple`
+  (the model's `video_fps`), a video keeps the frames the rate gives instead (at most `num_frames`, whole time
+  steps), so its length decides its frame count; the batch is zero-padded and `video_frames` gives each count.
 - Only what is needed is decoded. One demux pass (packets only, nothing decoded) gives every
   frame's timestamp and every keyframe; then, for each wanted frame, the decoder seeks to the
   keyframe before it unless it is already decoding forward from a point at or after that keyframe.
