@@ -252,3 +252,27 @@ def test_tiling_is_off_by_default():
     batch = processor(text=["<image>"], images=images(SIZES[:1]))
     assert "image_tiles" not in batch and batch["pixel_values"].shape == (1, 3, 32, 32)
     assert MultimodalConfig.from_dict(config.to_dict()).image_max_tiles == 0
+
+
+def test_retrieval_touch_and_augmentation_know_tiled_images(tiled):
+    from modeling_multimodal.losses import touch_unused_modules
+    from modeling_multimodal.training.augmentation import Augmentation
+    from modeling_multimodal.training.recipe import AugmentSpec
+
+    model = build(image_max_tiles=4, retrieval_head=True)
+    _, processor = tiled
+    batch = processor(text=["<image><image>"], images=[images(SIZES[:2])])
+    with torch.no_grad():
+        together = model.get_retrieval_embeddings(pixel_values=batch["pixel_values"], image_tiles=batch["image_tiles"])
+        alone = [processor(text=["<image>"], images=[[image]]) for image in images(SIZES[:2])]
+        each = [model.get_retrieval_embeddings(pixel_values=a["pixel_values"], image_tiles=a["image_tiles"]) for a in alone]
+    assert together.shape[0] == 2  # one embedding per image, not per crop
+    torch.testing.assert_close(together, torch.cat(each))
+    unfrozen = build(image_max_tiles=4, freeze_vision_tower=False).train()
+    for candidate in (unfrozen, build(image_max_tiles=4).train()):  # trainable tower, frozen tower
+        (touch_unused_modules(candidate, {}, torch.zeros(1)) * 0).backward()
+        markers = candidate.model.multi_modal_projector["image"].tile_markers
+        assert all(p.grad is not None for p in markers.parameters())  # reached, so DDP / FSDP see them used
+    with pytest.raises(ValueError, match=r"augment.hflip, augment.rotation transform\(s\) each crop of a tiled image"):
+        Augmentation(AugmentSpec(hflip=0.5, rotation=5, flip_word_swaps={"left": "right", "right": "left"}), "image_caption", 0, processor)
+    Augmentation(AugmentSpec(colour_jitter=0.2), "image_caption", 0, processor)  # colour alone is fine
