@@ -52,6 +52,7 @@ def tower_half(config: PreTrainedConfig) -> PreTrainedConfig:
     halves = {**VISION_HALF_OF, **AUDIO_HALF_OF}
     return getattr(config, halves[config.model_type]) if config.model_type in halves else config
 PROJECTOR_TYPES = ("linear", "mlp")
+IMAGE_TOKEN_COMPRESSIONS = ("avg_pool", "pixel_shuffle")  # projectors.PATCH_GRID_COMPRESSIONS' keys
 VISION_STEMS = ("patch", "conv")
 AUXILIARY_TASKS = ("audio_ctc", "media_bow")
 # Old config keys -> their current names. Saved configs and call sites with the old keys still work (FutureWarning).
@@ -93,9 +94,27 @@ class MultimodalConfig(PreTrainedConfig):
             grid, so the LM reads an image as lines of tokens: a token's column is its distance from the last row
             end, which rotary positions express directly, instead of its index modulo the row length. One more
             token per row. Composed on a pretrained LM it starts as the LM's own embedding of "\n".
-        image_pool_stride: average-pool the image patch grid by this factor per side (token compression).
+        image_pool_stride: shrink the image patch grid by this factor per side (token compression), as
+            `image_token_compression` says.
+        image_token_compression: "avg_pool" averages each stride x stride block of patches into one token;
+            "pixel_shuffle" (space-to-depth, SmolVLM / nanoVLM) concatenates the block's features into one token of
+            stride^2 times the width, so the projector sees every feature. Same token count either way. With
+            `video_projector="image"` video frames are compressed the same way (then video_spatial_pool_stride must
+            equal image_pool_stride, so frame and image tokens have one width).
+        image_max_tiles: 0 (default) runs each image as one square at the tower's size. N > 0 tiles it: a grid of
+            rows x cols crops (rows * cols <= N) of the tower's size, chosen from the image's size and aspect ratio
+            as LLaVA-NeXT's best fit does (`media_tokens.best_tile_grid`), plus one global view of the whole image;
+            an image that one crop holds gets the global view alone. A learned marker token before each crop says
+            which it is (global, or tile row r / column c), so each image costs `MediaTokenLayout.image_tokens(grid)`.
         audio_pool_stride: average-pool audio encoder positions in time by this factor.
-        video_num_frames: frames sampled per video (fixed, so a video's token count is fixed).
+        video_num_frames: frames sampled per video (fixed, so a video's token count is fixed); with `video_fps`, the
+            most frames a video keeps.
+        video_fps: None (default) samples `video_num_frames` frames uniformly from every video. A rate (frames per
+            second) samples each video at that rate, so a longer video keeps more frames: up to `video_num_frames`,
+            in whole time steps of `video_temporal_pool_stride` frames (`media_tokens.frames_at_rate`); the processor
+            gives each video's count as `video_frames`, and a video's tokens follow it.
+        video_timestamps: the processor writes each time step's time as text, "<t=1.5s>", before that step's tokens
+            (Qwen2.5-VL / SmolVLM2 give frames their time as text), so the LM can answer when something happens.
         video_temporal_pool_stride / video_spatial_pool_stride: pooling of video frame features.
         auxiliary_loss_weight: λ, the weight of the auxiliary loss (the auxiliary tasks' heads, e.g. audio CTC).
         contrastive_loss_weight: α, the weight of the contrastive media-text loss (InfoNCE in the retrieval space).
@@ -135,8 +154,12 @@ class MultimodalConfig(PreTrainedConfig):
     projector_position_embeddings: bool = False
     image_newline: bool = False
     image_pool_stride: int = 1
+    image_token_compression: Literal["avg_pool", "pixel_shuffle"] = "avg_pool"
+    image_max_tiles: int = 0
     audio_pool_stride: int = 2
     video_num_frames: int = 8
+    video_fps: float | int | None = None
+    video_timestamps: bool = False
     video_temporal_pool_stride: int = 1
     video_spatial_pool_stride: int = 2
     auxiliary_loss_weight: float | int = 0.0
@@ -240,6 +263,21 @@ class MultimodalConfig(PreTrainedConfig):
         ):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.image_token_compression not in IMAGE_TOKEN_COMPRESSIONS:
+            errors.append(f"image_token_compression={self.image_token_compression!r}; expected one of {IMAGE_TOKEN_COMPRESSIONS}")
+        elif (
+            self.image_token_compression == "pixel_shuffle" and self.video_projector == "image"
+            and self.video_token_id is not None and self.video_spatial_pool_stride != self.image_pool_stride
+        ):
+            errors.append(
+                f"image_token_compression='pixel_shuffle' with video_projector='image' needs video_spatial_pool_stride "
+                f"({self.video_spatial_pool_stride}) = image_pool_stride ({self.image_pool_stride}): frames go through the "
+                "image projector, whose input is stride^2 x the feature width"
+            )
+        if self.video_fps is not None and not (isinstance(self.video_fps, (int, float)) and 0 < self.video_fps < float("inf")):
+            errors.append(f"video_fps must be a positive number of frames per second or None, got {self.video_fps!r}")
+        if not isinstance(self.image_max_tiles, int) or self.image_max_tiles < 0:
+            errors.append(f"image_max_tiles must be an integer >= 0 (0: no tiling), got {self.image_max_tiles!r}")
         for name in ("image_pool_stride", "audio_pool_stride", "video_temporal_pool_stride", "video_spatial_pool_stride"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -269,6 +307,14 @@ class MultimodalConfig(PreTrainedConfig):
     def vision_feature_dim(self) -> int:
         """Width of the vision features the image / video projectors receive."""
         return self.vision_config.hidden_size * len(self.vision_feature_layers)
+
+    @property
+    def image_projector_in_features(self) -> int:
+        """Width of one compressed image token (the image projector's input): `vision_feature_dim`, times
+        image_pool_stride^2 with pixel shuffle."""
+        if self.image_token_compression == "pixel_shuffle":
+            return self.vision_feature_dim * self.image_pool_stride**2
+        return self.vision_feature_dim
 
     @property
     def builds_retrieval_head(self) -> bool:

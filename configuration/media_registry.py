@@ -29,16 +29,21 @@ class MediaKind:
 MEDIA = {
     kind.name: kind
     for kind in (
-        MediaKind("image", ("pixel_values",), "<image>"),
+        # with tiling (`image_max_tiles`), `pixel_values` holds every crop and `image_tiles` each image's (rows, cols)
+        MediaKind("image", ("pixel_values", "image_tiles"), "<image>"),
         MediaKind("audio", ("input_features", "input_features_mask"), "<audio>"),
-        # a video's frames go through the vision tower; its own sound track (`use_audio_in_video`) through the audio one
-        MediaKind("video", ("pixel_values_videos", "video_audio_features", "video_audio_features_mask"), "<video>"),
+        # a video's frames go through the vision tower (with `video_fps`, `video_frames` says how many of each video's
+        # are real); its own sound track (`use_audio_in_video`) through the audio one
+        MediaKind(
+            "video", ("pixel_values_videos", "video_frames", "video_audio_features", "video_audio_features_mask"), "<video>"
+        ),
     )
 }
 MODALITIES = tuple(MEDIA)  # ("image", "audio", "video"): the order the processor and the model handle them in
 PLACEHOLDERS = {name: kind.placeholder for name, kind in MEDIA.items()}  # {"image": "<image>", ...}
 MEDIA_INPUTS = tuple(name for kind in MEDIA.values() for name in kind.inputs)  # every media tensor a batch may carry
 # Inputs transformers' `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL` does not know (dropped after prefill by us).
-VIDEO_TRACK_INPUTS = MEDIA["video"].inputs[1:]
+VIDEO_TRACK_INPUTS = MEDIA["video"].inputs[2:]
+PREFILL_ONLY_INPUTS = (*MEDIA["image"].inputs[1:], *MEDIA["video"].inputs[1:])
 
-__all__ = ["MEDIA", "MEDIA_INPUTS", "MODALITIES", "PLACEHOLDERS", "VIDEO_TRACK_INPUTS", "MediaKind"]
+__all__ = ["MEDIA", "MEDIA_INPUTS", "MODALITIES", "PLACEHOLDERS", "PREFILL_ONLY_INPUTS", "VIDEO_TRACK_INPUTS", "MediaKind"]

@@ -350,7 +350,10 @@ def touch_unused_modules(model, used: dict[str, bool], like: torch.Tensor) -> to
         vision = config.vision_config
         if not used.get("image"):
             if has_trainable_parameters(inner.vision_tower):
-                total = total + inner.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size)).sum()
+                tokens = inner.encode_images(like.new_zeros(1, 3, vision.image_size, vision.image_size))
+                total = total + sum(item.sum() for item in tokens)  # one tensor per image when tiled
+                markers = inner.multi_modal_projector["image"].tile_markers  # a lone crop reads only the global marker
+                total = total if markers is None else total + markers.touch()
             else:
                 total = total + inner.multi_modal_projector["image"].touch(like)
         if config.video_token_id is not None and not used.get("video"):

@@ -41,11 +41,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
 from .input_checks import check_media_inputs, check_weight_files
-from .configuration.media_registry import VIDEO_TRACK_INPUTS
+from .configuration.media_registry import PREFILL_ONLY_INPUTS
 from .encoders import FEATURES_ONLY, build_audio_tower, encode_audio, encode_audio_layers, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, LOSS_TARGETS, MultimodalLoss, RetrievalHead
-from .projectors import MultiModalProjector, append_row_ends, pool_patch_grid, pool_time
+from .projectors import MultiModalProjector, append_row_ends, compress_patch_grid, pool_time
 from .retrieval import RetrievalMixin
+from .tiling import TileMarkers, arrange_tiled_images, crops_per_image
+from .video_frames import real_frames, video_frame_counts
 from .vision_stem import use_conv_stem
 
 
@@ -199,6 +201,10 @@ class MultimodalPreTrainedModel(PreTrainedModel):
             if module.row_end is not None:  # as LLaVA-NeXT's image_newline: a random vector of the LM's init scale
                 with torch.no_grad():
                     module.row_end.normal_(0.0, getattr(self.config.text_config, "initializer_range", 0.02))
+        if isinstance(module, TileMarkers):  # as the row end: random vectors of the LM's init scale
+            with torch.no_grad():
+                for marker in module.parameters():
+                    marker.normal_(0.0, getattr(self.config.text_config, "initializer_range", 0.02))
         if isinstance(module, RetrievalHead):
             with torch.no_grad():
                 module.logit_scale.fill_(torch.tensor(1.0 / module.init_temperature).log().item())
@@ -220,8 +226,9 @@ class MultimodalModel(MultimodalPreTrainedModel):
             vision_hidden = config.vision_feature_dim
             positions = config.projector_position_embeddings
             projectors["image"] = MultiModalProjector(
-                vision_hidden, text_hidden, config.image_projector, config.projector_hidden_act, config.projector_input_standardize,
-                num_positions=self.layout.image_grid_tokens() if positions else 0, row_end=config.image_newline,
+                config.image_projector_in_features, text_hidden, config.image_projector, config.projector_hidden_act,
+                config.projector_input_standardize, num_positions=self.layout.image_grid_tokens() if positions else 0,
+                row_end=config.image_newline, max_tiles=config.image_max_tiles,
             )
             if config.video_token_id is not None and config.video_projector != "image":
                 projectors["video"] = MultiModalProjector(
@@ -268,50 +275,60 @@ class MultimodalModel(MultimodalPreTrainedModel):
         )
 
     def _image_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """(n, image_tokens, text_hidden) from the vision tower's hidden states: selected layers, pooled, projected."""
+        """(crops, crop_tokens, text_hidden) from the vision tower's hidden states: selected layers, compressed
+        (`image_token_compression`), projected."""
         drop_cls = self.layout.image_has_cls and not self.layout.image_keep_cls
         features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, drop_cls)
-        features = pool_patch_grid(features, self.config.image_pool_stride)
+        features = compress_patch_grid(features, self.config.image_pool_stride, self.config.image_token_compression)
         projector = self.multi_modal_projector["image"]
         tokens = projector(features)
         if projector.row_end is not None:
             tokens = append_row_ends(tokens, self.layout.image_grid_side(), projector.row_end)
         return tokens
 
-    def _video_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...], n: int, frames: int) -> torch.Tensor:
-        """(n, video_tokens, text_hidden) from the vision tower's hidden states over all frames (n * frames, ...)."""
+    def _tokens_per_image(self, crop_tokens: torch.Tensor, image_tiles: torch.Tensor | None) -> list[torch.Tensor]:
+        """One (image_tokens(grid), text_hidden) tensor per image from its crops' tokens (`tiling`); untiled, one crop each."""
+        grids = crops_per_image(self.layout, image_tiles, crop_tokens.shape[0])
+        if not self.layout.image_max_tiles:
+            return list(crop_tokens)
+        return arrange_tiled_images(crop_tokens, grids, self.multi_modal_projector["image"].tile_markers)
+
+    def _video_tokens(self, tower_hidden_states: tuple[torch.Tensor, ...], frame_counts: list[int]) -> torch.Tensor | list[torch.Tensor]:
+        """(n, video_tokens, text_hidden) from the vision tower's hidden states over every video's real frames; with
+        `video_fps` (frame counts per video) a list of (video_tokens(frames_i), text_hidden)."""
         features = select_vision_features(tower_hidden_states, self.config.vision_feature_layers, self.layout.image_has_cls)
-        features = pool_patch_grid(features, self.config.video_spatial_pool_stride)  # (n*frames, patches, d)
+        compression = self.config.image_token_compression if self.config.video_projector == "image" else "avg_pool"
+        features = compress_patch_grid(features, self.config.video_spatial_pool_stride, compression)  # (frames, patches, d)
         stride = self.config.video_temporal_pool_stride
-        features = features.view(n, frames // stride, stride, *features.shape[1:]).mean(2)  # (n, frames/s, patches, d)
-        return self.video_projector(features.flatten(1, 2))
+        steps = features.view(-1, stride, *features.shape[1:]).mean(1)  # (steps, patches, d): no step spans two videos
+        tokens = self.video_projector(steps.flatten(0, 1)[None])[0]  # (steps * patches, text_hidden)
+        videos = tokens.split([count // stride * steps.shape[1] for count in frame_counts])
+        return torch.stack(videos) if self.layout.video_fps is None else list(videos)
 
-    def _check_video_frames(self, pixel_values_videos: torch.Tensor) -> None:
-        frames = pixel_values_videos.shape[1]
-        if frames != self.config.video_num_frames:
-            raise ValueError(
-                f"pixel_values_videos has {frames} frames per video; this model takes video_num_frames="
-                f"{self.config.video_num_frames} (the processor samples exactly that many)."
-            )
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) -> (n, image_tokens, text_hidden), the LM-ready features."""
-        return self._image_tokens(self._vision_tower_outputs(pixel_values).hidden_states)
+    def encode_images(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """(n, 3, H, W) -> (n, image_tokens, text_hidden), the LM-ready features; tiled (`image_tiles` (n_images, 2),
+        `pixel_values` every image's crops), one (image_tokens(grid), text_hidden) tensor per image."""
+        tokens = self._image_tokens(self._vision_tower_outputs(pixel_values).hidden_states)
+        return tokens if not self.layout.image_max_tiles else self._tokens_per_image(tokens, image_tiles)
 
     def encode_videos(
         self,
         pixel_values_videos: torch.Tensor,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """(n, frames, 3, H, W) -> (n, video_tokens, text_hidden): frames through the vision tower, then pooled.
 
-        With sound tracks (see `get_video_features`), a list of (video_tokens(track)_i, text_hidden) instead.
+        With sound tracks or `video_frames` (see `get_video_features`), a list of (video_tokens_i, text_hidden) instead.
         """
-        return self.get_video_features(pixel_values_videos, video_audio_features, video_audio_features_mask, **FEATURES_ONLY).pooler_output
+        return self.get_video_features(
+            pixel_values_videos, video_audio_features, video_audio_features_mask, video_frames=video_frames, **FEATURES_ONLY
+        ).pooler_output
 
     def _with_sound_tracks(
-        self, frame_tokens: torch.Tensor, video_audio_features: torch.Tensor, video_audio_features_mask: torch.Tensor | None
+        self, frame_tokens: torch.Tensor | list[torch.Tensor], video_audio_features: torch.Tensor,
+        video_audio_features_mask: torch.Tensor | None, frame_counts: list[int],
     ) -> list[torch.Tensor]:
         """Each video's frame tokens (n, steps * step_tokens, d) with its sound track's tokens interleaved.
 
@@ -324,9 +341,9 @@ class MultimodalModel(MultimodalPreTrainedModel):
             raise ValueError("video_audio_features (use_audio_in_video) were given but this model has no audio tower.")
         if video_audio_features_mask is None:
             video_audio_features_mask = video_audio_features.new_ones(video_audio_features.shape[0], video_audio_features.shape[-1])
-        if video_audio_features.shape[0] != frame_tokens.shape[0]:
+        if video_audio_features.shape[0] != len(frame_tokens):
             raise ValueError(
-                f"video_audio_features has {video_audio_features.shape[0]} rows but there are {frame_tokens.shape[0]} "
+                f"video_audio_features has {video_audio_features.shape[0]} rows but there are {len(frame_tokens)} "
                 "videos; give one row per video (mask all 0 for a video without its sound track)."
             )
         track_frames = video_audio_features_mask.sum(-1).tolist()
@@ -338,7 +355,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             tracks = dict(zip(with_track, clips))
         videos = []
         for index, frames in enumerate(frame_tokens):
-            steps = self.layout.video_token_steps(int(track_frames[index]))
+            steps = self.layout.video_token_steps(int(track_frames[index]), frame_counts[index])
             track = tracks.get(index, frames[:0]).to(frames.dtype)
             parts = zip(frames.split([count for count, _ in steps]), track.split([count for _, count in steps]))
             videos.append(torch.cat([part for step in parts for part in step]))  # (video_tokens(track), d)
@@ -380,6 +397,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
+        image_tiles: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -388,10 +406,12 @@ class MultimodalModel(MultimodalPreTrainedModel):
 
         `last_hidden_state` (n, patches, vision_hidden), `hidden_states` / `attentions` when asked for, and
         `pooler_output` one (image_tokens, text_hidden) tensor per image: what the LM reads at its placeholders.
+        Tiled (`config.image_max_tiles`), `pixel_values` holds every image's crops and `image_tiles` (n_images, 2) each
+        image's (rows, cols); the tower's outputs are per crop, `pooler_output` per image (`tiling`).
         """
         hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
         tower = self._vision_tower_outputs(pixel_values, attentions)
-        return _tower_features(tower, list(self._image_tokens(tower.hidden_states)), hidden)
+        return _tower_features(tower, self._tokens_per_image(self._image_tokens(tower.hidden_states), image_tiles), hidden)
 
     @can_return_tuple
     def get_video_features(
@@ -401,23 +421,26 @@ class MultimodalModel(MultimodalPreTrainedModel):
         video_audio_features_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        video_frames: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         """(n, frames, 3, H, W) -> the vision tower's output over all frames, as LLaVA-NeXT-Video's.
 
         `last_hidden_state` (n * frames, patches, vision_hidden), `hidden_states` / `attentions` when asked for, and
         `pooler_output` (n, video_tokens, text_hidden) the LM-ready features of each video.
+        With `config.video_fps`, `video_frames` (n,) gives each video's real frames (`pixel_values_videos` is padded to
+        the longest): only those go through the tower (`last_hidden_state` holds them, video after video) and
+        `pooler_output` is a list, one (video_tokens(frames_i), text_hidden) per video.
         With `video_audio_features` (n, n_mels, T) and its mask (n, T), each video's sound track (the processor's
         `use_audio_in_video`; a row whose mask is all 0 is a video without one), `pooler_output` is a list of
         (video_tokens(track mel frames)_i, text_hidden): frame and track tokens interleaved by time window.
         """
-        self._check_video_frames(pixel_values_videos)
-        n, frames = pixel_values_videos.shape[:2]
+        counts = video_frame_counts(self.layout, pixel_values_videos, video_frames)
         hidden, attentions = self._output_flags(output_hidden_states, output_attentions)
-        tower = self._vision_tower_outputs(pixel_values_videos.flatten(0, 1), attentions)
-        features = self._video_tokens(tower.hidden_states, n, frames)  # (n, video_tokens, text_hidden)
+        tower = self._vision_tower_outputs(real_frames(pixel_values_videos, counts), attentions)
+        features = self._video_tokens(tower.hidden_states, counts)  # (n, video_tokens, text_hidden) or one per video
         if video_audio_features is not None:
-            features = self._with_sound_tracks(features, video_audio_features, video_audio_features_mask)
+            features = self._with_sound_tracks(features, video_audio_features, video_audio_features_mask, counts)
         return _tower_features(tower, features, hidden)
 
     @can_return_tuple
@@ -465,16 +488,16 @@ class MultimodalModel(MultimodalPreTrainedModel):
     # --- merge ------------------------------------------------------------------------------------
     def encode_media(
         self, pixel_values=None, pixel_values_videos=None, input_features=None, input_features_mask=None,
-        video_audio_features=None, video_audio_features_mask=None,
+        video_audio_features=None, video_audio_features_mask=None, image_tiles=None, video_frames=None,
     ):  # fmt: skip
         """{modality: `get_<modality>_features` output} of the media given, and each audio clip's encoder positions
         (None without audio), for the CTC head. Videos' sound tracks belong to the videos (their `<video>` tokens)."""
         outputs, audio_positions = {}, None
         if pixel_values is not None:
-            outputs["image"] = self.get_image_features(pixel_values, return_dict=True)
+            outputs["image"] = self.get_image_features(pixel_values, image_tiles, return_dict=True)
         if pixel_values_videos is not None:
             outputs["video"] = self.get_video_features(
-                pixel_values_videos, video_audio_features, video_audio_features_mask, return_dict=True
+                pixel_values_videos, video_audio_features, video_audio_features_mask, video_frames=video_frames, return_dict=True
             )
         elif video_audio_features is not None:
             raise ValueError("video_audio_features (videos' sound tracks) were given without pixel_values_videos.")
@@ -527,6 +550,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
         is_prefill: bool = True,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
     ) -> MultimodalModelOutput:
         """The LM's input: token embeddings with the media features written at their placeholders.
 
@@ -551,7 +576,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         encoder_outputs, audio_positions = self.encode_media(
             pixel_values, pixel_values_videos, input_features, input_features_mask, video_audio_features,
-            video_audio_features_mask,
+            video_audio_features_mask, image_tiles, video_frames,
         )
         # Masks first, from the embeddings before any merge (an `inputs_embeds` search must see the placeholders).
         masks = {}
@@ -593,6 +618,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultimodalModelOutput:
@@ -613,6 +640,8 @@ class MultimodalModel(MultimodalPreTrainedModel):
             is_prefill=cache is None or cache.get_seq_length() == 0,
             video_audio_features=video_audio_features,
             video_audio_features_mask=video_audio_features_mask,
+            image_tiles=image_tiles,
+            video_frames=video_frames,
         )
         inputs_embeds = merged.inputs_embeds
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -685,9 +714,9 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         self.lm_head = new_embeddings
 
     # --- features (transformers' layout) and retrieval embeddings -------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+    def get_image_features(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor | None = None, **kwargs):
         """As `MultimodalModel.get_image_features`: `pooler_output` holds the LM-ready features of each image."""
-        return self.model.get_image_features(pixel_values, **kwargs)
+        return self.model.get_image_features(pixel_values, image_tiles, **kwargs)
 
     def get_video_features(
         self,
@@ -726,7 +755,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """As GenerationMixin's, but an empty cache always means a prefill, which keeps the media; the videos' sound
-        tracks are dropped after it, as transformers drops the other media inputs (encoded once, at prefill).
+        tracks and images' tile grids are dropped after it, as transformers drops the other media inputs (encoded once, at prefill).
 
         transformers runs an assistant model's first pass (assisted decoding) with `is_first_iteration=False`,
         which would drop `pixel_values` & co. and leave the assistant placeholders without media.
@@ -736,7 +765,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         if not is_first_iteration and model_inputs.get("use_cache", True):  # as transformers drops `pixel_values_videos`
-            for name in VIDEO_TRACK_INPUTS:
+            for name in PREFILL_ONLY_INPUTS:
                 model_inputs.pop(name, None)
         return model_inputs
 
@@ -756,6 +785,8 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         input_features_mask: torch.Tensor | None = None,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -764,6 +795,10 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         r"""
         video_audio_features / video_audio_features_mask: (n_videos, n_mels, T) / (n_videos, T) each video's sound
             track (the processor's `use_audio_in_video`), interleaved with its frames at its `<video>` placeholders.
+        image_tiles: (n_images, 2) each image's (rows, cols) tile grid when `config.image_max_tiles` > 0 (`pixel_values`
+            then holds every image's crops: the processor gives both).
+        video_frames: (n_videos,) each video's real frames when `config.video_fps` is set (`pixel_values_videos` is
+            padded to the longest video).
         labels: (batch, seq) next-token targets, -100 where no loss is taken (prompt, padding, media): `L_text`.
 
         The loss is `L_text + λ·L_auxiliary + α·L_contrastive` (`losses.MultimodalLoss`, λ = `config.auxiliary_loss_weight`,
@@ -798,7 +833,7 @@ class MultimodalForConditionalGeneration(RetrievalMixin, MultimodalPreTrainedMod
         media = dict(
             pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, input_features=input_features,
             input_features_mask=input_features_mask, video_audio_features=video_audio_features,
-            video_audio_features_mask=video_audio_features_mask,
+            video_audio_features_mask=video_audio_features_mask, image_tiles=image_tiles, video_frames=video_frames,
         )
         if run_language_model:
             outputs = self.model(

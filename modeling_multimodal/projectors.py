@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
+from .tiling import TileMarkers
+
 
 def keep_torch_default_init(module: nn.Module) -> None:
     """Mark every Linear under `module` to keep PyTorch's default initialisation in `post_init`.
@@ -44,11 +46,14 @@ class MultiModalProjector(nn.Module):
 
     row_end: a learned (out_features,) vector that `append_row_ends` puts after each row of an image's grid
     (`config.image_newline`); it lives here so that it trains, saves and is touched with the projector.
+
+    max_tiles: with N > 0, the `tiling.TileMarkers` that name each crop of a tiled image (`config.image_max_tiles`),
+    here for the same reason.
     """
 
     def __init__(
         self, in_features: int, out_features: int, kind: str = "mlp", act: str = "gelu", standardize: bool = False,
-        num_positions: int = 0, row_end: bool = False,
+        num_positions: int = 0, row_end: bool = False, max_tiles: int = 0,
     ):
         super().__init__()
         self.kind = kind
@@ -64,6 +69,7 @@ class MultiModalProjector(nn.Module):
             self.linear_2 = nn.Linear(out_features, out_features)
         self.position_embedding = nn.Parameter(torch.zeros(num_positions, out_features)) if num_positions else None
         self.row_end = nn.Parameter(torch.zeros(out_features)) if row_end else None
+        self.tile_markers = TileMarkers(max_tiles, out_features) if max_tiles else None
         keep_torch_default_init(self)
 
     def reset_position_embedding(self) -> None:
@@ -75,7 +81,9 @@ class MultiModalProjector(nn.Module):
     def touch(self, like: torch.Tensor) -> torch.Tensor:
         """The sum of a pass over one zero group of inputs (the trainer's zero-weight touch of an unused projector)."""
         total = self(like.new_zeros(1, self.num_positions or 1, self.in_features)).sum()
-        return total if self.row_end is None else total + self.row_end.to(total.dtype).sum()
+        if self.row_end is not None:
+            total = total + self.row_end.to(total.dtype).sum()
+        return total if self.tile_markers is None else total + self.tile_markers.touch().to(total.dtype)
 
     def reset_standardization(self) -> None:
         """Back to the identity, not calibrated."""
@@ -130,6 +138,30 @@ def pool_patch_grid(features: torch.Tensor, stride: int) -> torch.Tensor:
     grid = features.transpose(1, 2).reshape(n, dim, side, side)  # (n, d, g, g)
     pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride)  # (n, d, g/s, g/s)
     return pooled.flatten(2).transpose(1, 2)
+
+
+def pixel_shuffle(features: torch.Tensor, stride: int) -> torch.Tensor:
+    """Space-to-depth on a square patch grid: (n, g*g, d) -> (n, (g/stride)^2, d*stride^2) (SmolVLM / nanoVLM).
+
+    Each stride x stride block of patches becomes one token holding all of their features (in the block's row-major
+    order, then the feature axis), so tokens shrink as with `pool_patch_grid` but no feature is averaged away.
+    """
+    if stride == 1:
+        return features
+    n, num_patches, dim = features.shape
+    side = int(round(num_patches**0.5))
+    blocks = features.reshape(n, side // stride, stride, side // stride, stride, dim)  # (n, g/s, s, g/s, s, d)
+    blocks = blocks.permute(0, 1, 3, 2, 4, 5)  # (n, g/s, g/s, s, s, d): block row, block column, within the block
+    return blocks.reshape(n, (side // stride) ** 2, stride * stride * dim)
+
+
+# `config.image_token_compression` -> how a patch grid shrinks by its stride per side (same token count either way).
+PATCH_GRID_COMPRESSIONS = {"avg_pool": pool_patch_grid, "pixel_shuffle": pixel_shuffle}
+
+
+def compress_patch_grid(features: torch.Tensor, stride: int, compression: str = "avg_pool") -> torch.Tensor:
+    """(n, g*g, d) -> (n, (g/stride)^2, d or d*stride^2): `PATCH_GRID_COMPRESSIONS[compression]`."""
+    return PATCH_GRID_COMPRESSIONS[compression](features, stride)
 
 
 def pool_time(features: torch.Tensor, lengths: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:

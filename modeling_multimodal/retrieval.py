@@ -36,12 +36,15 @@ class RetrievalMixin:
         input_features_mask: torch.Tensor | None = None,
         video_audio_features: torch.Tensor | None = None,
         video_audio_features_mask: torch.Tensor | None = None,
+        image_tiles: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(n, contrastive_dim) L2-normalised embeddings of the shared retrieval space that `L_contrastive` trains, of
         one modality's inputs: texts (`input_ids`, `attention_mask`), images, videos or audio clips. The dot product
         of two embeddings is their cosine similarity (text-to-image scores: `texts @ images.T`). Videos may come with
         their sound tracks (`video_audio_features`, the processor's `use_audio_in_video`): the embedding then reads
-        the interleaved frame and track tokens.
+        the interleaved frame and track tokens. `image_tiles` / `video_frames`: as the processor gives them (tiled
+        images, videos sampled at a rate), one embedding per image / video.
         """
         if video_audio_features is not None and pixel_values_videos is None:
             raise ValueError("video_audio_features are videos' sound tracks: pass them with pixel_values_videos.")
@@ -62,10 +65,11 @@ class RetrievalMixin:
         if input_ids is not None:
             return self._text_embeddings(input_ids, attention_mask)
         if pixel_values is not None:
-            features = self.model.get_image_features(pixel_values, **FEATURES_ONLY, output_attentions=False)
+            features = self.model.get_image_features(pixel_values, image_tiles, **FEATURES_ONLY, output_attentions=False)
         elif pixel_values_videos is not None:
             features = self.model.get_video_features(
-                pixel_values_videos, video_audio_features, video_audio_features_mask, **FEATURES_ONLY, output_attentions=False
+                pixel_values_videos, video_audio_features, video_audio_features_mask, **FEATURES_ONLY, output_attentions=False,
+                video_frames=video_frames,
             )
         else:
             features = self.model.get_audio_features(input_features, input_features_mask, **FEATURES_ONLY)

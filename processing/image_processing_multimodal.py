@@ -36,6 +36,7 @@ from transformers.image_transforms import get_resize_output_image_size, get_size
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs
 
+from .image_tiling import tile_image
 from .media_files import open_media_file
 
 # Images above this many pixels are refused before they are decoded (about 67 megapixels).
@@ -208,6 +209,28 @@ def load_image(item, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.nd
     return image
 
 
+# EXIF orientations that turn the picture by 90 degrees (its upright height is the stored width).
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size_from_header(item) -> tuple[int, int]:
+    """(height, width) of an image as `load_image` would return it (upright by its EXIF orientation), read from the
+    file's header alone for paths and bytes; in-memory images are measured as loaded."""
+    if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
+        is_path = isinstance(item, (str, os.PathLike))
+        source = open_media_file(os.fspath(item), describe(item)) if is_path else io.BytesIO(bytes(item))
+        with source, PIL.Image.open(source) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS
+    elif isinstance(item, PIL.Image.Image):
+        width, height = item.size
+        turned = item.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS
+    else:
+        height, width = load_image(item, max_pixels=None).shape[:2]
+        turned = False
+    return (width, height) if turned else (height, width)
+
+
 def flatten_images(images) -> list:
     """One image, a list, a per-sample list of lists, or a 4-D batch array/tensor -> flat list of images."""
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
@@ -285,9 +308,10 @@ def preprocess_rgb_arrays(
 
 
 class MultimodalImagesKwargs(ImagesKwargs, total=False):
-    """`ImagesKwargs` plus the pixel limit."""
+    """`ImagesKwargs` plus the pixel limit and the tiling bound."""
 
     max_image_pixels: int | None
+    max_tiles: int | None
 
 
 class MultimodalImageProcessor(BaseImageProcessor):
@@ -301,6 +325,10 @@ class MultimodalImageProcessor(BaseImageProcessor):
     Args:
         max_image_pixels (`int`, *optional*, defaults to 2**26): images with more pixels are refused with a
             `ValueError` (before decoding, for files); `None` disables the check.
+        max_tiles (`int`, defaults to 0): 0 gives one crop per image. N > 0 tiles each image (`image_tiling.tile_image`):
+            its global view and a grid of up to N crops of the crop size, no centre crop; `pixel_values` then holds
+            every crop, image after image, and `image_tiles` (n_images, 2) each image's (rows, cols). The
+            `MultimodalProcessor` sets it from the model's `image_max_tiles`.
         Other arguments: as `CLIPImageProcessor` (`size`, `crop_size`, `resample`, `do_*`, `image_mean`, `image_std`).
         `do_convert_rgb` is accepted for compatibility; outputs are always RGB since the vision tower needs 3 channels.
     """
@@ -319,6 +347,7 @@ class MultimodalImageProcessor(BaseImageProcessor):
     do_normalize = True
     do_convert_rgb = True
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+    max_tiles = 0
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -347,10 +376,28 @@ class MultimodalImageProcessor(BaseImageProcessor):
     def _preprocess(self, images: list[np.ndarray], return_tensors=None, **kwargs) -> BatchFeature:
         names = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor")
         names += ("do_normalize", "image_mean", "image_std")
-        pixel_values = preprocess_rgb_arrays(images, **{name: kwargs[name] for name in names})
+        options = {name: kwargs[name] for name in names}
+        if not kwargs.get("max_tiles"):
+            data = {"pixel_values": preprocess_rgb_arrays(images, **options)}
+        else:
+            data = self._tiled(images, kwargs["max_tiles"], options)
         if return_tensors == "np":
-            pixel_values = pixel_values.numpy()
-        return BatchFeature(data={"pixel_values": pixel_values})
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data)
+
+    def _tiled(self, images: list[np.ndarray], max_tiles: int, options: dict) -> dict:
+        """`pixel_values` (every image's crops: global view, then tiles) and `image_tiles` (n_images, 2)."""
+        tile = options["crop_size"] if options["do_center_crop"] else options["size"]
+        if not (tile.height and tile.width) or tile.height != tile.width:
+            raise ValueError(f"tiling needs a square crop size (the tower's), got {tile}")
+        resample = PILImageResampling.BILINEAR if options["resample"] is None else options["resample"]
+        crops, grids = [], []
+        for image in images:
+            image_crops, grid = tile_image(image, tile.height, max_tiles, resample)
+            crops += image_crops
+            grids.append(grid)
+        options = {**options, "do_resize": False, "do_center_crop": False}  # the crops have the tower's size already
+        return {"pixel_values": preprocess_rgb_arrays(crops, **options), "image_tiles": torch.tensor(grids, dtype=torch.long)}
 
 
-__all__ = ["MultimodalImageProcessor", "MediaInputError", "load_image", "preprocess_rgb_arrays"]
+__all__ = ["MultimodalImageProcessor", "MediaInputError", "image_size_from_header", "load_image", "preprocess_rgb_arrays"]

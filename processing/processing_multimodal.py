@@ -16,10 +16,12 @@
 
 Outputs (names of the model's `forward` arguments):
     input_ids, attention_mask          (batch, seq)
-    pixel_values                       (n_images, 3, H, W)           all images, sample 0's first
+    pixel_values                       (n_images, 3, H, W)           all images, sample 0's first (tiled: all crops)
+    image_tiles                        (n_images, 2)                 only with image_max_tiles > 0: (rows, cols) per image
     input_features                     (n_audios, n_mels, T_max)     zero-padded log-mels
     input_features_mask                (n_audios, T_max)             1 = real mel frame
-    pixel_values_videos                (n_videos, num_frames, 3, H, W)
+    pixel_values_videos                (n_videos, num_frames, 3, H, W)  with video_fps: zero-padded to the longest video
+    video_frames                       (n_videos,)                   only with video_fps: each video's real frames
     video_audio_features               (n_videos, n_mels, T_max)     with use_audio_in_video: each video's sound track
     video_audio_features_mask          (n_videos, T_max)             1 = real mel frame; all 0 for a video without track
     video_metadata                     only with return_metadata=True: list of `SampledVideoMetadata`
@@ -79,6 +81,11 @@ class MultimodalProcessorKwargs(ProcessingKwargs, total=False):
     text_kwargs: TextKwargs
     audio_kwargs: MultimodalAudioKwargs
     videos_kwargs: MultimodalProcessorVideosKwargs
+
+
+def timestamp_text(seconds: float) -> str:
+    """The text a video time step's tokens follow with `video_timestamps`: "<t=1.5s>" (tenths of a second)."""
+    return f"<t={seconds:.1f}s>"
 
 
 KWARGS_GROUPS = {"image": "images_kwargs", "audio": "audio_kwargs", "video": "videos_kwargs"}
@@ -326,17 +333,46 @@ class MultimodalProcessor(ChatTemplateMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask", "pixel_values", "input_features", "input_features_mask"]
-        return names + ["pixel_values_videos", "video_audio_features", "video_audio_features_mask"]
+        names = ["input_ids", "attention_mask", "pixel_values", "image_tiles", "input_features", "input_features_mask"]
+        return names + ["pixel_values_videos", "video_frames", "video_audio_features", "video_audio_features_mask"]
 
     # --- placeholder expansion (STYLE: replace_<modality>_token) -------------------------------------
     def replace_image_token(self, image_inputs=None, image_idx: int = 0, **kwargs) -> str:
-        return self.image_token * self.layout.image_tokens()
+        """The image's tokens; tiled, as many as its tile grid (`image_inputs["image_tiles"][image_idx]`) gives."""
+        tiles = (image_inputs or {}).get("image_tiles")
+        return self.image_token * self.layout.image_tokens(None if tiles is None else tuple(tiles[image_idx].tolist()))
 
     def replace_video_token(self, video_inputs=None, video_idx: int = 0, **kwargs) -> str:
-        """The video's frame tokens, and with its sound track the track's tokens too (all as `<video>`)."""
-        track_frames = self._track_mel_frames(video_inputs or {})
-        return self.video_token * self.layout.video_tokens(track_frames[video_idx] if track_frames else 0)
+        """The video's frame tokens, and with its sound track the track's tokens too (all as `<video>`); with
+        `video_timestamps`, each time step's time as text ("<t=1.5s>") before its tokens."""
+        video_inputs = video_inputs or {}
+        track_frames = self._track_mel_frames(video_inputs)
+        frames = video_inputs.get("video_frames")
+        times = None
+        if self.layout.video_timestamps:
+            try:
+                times = list(video_inputs["video_metadata"][video_idx].timestamps)
+            except (KeyError, TypeError, IndexError, ValueError, AttributeError, ZeroDivisionError) as err:
+                raise ValueError(
+                    f"video {video_idx}: video_timestamps needs each sampled frame's time, but it is unknown ({err!r}); "
+                    'give a frame array as {"frames": ..., "fps": ...}'
+                ) from err
+        return self.video_replacement(
+            track_frames[video_idx] if track_frames else 0, None if frames is None else int(frames[video_idx]), times
+        )
+
+    def video_replacement(self, track_mel_frames: int = 0, num_frames: int | None = None, frame_times=None) -> str:
+        """What one video's `<video>` placeholder becomes: `layout.video_tokens(track_mel_frames, num_frames)`
+        placeholders, and with `video_timestamps` the time of each step's first frame (`frame_times`: every sampled
+        frame's, in seconds) as text before that step's tokens. Shared with `ExampleEncoder.estimate_length`."""
+        steps = self.layout.video_token_steps(track_mel_frames, num_frames)
+        if not self.layout.video_timestamps:
+            return self.video_token * sum(count + audio for count, audio in steps)
+        stride = self.layout.video_temporal_pool_stride
+        return "".join(
+            f"{timestamp_text(frame_times[step * stride])}{self.video_token * (count + audio)}"
+            for step, (count, audio) in enumerate(steps)
+        )
 
     @staticmethod
     def _track_mel_frames(data: dict) -> list[int]:
@@ -505,9 +541,13 @@ class MultimodalProcessor(ChatTemplateMixin):
 
     def _process_images(self, images: list[list], **kwargs) -> tuple[dict, list[str]]:
         flat = [item for items in images for item in items]
+        max_tiles = self.layout.image_max_tiles
+        if kwargs.get("max_tiles", max_tiles) not in (None, max_tiles):
+            raise ValueError(f"max_tiles={kwargs['max_tiles']} but the model tiles images into at most image_max_tiles={max_tiles}")
         options = {key: value for key, value in kwargs.items() if key != "return_tensors"}
         try:
-            processed = {"pixel_values": self.image_processor(flat, **options)["pixel_values"]}
+            out = self.image_processor(flat, **{**options, "max_tiles": max_tiles})
+            processed = {key: out[key] for key in ("pixel_values", "image_tiles") if key in out}
         except MediaInputError as err:
             raise self._media_error("image", images, err) from err
         return processed, [self.replace_image_token(processed, index) for index in range(len(flat))]
@@ -548,9 +588,14 @@ class MultimodalProcessor(ChatTemplateMixin):
 
     def _process_videos(self, videos: list[list], **kwargs) -> tuple[dict, list[str]]:
         """Frames (and, with `use_audio_in_video`, each file's sound track, read in the same decoding pass)."""
-        num_frames = self.layout.video_num_frames
+        layout = self.layout
+        num_frames = layout.video_num_frames
         if kwargs.get("num_frames", num_frames) != num_frames:
             raise ValueError(f"num_frames={kwargs['num_frames']} but the model takes exactly {num_frames} frames per video")
+        if layout.video_fps is not None:  # the model's rate decides each video's frame count, so its tokens
+            if kwargs.get("fps") not in (None, layout.video_fps):
+                raise ValueError(f"fps={kwargs['fps']} but the model samples videos at video_fps={layout.video_fps}")
+            kwargs = {**kwargs, "fps": layout.video_fps, "frame_multiple": layout.video_temporal_pool_stride}
         skip = ("return_tensors", "return_metadata", "use_audio_in_video", "video_metadata", "do_sample_frames")
         options = {key: value for key, value in kwargs.items() if key not in skip and value is not None}
         flat = [item for items in videos for item in items]
@@ -564,6 +609,8 @@ class MultimodalProcessor(ChatTemplateMixin):
         except MediaInputError as err:
             raise self._media_error("video", videos, err) from err
         processed = {"pixel_values_videos": out["pixel_values_videos"], "video_metadata": out["video_metadata"]}
+        if "video_frames" in out:
+            processed["video_frames"] = out["video_frames"]
         if any(wanted):
             mels = [self._track_mel(videos, index, track) for index, track in enumerate(out["video_sound_tracks"])]
             processed["video_audio_features"], processed["video_audio_features_mask"] = pad_log_mels(mels)
@@ -614,16 +661,23 @@ class MultimodalProcessor(ChatTemplateMixin):
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs) -> MultiModalData:
         """Placeholder tokens per item, from the layout the model checks against (what vLLM and pipelines ask).
 
-        image_sizes: (height, width) per image; video_sizes: (frames, height, width) per video (every image and
-        video is resized to the tower's crop and sampled to the layout's frame count, so only their number matters);
+        image_sizes: (height, width) per image (untiled, every image is resized to the tower's crop and only their
+        number matters; tiled, each size decides its tile grid and so its tokens and crops, `num_image_patches`);
+        video_sizes: (frames, height, width) per video: only their number matters, except with `video_fps`, where the
+        frames are those the rate gives (each video keeps `layout.video_frame_count(frames)`); `video_timestamps` text
+        is not a placeholder and is not counted;
         audio_lengths: samples per clip at the feature extractor's rate (clips longer than the encoder takes count
         as truncated). A modality the model lacks gets no count (vLLM probes every modality and reads that as "none").
         """
         layout, data, present = self.layout, {}, self.supported_modalities
         if image_sizes is not None and "image" in present:
-            data.update(num_image_tokens=[layout.image_tokens()] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+            grids = [layout.image_tile_grid(*size) if layout.image_max_tiles else None for size in image_sizes]
+            data.update(
+                num_image_tokens=[layout.image_tokens(grid) for grid in grids],
+                num_image_patches=[layout.image_crops(grid) for grid in grids],
+            )
         if video_sizes is not None and "video" in present:
-            data["num_video_tokens"] = [layout.video_tokens()] * len(video_sizes)
+            data["num_video_tokens"] = [layout.video_tokens(0, layout.video_frame_count(int(size[0]))) for size in video_sizes]
         if audio_lengths is not None and "audio" in present:
             frames = [min(self._mel_frames(n), layout.max_audio_mel_frames()) for n in audio_lengths]
             data["num_audio_tokens"] = [layout.audio_tokens(count) for count in frames]

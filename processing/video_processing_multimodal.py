@@ -6,7 +6,9 @@ transformers v5's video processors all need torchvision; this one needs PyAV onl
   video's token count never depends on its length. Every video comes back with exactly `num_frames`
   frames: uniform sampling takes the middle frame of `num_frames` equal segments (a video shorter
   than that repeats frames); `fps` sampling takes a grid at that rate and then picks `num_frames`
-  frames uniformly from the grid (a cap for long videos, repetition for short ones).
+  frames uniformly from the grid (a cap for long videos, repetition for short ones). With `frame_multiple`
+  (the model's `video_fps`), a video keeps the frames the rate gives instead (at most `num_frames`, whole time
+  steps), so its length decides its frame count; the batch is zero-padded and `video_frames` gives each count.
 - Only what is needed is decoded. One demux pass (packets only, nothing decoded) gives every
   frame's timestamp and every keyframe; then, for each wanted frame, the decoder seeks to the
   keyframe before it unless it is already decoding forward from a point at or after that keyframe.
@@ -43,6 +45,7 @@ from transformers.processing_utils import VideosKwargs
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
+from ..configuration.media_tokens import frames_at_rate
 from .image_processing_multimodal import (
     DEFAULT_MAX_IMAGE_PIXELS,
     MediaInputError,
@@ -79,8 +82,10 @@ def spread(count: int, num_frames: int) -> list[int]:
     return [min(count - 1, int((i + 0.5) * count / num_frames)) for i in range(num_frames)]
 
 
-def sample_indices(times: list[float], num_frames: int, fps: float | None) -> list[int]:
-    """Indices of the frames to keep, given every frame's time (seconds, sorted). Always `num_frames` of them.
+def sample_indices(times: list[float], num_frames: int, fps: float | None, frame_multiple: int | None = None) -> list[int]:
+    """Indices of the frames to keep, given every frame's time (seconds, sorted). `num_frames` of them, or with
+    `fps` and `frame_multiple` as many as the rate gives (`frames_at_rate`: at most `num_frames`, a multiple of
+    `frame_multiple`), so a longer video keeps more frames.
 
     fps=None: uniform over the frames. fps=f: the grid 0, 1/f, 2/f, ... up to the last frame, each point
     snapped to the first frame at or after it (half a frame of tolerance), then `spread` over the grid.
@@ -94,7 +99,8 @@ def sample_indices(times: list[float], num_frames: int, fps: float | None) -> li
         index = bisect.bisect_left(times, target - tolerance, lo=index)
         grid.append(min(index, len(times) - 1))
         target += step
-    return [grid[i] for i in spread(len(grid), num_frames)]
+    count = num_frames if frame_multiple is None else frames_at_rate(len(grid), num_frames, frame_multiple)
+    return [grid[i] for i in spread(len(grid), count)]
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -151,9 +157,8 @@ def frames_span(times: list[float], average_rate: float | None) -> float:
     return times[-1] + (1.0 / average_rate if average_rate else 0.0)
 
 
-def video_file_span(path: str) -> float:
-    """`frames_span` of a video file from its packets alone (nothing decoded): the duration `load_video` reports,
-    for length estimates (`use_audio_in_video` fits the sound track to it)."""
+def _file_frame_times(path: str) -> tuple[list[float], float | None]:
+    """Every frame's time (seconds from the first) and the average rate of a video file, from its packets alone."""
     name = describe(path)
     with open_media_file(path, name) as source, av.open(source) as container:
         if not container.streams.video:
@@ -163,12 +168,30 @@ def video_file_span(path: str) -> float:
         if not frame_pts:
             raise ValueError(f"{name} has zero decodable video frames")
         times = [float((pts - frame_pts[0]) * stream.time_base) for pts in frame_pts]
-        return frames_span(times, float(stream.average_rate) if stream.average_rate else None)
+        return times, float(stream.average_rate) if stream.average_rate else None
+
+
+def video_file_span(path: str) -> float:
+    """`frames_span` of a video file from its packets alone (nothing decoded): the duration `load_video` reports,
+    for length estimates (`use_audio_in_video` fits the sound track to it)."""
+    return frames_span(*_file_frame_times(path))
+
+
+def sampled_frame_times(video, num_frames: int, fps: float | None, frame_multiple: int | None = None) -> list[float]:
+    """The times `load_video` gives the frames it samples (`SampledVideoMetadata.timestamps`), without decoding: from
+    the packets of a file, from the length and `fps` of a `{"frames", "fps"}` dict. For token counts from headers."""
+    if isinstance(video, (str, os.PathLike)):
+        times, _ = _file_frame_times(os.fspath(video))
+    elif isinstance(video, dict) and video.get("fps") and "frames" in video:
+        times = [i / video["fps"] for i in range(len(video["frames"]))]
+    else:
+        raise ValueError(f"frame times are read from a video file or a {{frames, fps}} dict, got {describe(video)}")
+    return [round(times[index], 6) for index in sample_indices(times, num_frames, fps, frame_multiple)]
 
 
 def _read_video_file(
     source: str | bytes, name: str, num_frames: int, fps: float | None, max_pixels: int | None,
-    sound_track: SoundTrackRequest | None = None,
+    sound_track: SoundTrackRequest | None = None, frame_multiple: int | None = None,
 ):
     """Decode `num_frames` sampled frames of a video file: ((num_frames, H, W, 3) uint8, metadata, track), with its
     sound track (`read_sound_track`: (samples, seconds)) read in the same pass when `sound_track` asks for it."""
@@ -189,7 +212,7 @@ def _read_video_file(
                     f"{packets} are in the file"
                 )
             times = [float((pts - frame_pts[0]) * stream.time_base) for pts in frame_pts]
-            indices = sample_indices(times, num_frames, fps)
+            indices = sample_indices(times, num_frames, fps, frame_multiple)
             found, decoded = _decode_at(container, stream, sorted({frame_pts[i] for i in indices}), key_pts)
             if not found:
                 raise ValueError(f"{name} has zero decodable video frames")
@@ -227,7 +250,9 @@ def _read_video_file(
     return frames, metadata, track
 
 
-def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: float | None, max_pixels: int | None):
+def _sample_frame_array(
+    frames, video_fps: float | None, num_frames: int, fps: float | None, max_pixels: int | None, frame_multiple: int | None = None
+):
     """Sample an in-memory video (4-D array/tensor or list of images): ((num_frames, H, W, 3) uint8, metadata)."""
     if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim != 4:
         raise ValueError(f"a video array must be 4-D (frames, H, W, C) or (frames, C, H, W), got shape {tuple(frames.shape)}")
@@ -237,7 +262,7 @@ def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: f
     if fps is not None and video_fps is None:
         raise ValueError('fps sampling of a frame array needs its frame rate: pass {"frames": ..., "fps": ...}')
     step = 1.0 / video_fps if video_fps else 1.0
-    indices = sample_indices([i * step for i in range(count)], num_frames, fps)
+    indices = sample_indices([i * step for i in range(count)], num_frames, fps, frame_multiple)
     loaded = {index: load_image(frames[index], max_pixels=max_pixels) for index in sorted(set(indices))}
     if len({image.shape for image in loaded.values()}) > 1:
         raise ValueError("the video's frames have different sizes")
@@ -256,19 +281,23 @@ def _sample_frame_array(frames, video_fps: float | None, num_frames: int, fps: f
     return np.stack([loaded[i] for i in indices]), metadata
 
 
-def load_video(video, num_frames: int, fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
-    """Any supported video form -> ((num_frames, H, W, 3) uint8, SampledVideoMetadata). Raises `ValueError`.
+def load_video(
+    video, num_frames: int, fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    frame_multiple: int | None = None,
+):
+    """Any supported video form -> ((frames, H, W, 3) uint8, SampledVideoMetadata). Raises `ValueError`.
 
-    `max_pixels` bounds each frame (height * width; `None`: no limit), from the stream header for files.
+    `num_frames` frames (with `fps` and `frame_multiple`, as many as `sample_indices` gives); `max_pixels` bounds each
+    frame (height * width; `None`: no limit), from the stream header for files.
     """
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return _read_video_file(*_file_source(video), num_frames, fps, max_pixels)[:2]
+        return _read_video_file(*_file_source(video), num_frames, fps, max_pixels, frame_multiple=frame_multiple)[:2]
     if isinstance(video, dict):
         if "frames" not in video:
             raise ValueError(f"a video dict needs a 'frames' key (and optionally 'fps'), got keys {sorted(video)}")
-        return _sample_frame_array(video["frames"], video.get("fps"), num_frames, fps, max_pixels)
+        return _sample_frame_array(video["frames"], video.get("fps"), num_frames, fps, max_pixels, frame_multiple)
     if isinstance(video, (np.ndarray, torch.Tensor)):
-        return _sample_frame_array(video, None, num_frames, fps, max_pixels)
+        return _sample_frame_array(video, None, num_frames, fps, max_pixels, frame_multiple)
     raise ValueError(
         f"unsupported video type {type(video).__name__}; expected a path, bytes, a 4-D frame array/tensor "
         'or {"frames": ..., "fps": ...}'
@@ -299,6 +328,7 @@ class MultimodalVideosKwargs(VideosKwargs, total=False):
 
     max_image_pixels: int | None
     sound_tracks: list | None  # one `SoundTrackRequest` (or None) per video: read that file's sound track too
+    frame_multiple: int | None  # with fps: each video keeps as many frames as the rate gives, a multiple of this
 
 
 class MultimodalVideoProcessor(VideoProcessorMixin):
@@ -313,6 +343,9 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
     Args:
         num_frames (`int`, defaults to 8): frames per video, always returned exactly (the model's fixed count).
         fps (`float`, *optional*): sample at this rate (then fit to `num_frames`); `None` samples uniformly.
+        frame_multiple (`int`, *optional*): with `fps`, do not fit to `num_frames`: each video keeps the frames the rate
+            gives, at most `num_frames`, rounded down to a multiple of this (the model's time step). `pixel_values_videos`
+            is then zero-padded to the longest video and `video_frames` (n_videos,) holds each video's count.
         max_image_pixels (`int`, *optional*, defaults to 2**26): frames with more pixels are refused with a
             `ValueError` (from the stream header, before decoding, for files); `None` disables the check.
         Image options as `MultimodalImageProcessor` (`size`, `crop_size`, `resample`, `image_mean`, ...).
@@ -339,6 +372,7 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
     fps = None
     return_metadata = False
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+    frame_multiple = None
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -363,14 +397,16 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
 
         flat = flatten_videos(videos)
         requests = kwargs.get("sound_tracks") or [None] * len(flat)
+        multiple = kwargs.get("frame_multiple") if fps is not None else None
         clips, metadata, tracks = [], [], []
         for index, (video, request) in enumerate(zip(flat, requests)):
             try:
                 if request is None:
-                    frames, video_metadata, track = *load_video(video, num_frames, fps, kwargs["max_image_pixels"]), None
+                    frames, video_metadata = load_video(video, num_frames, fps, kwargs["max_image_pixels"], multiple)
+                    track = None
                 else:  # frames and sound track in one pass over the file (`use_audio_in_video`)
                     frames, video_metadata, track = _read_video_file(
-                        *_file_source(video), num_frames, fps, kwargs["max_image_pixels"], request
+                        *_file_source(video), num_frames, fps, kwargs["max_image_pixels"], request, multiple
                     )
             except ValueError as err:
                 raise MediaInputError("video", index, str(err)) from err
@@ -383,11 +419,16 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
         names = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor")
         names += ("do_normalize", "image_mean", "image_std")
         frames = [frame for clip in clips for frame in clip]
-        pixel_values = preprocess_rgb_arrays(frames, **{name: kwargs[name] for name in names})
-        pixel_values = pixel_values.view(len(clips), num_frames, *pixel_values.shape[1:])  # (videos, frames, 3, H, W)
+        pixel_values = preprocess_rgb_arrays(frames, **{name: kwargs[name] for name in names})  # (all frames, 3, H, W)
+        counts = [len(clip) for clip in clips]
+        padded = pixel_values.new_zeros(len(clips), max(counts), *pixel_values.shape[1:])  # (videos, frames, 3, H, W)
+        for row, (clip, count) in enumerate(zip(pixel_values.split(counts), counts)):
+            padded[row, :count] = clip
+        data = {"pixel_values_videos": padded}
+        if multiple is not None:
+            data["video_frames"] = torch.tensor(counts, dtype=torch.long)
         if kwargs.get("return_tensors") == "np":
-            pixel_values = pixel_values.numpy()
-        data = {"pixel_values_videos": pixel_values}
+            data = {key: value.numpy() for key, value in data.items()}
         if kwargs.get("sound_tracks"):
             data["video_sound_tracks"] = tracks  # (samples, track seconds) per video, None where not asked for
         if kwargs["return_metadata"]:
@@ -395,4 +436,4 @@ class MultimodalVideoProcessor(VideoProcessorMixin):
         return BatchFeature(data=data)
 
 
-__all__ = ["MultimodalVideoProcessor", "SampledVideoMetadata", "load_video", "sample_indices", "video_file_span"]
+__all__ = ["MultimodalVideoProcessor", "SampledVideoMetadata", "load_video", "sample_indices", "sampled_frame_times", "video_file_span"]

@@ -24,7 +24,7 @@ PACKAGE_DIRS = {
 LAYERS = [
     ("foundations", ["constants", "folder_kind", "configuration", "tokenization", "threads", "model_cards", "recipes", "conversion", "demo_data"]),
     ("processing", ["processing"]),
-    ("model parts", ["encoders", "part_weights", "input_checks", "projectors", "losses", "retrieval", "vision_stem", "composition", "quantized_layers"]),
+    ("model parts", ["encoders", "part_weights", "input_checks", "projectors", "tiling", "video_frames", "losses", "retrieval", "vision_stem", "composition", "quantized_layers"]),
     ("model", ["modeling_multimodal", ""]),  # modeling_multimodal.py and the package's public API (__init__)
     ("compression", ["compression"]),  # quantizing a built model (inference checkpoints; QLoRA for training)
     ("data", ["data"]),  # manifests, tasks, example encoding, collation: shared by evaluation and training

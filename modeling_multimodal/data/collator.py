@@ -19,6 +19,7 @@ import random
 from collections.abc import Sequence
 
 import torch
+from torch.nn import functional as F
 from torch.utils.data import Sampler
 
 from ..constants import IGNORE_INDEX
@@ -37,13 +38,21 @@ def pad_sequences(sequences: list[torch.Tensor], value: int, side: str = "right"
     return out
 
 
+def cat_videos(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(n_i, frames_i, 3, H, W) tensors -> one (sum n_i, max frames_i, 3, H, W), zero frames after each video's own
+    (videos sampled at `video_fps` differ in length; `video_frames` says which frames are real)."""
+    longest = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, 0, 0, 0, 0, 0, 0, longest - t.shape[1])) if t.shape[1] < longest else t for t in tensors])
+
+
 def collate_media(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Media, CTC and pair-text inputs of `examples`, concatenated in example order (shared with packing)."""
     batch = {}
-    for key in ("pixel_values", "pixel_values_videos"):
+    # tiled images: every crop, and each image's grid; videos at a rate: padded to the longest, and their frame counts
+    for key in ("pixel_values", "image_tiles", "pixel_values_videos", "video_frames"):
         tensors = [e[key] for e in examples if e.get(key) is not None]
         if tensors:
-            batch[key] = torch.cat(tensors)
+            batch[key] = cat_videos(tensors) if key == "pixel_values_videos" else torch.cat(tensors)
     batch.update(_collate_video_tracks(examples))
     clips, masks, ctc_rows = [], [], []
     for example in examples:
@@ -165,4 +174,4 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return full_groups * self.group_batches + last_group
 
 
-__all__ = ["LengthGroupedBatchSampler", "MultimodalCollator", "collate_media", "length_sorted_batches", "pad_sequences"]
+__all__ = ["LengthGroupedBatchSampler", "MultimodalCollator", "cat_videos", "collate_media", "length_sorted_batches", "pad_sequences"]

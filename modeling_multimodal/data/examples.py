@@ -48,9 +48,11 @@ import torch
 from ..configuration.media_registry import MEDIA_INPUTS, MODALITIES  # ("image", "audio", "video")
 from ..constants import IGNORE_INDEX
 from ..processing.audio_loading import mel_frame_count
+from ..processing.image_processing_multimodal import image_size_from_header
 from ..processing.media_files import open_media_file
-from ..processing.video_processing_multimodal import video_file_span
+from ..processing.video_processing_multimodal import sampled_frame_times, video_file_span
 from ..tokenization import MEDIA_TOKENS
+from .collator import cat_videos
 from .containers import media_value, open_container, undecoded_media
 from .formats import FORMATS, ROLES, decode_data_url, detect_format, row_tools, split_at_placeholders, to_messages
 
@@ -545,6 +547,9 @@ def _merge_media(outputs: list[dict]) -> dict:
         tensors = [out[key] for out in outputs if out.get(key) is not None]
         if not tensors:
             continue
+        if key == "pixel_values_videos":
+            merged[key] = cat_videos(tensors)
+            continue
         if len(tensors) > 1 and len({t.shape[1:] for t in tensors}) > 1:
             width = max(t.shape[-1] for t in tensors)
             tensors = [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tensors]
@@ -738,21 +743,39 @@ class ExampleEncoder:
             if kind == "assistant":
                 pieces.append((len(self._reply_ids(example, text)), True, False))
                 continue
+            text, extra = self._media_extra_tokens(example, text, media, tracks)
             length = len(self.tokenizer(text, add_special_tokens=position == 0)["input_ids"])
-            pieces.append((length + self._media_extra_tokens(example, media, tracks), False, any(media.values())))
+            pieces.append((length + extra, False, any(media.values())))
         return sum(self._fit(example, pieces))
 
-    def _media_extra_tokens(self, example: dict, media: dict, tracks: list) -> int:
-        """Tokens the media items add beyond their one placeholder each, from headers only."""
+    def _media_extra_tokens(self, example: dict, text: str, media: dict, tracks: list) -> tuple[str, int]:
+        """(the text, tokens the media items add beyond their one placeholder each), from headers only. With
+        `video_timestamps` each video's placeholder is expanded in the text instead (its time text is tokenized with
+        the text around it, as the processor's is), and adds nothing more."""
         extractor = getattr(self.processor, "feature_extractor", None)
         audio_args = {name: getattr(extractor, name) for name in ("sampling_rate", "hop_length", "n_fft")} if extractor else {}
-        extra = len(media["image"]) * (self.layout.image_tokens() - 1) if media["image"] else 0  # no tower, no images
+        layout = self.layout
+        extra = 0
+        for item in media["image"]:  # tiled, an image's tokens follow its size (read from the header)
+            grid = layout.image_tile_grid(*image_size_from_header(item)) if layout.image_max_tiles else None
+            extra += layout.image_tokens(grid) - 1
+        replacements = []
         for item, with_track in zip(media["video"], tracks):
             track_frames = video_track_mel_frames(item, **audio_args) if with_track else 0
-            extra += self.layout.video_tokens(track_frames) - 1
+            times = None
+            if layout.video_fps is not None or layout.video_timestamps:  # a rate's frame count, or the frames' times
+                fps = layout.video_fps if layout.video_fps is not None else getattr(self.processor.video_processor, "fps", None)
+                multiple = layout.video_temporal_pool_stride if layout.video_fps is not None else None
+                times = sampled_frame_times(item, layout.video_num_frames, fps, multiple)
+            frames = None if layout.video_fps is None else len(times)
+            replacements.append(self.processor.video_replacement(track_frames, frames, times))
+            extra += 0 if layout.video_timestamps else layout.video_tokens(track_frames, frames) - 1
+        if layout.video_timestamps and replacements:
+            parts = text.split(self.processor.placeholder("video"))
+            text = parts[0] + "".join(replacement + part for replacement, part in zip(replacements, parts[1:]))
         for item in media["audio"]:
             extra += self.layout.audio_tokens(audio_item_mel_frames(item, example["id"], **audio_args)) - 1
-        return extra
+        return text, extra
 
     def estimate_lengths(self, dataset) -> list[int]:
         """`estimate_length` of every row, in order."""

@@ -188,6 +188,13 @@ class Augmentation:
         extractor = getattr(processor, "feature_extractor", None)
         self.sampling_rate = getattr(extractor, "sampling_rate", None)
         layout = getattr(processor, "layout", None)
+        geometric = [name for name, on in (("hflip", spec.hflip), ("rotation", spec.rotation), ("crop_scale", self.crop_scale)) if on]
+        if layout is not None and layout.image_max_tiles and geometric:
+            raise ValueError(
+                f"augment.{', augment.'.join(geometric)} transform(s) each crop of a tiled image (image_max_tiles="
+                f"{layout.image_max_tiles}) on its own, which breaks the tiles' arrangement: turn them off (colour jitter "
+                "and the audio masks still apply) or train without tiling"
+            )
         self.max_audio_seconds = None
         if extractor is not None and layout is not None and layout.max_audio_mel_frames():
             self.max_audio_seconds = (layout.max_audio_mel_frames() + 1) * extractor.hop_length / extractor.sampling_rate
