@@ -37,14 +37,15 @@ def _load_checkpoint(checkpoint: str, command: str):
 
     from .folder_kind import require_model_folder
 
-    from .compression import is_quantized_checkpoint, load_quantized
+    from .compression import load_quantized, quantized_folder
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
     require_model_folder(checkpoint, command)  # before any model is built: a checkpoint-N/, an adapter, a plain LM
     try:
-        if is_quantized_checkpoint(checkpoint):  # written by `quantize`
-            return load_quantized(checkpoint)
+        quantized = quantized_folder(checkpoint)  # written by `quantize` (a folder, or a Hub repo it was pushed to)
+        if quantized is not None:
+            return load_quantized(quantized)
         model = MultimodalForConditionalGeneration.from_pretrained(checkpoint).eval()
         return model, MultimodalProcessor.from_pretrained(checkpoint)
     except SafetensorError as err:

@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .constants import QUANTIZATION_FILE
 from .quantized_layers import Int8DynamicLinear, Int8Embedding
 
 QUANTIZATION_METHODS = ("dynamic-int8", "int8-weight-only", "int4-weight-only")
 QUANTIZED_WEIGHTS = "model.quantized.safetensors"
-QUANTIZATION_FILE = "quantization.json"
 QUANTO_TYPES = {"int8-weight-only": "qint8", "int4-weight-only": "qint4"}
 LANGUAGE_MODEL = "model.language_model"
 QUANTO_HINT = "pip install 'modeling-multimodal[quantize]' (optimum-quanto)"
@@ -196,6 +196,23 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / QUANTIZATION_FILE).is_file()
 
 
+def quantized_folder(source: str | os.PathLike, revision: str | None = None) -> Path | None:
+    """The local folder of a quantized checkpoint: `source` itself, or the snapshot of a Hub repo (`push` uploads a
+    quantized folder as it is) that holds `quantization.json`; None for anything else (a float checkpoint, a repo
+    without the file, or a Hub that cannot be reached: the caller's own loading then says why)."""
+    path = Path(source)
+    if path.is_dir():
+        return path if is_quantized_checkpoint(path) else None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(str(source), QUANTIZATION_FILE, revision=revision)
+        return Path(snapshot_download(str(source), revision=revision))
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):  # ValueError: not a repo id
+        return None
+
+
 def _check_stored_tensors(file: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], quanto_prefixes=()) -> None:
     """Every tensor in the quantized weights has the dtype and shape the model built from the config expects.
 
@@ -219,15 +236,17 @@ def _check_stored_tensors(file: Path, state: dict[str, torch.Tensor], expected: 
                 raise ValueError(f"{file}: tensor {name!r} is {value.dtype}, expected a {kind} tensor; the file was altered")
 
 
-def load_quantized(path: str | os.PathLike):
-    """(model in eval mode, processor) from a folder written by `quantize_checkpoint`; CPU, float32 activations."""
+def load_quantized(path: str | os.PathLike, revision: str | None = None):
+    """(model in eval mode, processor) from a folder written by `quantize_checkpoint`, or a Hub repo id it was pushed
+    to (at `revision`); CPU, float32 activations."""
     from .configuration import MultimodalConfig
     from .modeling_multimodal import MultimodalForConditionalGeneration
     from .processing import MultimodalProcessor
 
-    path = Path(path)
-    if not is_quantized_checkpoint(path):
+    folder = quantized_folder(path, revision)
+    if folder is None:
         raise ValueError(f"{str(path)!r} is not a quantized checkpoint (no {QUANTIZATION_FILE}); load it with from_pretrained")
+    path = folder
     record = json.loads((path / QUANTIZATION_FILE).read_text())
     if record.get("method") not in QUANTIZATION_METHODS:
         raise ValueError(f"{path / QUANTIZATION_FILE}: unknown method {record.get('method')!r}; expected one of {QUANTIZATION_METHODS}")

@@ -3,3 +3,5 @@
 # The label of a position that takes no loss: prompt, padding and media tokens in `labels`, padding in
 # `ctc_labels`. PyTorch's `cross_entropy` and transformers use the same default `ignore_index`.
 IGNORE_INDEX = -100
+
+QUANTIZATION_FILE = "quantization.json"  # written beside the quantized weights by compression.quantize_checkpoint

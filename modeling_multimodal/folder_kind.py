@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-QUANTIZATION_FILE = "quantization.json"  # written by compression.quantize_checkpoint
+from .constants import QUANTIZATION_FILE
+
 KINDS = ("multimodal", "quantized", "training checkpoint", "adapter", "other model", "not a model")
 
 

@@ -7,6 +7,8 @@
   NaN or infinite values (every logit turns NaN without a word), and empty `input_ids` (a reshape error deep in
   the LM). Each is refused naming the argument. Raw pixels already cast to float are not detected: their range
   depends on the processor's mean and std, so no bound is safe.
+- `holds_quantized_weights`: whether a folder or Hub repo that `from_pretrained` could not load was written by
+  `quantize` (its weights are quantized and load with `compression.load_quantized`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ import os
 
 import torch
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .constants import QUANTIZATION_FILE
+
+
+def holds_quantized_weights(source, revision: str | None = None) -> bool:
+    """`source` (a folder, or a Hub repo id at `revision`) holds `quantization.json`; False where it cannot be asked."""
+    if os.path.isdir(str(source)):
+        return os.path.isfile(os.path.join(str(source), QUANTIZATION_FILE))
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(str(source), QUANTIZATION_FILE, revision=revision)
+    except Exception:  # noqa: BLE001 - offline, not a repo id, no access: the caller's own error stands
+        return False
 
 
 def _local_weight_files(folder: str) -> list[str]:

@@ -40,7 +40,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .composition import from_pretrained_components
 from .configuration import MultimodalConfig
-from .input_checks import check_media_inputs, check_weight_files
+from .input_checks import check_media_inputs, check_weight_files, holds_quantized_weights
 from .configuration.media_registry import PREFILL_ONLY_INPUTS
 from .encoders import FEATURES_ONLY, build_audio_tower, encode_audio, encode_audio_layers, run_frozen_aware, select_vision_features
 from .losses import AUXILIARY_HEADS, LOSS_TARGETS, MultimodalLoss, RetrievalHead
@@ -169,7 +169,15 @@ class MultimodalPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`; a local folder's weight files are checked first (`input_checks`)."""
         check_weight_files(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as err:  # a folder or repo written by `quantize` holds no float weights
+            if not holds_quantized_weights(pretrained_model_name_or_path, kwargs.get("revision")):
+                raise
+            raise ValueError(
+                f"{str(pretrained_model_name_or_path)!r} is a quantized checkpoint (written by `quantize`): load it with "
+                f"modeling_multimodal.compression.load_quantized({str(pretrained_model_name_or_path)!r})"
+            ) from err
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; once registered for an Auto class (the package does so on import),

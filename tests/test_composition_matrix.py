@@ -100,7 +100,7 @@ def check_token_counts(model, inputs) -> None:
     config, ids = model.config, inputs["input_ids"]
     with torch.no_grad():
         image = feature_rows(model.get_image_features(inputs["pixel_values"]).pooler_output)
-        audio = feature_rows(model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output)
+        audio = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).token_counts.tolist()  # one (total, d) tensor
         video = feature_rows(model.get_video_features(inputs["pixel_values_videos"]).pooler_output)
     layout = config.token_layout
     assert image == [layout.image_tokens()] * len(image)

@@ -450,7 +450,7 @@ CODE_FILES = {
     "configuration_multimodal.py", "media_tokens.py", "modeling_multimodal.py", "encoders.py", "losses.py", "projectors.py", "vision_stem.py",
     "constants.py", "processing_multimodal.py", "image_processing_multimodal.py", "video_processing_multimodal.py", "audio_loading.py",
     "media_files.py", "media_batch.py", "chat_template.py", "truncation.py", "composition.py", "tokenization.py", "input_checks.py", "retrieval.py", "media_registry.py",
-    "tiling.py", "image_tiling.py", "video_frames.py",
+    "tiling.py", "image_tiling.py", "video_frames.py", "part_weights.py",
 }  # fmt: skip
 
 
