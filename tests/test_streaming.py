@@ -187,7 +187,7 @@ def test_an_iterable_dataset_trains_through_trainer_and_the_cli(data_root, check
     overrides = [f"data.root={data_root}", f"output_dir={tmp_path / 'cli'}", "report=false", "model.config=null",
                  "model.tokenizer=null", f"model.checkpoint={checkpoint}", "data.eval=[]", "optim.batch_size=2",
                  "optim.max_steps=2", "contrastive_loss_weight=0", "data.streaming=true", "data.packing=true",
-                 "data.num_workers=1"]
+                 ]
     assert main(["train", "--recipe", str(RECIPE), *overrides]) in (0, None)
     assert len(_history(tmp_path / "cli")) == 2
 
@@ -199,19 +199,7 @@ def test_streaming_refusals(data_root, checkpoint, tmp_path):
         _recipe(data_root, checkpoint, tmp_path, "data.cache_in_memory=true")
 
 
-KILLING_TRAIN = """
-import os, sys
-from modeling_multimodal.cli import main
-from modeling_multimodal.training.trainer import Trainer
-original, calls = Trainer._step, [0]
-def step_or_die(self, window, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ["KILL_DURING_STEP"]):
-        os._exit(3)  # no clean-up, no finally: as a kill
-    return original(self, window, **kwargs)
-Trainer._step = step_or_die
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+from test_training import KILLING_TRAIN  # noqa: E402 - the script that kills a run inside a chosen step
 
 
 @pytest.mark.slow
