@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .constants import QUANTIZATION_FILE
+from .input_checks import holds_quantized_weights
 from .quantized_layers import Int8DynamicLinear, Int8Embedding
 
 QUANTIZATION_METHODS = ("dynamic-int8", "int8-weight-only", "int4-weight-only")
@@ -200,17 +201,13 @@ def quantized_folder(source: str | os.PathLike, revision: str | None = None) -> 
     """The local folder of a quantized checkpoint: `source` itself, or the snapshot of a Hub repo (`push` uploads a
     quantized folder as it is) that holds `quantization.json`; None for anything else (a float checkpoint, a repo
     without the file, or a Hub that cannot be reached: the caller's own loading then says why)."""
-    path = Path(source)
-    if path.is_dir():
-        return path if is_quantized_checkpoint(path) else None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        hf_hub_download(str(source), QUANTIZATION_FILE, revision=revision)
-        return Path(snapshot_download(str(source), revision=revision))
-    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):  # ValueError: not a repo id
+    if not holds_quantized_weights(source, revision):
         return None
+    if os.path.isdir(str(source)):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), revision=revision))
 
 
 def _check_stored_tensors(file: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], quanto_prefixes=()) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
-from safetensors.torch import load_file
+
+from test_training import KILLING_TRAIN, assert_same_run, history, killed_at
 
 from modeling_multimodal.cli import main
 from modeling_multimodal.data.examples import ExampleEncoder, load_manifest
@@ -37,10 +37,6 @@ def _recipe(data_root, checkpoint, output_dir, *overrides):
         f"model.checkpoint={checkpoint}", "data.eval=[]", "optim.batch_size=2", "contrastive_loss_weight=0",
         "data.streaming=true", *overrides,
     ])
-
-
-def _history(output_dir):
-    return json.loads((Path(output_dir) / "log_history.json").read_text())["train"]
 
 
 def _sampler(rows_by_task, processor, repeats=None, **kwargs):
@@ -146,31 +142,16 @@ def test_length_grouping_and_packing_plan_on_a_bounded_buffer(streams):
 def test_streamed_training_resumes_exactly_after_a_kill(data_root, checkpoint, tmp_path, monkeypatch):
     overrides = ["optim.max_steps=5", "save_steps=2", "model.overrides={text_config: {attention_dropout: 0.2}}"]
     Trainer(_recipe(data_root, checkpoint, tmp_path / "straight", *overrides)).train()
-    calls, original = {"n": 0}, Trainer._step
-
-    def dying_step(self, window, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return original(self, window, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_step", dying_step)
+    monkeypatch.setattr(Trainer, "_step", killed_at(4))
     with pytest.raises(KeyboardInterrupt):
         Trainer(_recipe(data_root, checkpoint, tmp_path / "resumed", *overrides)).train()
-    monkeypatch.setattr(Trainer, "_step", original)
+    monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
     state = json.loads((tmp_path / "resumed" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["positions"] == [[state["epoch"], state["batch"]]]
     Trainer(_recipe(data_root, checkpoint, tmp_path / "resumed", *overrides, "resume=true")).train()
-    straight, resumed = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
-    assert [r["epoch"] for r in straight][-1] >= 0
-    for a, b in zip(straight, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a, b)
-    weights_a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    weights_b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
-    for name in weights_a:
-        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=1e-6, msg=name)
+    assert [r["step"] for r in history(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_an_iterable_dataset_trains_through_trainer_and_the_cli(data_root, checkpoint, tmp_path):
@@ -182,14 +163,14 @@ def test_an_iterable_dataset_trains_through_trainer_and_the_cli(data_root, check
     trainer = Trainer(recipe, train_dataset=chat.to_iterable_dataset(), eval_dataset=chat.to_iterable_dataset())
     assert len(trainer.eval_rows[0][1]) == len(rows)  # evaluation rows are read once, indexed
     result = trainer.train()
-    assert result["steps"] == 2 and all(s["loss"] > 0 for s in _history(tmp_path / "python"))
+    assert result["steps"] == 2 and all(s["loss"] > 0 for s in history(tmp_path / "python"))
     assert any(key.startswith("chat/") for key in result["scores"])
     overrides = [f"data.root={data_root}", f"output_dir={tmp_path / 'cli'}", "report=false", "model.config=null",
                  "model.tokenizer=null", f"model.checkpoint={checkpoint}", "data.eval=[]", "optim.batch_size=2",
                  "optim.max_steps=2", "contrastive_loss_weight=0", "data.streaming=true", "data.packing=true",
                  ]
     assert main(["train", "--recipe", str(RECIPE), *overrides]) in (0, None)
-    assert len(_history(tmp_path / "cli")) == 2
+    assert len(history(tmp_path / "cli")) == 2
 
 
 def test_streaming_refusals(data_root, checkpoint, tmp_path):
@@ -199,7 +180,6 @@ def test_streaming_refusals(data_root, checkpoint, tmp_path):
         _recipe(data_root, checkpoint, tmp_path, "data.cache_in_memory=true")
 
 
-from test_training import KILLING_TRAIN  # noqa: E402 - the script that kills a run inside a chosen step
 
 
 @pytest.mark.slow
@@ -232,7 +212,5 @@ def test_two_streaming_processes_read_their_shards_and_resume_exactly_after_a_ki
     assert state["positions"] == [[0, 5], [1, 1]]
     done = torchrun(tmp_path / "resumed", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    straight, resumed = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 9))
-    for a, b in zip(straight, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a, b)
+    assert [r["step"] for r in history(tmp_path / "straight")] == list(range(1, 9))
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
